@@ -1,0 +1,153 @@
+"""`modeaudit` command line: parse, validate early, run the Prefect flow, exit non-zero on bad input."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from tasks.config import PRESETS, AuditConfig, apply_preset, finalize_sizes, parse_radii
+from tasks.registry import ConfigError, parse_kv
+
+
+def _count(text: str) -> int:
+    """Whole numbers that may be written 1e5."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v != int(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(v)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser (also documents every option)."""
+    p = argparse.ArgumentParser(prog="modeaudit", description="Black-box audit of generative models for "
+                                "intra-mode collapse (and calibration of their samplers).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("audit", help="audit a generator, or embeddings you already have",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = a.add_argument_group("what to audit (a generator, or two embedding files)")
+    src.add_argument("--generator", help="generator spec, e.g. synthetic:planted, synthetic:null, torch:tiny, "
+                     "torchscript:PATH (see `modeaudit list`)")
+    src.add_argument("-G", "--generator-option", action="append", metavar="KEY=VALUE", help="generator option")
+    src.add_argument("--descriptor", help="identity descriptor spec (default: the generator's own)")
+    src.add_argument("-D", "--descriptor-option", action="append", metavar="KEY=VALUE", help="descriptor option")
+    src.add_argument("--embeddings-s", metavar="PATH", help="S embeddings (.npy or Zarr array), one row a sample")
+    src.add_argument("--embeddings-t", metavar="PATH", help="T embeddings (.npy or Zarr array), one row a sample")
+    a.add_argument("--out", required=True, metavar="DIR", help="run directory (store, report.html, result.json)")
+    a.add_argument("--overwrite", action="store_true", help="replace a different run already in DIR")
+    s = a.add_argument_group("sizes (defaults from --preset)")
+    s.add_argument("--preset", default="standard", choices=sorted(PRESETS), help="size preset")
+    s.add_argument("--m", type=_count, help="|S|: samples searched for the dense mode")
+    s.add_argument("--M", type=_count, help="|T|: samples the curves are counted in")
+    s.add_argument("--p", type=_count, default=1, help="|R_obs|: densest anchors observed")
+    s.add_argument("--q", type=_count, help="|R_ref|: random reference anchors (default min(1000, m))")
+    s.add_argument("--anchors", dest="n_a", type=_count, help="|A|: MCCS anchors, first rows of S "
+                   "(default min(m, 1e4))")
+    s.add_argument("--mccs-set", dest="n_c", type=_count, help="|C|: MCCS sample set, first rows of T "
+                   "(default min(M, 1e6))")
+    st = a.add_argument_group("statistics")
+    st.add_argument("--d0", type=float, default=0.25, help="distance of the dense-mode search")
+    st.add_argument("--radii", type=parse_radii, default=None, metavar="START:STOP:STEP",
+                    help="curve radii (default 0.1:0.5:0.01, 41 radii)")
+    st.add_argument("--alpha", type=float, default=0.05, help="test level")
+    st.add_argument("--theta", type=float, default=0.3, help="MCCS theta")
+    st.add_argument("--seed", type=int, default=0, help="root seed (latent row j depends only on seed and j)")
+    ex = a.add_argument_group("execution")
+    ex.add_argument("--workers", type=_count, default=1, help="local Dask worker processes")
+    ex.add_argument("--threads-per-worker", type=_count, default=None, help="BLAS/numba threads per worker "
+                    "(default: cores / workers)")
+    ex.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    ex.add_argument("--shard-rows", type=_count, default=100_000, help="rows per generation shard")
+    ex.add_argument("--store-dtype", default="float16", choices=["float16", "float32"],
+                    help="embedding storage dtype (statistics are computed in float32/float64)")
+    ex.add_argument("--kernel", default="fast", choices=["fast", "reference"], help="range-join kernel")
+
+    sub.add_parser("list", help="list generators and descriptors with their options")
+    return p
+
+
+def config_from_args(args) -> AuditConfig:
+    """AuditConfig from parsed arguments (unset options keep the config defaults)."""
+    kw = {k: v for k, v in vars(args).items() if k not in ("command", "generator_option", "descriptor_option")
+          and v is not None}
+    kw["generator_options"] = parse_kv(args.generator_option, "-G")
+    kw["descriptor_options"] = parse_kv(args.descriptor_option, "-D")
+    return AuditConfig(**kw)
+
+
+def check_out_dir(out: str, overwrite: bool) -> None:
+    """Make DIR (or fail clearly if it cannot be written); with --overwrite clear only modeaudit's own files."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".modeaudit-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out {out} ({e.strerror or e}); choose a writable directory") from None
+    if overwrite:
+        for name in ("store.zarr", "manifest", "plots", "calibration"):
+            shutil.rmtree(path / name, ignore_errors=True)
+        for name in ("result.json", "report.html"):
+            (path / name).unlink(missing_ok=True)
+
+
+def preflight(cfg: AuditConfig) -> AuditConfig:
+    """Every check that needs no cluster: settings, sizes, generator/descriptor options, input files."""
+    from tasks import audit_steps as steps
+    from tasks.config import validate_settings
+    validate_settings(cfg)
+    if cfg.generator:
+        cfg = apply_preset(cfg)
+        cfg = finalize_sizes(cfg, cfg.m, cfg.M)
+        steps.model_specs(cfg)
+    else:
+        s, t = steps.embedding_sources(cfg)
+        finalize_sizes(cfg, s.rows, t.rows)
+    return cfg
+
+
+def _list() -> None:
+    from tasks.descriptors import DESCRIPTORS
+    from tasks.generators import GENERATORS
+    for reg in (GENERATORS, DESCRIPTORS):
+        print(f"{reg.kind}s:")
+        for name in reg.names():
+            entry, _ = reg.lookup(name.replace(":ARG", ":x"))
+            print(f"  {name:22s} {entry.help}")
+            for k, o in entry.options.items():
+                print(f"      {k}={o.default!r:10s} {o.help}")
+
+
+def main(argv=None) -> int:
+    """Entry point of the `modeaudit` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "list":
+        _list()
+        return 0
+    from storage.store import StoreError
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        cfg = config_from_args(args)
+        check_out_dir(cfg.out, cfg.overwrite)
+        preflight(cfg)
+        from flows.audit import audit_flow
+        result = audit_flow(cfg.to_dict())
+    except (ConfigError, StoreError) as e:
+        print(f"modeaudit: error: {e}", file=sys.stderr)
+        return 2
+    w = result["worst_case"]
+    print(json.dumps({"verdict": {k: v["reject"] for k, v in result["tests"].items()},
+                      "worst_case": w, "mccs_mean": result["mccs"]["mean"],
+                      "report": str(Path(cfg.out) / "report.html")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

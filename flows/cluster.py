@@ -1,0 +1,51 @@
+"""Dask clusters: one place that decides where the data-parallel work runs.
+
+- an existing scheduler (`--scheduler tcp://host:8786`): multi-node, or a cluster
+  started from deploy/ specs;
+- otherwise a LocalCluster of worker processes on this machine.
+Each worker runs one task at a time and gives its BLAS / numba threads to it:
+Dask's default of one BLAS thread per worker would leave cores idle in the GEMM.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def dask_client(workers: int = 1, threads_per_worker: int | None = None, scheduler: str | None = None):
+    """Yield a distributed.Client for the run; a local cluster is torn down afterwards."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        client = Client(scheduler, timeout="30s")
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    tpw = threads_per_worker or max(1, _cores() // max(1, workers))
+    env = {k: str(tpw) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    env["MALLOC_TRIM_THRESHOLD_"] = "65536"
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env,
+                          "distributed.worker.daemon": False,
+                          "distributed.admin.system-monitor.gil.enabled": False}):
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, memory_limit=0)
+        client = Client(cluster)
+        try:
+            yield client
+        finally:
+            client.close()
+            cluster.close()
+

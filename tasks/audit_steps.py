@@ -1,0 +1,181 @@
+"""The audit's steps as plain functions over a run store and a Dask client.
+
+No Prefect here: `tasks/stages.py` wraps these as Prefect tasks and
+`flows/audit.py` composes them. Tests call these directly.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import parallel
+from .config import AuditConfig
+from .errors import InputError
+from .paper_test import paper_test, population_mccs, reference_anchors, top_anchors
+from .join import mccs_from_sums
+from .shards import generate_shard, models
+from .sources import Source, check_scan, merge_scans, open_embeddings
+
+VERSION = "0.1.0"
+
+
+def model_specs(cfg: AuditConfig) -> tuple[dict, dict]:
+    """Validated {spec, options} of the generator and its descriptor (builds them once, here, to fail early)."""
+    from .descriptors import DESCRIPTORS
+    from .generators import GENERATORS
+    gen_opts = GENERATORS.resolve_options(cfg.generator, cfg.generator_options)
+    gen = {"spec": cfg.generator, "options": gen_opts}
+    generator = GENERATORS.build(cfg.generator, gen_opts)
+    dspec = cfg.descriptor or generator.default_descriptor
+    if dspec is None:
+        raise InputError(f"generator {cfg.generator!r} makes images: choose a descriptor with --descriptor "
+                         "(e.g. torch:tiny-cnn or torchscript:PATH)")
+    desc = {"spec": dspec, "options": DESCRIPTORS.resolve_options(dspec, cfg.descriptor_options)}
+    models(gen, desc)  # builds both now, so a broken model fails before any shard runs
+    return gen, desc
+
+
+def store_layouts(cfg: AuditConfig, gen: dict, desc: dict):
+    """Zarr layouts of S and T for a generator run (embedding width from one probe row)."""
+    from storage.store import ArraySpec, SetLayout
+    from .shards import embed_rows
+    generator, _ = models(gen, desc)
+    z, emb, truth, _ = embed_rows(gen, desc, cfg.seed, "probe", 0, 1)
+    arrays = [ArraySpec("latents", "float32", generator.latent_dim), ArraySpec("emb", cfg.store_dtype, emb.shape[1])]
+    if truth is not None:
+        arrays.append(ArraySpec("planted", "bool", None))
+    return [SetLayout(name, rows, min(cfg.shard_rows, rows), tuple(arrays))
+            for name, rows in (("S", cfg.m), ("T", cfg.M))]
+
+
+def open_store(cfg: AuditConfig, gen: dict, desc: dict):
+    """Create or resume the run store; its fingerprint is what decides whether shards can be reused."""
+    from storage.store import RunStore
+    from .shards import models as _m
+    generator, descriptor = _m(gen, desc)
+    fp = {"generator": generator.fingerprint(), "descriptor": descriptor.fingerprint(), "seed": cfg.seed,
+          "store_dtype": cfg.store_dtype, "modeaudit_store": 1}
+    return RunStore.create_or_open(cfg.out, fp, store_layouts(cfg, gen, desc))
+
+
+def open_result_store(cfg: AuditConfig, S: Source, T: Source):
+    """Run store for an audit of user embeddings: it only holds results, keyed on the input files."""
+    import os
+    from storage.store import RunStore
+    files = {}
+    for name, src in (("S", S), ("T", T)):
+        st = os.stat(src.path)
+        files[name] = {"path": os.path.abspath(src.path), "rows": src.rows, "dim": src.dim,
+                       "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+    return RunStore.create_or_open(cfg.out, {"embeddings": files, "modeaudit_store": 1}, [])
+
+
+def generate_set(client, store, set_name: str, gen: dict, desc: dict, seed: int) -> dict:
+    """Generate every missing shard of a set on the cluster; complete shards are skipped (resume)."""
+    layout = store.layout(set_name)
+    missing = store.missing_shards(set_name)
+    futures = [client.submit(generate_shard, str(store.root), set_name, i, lo, hi, gen, desc, seed,
+                             pure=False, retries=2) for i, lo, hi in missing]
+    client.gather(futures)
+    return {"shards": len(layout.shards()), "generated": len(missing), "skipped": len(layout.shards()) - len(missing)}
+
+
+def set_scan(store, set_name: str) -> dict:
+    """Merged validity scans saved by the shards of a set."""
+    return merge_scans([store.read_json(f"scans/{set_name}/{i}.json") for i, _, _ in store.layout(set_name).shards()])
+
+
+def embedding_sources(cfg: AuditConfig) -> tuple[Source, Source]:
+    """Sources for user embeddings, with widths checked against each other."""
+    s = open_embeddings(cfg.embeddings_s, "--embeddings-s")
+    t = open_embeddings(cfg.embeddings_t, "--embeddings-t")
+    if s.dim != t.dim:
+        raise InputError(f"S rows have width {s.dim} but T rows have width {t.dim}; both must come from the same "
+                         "descriptor")
+    return s, t
+
+
+def validate_source(client, source: Source, what: str) -> dict:
+    """Full validity scan of user embeddings; raises InputError on NaN/Inf or all-zero rows."""
+    scan = parallel.scan(client, source)
+    check_scan(scan, what)
+    return scan
+
+
+def self_join(client, S: Source, d0: float, kernel: str) -> np.ndarray:
+    """N(I, S minus I, d0) for every row I of S (self excluded by index)."""
+    anchors = S.read()
+    counts = parallel.range_counts(client, anchors, S, [d0], anchor_ids=np.arange(S.rows), kernel=kernel)
+    return counts[:, 0]
+
+
+def anchor_curves(client, S: Source, T: Source, rows: np.ndarray, radii, kernel: str) -> np.ndarray:
+    """N(anchor, T, d) for the given rows of S and every radius, int64 (len(rows), R)."""
+    anchors = np.stack([S.read(int(i), int(i) + 1)[0] for i in rows])
+    return parallel.range_counts(client, anchors, T, radii, kernel=kernel)
+
+
+def mccs_values(client, S: Source, T: Source, rows: np.ndarray, n_c: int, theta: float, kernel: str) -> np.ndarray:
+    """MCCS of the given S rows over C = T[:n_c] (S and T are disjoint draws, so no self pair)."""
+    anchors = S.read(0, 0) if len(rows) == 0 else np.concatenate([S.read(int(lo), int(hi)) for lo, hi in _runs(rows)])
+    sums = parallel.mccs_sums(client, anchors, T, theta, stop=n_c, kernel=kernel)
+    return mccs_from_sums(sums, n_c)
+
+
+def _runs(rows):
+    # Contiguous runs of row indices, so A = S[:n_a] is one read.
+    rows = np.asarray(rows)
+    cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+    for chunk in np.split(rows, cuts):
+        yield chunk[0], chunk[-1] + 1
+
+
+def assemble_result(cfg: AuditConfig, *, source: dict, self_counts, r_obs, r_ref, curves, mccs_a, mccs_worst,
+                    scans: dict, truth: dict | None, timings: dict) -> dict:
+    """The result.json document (the public contract keys plus settings and provenance)."""
+    obs, ref = curves[:len(r_obs)], curves[len(r_obs):]
+    paper = paper_test(obs[0], ref, cfg.alpha)
+    band = paper.pop("band")
+    mean, std = population_mccs(mccs_a)
+    w = int(r_obs[0])
+    result = {
+        "modeaudit_version": VERSION,
+        "source": source,
+        "sizes": {"S": cfg.m, "T": cfg.M, "A": cfg.n_a, "C": cfg.n_c},
+        "d0": cfg.d0,
+        "radii": list(cfg.radii),
+        "settings": {"p": cfg.p, "q": cfg.q, "alpha": cfg.alpha, "theta": cfg.theta, "seed": cfg.seed,
+                     "shard_rows": cfg.shard_rows, "workers": cfg.workers, "kernel": cfg.kernel,
+                     "store_dtype": cfg.store_dtype, "preset": cfg.preset},
+        "worst_case": {"s_index": w, "count_d0": int(self_counts[w]), "mccs": float(mccs_worst)},
+        "r_obs": [int(i) for i in r_obs],
+        "r_ref": [int(i) for i in r_ref],
+        "curves": {"obs": obs.astype(int).tolist(), "ref_low": band["low"], "ref_high": band["high"],
+                   "ref_median": band["median"]},
+        "tests": {"paper": paper},
+        "mccs": {"theta": cfg.theta, "mean": mean, "std": std, "worst_case": float(mccs_worst)},
+        "normalization": {k: {"renormalized_rows": v["renormalized"], "rows": v["rows"]} for k, v in scans.items()},
+        "timings": timings,
+    }
+    if truth is not None:
+        result["truth"] = truth
+    return result
+
+
+class Timer:
+    """Collects wall-clock seconds per named step."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name):
+        timer = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *a):
+                timer.times[name] = round(timer.times.get(name, 0) + time.perf_counter() - self.t, 3)
+        return _T()

@@ -1,0 +1,144 @@
+"""Audit configuration: defaults from the seed papers, presets, and validation.
+
+Every check here runs before any work starts, so bad settings fail in a second
+with a message that names the setting and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+from .registry import ConfigError
+
+DEFAULT_RADII = tuple(float(r) for r in np.round(np.arange(0.10, 0.505, 0.01), 2))
+
+# Presets set sizes only; any explicit option overrides them.
+PRESETS = {
+    # Seeds 000/001 at full scale: m = 1e5, M = 1e7, q = 1000, |A| = 1e4, |C| = 1e6.
+    "paper": dict(m=100_000, M=10_000_000, q=1000, n_a=10_000, n_c=1_000_000),
+    # The default: a tenth of the paper in S and T, a minute or two on a laptop.
+    "standard": dict(m=10_000, M=1_000_000, q=1000, n_a=10_000, n_c=1_000_000),
+    # The README demo and quick checks.
+    "demo": dict(m=5_000, M=200_000, q=500, n_a=2_000, n_c=200_000),
+}
+
+
+@dataclass
+class AuditConfig:
+    """Everything an audit run needs; see `modeaudit audit --help` for each field."""
+    out: str
+    generator: str | None = None
+    generator_options: dict = field(default_factory=dict)
+    descriptor: str | None = None
+    descriptor_options: dict = field(default_factory=dict)
+    embeddings_s: str | None = None
+    embeddings_t: str | None = None
+    preset: str = "standard"
+    m: int | None = None
+    M: int | None = None
+    p: int = 1
+    q: int | None = None
+    n_a: int | None = None
+    n_c: int | None = None
+    d0: float = 0.25
+    radii: tuple = DEFAULT_RADII
+    alpha: float = 0.05
+    theta: float = 0.3
+    seed: int = 0
+    shard_rows: int = 100_000
+    store_dtype: str = "float16"
+    workers: int = 2
+    threads_per_worker: int | None = None
+    scheduler: str | None = None
+    kernel: str = "fast"
+    overwrite: bool = False
+
+    def to_dict(self) -> dict:
+        """Plain-JSON view (radii as a list)."""
+        d = dataclasses.asdict(self)
+        d["radii"] = list(self.radii)
+        return d
+
+
+def _frac(name, v):
+    if not (isinstance(v, (int, float)) and 0 < v < 1 and np.isfinite(v)):
+        raise ConfigError(f"{name}={v} is outside (0, 1); distances are normalised to [0, 1], pick a value inside")
+
+
+def apply_preset(cfg: AuditConfig) -> AuditConfig:
+    """Fill unset sizes from the preset; q/|A|/|C| defaults are capped at m and M (the paper's q = 1000 'capped at m')."""
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {cfg.preset!r}; choose one of: {', '.join(PRESETS)}")
+    pre = PRESETS[cfg.preset]
+    c = dataclasses.replace(cfg)
+    c.m = pre["m"] if c.m is None else c.m
+    c.M = pre["M"] if c.M is None else c.M
+    return c
+
+
+def finalize_sizes(cfg: AuditConfig, m: int, M: int) -> AuditConfig:
+    """Set the actual sizes (from the preset or from the embedding files) and validate everything."""
+    pre = PRESETS.get(cfg.preset, PRESETS["standard"])
+    c = dataclasses.replace(cfg, m=m, M=M)
+    if m < 1 or M < 1:
+        raise InputError(f"empty sample set (|S|={m}, |T|={M}); both need at least one row")
+    if m < 2:
+        raise InputError("S needs at least 2 rows: the dense-mode search counts each row's neighbours among the others")
+    explicit_q = c.q is not None
+    c.q = min(pre["q"], m) if c.q is None else c.q
+    c.n_a = min(pre["n_a"], m) if c.n_a is None else c.n_a
+    c.n_c = min(pre["n_c"], M) if c.n_c is None else c.n_c
+    for name in ("p", "q", "n_a", "n_c", "shard_rows", "workers"):
+        v = getattr(c, name)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{name}={v} must be a positive whole number")
+    if c.p > m:
+        raise ConfigError(f"p={c.p} is larger than m=|S|={m}; choose p <= m")
+    if c.q > m:
+        raise ConfigError(f"q={c.q} is larger than m=|S|={m}; choose q <= m" + ("" if explicit_q else ""))
+    if c.n_a > m:
+        raise ConfigError(f"|A|={c.n_a} is larger than m=|S|={m}; A is taken from S, choose --anchors <= m")
+    if c.n_c > M:
+        raise ConfigError(f"|C|={c.n_c} is larger than M=|T|={M}; C is taken from T, choose --mccs-set <= M")
+    validate_settings(c)
+    return c
+
+
+def validate_settings(c: AuditConfig) -> None:
+    """Checks that need no sizes: distances, alpha, theta, radii, kernel, storage."""
+    _frac("d0", c.d0)
+    _frac("alpha", c.alpha)
+    _frac("theta", c.theta)
+    r = np.asarray(c.radii, np.float64)
+    if r.ndim != 1 or len(r) == 0:
+        raise ConfigError("radii must be a non-empty list of distances, e.g. --radii 0.1:0.5:0.01")
+    if not np.all(np.isfinite(r)) or r.min() <= 0 or r.max() >= 1:
+        bad = next(x for x in r if not (np.isfinite(x) and 0 < x < 1))
+        raise ConfigError(f"radius {bad} is outside (0, 1); distances are normalised to [0, 1], pick radii inside")
+    if np.any(np.diff(r) <= 0):
+        raise ConfigError("radii must be strictly increasing (e.g. --radii 0.1:0.5:0.01)")
+    if c.kernel not in ("fast", "reference"):
+        raise ConfigError(f"kernel={c.kernel!r}; choose fast or reference")
+    if c.store_dtype not in ("float16", "float32"):
+        raise ConfigError(f"store dtype {c.store_dtype!r}; choose float16 or float32")
+    if (c.generator is None) == (c.embeddings_s is None and c.embeddings_t is None):
+        raise ConfigError("give either --generator SPEC or both --embeddings-s and --embeddings-t")
+    if c.generator is None and (c.embeddings_s is None or c.embeddings_t is None):
+        raise ConfigError("--embeddings-s and --embeddings-t go together; give both files")
+
+
+def parse_radii(text: str) -> tuple:
+    """'0.1:0.5:0.01' (inclusive start:stop:step) or '0.1,0.2,0.3' -> tuple of floats."""
+    try:
+        if ":" in text:
+            a, b, s = (float(x) for x in text.split(":"))
+            if s <= 0:
+                raise ValueError
+            n = int(round((b - a) / s)) + 1
+            return tuple(float(x) for x in np.round(a + s * np.arange(n), 10))
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--radii {text!r} is not START:STOP:STEP (e.g. 0.1:0.5:0.01) or a comma list") from None

@@ -1,0 +1,6 @@
+"""User-facing error types: each message says what is wrong and how to fix it."""
+from .registry import ConfigError
+
+
+class InputError(ConfigError):
+    """Bad input data (embeddings, sizes, files)."""

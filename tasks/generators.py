@@ -1,0 +1,202 @@
+"""Generators: black boxes that map latents to samples.
+
+A generator owns its latent sampler (`latents`), maps a batch of latents to a
+batch of samples (`generate`: embeddings or images), and may know the ground truth
+(`truth`: which rows came from a planted mode). Real networks plug in through
+`torchscript:PATH` (any TorchScript module, latents -> images, CPU or GPU, batched).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from scipy.special import ndtr
+
+from .registry import ConfigError, Option, Registry
+from .rng import latent_rows
+
+GENERATORS = Registry("generator")
+
+_pos = dict(check=lambda v: v > 0, check_msg="must be > 0")
+_prob = dict(check=lambda v: 0 <= v < 1, check_msg="must be in [0, 1)")
+
+
+class Generator:
+    """Base black-box generator; subclasses implement `generate` (and `truth` when known)."""
+
+    spec: str = ""
+    latent_dim: int = 0
+    sample_kind: str = "embedding"          # "embedding" or "image"
+    default_descriptor: str | None = "identity"
+    batch_size: int = 65536
+    has_truth: bool = False
+
+    def __init__(self, spec: str, options: dict):
+        self.spec, self.options = spec, dict(options)
+
+    def latents(self, seed: int, stream: str, start: int, stop: int) -> np.ndarray:
+        """Latents of rows [start, stop): z ~ N(0, I), a pure function of (seed, stream, row)."""
+        return latent_rows(seed, stream, start, stop, self.latent_dim)
+
+    def generate(self, z: np.ndarray) -> np.ndarray:
+        """Samples for a batch of latents."""
+        raise NotImplementedError
+
+    def truth(self, z: np.ndarray) -> np.ndarray | None:
+        """Bool per row: came from the planted mode (None when unknown)."""
+        return None
+
+    def fingerprint(self) -> dict:
+        """What identifies this generator's output distribution (used to key the run store)."""
+        return {"spec": self.spec, "options": self.options}
+
+
+class IdentitySpace(Generator):
+    """A world of identities on the unit sphere, optionally with one planted dense mode.
+
+    z[0] picks the identity through its Gaussian CDF u = Phi(z0): u < planted_prob
+    -> the planted identity, else one of `identities` equally likely ones. The rest
+    of z moves the sample around its identity centre (spread; the planted one is
+    `tightness` times tighter). The planted mode is a region of latent space, as a
+    real generator's dense mode is, so latent-space calibration can find it.
+    """
+
+    def __init__(self, spec, *, dim, identities, spread, planted_prob, tightness, latent_dim, world_seed):
+        super().__init__(spec, dict(dim=dim, identities=identities, spread=spread, planted_prob=planted_prob,
+                                    tightness=tightness, latent_dim=latent_dim, world_seed=world_seed))
+        if latent_dim < 2:
+            raise ConfigError(f"generator {spec!r}: latent_dim must be >= 2 (one picks the identity)")
+        self.latent_dim, self.dim = latent_dim, dim
+        self.planted_prob, self.has_truth = planted_prob, planted_prob > 0
+        rng = np.random.default_rng([world_seed, 20240611])
+        centres = rng.standard_normal((identities + 1, dim))
+        self.centres = (centres / np.linalg.norm(centres, axis=1, keepdims=True)).astype(np.float32)
+        # One shared projection, but each identity sees it through its own signed
+        # coordinate permutation, so identities vary along different directions.
+        # Scaled so the noise has norm about 1: spread is then the noise-to-centre ratio.
+        self.proj = (rng.standard_normal((latent_dim - 1, dim)) / np.sqrt((latent_dim - 1) * dim)).astype(np.float32)
+        self.perm = np.stack([rng.permutation(dim) for _ in range(identities + 1)]).astype(np.int32)
+        self.sign = rng.choice(np.array([-1.0, 1.0], np.float32), size=(identities + 1, dim))
+        self.spreads = np.full(identities + 1, spread, np.float32)
+        self.spreads[identities] = spread * tightness
+        self.identities = identities
+
+    def identity_of(self, z: np.ndarray) -> np.ndarray:
+        """Identity index per row; index `identities` is the planted one."""
+        u = ndtr(z[:, 0].astype(np.float64))
+        pp = self.planted_prob
+        ids = np.minimum(((u - pp) / (1 - pp) * self.identities).astype(np.int64), self.identities - 1)
+        return np.where(u < pp, self.identities, np.maximum(ids, 0))
+
+    def generate(self, z):
+        ids = self.identity_of(z)
+        noise = z[:, 1:].astype(np.float32) @ self.proj
+        noise = np.take_along_axis(noise, self.perm[ids], axis=1) * self.sign[ids]
+        return self.centres[ids] + self.spreads[ids, None] * noise
+
+    def truth(self, z):
+        return self.identity_of(z) == self.identities if self.has_truth else None
+
+
+_world_opts = {
+    "dim": Option(int, 128, "embedding dimension", **_pos),
+    "identities": Option(int, 1000, "number of equally likely identities", **_pos),
+    "spread": Option(float, 0.75, "within-identity spread (noise norm relative to the centre)", **_pos),
+    "latent_dim": Option(int, 16, "latent dimension", check=lambda v: v >= 2, check_msg="must be >= 2"),
+    "world_seed": Option(int, 0, "seed of the identity world (centres, directions)"),
+}
+
+
+@GENERATORS.register("synthetic:planted", {
+    **_world_opts,
+    "planted_prob": Option(float, 0.02, "probability mass of the planted identity", **_prob),
+    "tightness": Option(float, 0.5, "planted spread = spread * tightness", **_pos),
+}, help="identity-space generator with one planted dense mode (records ground truth)")
+def _planted(**kw):
+    return IdentitySpace("synthetic:planted", **kw)
+
+
+@GENERATORS.register("synthetic:null", _world_opts, help="the same identity world with no planted mode")
+def _null(**kw):
+    return IdentitySpace("synthetic:null", planted_prob=0.0, tightness=1.0, **kw)
+
+
+class TorchGenerator(Generator):
+    """Wraps a torch module mapping latents (n, latent_dim) to images (n, C, H, W), batched on a device."""
+
+    sample_kind = "image"
+    default_descriptor = None
+
+    def __init__(self, spec, options, module, latent_dim, batch_size, device, extra_fp=None):
+        super().__init__(spec, options)
+        import torch
+        self.torch, self.device = torch, torch.device(device)
+        self.module = module.to(self.device).eval()
+        self.latent_dim, self.batch_size = latent_dim, batch_size
+        self._extra_fp = extra_fp or {}
+
+    def generate(self, z):
+        torch = self.torch
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, len(z), self.batch_size):
+                zb = torch.from_numpy(np.ascontiguousarray(z[i:i + self.batch_size])).to(self.device)
+                outs.append(self.module(zb).float().cpu().numpy())
+        return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+    def fingerprint(self):
+        return {**super().fingerprint(), **self._extra_fp}
+
+
+def tiny_image_module(latent_dim: int = 8, size: int = 16, world_seed: int = 0):
+    """A small fixed-weight torch image generator (latents -> 3 x size x size in [-1, 1]) for tests and demos."""
+    import torch
+    from torch import nn
+    g = torch.Generator().manual_seed(world_seed)
+    net = nn.Sequential(nn.Linear(latent_dim, 64), nn.Tanh(), nn.Linear(64, 3 * size * size), nn.Tanh(),
+                        nn.Unflatten(1, (3, size, size)))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (1.5 / max(1, p.shape[-1]) ** 0.5))
+    return net
+
+
+_torch_opts = {
+    "batch_size": Option(int, 256, "images per forward pass", **_pos),
+    "device": Option(str, "cpu", "torch device (cpu, cuda, cuda:1, ...)"),
+}
+
+
+@GENERATORS.register("torch:tiny", {**_torch_opts, "latent_dim": Option(int, 8, "latent dimension", **_pos),
+                                    "size": Option(int, 16, "image side in pixels", **_pos),
+                                    "world_seed": Option(int, 0, "weight seed")},
+                     help="small fixed-weight torch image generator (exercises the image -> embedding path)")
+def _tiny(*, batch_size, device, latent_dim, size, world_seed):
+    opts = dict(batch_size=batch_size, device=device, latent_dim=latent_dim, size=size, world_seed=world_seed)
+    return TorchGenerator("torch:tiny", opts, tiny_image_module(latent_dim, size, world_seed), latent_dim, batch_size, device)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Checksum of a weights file, so a new checkpoint gets a new fingerprint."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@GENERATORS.register("torchscript", {**_torch_opts, "latent_dim": Option(int, 512, "latent dimension", **_pos)},
+                     prefix=True, help="any TorchScript module file: latents (n, latent_dim) -> images")
+def _torchscript(path, *, batch_size, device, latent_dim):
+    import torch
+    if not Path(path).is_file():
+        raise ConfigError(f"generator torchscript:{path}: no such file; give the path of a torch.jit.save'd module")
+    module = torch.jit.load(path, map_location=device)
+    return TorchGenerator(f"torchscript:{path}", dict(batch_size=batch_size, device=device, latent_dim=latent_dim),
+                          module, latent_dim, batch_size, device, extra_fp={"sha256": file_sha256(path)})
+
+
+def build_generator(spec: str, options: dict | None = None) -> Generator:
+    """Build a generator from its registry spec and options (strings from the CLI are coerced and validated)."""
+    return GENERATORS.build(spec, options)

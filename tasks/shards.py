@@ -1,0 +1,62 @@
+"""Worker-side shard work: latents -> samples -> embeddings -> run store.
+
+Runs inside Dask workers. Generators and descriptors are built once per worker
+process (building a neural network per shard would dominate small shards).
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+
+from .descriptors import build_descriptor
+from .errors import InputError
+from .generators import build_generator
+from .sources import scan_block
+
+
+@functools.lru_cache(maxsize=4)
+def _models(gen_json: str, desc_json: str):
+    g, d = json.loads(gen_json), json.loads(desc_json)
+    return build_generator(g["spec"], g["options"]), build_descriptor(d["spec"], d["options"])
+
+
+def models(gen: dict, desc: dict):
+    """(generator, descriptor) for {spec, options} dicts, cached per process."""
+    return _models(json.dumps(gen, sort_keys=True), json.dumps(desc, sort_keys=True))
+
+
+def embed_rows(gen: dict, desc: dict, seed: int, set_name: str, start: int, stop: int):
+    """Latents, unit embeddings, ground truth and a validity scan for rows [start, stop) of a set."""
+    generator, descriptor = models(gen, desc)
+    z = generator.latents(seed, set_name, start, stop)
+    samples = generator.generate(z)
+    if samples.ndim > 2 and generator.sample_kind == "image" and "image" not in descriptor.accepts:
+        raise InputError(f"generator {gen['spec']!r} makes images but descriptor {desc['spec']!r} takes embeddings; "
+                         "pass an image descriptor with --descriptor (e.g. torch:tiny-cnn or torchscript:PATH)")
+    emb = descriptor.embed(samples)
+    scan = scan_block(emb, start)
+    if scan["nonfinite"] or scan["zero"]:
+        row = scan["first_nonfinite"] if scan["nonfinite"] else scan["first_zero"]
+        raise InputError(f"set {set_name}: the generator/descriptor produced an invalid embedding (NaN, Inf or all "
+                         f"zero) at row {row} (seed {seed}); check the model or its inputs")
+    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    truth = generator.truth(z)
+    return z.astype(np.float32), emb, truth, scan
+
+
+def generate_shard(root: str, set_name: str, index: int, start: int, stop: int,
+                   gen: dict, desc: dict, seed: int) -> dict:
+    """Generate one shard into the run store and record its completion; returns its checksum and scan."""
+    from storage.store import RunStore
+    store = RunStore.open(root)
+    z, emb, truth, scan = embed_rows(gen, desc, seed, set_name, start, stop)
+    kinds = {a.kind for a in store.layout(set_name).arrays}
+    data = {"latents": z, "emb": emb.astype(store.array(set_name, "emb").dtype)}
+    if "planted" in kinds:
+        data["planted"] = truth.astype(bool)
+    # The scan is saved before completion is recorded, so a resumed run still knows it.
+    store.write_json(f"scans/{set_name}/{index}.json", scan)
+    checksum = store.write_shard(set_name, index, data)
+    return {"index": index, "checksum": checksum, "scan": scan}

@@ -1,0 +1,119 @@
+"""Embedding sources: where the rows of S and T come from, read in blocks.
+
+A source is a small picklable description (path + kind), so Dask workers open
+it themselves instead of receiving data. Every read returns unit-length float32
+rows: the statistics are defined on unit vectors, and renormalising on read keeps
+float16 storage and user files with slightly-off norms consistent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+# A row whose norm is off by more than this is reported as "renormalised".
+UNIT_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Source:
+    """Rows [0, rows) of an embedding matrix in a run store set, a .npy file or a Zarr array."""
+    kind: str            # "store", "npy" or "zarr"
+    path: str
+    rows: int
+    dim: int
+    set_name: str = ""   # for kind == "store"
+
+    def _raw(self, start: int, stop: int) -> np.ndarray:
+        if self.kind == "store":
+            from storage.store import RunStore
+            return RunStore.open(self.path).read(self.set_name, "emb", start, stop)
+        if self.kind == "npy":
+            return np.load(self.path, mmap_mode="r")[start:stop]
+        import zarr
+        return zarr.open_array(self.path, mode="r")[start:stop]
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Unit-normalised float32 rows [start, stop)."""
+        x = np.asarray(self._raw(start, self.rows if stop is None else stop), dtype=np.float32)
+        n = np.linalg.norm(x, axis=1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return x / n
+
+    def blocks(self, start: int = 0, stop: int | None = None, block_rows: int = 65536):
+        """Yield (global_offset, unit rows) over [start, stop) in blocks of block_rows."""
+        stop = self.rows if stop is None else stop
+        for lo in range(start, stop, block_rows):
+            yield lo, self.read(lo, min(stop, lo + block_rows))
+
+
+def open_embeddings(path: str | Path, what: str) -> Source:
+    """Describe a user embedding matrix (.npy or Zarr v3 array), checking shape and dtype without reading it all."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} {path}: no such file or directory; give a .npy file or a Zarr array directory")
+    if p.suffix == ".npy" and p.is_file():
+        try:
+            arr = np.load(p, mmap_mode="r")
+        except Exception as e:  # a corrupt or pickled file
+            raise InputError(f"{what} {path}: cannot read as .npy ({e}); save it with numpy.save") from None
+        kind = "npy"
+    elif p.is_dir():
+        import zarr
+        try:
+            arr = zarr.open(str(p), mode="r")
+        except Exception as e:
+            raise InputError(f"{what} {path}: cannot open as a Zarr array ({e})") from None
+        if not hasattr(arr, "shape"):
+            names = ", ".join(sorted(arr.array_keys())) or "none"
+            raise InputError(f"{what} {path} is a Zarr group, not an array; point at one of its arrays ({names})")
+        kind = "zarr"
+    else:
+        raise InputError(f"{what} {path}: unsupported format; give a .npy file or a Zarr array directory")
+    if len(arr.shape) != 2:
+        raise InputError(f"{what} {path} has shape {tuple(arr.shape)}; it must be 2-d, one row per sample")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InputError(f"{what} {path} is empty (shape {tuple(arr.shape)}); it needs at least one row and column")
+    if not np.issubdtype(np.dtype(arr.dtype), np.floating):
+        raise InputError(f"{what} {path} has dtype {arr.dtype}; embeddings must be floating point")
+    return Source(kind, str(p), int(arr.shape[0]), int(arr.shape[1]))
+
+
+def scan_block(x: np.ndarray, offset: int) -> dict:
+    """Validity summary of raw rows: first non-finite row, first all-zero row, rows not unit length."""
+    x = np.asarray(x, dtype=np.float64)
+    finite = np.isfinite(x).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], x, 0.0), axis=1)
+    bad = np.flatnonzero(~finite)
+    zero = np.flatnonzero(finite & (norms == 0))
+    return {
+        "rows": len(x),
+        "nonfinite": int(len(bad)), "first_nonfinite": int(offset + bad[0]) if len(bad) else None,
+        "zero": int(len(zero)), "first_zero": int(offset + zero[0]) if len(zero) else None,
+        "renormalized": int(np.sum(finite & (norms > 0) & (np.abs(norms - 1) > UNIT_TOL))),
+    }
+
+
+def merge_scans(parts: list[dict]) -> dict:
+    """Merge block scans in offset order."""
+    out = {"rows": 0, "nonfinite": 0, "first_nonfinite": None, "zero": 0, "first_zero": None, "renormalized": 0}
+    for p in parts:
+        for k in ("rows", "nonfinite", "zero", "renormalized"):
+            out[k] += p[k]
+        for k in ("first_nonfinite", "first_zero"):
+            if out[k] is None:
+                out[k] = p[k]
+    return out
+
+
+def check_scan(scan: dict, what: str) -> None:
+    """Raise InputError for NaN/Inf or all-zero rows found by a scan."""
+    if scan["nonfinite"]:
+        raise InputError(f"{what} has {scan['nonfinite']} row(s) with NaN or Inf (first: row {scan['first_nonfinite']}); "
+                         "remove or re-embed those samples")
+    if scan["zero"]:
+        raise InputError(f"{what} has {scan['zero']} all-zero row(s) (first: row {scan['first_zero']}); an all-zero "
+                         "embedding has no direction: remove or re-embed those samples")
