@@ -4,20 +4,37 @@ Composition only: every number is computed in tasks/.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 from prefect import flow
+from prefect.states import Failed
+
+from storage.store import StoreError
 
 from tasks import audit_steps as steps
 from tasks import stages
+from tasks.registry import ConfigError
 from tasks.config import AuditConfig, apply_preset, finalize_sizes
 from tasks.paper_test import reference_anchors, top_anchors
 from tasks.report import write_report
 from tasks.sources import Source
 
 from .cluster import dask_client
+
+
+class _OneLineUserErrors(logging.Filter):
+    """Bad input is the user's to fix, not a crash: log its message without a traceback."""
+
+    def filter(self, record):
+        if record.exc_info and isinstance(record.exc_info[1], (ConfigError, StoreError)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("prefect.task_runs").addFilter(_OneLineUserErrors())
 
 
 def run_audit(cfg: AuditConfig, client) -> dict:
@@ -77,5 +94,9 @@ def run_audit(cfg: AuditConfig, client) -> dict:
 def audit_flow(config: dict) -> dict:
     """Prefect flow: one audit of a generator or of given embeddings (config = AuditConfig fields)."""
     cfg = AuditConfig(**config)
-    with dask_client(cfg.workers, cfg.threads_per_worker, cfg.scheduler) as client:
-        return run_audit(cfg, client)
+    try:
+        with dask_client(cfg.workers, cfg.threads_per_worker, cfg.scheduler) as client:
+            return run_audit(cfg, client)
+    except (ConfigError, StoreError) as e:
+        # A Failed state (not a raise) keeps the traceback out of the log; callers get FailedRun(message).
+        return Failed(message=str(e))

@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     if args.command == "list":
         _list()
         return 0
+    from prefect.exceptions import FailedRun
     from storage.store import StoreError
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
         preflight(cfg)
         from flows.audit import audit_flow
         result = audit_flow(cfg.to_dict())
-    except (ConfigError, StoreError) as e:
+    except (ConfigError, StoreError, FailedRun) as e:
         print(f"modeaudit: error: {e}", file=sys.stderr)
         return 2
     w = result["worst_case"]

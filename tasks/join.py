@@ -41,11 +41,13 @@ This module is pure compute (numpy + numba); orchestration lives elsewhere.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 __all__ = [
     "DEFAULT_RADII",
@@ -73,9 +75,9 @@ _LUT_SIZE = 8192
 # The table covers [-1 - pad, 1 + pad]; float16 inputs are not exactly unit
 # norm, so scores can stray past +-1. Anything outside takes the slow walk.
 _LUT_PAD = 1.0 / 64
-# Guard so that rounding in the bucket index computation can never put a score in
-# a bucket whose table entry was computed for a neighbouring interval.
-_LUT_GUARD = 1e-9
+# Guard (in score units) so that the float32 rounding of the bucket index
+# (< 3e-7 here) can never put a score in a bucket whose entry does not cover it.
+_LUT_GUARD = 1e-6
 
 _U32 = 2.0 ** -24
 
@@ -264,34 +266,34 @@ def mccs_from_sums(sums, n) -> np.ndarray:
 
 # ----------------------------------------------------------------------------
 # numba kernels
+#
+# All kernels are serial and nogil: the drivers run them from a few Python
+# threads, each thread doing its own GEMM tiles with single-threaded BLAS. Two
+# thread pools taking turns (BLAS's and numba's) were 2-5x slower here, because
+# each pool's idle threads spin on the cores the other pool needs.
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _dot64(x, y):
-    # Four independent accumulators: without fastmath LLVM keeps a single chain
-    # (4-cycle FMA latency per element); a fixed order also keeps it deterministic.
-    n = x.shape[0]
+@njit(cache=True, nogil=True)
+def _exact_dist(A, i, B, j):
+    """d(A[i], B[j]) in float64, by the same expression as the reference."""
+    # Four accumulators: without fastmath LLVM keeps one dependency chain
+    # (FMA latency per element); a fixed order also keeps the result deterministic.
+    n = A.shape[1]
     s0 = 0.0
     s1 = 0.0
     s2 = 0.0
     s3 = 0.0
     k = 0
     while k + 4 <= n:
-        s0 += np.float64(x[k]) * np.float64(y[k])
-        s1 += np.float64(x[k + 1]) * np.float64(y[k + 1])
-        s2 += np.float64(x[k + 2]) * np.float64(y[k + 2])
-        s3 += np.float64(x[k + 3]) * np.float64(y[k + 3])
+        s0 += np.float64(A[i, k]) * np.float64(B[j, k])
+        s1 += np.float64(A[i, k + 1]) * np.float64(B[j, k + 1])
+        s2 += np.float64(A[i, k + 2]) * np.float64(B[j, k + 2])
+        s3 += np.float64(A[i, k + 3]) * np.float64(B[j, k + 3])
         k += 4
     while k < n:
-        s0 += np.float64(x[k]) * np.float64(y[k])
+        s0 += np.float64(A[i, k]) * np.float64(B[j, k])
         k += 1
-    return (s0 + s1) + (s2 + s3)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _exact_dist(x, y):
-    # Same expression as the float64 reference, so both make the same decision.
-    dot = _dot64(x, y)
+    dot = (s0 + s1) + (s2 + s3)
     if dot > 1.0:
         dot = 1.0
     elif dot < -1.0:
@@ -300,8 +302,10 @@ def _exact_dist(x, y):
 
 
 @njit(cache=True, nogil=True)
-def _slow_bin(x, q, thr, radii, eps, arow, B, bj):
-    """Walk thresholds from q on; returns the number of radii the pair fails."""
+def _walk(x, q, thr, radii, eps, A, i, B, j):
+    """Bin of score x (float64 of the float32 score) of pair (A[i], B[j]), walking the
+    thresholds from q, which the caller knows the pair fails. The bin is the number
+    of radii the pair fails; thresholds within eps of x are decided in float64."""
     R = thr.shape[0]
     dist = -1.0
     while q < R:
@@ -310,7 +314,7 @@ def _slow_bin(x, q, thr, radii, eps, arow, B, bj):
             break
         if x >= c - eps:
             if dist < 0.0:
-                dist = _exact_dist(arow, B[bj])
+                dist = _exact_dist(A, i, B, j)
             if dist <= radii[q]:
                 break
         q += 1
@@ -318,68 +322,102 @@ def _slow_bin(x, q, thr, radii, eps, arow, B, bj):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _bin(s, lut, lo, hi, scale, thr, radii, eps, arow, B, bj):
-    # The bin is the number of radii the pair fails (thr is decreasing), so
-    # counts[:, r] = cumsum(hist)[:, r].
-    x = np.float64(s)
-    if x >= lo and x < hi:
-        k = int((x - lo) * scale)
-        if k >= lut.shape[0]:
-            k = lut.shape[0] - 1
-        e = lut[k]
-        if e >= 0:
-            return np.int64(e)
-        return _slow_bin(x, np.int64(-e - 1), thr, radii, eps, arow, B, bj)
-    return _slow_bin(x, np.int64(0), thr, radii, eps, arow, B, bj)
+def _lookup(s, lut, lo, scale, top):
+    # float32 arithmetic on purpose: its rounding (< 1e-6 in score units) is
+    # covered by the guard the table was built with. Scores outside the table's
+    # range clamp into the edge buckets, which always take the walk.
+    t = (s - lo) * scale
+    t = min(max(t, np.float32(0.0)), top)
+    return np.int64(lut[np.uint32(t)])
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _count_tile(sims, hist, row0, col_local, col_global, ids,
-                lut, lo, hi, scale, thr, radii, eps, A, B):
-    """Add the bins of one score tile into hist (a, 4, R+1); rows are independent."""
-    ta = sims.shape[0]
+@njit(cache=True, nogil=True)
+def _full_bin(s, lut, lo, scale, thr, radii, eps, A, i, B, j):
+    """The bin _count_rows assigns to score s of pair (A[i], B[j]), by the same steps."""
+    e = _lookup(s, lut, lo, scale, np.float32(lut.shape[0] - 1))
+    if e >= 0:
+        return e
+    return _walk(np.float64(s), -e - 1, thr, radii, eps, A, i, B, j)
+
+
+@njit(cache=True, nogil=True)
+def _count_rows(sims, i_begin, i_end, hist, row0, col_local, col_global, ids,
+                lut, lo, scale, thr, radii, eps, A, B):
+    """Add the bins of score rows [i_begin, i_end) of a tile into hist (a, 4, R+1).
+
+    sims[i, j] is the float32 score of anchor row0 + i and block row col_local + j
+    (global row col_global + j).
+    """
     tb = sims.shape[1]
-    for i in prange(ta):
+    R = thr.shape[0]
+    top = np.float32(lut.shape[0] - 1)
+    pend_j = np.empty(tb, dtype=np.int64)
+    pend_q = np.empty(tb, dtype=np.int64)
+    for i in range(i_begin, i_end):
         ai = row0 + i
-        arow = A[ai]
         srow = sims[i]
         h = hist[ai]
-        j = 0
-        while j + 4 <= tb:
-            q0 = _bin(srow[j], lut, lo, hi, scale, thr, radii, eps, arow, B, col_local + j)
-            q1 = _bin(srow[j + 1], lut, lo, hi, scale, thr, radii, eps, arow, B, col_local + j + 1)
-            q2 = _bin(srow[j + 2], lut, lo, hi, scale, thr, radii, eps, arow, B, col_local + j + 2)
-            q3 = _bin(srow[j + 3], lut, lo, hi, scale, thr, radii, eps, arow, B, col_local + j + 3)
-            h[0, q0] += 1
-            h[1, q1] += 1
-            h[2, q2] += 1
-            h[3, q3] += 1
-            j += 4
-        while j < tb:
-            q0 = _bin(srow[j], lut, lo, hi, scale, thr, radii, eps, arow, B, col_local + j)
-            h[0, q0] += 1
-            j += 1
-        # Self pair: recount its bin with the identical decision and take it out.
+        npend = 0
+        for j in range(tb):
+            s = srow[j]
+            e = _lookup(s, lut, lo, scale, top)
+            if e < 0:
+                # The float64 walk is cheap; a threshold within eps defers the
+                # pair. Calling the exact dot product from this loop, however
+                # rarely, made LLVM generate a 6x slower loop.
+                x = np.float64(s)
+                q = -e - 1
+                while q < R:
+                    c = thr[q]
+                    if x >= c + eps:
+                        break
+                    if x >= c - eps:
+                        pend_j[npend] = j
+                        pend_q[npend] = q
+                        npend += 1
+                        q = -1
+                        break
+                    q += 1
+                e = q
+            if e >= 0:
+                # 4 interleaved sub-histograms: runs of equal bins would otherwise
+                # serialise on the store->load of one counter.
+                h[j & 3, e] += 1
+        for p in range(npend):
+            j = pend_j[p]
+            h[0, _walk(np.float64(srow[j]), pend_q[p], thr, radii, eps, A, ai, B, col_local + j)] += 1
+        # Self pair: recompute the bin it got (same steps, same answer) and remove it.
         sc = ids[ai] - col_global
         if sc >= 0 and sc < tb:
-            q0 = _bin(srow[sc], lut, lo, hi, scale, thr, radii, eps, arow, B, col_local + sc)
-            h[0, q0] -= 1
+            h[0, _full_bin(srow[sc], lut, lo, scale, thr, radii, eps, A, ai, B, col_local + sc)] -= 1
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _mccs_tile(sims, sums, row0, col_local, col_global, ids, cut, theta, denom, A, B):
-    """Add s(a, b) of every pair in the tile that can be within theta, in float64."""
-    ta = sims.shape[0]
+@njit(cache=True, nogil=True)
+def _mccs_rows(sims, i_begin, i_end, sums, row0, col_local, col_global, ids,
+               cut, theta, denom, A, B):
+    """Add s(a, b) over the pairs of score rows [i_begin, i_end) into sums (a,).
+
+    Only scores above `cut` (float32, at most cos(pi theta) - eps) can be within
+    theta; those pairs get their distance in float64.
+    """
     tb = sims.shape[1]
-    for i in prange(ta):
+    cand = np.empty(tb, dtype=np.int64)
+    for i in range(i_begin, i_end):
         ai = row0 + i
-        arow = A[ai]
         srow = sims[i]
+        n = 0
+        for j in range(tb):
+            if srow[j] > cut:
+                cand[n] = j
+                n += 1
+        if n == 0:
+            continue
         sc = ids[ai] - col_global
         acc = 0.0
-        for j in range(tb):
-            if np.float64(srow[j]) > cut and j != sc:
-                d = _exact_dist(arow, B[col_local + j])
+        for p in range(n):
+            j = cand[p]
+            if j != sc:
+                d = _exact_dist(A, ai, B, col_local + j)
                 if d < theta:
                     acc += math.expm1(theta - d) / denom
         sums[ai] += acc
@@ -389,58 +427,86 @@ def _mccs_tile(sims, sums, row0, col_local, col_global, ids, cut, theta, denom, 
 # fast path drivers
 
 
+def _n_workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+
+
 class _Lut:
-    """Bucket table for one threshold set and one eps; entries >= 0 are final bins,
-    entries < 0 encode -(first threshold not surely failed) - 1 for the slow walk."""
+    """Bucket table for one threshold set and one eps.
+
+    Entry k >= 0: every score in bucket k has bin k's value for sure. Entry < 0:
+    -(q + 1) where the first q thresholds are surely failed; the walk goes on from there.
+    """
 
     def __init__(self, thr: np.ndarray, eps: float, size: int = _LUT_SIZE):
-        pad = max(_LUT_PAD, 4.0 * eps)
-        self.lo = -1.0 - pad
-        self.hi = 1.0 + pad
-        self.scale = size / (self.hi - self.lo)
-        edges = self.lo + np.arange(size + 1, dtype=np.float64) / self.scale
-        lower = edges[:-1] - _LUT_GUARD
-        upper = edges[1:] + _LUT_GUARD
         R = thr.size
-        # thresholds surely failed by every score in the bucket: thr - eps > upper
-        q_sure = R - np.searchsorted((thr - eps)[::-1], upper, side="right")
-        # thresholds possibly failed by some score in the bucket: thr + eps > lower
-        q_maybe = R - np.searchsorted((thr + eps)[::-1], lower, side="right")
-        lut = np.where(q_sure == q_maybe, q_sure, -q_sure - 1)
         if R + 1 > np.iinfo(np.int16).max:
             raise ValueError(f"at most {np.iinfo(np.int16).max - 1} radii are supported, got {R}")
+        pad = max(_LUT_PAD, 4.0 * eps)
+        self.lo = np.float32(-1.0 - pad)
+        self.scale = np.float32(size / (2.0 + 2.0 * pad))
+        edges = float(self.lo) + np.arange(size + 1, dtype=np.float64) / float(self.scale)
+        lower = edges[:-1] - _LUT_GUARD
+        upper = edges[1:] + _LUT_GUARD
+        # thresholds every score of the bucket surely fails: thr - eps > upper
+        q_sure = R - np.searchsorted((thr - eps)[::-1], upper, side="right")
+        # thresholds some score of the bucket may fail: thr + eps > lower
+        q_maybe = R - np.searchsorted((thr + eps)[::-1], lower, side="right")
+        lut = np.where(q_sure == q_maybe, q_sure, -q_sure - 1)
+        lut[0] = lut[-1] = -1  # clamped out-of-range scores land here: walk from 0
         self.table = lut.astype(np.int16)
 
 
 class _FastJoin:
-    """Shared state of one streamed join: anchors in both precisions and the tables."""
+    """One streamed join: the anchors in both precisions, the ids, the thread plan."""
 
-    def __init__(self, anchors, ids):
+    def __init__(self, anchors: np.ndarray, ids: np.ndarray):
         self.a32 = np.ascontiguousarray(anchors, dtype=np.float32)
         self.a_exact = _exact_copy(anchors)
         self.norm_a = _max_norm(self.a_exact)
         self.ids = ids
+        self.workers = _n_workers()
         self._luts: dict = {}
 
-    def tiles(self, block):
-        """Yield (row0, col0, sims) float32 score tiles of anchors x block."""
+    def lut(self, thr, eps) -> _Lut:
+        key = (thr.tobytes(), eps)
+        if key not in self._luts:
+            self._luts[key] = _Lut(thr, eps)
+        return self._luts[key]
+
+    def _run(self, block, acc, kernel):
+        """Tile anchors x block and call kernel(sims, r0, c0, acc_of_worker) per tile.
+
+        Each worker thread owns its accumulator copy and does its own GEMMs with
+        single-threaded BLAS, so the cores never wait on another pool's threads.
+        """
         b32 = np.ascontiguousarray(block, dtype=np.float32)
         na, nb = self.a32.shape[0], b32.shape[0]
-        buf = np.empty((min(na, _ANCHOR_TILE), min(nb, _ROW_TILE)), dtype=np.float32)
-        for c0 in range(0, nb, _ROW_TILE):
-            bt = b32[c0:c0 + _ROW_TILE]
-            for r0 in range(0, na, _ANCHOR_TILE):
+        tiles = [(r0, c0) for c0 in range(0, nb, _ROW_TILE) for r0 in range(0, na, _ANCHOR_TILE)]
+        n = min(self.workers, len(tiles))
+
+        def work(w, acc_w):
+            buf = np.empty((min(na, _ANCHOR_TILE), min(nb, _ROW_TILE)), dtype=np.float32)
+            for r0, c0 in tiles[w::n]:
                 at = self.a32[r0:r0 + _ANCHOR_TILE]
+                bt = b32[c0:c0 + _ROW_TILE]
                 sims = buf[:at.shape[0], :bt.shape[0]]
                 np.matmul(at, bt.T, out=sims)
-                yield r0, c0, sims
+                kernel(sims, r0, c0, acc_w)
 
-    def lut(self, thr, eps):
-        key = (thr.tobytes(), eps)
-        lut = self._luts.get(key)
-        if lut is None:
-            lut = self._luts[key] = _Lut(thr, eps)
-        return lut
+        if n <= 1:
+            work(0, acc)
+            return
+        parts = [np.zeros_like(acc) for _ in range(n)]
+        with _single_threaded_blas(), ThreadPoolExecutor(n) as ex:
+            for f in [ex.submit(work, w, parts[w]) for w in range(n)]:
+                f.result()
+        for p in parts:
+            acc += p
 
     def count_into(self, hist, block, offset, thr, radii):
         if block.shape[0] == 0 or hist.shape[0] == 0:
@@ -448,21 +514,40 @@ class _FastJoin:
         b_exact = _exact_copy(block)
         eps = _gemm_eps(block.shape[1], self.norm_a, _max_norm(b_exact))
         lut = self.lut(thr, eps)
-        for r0, c0, sims in self.tiles(block):
-            _count_tile(sims, hist, r0, c0, offset + c0, self.ids,
-                        lut.table, lut.lo, lut.hi, lut.scale, thr, radii, eps,
-                        self.a_exact, b_exact)
+
+        def kernel(sims, r0, c0, h):
+            _count_rows(sims, 0, sims.shape[0], h, r0, c0, offset + c0, self.ids,
+                        lut.table, lut.lo, lut.scale, thr, radii, eps, self.a_exact, b_exact)
+
+        self._run(block, hist, kernel)
 
     def mccs_into(self, sums, block, offset, theta):
         if block.shape[0] == 0 or sums.shape[0] == 0:
             return
         b_exact = _exact_copy(block)
         eps = _gemm_eps(block.shape[1], self.norm_a, _max_norm(b_exact))
-        cut = math.cos(math.pi * theta) - eps
+        # Round down so the float32 test keeps every score the float64 test would.
+        cut = np.nextafter(np.float32(math.cos(math.pi * theta) - eps), np.float32(-np.inf))
         denom = math.expm1(theta)
-        for r0, c0, sims in self.tiles(block):
-            _mccs_tile(sims, sums, r0, c0, offset + c0, self.ids, cut, theta, denom,
-                       self.a_exact, b_exact)
+
+        def kernel(sims, r0, c0, s):
+            _mccs_rows(sims, 0, sims.shape[0], s, r0, c0, offset + c0, self.ids,
+                       cut, theta, denom, self.a_exact, b_exact)
+
+        self._run(block, sums, kernel)
+
+
+@contextmanager
+def _single_threaded_blas():
+    # BLAS is limited to one thread only while our workers run; without
+    # threadpoolctl (a scikit-learn dependency) BLAS calls just share the cores.
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def _hist_to_counts(hist: np.ndarray) -> np.ndarray:
@@ -519,7 +604,7 @@ def mccs_sums(anchors, blocks, theta, *, anchor_ids=None, kernel: str = "fast") 
     """Streamed MCCS sums (not means) per anchor, float64 (a,); see mccs_sums_reference.
 
     Same block protocol and self-exclusion as range_counts. The fast path agrees
-    with the reference to ~1e-15 relative (summation order differs).
+    with the reference to ~1e-15 relative (only the summation order differs).
     """
     theta = _check_theta(theta)
     a = _check_matrix(anchors, "anchors")

@@ -1,0 +1,95 @@
+"""The CLI on bad input: a one-line error that names the problem, exit != 0, and no result.json."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flows.cli import main
+
+
+def unit(n, d, seed=0):
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def files(tmp_path):
+    np.save(tmp_path / "s.npy", unit(300, 8, 1))
+    np.save(tmp_path / "t.npy", unit(2000, 8, 2))
+    return tmp_path
+
+
+def expect_error(argv, capsys, match, out=None):
+    assert main(argv) == 2
+    full = capsys.readouterr().err.strip()
+    # Prefect may log a line before ours (the failed stage), but never a traceback.
+    err = full.splitlines()[-1]
+    assert err.startswith("modeaudit: error: ") and "Traceback" not in full, full
+    assert match in err, err
+    if out is not None:
+        assert not (out / "result.json").exists()
+    return err
+
+
+def emb_args(f, s="s.npy", t="t.npy", *extra):
+    return ["audit", "--embeddings-s", str(f / s), "--embeddings-t", str(f / t), "--out", str(f / "out"), *extra]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.full((5, 8), np.nan, np.float32), "NaN or Inf"),
+    (np.vstack([unit(4, 8), np.zeros((1, 8), np.float32)]), "all-zero row"),
+])
+def test_nonfinite_and_zero_rows(files, capsys, bad, match, prefect_harness):
+    t = unit(2000, 8, 2)
+    t[1500:1500 + len(bad)] = bad
+    np.save(files / "t_bad.npy", t)
+    err = expect_error(emb_args(files, t="t_bad.npy"), capsys, match, files / "out")
+    assert "--embeddings-t" in err and "row 150" in err
+
+
+@pytest.mark.parametrize("argv_extra, files_fn, match", [
+    ([], lambda f: np.save(f / "t.npy", unit(2000, 9)), "width 8 but T rows have width 9"),
+    ([], lambda f: np.save(f / "t.npy", np.zeros((0, 8), np.float32)), "is empty"),
+    (["--d0", "1.5"], None, "d0=1.5 is outside (0, 1)"),
+    (["--radii", "0.1:1.2:0.1"], None, "outside (0, 1)"),
+    (["--q", "301"], None, "q=301 is larger than m=|S|=300"),
+    (["--p", "400"], None, "p=400 is larger than m=|S|=300"),
+])
+def test_bad_embeddings_and_settings(files, capsys, argv_extra, files_fn, match):
+    if files_fn:
+        files_fn(files)
+    expect_error(emb_args(files, "s.npy", "t.npy", *argv_extra), capsys, match, files / "out")
+
+
+def test_bad_generator_and_dir(tmp_path, capsys):
+    expect_error(["audit", "--generator", "synthetic:nope", "--out", str(tmp_path / "o")], capsys,
+                 "unknown generator 'synthetic:nope'", tmp_path / "o")
+    expect_error(["audit", "--generator", "synthetic:planted", "-G", "colour=red", "--out", str(tmp_path / "o")],
+                 capsys, "no option 'colour'", tmp_path / "o")
+    (tmp_path / "file").write_text("not a dir")
+    expect_error(["audit", "--generator", "synthetic:planted", "--out", str(tmp_path / "file" / "run")], capsys,
+                 "cannot write to --out")
+    expect_error(["audit", "--generator", "synthetic:planted", "--embeddings-s", "x.npy", "--out",
+                  str(tmp_path / "o")], capsys, "either --generator")
+
+
+def test_console_script_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "audit", "--generator", "synthetic:planted",
+                        "--d0", "0", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "d0=0.0 is outside" in r.stderr
+
+
+def test_non_unit_rows_are_normalised_and_recorded(files, capsys, prefect_harness):
+    s = unit(300, 8, 1)
+    s[:7] *= 3.0
+    np.save(files / "s3.npy", s)
+    assert main(emb_args(files, "s3.npy", "t.npy", "--q", "50")) == 0
+    import json
+    r = json.loads((files / "out" / "result.json").read_text())
+    assert r["normalization"]["S"]["renormalized_rows"] == 7 and r["normalization"]["T"]["renormalized_rows"] == 0
+    # Scaling rows must not change any count: the statistics are on directions.
+    np.save(files / "s1.npy", unit(300, 8, 1))
+    assert main(emb_args(files, "s1.npy", "t.npy", "--q", "50", "--overwrite")) == 0
+    r1 = json.loads((files / "out" / "result.json").read_text())
+    assert r1["curves"] == r["curves"] and r1["worst_case"]["s_index"] == r["worst_case"]["s_index"]
