@@ -4,9 +4,10 @@
 
 Times, for float32 unit vectors: the numpy GEMM alone (same tiling as the join,
 all BLAS threads), the fused fast path (tasks.join.range_counts), the MCCS sums,
-and the obvious numpy bucketize + bincount (np.searchsorted + per-row bincount),
-and prints each as a ratio to the GEMM. The bucketize baseline runs on a slice of
-the rows and is scaled up, it is that slow.
+and the obvious bucketize + bincount (np.searchsorted + per-row np.bincount, and
+torch.bucketize + one offset torch.bincount if torch is installed), and prints
+each as a ratio to the GEMM. The bucketize baselines (GEMM included) run on a
+slice of the rows and are scaled up, they are that slow.
 """
 from __future__ import annotations
 
@@ -79,12 +80,30 @@ def main(argv=None):
             for i in range(len(A)):
                 np.bincount(bins[i], minlength=R + 1)
 
+    def torch_bucketize():
+        import torch
+
+        R = len(thr)
+        boundaries = torch.from_numpy(asc.copy())
+        for c0 in range(0, len(sub), join._ROW_TILE):
+            sims = torch.from_numpy(A @ sub[c0:c0 + join._ROW_TILE].T)
+            bins = torch.bucketize(sims, boundaries, right=True)
+            # one bincount for the whole tile: row i's bins shifted by i * (R + 1)
+            bins += torch.arange(len(A)).unsqueeze(1) * (R + 1)
+            torch.bincount(bins.ravel(), minlength=len(A) * (R + 1)).view(len(A), R + 1)
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        torch_bucketize = None
+
     fast()  # compile / load the numba cache
     mccs()
     t_gemm = _best(gemm, args.repeat)
     t_fast = _best(fast, args.repeat)
     t_mccs = _best(mccs, args.repeat)
     t_buck = _best(bucketize, 1) * len(B) / len(sub)
+    t_torch = _best(torch_bucketize, 1) * len(B) / len(sub) if torch_bucketize else None
 
     print(f"a={len(A)} b={len(B)} D={args.dim} R={len(radii)}  scores={n_scores:.3g}  "
           f"cpus={len(os.sched_getaffinity(0))}")
@@ -92,7 +111,10 @@ def main(argv=None):
           f"{2 * n_scores * args.dim / t_gemm / 1e9:6.1f} GFLOP/s")
     for name, t in [("range_counts fast (GEMM + count)", t_fast),
                     ("mccs_sums fast (GEMM + filter)", t_mccs),
-                    ("searchsorted + bincount (est.)", t_buck)]:
+                    ("searchsorted + bincount (est.)", t_buck),
+                    ("torch bucketize + bincount (est.)", t_torch)]:
+        if t is None:
+            continue
         print(f"{name:34s} {t:8.3f} s  {t / t_gemm:5.2f}x   {t / n_scores * 1e9:6.2f} ns/score")
 
 

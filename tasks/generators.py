@@ -29,7 +29,9 @@ class Generator:
     latent_dim: int = 0
     sample_kind: str = "embedding"          # "embedding" or "image"
     default_descriptor: str | None = "identity"
-    batch_size: int = 65536
+    # Rows are generated in batches aligned to multiples of batch_size (global row
+    # index), so a row always shares its batch with the same rows whatever the shard.
+    batch_size: int = 4096
     has_truth: bool = False
 
     def __init__(self, spec: str, options: dict):
@@ -91,7 +93,12 @@ class IdentitySpace(Generator):
 
     def generate(self, z):
         ids = self.identity_of(z)
-        noise = z[:, 1:].astype(np.float32) @ self.proj
+        # An explicit sum over the latent axis instead of a BLAS GEMM: BLAS picks
+        # kernels by matrix shape, so a row's bits would depend on the batch it came in.
+        zr = z[:, 1:].astype(np.float32)
+        noise = zr[:, :1] * self.proj[0]
+        for k in range(1, zr.shape[1]):
+            noise += zr[:, k:k + 1] * self.proj[k]
         noise = np.take_along_axis(noise, self.perm[ids], axis=1) * self.sign[ids]
         return self.centres[ids] + self.spreads[ids, None] * noise
 

@@ -7,17 +7,24 @@ The hot path of an audit is N(a, T, r) for ~1e3 anchors against ~1e7 points at
 Why this design
 ---------------
 * The inner products are a float32 GEMM (BLAS), the only way to reach ~200 GFLOP/s.
-  Computing them costs ~2 s per 1e9 scores on the 2-core reference machine.
+  At D = 128 they cost ~1.5-2 s per 1e9 scores on the 2-core reference machine.
 * Counting them is the problem. The obvious bucketize + bincount (np.searchsorted /
-  torch.bucketize, then a per-row bincount) costs ~15-25 s per 1e9 scores: an
-  O(log R) branchy search per score plus temporaries the size of the score tile.
+  torch.bucketize, then a per-row bincount) costs ~20-30 s per 1e9 scores here,
+  13-17x the GEMM: an O(log R) branchy search per score, then a second pass and
+  temporaries the size of the score tile.
   So we count in one fused numba pass per GEMM tile instead: a quantised lookup
   table over the score range (L buckets, small enough to stay in L1) maps a
   score straight to its histogram bin when its bucket holds no threshold; only
   scores in the few buckets that touch a threshold take a short comparison walk.
   Per-row histograms are interleaved 4 ways so consecutive scores that land in
   the same bin do not serialise on a store->load dependency. A cumulative sum of
-  the histogram gives the counts at every radius. Cost: about the GEMM's own.
+  the histogram gives the counts at every radius. Measured: ~1.5 ns per score
+  on one core, so GEMM + counting take ~1.6x the GEMM alone
+  (benchmarks/bench_join_quick.py).
+* Threads. Each worker thread does its own GEMM tiles with single-threaded BLAS
+  and then counts them with a serial nogil numba kernel. Alternating between
+  BLAS's thread pool and a numba prange pool was 2-5x slower on 2 cores: each
+  pool's idle threads spin on the cores the other pool needs.
 * Exactness. float32 GEMM rounding is bounded by eps ~ 2 (D + 2) 2^-24 |a| |b|.
   A score farther than eps from a threshold is on the same side of it as the exact
   product, so only scores within eps of a threshold are re-decided: their inner
@@ -41,7 +48,9 @@ This module is pure compute (numpy + numba); orchestration lives elsewhere.
 from __future__ import annotations
 
 import math
+import operator
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -62,10 +71,10 @@ __all__ = [
 
 DEFAULT_RADII = np.round(np.arange(0.10, 0.505, 0.01), 2)
 
-# GEMM tile shape. Measured on the 2-core reference machine (a=1001, D=128):
-# sgemm reaches ~165 GFLOP/s from ~512 anchor rows x 1024 point rows on, while
-# smaller tiles lose 10-20 %. The score tile (2-4 MB) lives in L2/L3, which the
-# counting pass reads at far more than the ~4 GB/s it needs.
+# GEMM tile shape (anchor rows x point rows). On the 2-core reference machine
+# (a=1001, D=128) every shape from 256x1024 to 1024x4096 ran within 3 % of the
+# others; 128 x 8192 lost 5 %. The 4 MB score tile lives in L2/L3, which the
+# counting pass reads far faster than the ~3 GB/s it needs.
 _ANCHOR_TILE = 512
 _ROW_TILE = 2048
 
@@ -111,7 +120,10 @@ def radius_thresholds(radii) -> np.ndarray:
 
 
 def _check_theta(theta) -> float:
-    t = float(theta)
+    try:
+        t = float(theta)
+    except (TypeError, ValueError):
+        raise ValueError(f"theta must be a number in (0, 1], got {theta!r}") from None
     if not math.isfinite(t) or not (0.0 < t <= 1.0):
         raise ValueError(f"theta must be a finite number in (0, 1], got {theta!r}")
     return t
@@ -162,9 +174,9 @@ def _iter_blocks(blocks):
     for item in blocks:
         try:
             offset, block = item
+            offset = operator.index(offset)
         except (TypeError, ValueError):
-            raise ValueError("blocks must yield (offset, block) pairs") from None
-        offset = int(offset)
+            raise ValueError("blocks must yield (offset, block) pairs with an integer offset") from None
         if offset < 0:
             raise ValueError(f"block offset must be >= 0, got {offset}")
         yield offset, block
@@ -190,7 +202,10 @@ def _gemm_eps(dim: int, norm_a: float, norm_b: float) -> float:
     # order, FMA or not, including the float64 -> float32 cast of the inputs.
     # Factor 2 covers the O(dim u) term and leaves headroom; a tiny absolute floor
     # absorbs the float64 rounding of the threshold and of the comparison itself.
-    return 2.0 * (dim + 2) * _U32 * norm_a * norm_b + 1e-12
+    eps = 2.0 * (dim + 2) * _U32 * norm_a * norm_b + 1e-12
+    # Rounded up to a power of 2^(1/8) (a larger eps is as exact, just a little
+    # slower) so that blocks with slightly different norms share one lookup table.
+    return float(2.0 ** (math.ceil(8.0 * math.log2(eps)) / 8.0))
 
 
 # ----------------------------------------------------------------------------
@@ -258,6 +273,9 @@ def mccs_from_sums(sums, n) -> np.ndarray:
         raise ValueError("sums must be finite and non-negative")
     if np.any(n <= 0):
         raise ValueError("n must be positive")
+    if np.any(s > n * (1.0 + 1e-12)):
+        # every term s(a, b) is at most 1, so a larger sum means a wrong n
+        raise ValueError("sums exceed n: each term is at most 1, so n must count the points summed over")
     out = np.zeros(s.shape, dtype=np.float64)
     pos = s > 0
     out[pos] = 1.0 / (1.0 - np.log(s[pos] / n[pos]))
@@ -265,12 +283,8 @@ def mccs_from_sums(sums, n) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
-# numba kernels
-#
-# All kernels are serial and nogil: the drivers run them from a few Python
-# threads, each thread doing its own GEMM tiles with single-threaded BLAS. Two
-# thread pools taking turns (BLAS's and numba's) were 2-5x slower here, because
-# each pool's idle threads spin on the cores the other pool needs.
+# numba kernels: serial and nogil, run from the drivers' worker threads (see
+# "Threads" in the module docstring).
 
 
 @njit(cache=True, nogil=True)
@@ -341,9 +355,9 @@ def _full_bin(s, lut, lo, scale, thr, radii, eps, A, i, B, j):
 
 
 @njit(cache=True, nogil=True)
-def _count_rows(sims, i_begin, i_end, hist, row0, col_local, col_global, ids,
+def _count_rows(sims, hist, row0, col_local, col_global, ids,
                 lut, lo, scale, thr, radii, eps, A, B):
-    """Add the bins of score rows [i_begin, i_end) of a tile into hist (a, 4, R+1).
+    """Add the bins of a score tile into hist (a, 4, R+1).
 
     sims[i, j] is the float32 score of anchor row0 + i and block row col_local + j
     (global row col_global + j).
@@ -353,7 +367,7 @@ def _count_rows(sims, i_begin, i_end, hist, row0, col_local, col_global, ids,
     top = np.float32(lut.shape[0] - 1)
     pend_j = np.empty(tb, dtype=np.int64)
     pend_q = np.empty(tb, dtype=np.int64)
-    for i in range(i_begin, i_end):
+    for i in range(sims.shape[0]):
         ai = row0 + i
         srow = sims[i]
         h = hist[ai]
@@ -393,23 +407,32 @@ def _count_rows(sims, i_begin, i_end, hist, row0, col_local, col_global, ids,
 
 
 @njit(cache=True, nogil=True)
-def _mccs_rows(sims, i_begin, i_end, sums, row0, col_local, col_global, ids,
+def _mccs_rows(sims, sums, row0, col_local, col_global, ids,
                cut, theta, denom, A, B):
-    """Add s(a, b) over the pairs of score rows [i_begin, i_end) into sums (a,).
+    """Add s(a, b) over the pairs of a score tile into sums (a,).
 
     Only scores above `cut` (float32, at most cos(pi theta) - eps) can be within
     theta; those pairs get their distance in float64.
     """
     tb = sims.shape[1]
     cand = np.empty(tb, dtype=np.int64)
-    for i in range(i_begin, i_end):
+    for i in range(sims.shape[0]):
         ai = row0 + i
         srow = sims[i]
         n = 0
-        for j in range(tb):
-            if srow[j] > cut:
-                cand[n] = j
-                n += 1
+        for j0 in range(0, tb, 128):
+            j1 = min(j0 + 128, tb)
+            # Branch-free count first (LLVM vectorises it): most chunks hold no
+            # candidate at all, and the branchy gather below is 4x slower.
+            hits = 0
+            for j in range(j0, j1):
+                hits += srow[j] > cut
+            if hits == 0:
+                continue
+            for j in range(j0, j1):
+                if srow[j] > cut:
+                    cand[n] = j
+                    n += 1
         if n == 0:
             continue
         sc = ids[ai] - col_global
@@ -438,8 +461,8 @@ def _n_workers() -> int:
 class _Lut:
     """Bucket table for one threshold set and one eps.
 
-    Entry k >= 0: every score in bucket k has bin k's value for sure. Entry < 0:
-    -(q + 1) where the first q thresholds are surely failed; the walk goes on from there.
+    An entry >= 0 is the bin of every score in the bucket, for sure. An entry < 0
+    is -(q + 1) where the first q thresholds are surely failed; the walk goes on from there.
     """
 
     def __init__(self, thr: np.ndarray, eps: float, size: int = _LUT_SIZE):
@@ -478,20 +501,28 @@ class _FastJoin:
             self._luts[key] = _Lut(thr, eps)
         return self._luts[key]
 
-    def _run(self, block, acc, kernel):
+    def _run(self, b32, acc, kernel):
         """Tile anchors x block and call kernel(sims, r0, c0, acc_of_worker) per tile.
 
-        Each worker thread owns its accumulator copy and does its own GEMMs with
+        Each worker thread owns an accumulator copy and does its own GEMMs with
         single-threaded BLAS, so the cores never wait on another pool's threads.
+        Tiles are handed out one at a time: a core busy with something else just
+        takes fewer of them.
         """
-        b32 = np.ascontiguousarray(block, dtype=np.float32)
         na, nb = self.a32.shape[0], b32.shape[0]
         tiles = [(r0, c0) for c0 in range(0, nb, _ROW_TILE) for r0 in range(0, na, _ANCHOR_TILE)]
         n = min(self.workers, len(tiles))
+        todo = iter(tiles)
+        lock = threading.Lock()
 
-        def work(w, acc_w):
+        def work(acc_w):
             buf = np.empty((min(na, _ANCHOR_TILE), min(nb, _ROW_TILE)), dtype=np.float32)
-            for r0, c0 in tiles[w::n]:
+            while True:
+                with lock:
+                    tile = next(todo, None)
+                if tile is None:
+                    return
+                r0, c0 = tile
                 at = self.a32[r0:r0 + _ANCHOR_TILE]
                 bt = b32[c0:c0 + _ROW_TILE]
                 sims = buf[:at.shape[0], :bt.shape[0]]
@@ -499,54 +530,76 @@ class _FastJoin:
                 kernel(sims, r0, c0, acc_w)
 
         if n <= 1:
-            work(0, acc)
+            work(acc)
             return
         parts = [np.zeros_like(acc) for _ in range(n)]
         with _single_threaded_blas(), ThreadPoolExecutor(n) as ex:
-            for f in [ex.submit(work, w, parts[w]) for w in range(n)]:
+            for f in [ex.submit(work, p) for p in parts]:
                 f.result()
         for p in parts:
             acc += p
 
+    def _block(self, block):
+        """The block for the GEMM (float32) and for the exact dot products, and eps."""
+        b32 = np.ascontiguousarray(block, dtype=np.float32)
+        b_exact = b32 if block.dtype in (np.float16, np.float32) else _exact_copy(block)
+        eps = _gemm_eps(block.shape[1], self.norm_a, _max_norm(b_exact))
+        return b32, b_exact, eps
+
     def count_into(self, hist, block, offset, thr, radii):
         if block.shape[0] == 0 or hist.shape[0] == 0:
             return
-        b_exact = _exact_copy(block)
-        eps = _gemm_eps(block.shape[1], self.norm_a, _max_norm(b_exact))
+        b32, b_exact, eps = self._block(block)
         lut = self.lut(thr, eps)
 
         def kernel(sims, r0, c0, h):
-            _count_rows(sims, 0, sims.shape[0], h, r0, c0, offset + c0, self.ids,
+            _count_rows(sims, h, r0, c0, offset + c0, self.ids,
                         lut.table, lut.lo, lut.scale, thr, radii, eps, self.a_exact, b_exact)
 
-        self._run(block, hist, kernel)
+        self._run(b32, hist, kernel)
 
     def mccs_into(self, sums, block, offset, theta):
         if block.shape[0] == 0 or sums.shape[0] == 0:
             return
-        b_exact = _exact_copy(block)
-        eps = _gemm_eps(block.shape[1], self.norm_a, _max_norm(b_exact))
+        b32, b_exact, eps = self._block(block)
         # Round down so the float32 test keeps every score the float64 test would.
         cut = np.nextafter(np.float32(math.cos(math.pi * theta) - eps), np.float32(-np.inf))
         denom = math.expm1(theta)
 
-        def kernel(sims, r0, c0, s):
-            _mccs_rows(sims, 0, sims.shape[0], s, r0, c0, offset + c0, self.ids,
+        # Float sums depend on the order of addition: each column tile adds into its
+        # own slot and the slots are summed in tile order, so the result does not
+        # depend on how many threads ran or which thread took which tile.
+        slots = np.zeros(((b32.shape[0] + _ROW_TILE - 1) // _ROW_TILE, sums.shape[0]))
+
+        def kernel(sims, r0, c0, _unused):
+            _mccs_rows(sims, slots[c0 // _ROW_TILE], r0, c0, offset + c0, self.ids,
                        cut, theta, denom, self.a_exact, b_exact)
 
-        self._run(block, sums, kernel)
+        self._run(b32, np.zeros(1), kernel)
+        for slot in slots:
+            sums += slot
+
+
+_blas_controller = None
 
 
 @contextmanager
 def _single_threaded_blas():
-    # BLAS is limited to one thread only while our workers run; without
-    # threadpoolctl (a scikit-learn dependency) BLAS calls just share the cores.
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
+    # BLAS is limited to one thread only while our workers run (this is process
+    # wide: other threads calling BLAS meanwhile get one thread too). Without
+    # threadpoolctl (a scikit-learn dependency) the BLAS calls share the cores.
+    global _blas_controller
+    if _blas_controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _blas_controller = False
+        else:
+            _blas_controller = ThreadpoolController()  # scans the loaded libraries once
+    if not _blas_controller:
         yield
         return
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _blas_controller.limit(limits=1, user_api="blas"):
         yield
 
 

@@ -30,12 +30,18 @@ def models(gen: dict, desc: dict):
 def embed_rows(gen: dict, desc: dict, seed: int, set_name: str, start: int, stop: int):
     """Latents, unit embeddings, ground truth and a validity scan for rows [start, stop) of a set."""
     generator, descriptor = models(gen, desc)
-    z = generator.latents(seed, set_name, start, stop)
-    samples = generator.generate(z)
-    if samples.ndim > 2 and generator.sample_kind == "image" and "image" not in descriptor.accepts:
+    if generator.sample_kind == "image" and "image" not in descriptor.accepts:
         raise InputError(f"generator {gen['spec']!r} makes images but descriptor {desc['spec']!r} takes embeddings; "
                          "pass an image descriptor with --descriptor (e.g. torch:tiny-cnn or torchscript:PATH)")
-    emb = descriptor.embed(samples)
+    # Networks and BLAS may give a row different bits in a different batch, so the
+    # work runs in batches aligned to global multiples of batch_size and is then cut
+    # to [start, stop): a row's embedding does not depend on the shard size.
+    bs = generator.batch_size
+    lo, hi = start // bs * bs, -(-stop // bs) * bs
+    z_all = generator.latents(seed, set_name, lo, hi)
+    emb = np.concatenate([descriptor.embed(generator.generate(z_all[i:i + bs]))
+                          for i in range(0, hi - lo, bs)])[start - lo:stop - lo]
+    z = z_all[start - lo:stop - lo]
     scan = scan_block(emb, start)
     if scan["nonfinite"] or scan["zero"]:
         row = scan["first_nonfinite"] if scan["nonfinite"] else scan["first_zero"]
