@@ -513,7 +513,9 @@ class RunStore:
             try:
                 arr = group[path]
             except KeyError:
-                group.create_array(path, shape=shape, chunks=chunks, dtype=spec.dtype)
+                # Uncompressed: latents and embeddings are high-entropy floats (zstd
+                # saves < 10%) and decompression made every pass over T 4x slower.
+                group.create_array(path, shape=shape, chunks=chunks, dtype=spec.dtype, compressors=None)
                 continue
             if (
                 not isinstance(arr, zarr.Array)

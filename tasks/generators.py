@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+from numba import njit, prange
 from scipy.special import ndtr
 
 from .registry import ConfigError, Option, Registry
@@ -93,17 +94,28 @@ class IdentitySpace(Generator):
 
     def generate(self, z):
         ids = self.identity_of(z)
-        # An explicit sum over the latent axis instead of a BLAS GEMM: BLAS picks
-        # kernels by matrix shape, so a row's bits would depend on the batch it came in.
-        zr = z[:, 1:].astype(np.float32)
-        noise = zr[:, :1] * self.proj[0]
-        for k in range(1, zr.shape[1]):
-            noise += zr[:, k:k + 1] * self.proj[k]
-        noise = np.take_along_axis(noise, self.perm[ids], axis=1) * self.sign[ids]
-        return self.centres[ids] + self.spreads[ids, None] * noise
+        out = np.empty((len(z), self.dim), np.float32)
+        _identity_space_rows(np.ascontiguousarray(z, np.float32), ids, self.centres, self.proj, self.perm,
+                             self.sign, self.spreads, out)
+        return out
 
     def truth(self, z):
         return self.identity_of(z) == self.identities if self.has_truth else None
+
+
+@njit(cache=True, parallel=True)
+def _identity_space_rows(z, ids, centres, proj, perm, sign, spreads, out):
+    # One fused pass (10^7 rows must generate in seconds). Each row is summed in a
+    # fixed order with no BLAS, so its bits do not depend on the batch it came in.
+    k1 = proj.shape[0]
+    for i in prange(z.shape[0]):
+        c = ids[i]
+        for d in range(out.shape[1]):
+            col = perm[c, d]
+            acc = np.float32(0.0)
+            for k in range(k1):
+                acc += z[i, k + 1] * proj[k, col]
+            out[i, d] = centres[c, d] + spreads[c] * sign[c, d] * acc
 
 
 _world_opts = {

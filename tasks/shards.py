@@ -13,7 +13,7 @@ import numpy as np
 from .descriptors import build_descriptor
 from .errors import InputError
 from .generators import build_generator
-from .sources import scan_block
+from .sources import row_norms, scan_block
 
 
 @functools.lru_cache(maxsize=4)
@@ -42,12 +42,13 @@ def embed_rows(gen: dict, desc: dict, seed: int, set_name: str, start: int, stop
     emb = np.concatenate([descriptor.embed(generator.generate(z_all[i:i + bs]))
                           for i in range(0, hi - lo, bs)])[start - lo:stop - lo]
     z = z_all[start - lo:stop - lo]
-    scan = scan_block(emb, start)
+    norms = row_norms(emb)
+    scan = scan_block(emb, start, norms)
     if scan["nonfinite"] or scan["zero"]:
         row = scan["first_nonfinite"] if scan["nonfinite"] else scan["first_zero"]
         raise InputError(f"set {set_name}: the generator/descriptor produced an invalid embedding (NaN, Inf or all "
                          f"zero) at row {row} (seed {seed}); check the model or its inputs")
-    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = np.asarray(emb, np.float32) / norms.astype(np.float32)[:, None]
     truth = generator.truth(z)
     return z.astype(np.float32), emb, truth, scan
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numba import njit
 
 from .errors import InputError
 
@@ -39,9 +40,9 @@ class Source:
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Unit-normalised float32 rows [start, stop)."""
         x = np.asarray(self._raw(start, self.rows if stop is None else stop), dtype=np.float32)
-        n = np.linalg.norm(x, axis=1, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
-            return x / n
+            x /= row_norms(x).astype(np.float32)[:, None]
+        return x
 
     def blocks(self, start: int = 0, stop: int | None = None, block_rows: int = 65536):
         """Yield (global_offset, unit rows) over [start, stop) in blocks of block_rows."""
@@ -82,11 +83,32 @@ def open_embeddings(path: str | Path, what: str) -> Source:
     return Source(kind, str(p), int(arr.shape[0]), int(arr.shape[1]))
 
 
-def scan_block(x: np.ndarray, offset: int) -> dict:
+@njit(cache=True)
+def _row_norms(x, out):
+    for i in range(x.shape[0]):
+        acc = 0.0
+        for j in range(x.shape[1]):
+            v = np.float64(x[i, j])
+            acc += v * v
+        out[i] = np.sqrt(acc)
+
+
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """Euclidean norm of each row, accumulated in float64 in one pass (no float64 copy of x)."""
+    x = np.ascontiguousarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float32 if x.dtype == np.float16 else np.float64)
+    out = np.empty(x.shape[0], np.float64)
+    _row_norms(x, out)
+    return out
+
+
+def scan_block(x: np.ndarray, offset: int, norms: np.ndarray | None = None) -> dict:
     """Validity summary of raw rows: first non-finite row, first all-zero row, rows not unit length."""
-    x = np.asarray(x, dtype=np.float64)
-    finite = np.isfinite(x).all(axis=1)
-    norms = np.linalg.norm(np.where(finite[:, None], x, 0.0), axis=1)
+    norms = row_norms(x) if norms is None else norms
+    # A NaN or Inf anywhere in a row makes its float64 norm non-finite (float32
+    # squares cannot overflow float64), so one pass finds both kinds of bad rows.
+    finite = np.isfinite(norms)
     bad = np.flatnonzero(~finite)
     zero = np.flatnonzero(finite & (norms == 0))
     return {
