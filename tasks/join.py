@@ -20,7 +20,7 @@ Why this design
   the same bin do not serialise on a store->load dependency. A cumulative sum of
   the histogram gives the counts at every radius. Measured: ~1.5 ns per score
   on one core, so GEMM + counting take ~1.6x the GEMM alone
-  (benchmarks/bench_join_quick.py).
+  (benchmarks/bench_join.py).
 * Threads. Each worker thread does its own GEMM tiles with single-threaded BLAS
   and then counts them with a serial nogil numba kernel. Alternating between
   BLAS's thread pool and a numba prange pool was 2-5x slower on 2 cores: each
