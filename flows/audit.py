@@ -17,7 +17,7 @@ from storage.store import StoreError
 from tasks import audit_steps as steps
 from tasks import stages
 from tasks.registry import ConfigError
-from tasks.config import AuditConfig, apply_preset, finalize_sizes
+from tasks.config import AuditConfig, apply_preset, finalize_sizes, kernel_for
 from tasks.paper_test import reference_anchors, top_anchors
 from tasks.report import write_report
 from tasks.sources import Source
@@ -95,7 +95,9 @@ def audit_flow(config: dict) -> dict:
     """Prefect flow: one audit of a generator or of given embeddings (config = AuditConfig fields)."""
     cfg = AuditConfig(**config)
     try:
-        with dask_client(cfg.workers, cfg.threads_per_worker, cfg.scheduler) as client:
+        cfg.kernel = kernel_for(cfg.kernel)
+        gpus = cfg.kernel == "torch-cuda" and not cfg.scheduler
+        with dask_client(cfg.workers, cfg.threads_per_worker, cfg.scheduler, gpus=gpus) as client:
             return run_audit(cfg, client)
     except (ConfigError, StoreError) as e:
         # A Failed state (not a raise) keeps the traceback out of the log; callers get FailedRun(message).

@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tasks.config import PRESETS, AuditConfig, apply_preset, finalize_sizes, parse_radii
+from tasks.config import PRESETS, AuditConfig, apply_preset, finalize_sizes, kernel_for, parse_radii
 from tasks.registry import ConfigError, parse_kv
 
 
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--shard-rows", type=_count, default=100_000, help="rows per generation shard")
     ex.add_argument("--store-dtype", default="float16", choices=["float16", "float32"],
                     help="embedding storage dtype (statistics are computed in float32/float64)")
-    ex.add_argument("--kernel", default="fast", choices=["fast", "reference"], help="range-join kernel")
+    ex.add_argument("--kernel", default="auto", choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda"],
+                    help="range-join kernel: auto = torch-cuda on a GPU machine, else fast (numba)")
 
     sub.add_parser("list", help="list generators and descriptors with their options")
     return p
@@ -103,6 +104,7 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
     from tasks import audit_steps as steps
     from tasks.config import validate_settings
     validate_settings(cfg)
+    kernel_for(cfg.kernel)
     if cfg.generator:
         cfg = apply_preset(cfg)
         cfg = finalize_sizes(cfg, cfg.m, cfg.M)

@@ -21,8 +21,13 @@ def _cores() -> int:
 
 
 @contextlib.contextmanager
-def dask_client(workers: int = 1, threads_per_worker: int | None = None, scheduler: str | None = None):
-    """Yield a distributed.Client for the run; a local cluster is torn down afterwards."""
+def dask_client(workers: int = 1, threads_per_worker: int | None = None, scheduler: str | None = None,
+                gpus: bool = False):
+    """Yield a distributed.Client for the run; a local cluster is torn down afterwards.
+
+    gpus=True starts dask_cuda.LocalCUDACluster: one worker per visible GPU, each
+    pinned to its device through CUDA_VISIBLE_DEVICES (imported only then).
+    """
     import dask
     from distributed import Client, LocalCluster
 
@@ -32,6 +37,16 @@ def dask_client(workers: int = 1, threads_per_worker: int | None = None, schedul
             yield client
         finally:
             client.close()
+        return
+    if gpus:
+        from dask_cuda import LocalCUDACluster
+        cluster = LocalCUDACluster(threads_per_worker=1, dashboard_address=None, memory_limit=0)
+        client = Client(cluster)
+        try:
+            yield client
+        finally:
+            client.close()
+            cluster.close()
         return
     tpw = threads_per_worker or max(1, _cores() // max(1, workers))
     env = {k: str(tpw) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")}

@@ -53,7 +53,7 @@ class AuditConfig:
     workers: int = 2
     threads_per_worker: int | None = None
     scheduler: str | None = None
-    kernel: str = "fast"
+    kernel: str = "auto"
     overwrite: bool = False
 
     def to_dict(self) -> dict:
@@ -120,14 +120,24 @@ def validate_settings(c: AuditConfig) -> None:
         raise ConfigError(f"radius {bad} is outside (0, 1); distances are normalised to [0, 1], pick radii inside")
     if np.any(np.diff(r) <= 0):
         raise ConfigError("radii must be strictly increasing (e.g. --radii 0.1:0.5:0.01)")
-    if c.kernel not in ("fast", "reference"):
-        raise ConfigError(f"kernel={c.kernel!r}; choose fast or reference")
+    from .backend import KERNELS
+    if c.kernel not in KERNELS:
+        raise ConfigError(f"kernel={c.kernel!r}; choose one of: {', '.join(KERNELS)}")
     if c.store_dtype not in ("float16", "float32"):
         raise ConfigError(f"store dtype {c.store_dtype!r}; choose float16 or float32")
     if (c.generator is None) == (c.embeddings_s is None and c.embeddings_t is None):
         raise ConfigError("give either --generator SPEC or both --embeddings-s and --embeddings-t")
     if c.generator is None and (c.embeddings_s is None or c.embeddings_t is None):
         raise ConfigError("--embeddings-s and --embeddings-t go together; give both files")
+
+
+def kernel_for(kernel: str) -> str:
+    """The concrete kernel ("auto" resolved on this machine), or a ConfigError saying what to use instead."""
+    from .backend import resolve_kernel
+    try:
+        return resolve_kernel(kernel)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_radii(text: str) -> tuple:

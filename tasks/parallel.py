@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import join
+from . import backend
 from .sources import Source, merge_scans, scan_block
 
 REDUCE_ROWS = 65536
@@ -31,12 +31,12 @@ def _group(ranges, n_tasks):
 
 
 def _counts_task(anchors, anchor_ids, source: Source, ranges, radii, kernel):
-    return [join.range_counts(anchors, [(lo, source.read(lo, hi))], radii, anchor_ids=anchor_ids, kernel=kernel)
+    return [backend.range_counts(anchors, [(lo, source.read(lo, hi))], radii, anchor_ids=anchor_ids, kernel=kernel)
             for lo, hi in ranges]
 
 
 def _sums_task(anchors, anchor_ids, source: Source, ranges, theta, kernel):
-    return [join.mccs_sums(anchors, [(lo, source.read(lo, hi))], theta, anchor_ids=anchor_ids, kernel=kernel)
+    return [backend.mccs_sums(anchors, [(lo, source.read(lo, hi))], theta, anchor_ids=anchor_ids, kernel=kernel)
             for lo, hi in ranges]
 
 

@@ -39,7 +39,8 @@ class Source:
 
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Unit-normalised float32 rows [start, stop)."""
-        x = np.asarray(self._raw(start, self.rows if stop is None else stop), dtype=np.float32)
+        # A copy: memory-mapped user files are read-only, and normalising is in place.
+        x = np.array(self._raw(start, self.rows if stop is None else stop), dtype=np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             x /= row_norms(x).astype(np.float32)[:, None]
         return x
