@@ -1,0 +1,103 @@
+"""The one place that chooses the compute backend of the range-join / MCCS kernels.
+
+Kernels:
+  "fast"        numba, float32 GEMM + exact float64 correction (tasks/join.py)
+  "reference"   float64 brute force per block (tasks/join.py; tests, small sets)
+  "torch-cpu"   the torch kernels on the CPU (tasks/join_torch.py; for tests:
+                "fast" is quicker on a CPU)
+  "torch-cuda"  the torch kernels on the current CUDA device
+  "auto"        "torch-cuda" when a CUDA GPU is usable, else "fast"
+All of them return the same counts (exactly) and the same sums (to float64
+rounding) for the same inputs.
+
+Importing this module never imports torch or cupy; gpu_available() does so
+only on a machine that has NVIDIA device nodes, so CPU-only runs never pay for
+(or depend on) a torch import.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import numpy as np
+
+from . import join
+
+__all__ = ["KERNELS", "gpu_available", "resolve_kernel", "range_counts", "mccs_sums"]
+
+KERNELS = ("auto", "fast", "reference", "torch-cpu", "torch-cuda")
+
+_NVIDIA_NODES = ("/dev/nvidiactl", "/dev/nvidia0")
+
+
+def _has_nvidia_device_node() -> bool:
+    return any(os.path.exists(p) for p in _NVIDIA_NODES)
+
+
+def _torch_installed() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_available() -> bool:
+    """True iff an NVIDIA device node exists and torch sees a CUDA device.
+
+    Without /dev/nvidiactl or /dev/nvidia0 this returns False without importing
+    torch or cupy. With them, torch decides (torch.cuda.is_available(), which
+    also honours CUDA_VISIBLE_DEVICES); without torch, cupy is asked; with
+    neither there is no GPU kernel to run, so False. Cached per process.
+    """
+    if not _has_nvidia_device_node():
+        return False
+    if _torch_installed():
+        try:
+            import torch
+        except Exception:  # noqa: BLE001 - a broken torch install means no torch kernels
+            return False
+        return bool(torch.cuda.is_available())
+    if importlib.util.find_spec("cupy") is not None:
+        try:
+            import cupy
+            return cupy.cuda.runtime.getDeviceCount() > 0
+        except Exception:  # noqa: BLE001 - no driver, no device
+            return False
+    return False
+
+
+def resolve_kernel(kernel: str) -> str:
+    """The concrete kernel for a requested one: "auto" becomes "torch-cuda" when
+    gpu_available() and "fast" otherwise; the others are checked and returned.
+    ValueError for an unknown name, for "torch-cuda" without a GPU and for the
+    torch kernels without torch."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if kernel == "auto":
+        return "torch-cuda" if gpu_available() else "fast"
+    if kernel == "torch-cuda" and not gpu_available():
+        raise ValueError("kernel 'torch-cuda' requested but no CUDA GPU visible; use --kernel fast")
+    if kernel == "torch-cpu" and not _torch_installed():
+        raise ValueError("kernel 'torch-cpu' needs torch, which is not installed; use --kernel fast")
+    return kernel
+
+
+def _torch_device(kernel: str) -> str:
+    return "cuda" if kernel == "torch-cuda" else "cpu"
+
+
+def range_counts(anchors, blocks, radii, *, anchor_ids=None, kernel: str = "fast") -> np.ndarray:
+    """Neighbour counts, int64 (a, R), with the chosen kernel; see join.range_counts."""
+    k = resolve_kernel(kernel)
+    if k in ("fast", "reference"):
+        return join.range_counts(anchors, blocks, radii, anchor_ids=anchor_ids, kernel=k)
+    from . import join_torch
+    return join_torch.range_counts_torch(anchors, blocks, radii, anchor_ids=anchor_ids, device=_torch_device(k))
+
+
+def mccs_sums(anchors, blocks, theta, *, anchor_ids=None, kernel: str = "fast") -> np.ndarray:
+    """MCCS sums, float64 (a,), with the chosen kernel; see join.mccs_sums."""
+    k = resolve_kernel(kernel)
+    if k in ("fast", "reference"):
+        return join.mccs_sums(anchors, blocks, theta, anchor_ids=anchor_ids, kernel=k)
+    from . import join_torch
+    return join_torch.mccs_sums_torch(anchors, blocks, theta, anchor_ids=anchor_ids, device=_torch_device(k))
