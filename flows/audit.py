@@ -50,8 +50,8 @@ def run_audit(cfg: AuditConfig, client) -> dict:
             store = stages.open_store(cfg, gen, desc)
         with t("generate"):
             gen_stats = {s: stages.generate_set(client, store, s, gen, desc, cfg.seed) for s in ("S", "T")}
-        S, T = (Source("store", str(store.root), store.layout(s).rows, store.array(s, "emb").shape[1], s)
-                for s in ("S", "T"))
+        S, T = (Source("store", str(store.root), store.layout(s).rows, store.array(s, "emb").shape[1], s,
+                       dtype=str(store.array(s, "emb").dtype)) for s in ("S", "T"))
         scans = {s: steps.set_scan(store, s) for s in ("S", "T")}
         source = {"kind": "generator", "generator": cfg.generator, "generator_options": gen["options"],
                   "descriptor": desc["spec"], "descriptor_options": desc["options"], "seed": cfg.seed,
@@ -66,15 +66,15 @@ def run_audit(cfg: AuditConfig, client) -> dict:
         source = {"kind": "embeddings", "generator": None, "descriptor": None, "seed": cfg.seed,
                   "embeddings_s": os.path.abspath(cfg.embeddings_s), "embeddings_t": os.path.abspath(cfg.embeddings_t)}
 
+    S_rows = S.read()  # m rows: held once, anchors are picked from it
     with t("self_join"):
-        counts = stages.self_join(client, S, cfg.d0, cfg.kernel)
+        counts = stages.self_join(client, S_rows, S, cfg.d0, cfg.kernel)
     r_obs = top_anchors(counts, cfg.p)
     r_ref = reference_anchors(cfg.seed, cfg.m, cfg.q)
     with t("curves"):
-        curves = stages.anchor_curves(client, S, T, np.concatenate([r_obs, r_ref]), cfg.radii, cfg.kernel)
+        curves = stages.anchor_curves(client, S_rows[np.concatenate([r_obs, r_ref])], T, cfg.radii, cfg.kernel)
     with t("mccs"):
-        mccs = stages.mccs_values(client, S, T, np.concatenate([np.arange(cfg.n_a), r_obs[:1]]),
-                                  cfg.n_c, cfg.theta, cfg.kernel)
+        mccs = stages.mccs_values(client, S_rows[np.r_[0:cfg.n_a, r_obs[0]]], T, cfg.n_c, cfg.theta, cfg.kernel)
     truth = None
     if cfg.generator and "planted" in {a.kind for a in store.layout("S").arrays}:
         planted = store.read("S", "planted")

@@ -12,7 +12,7 @@ import numpy as np
 from . import parallel
 from .config import AuditConfig
 from .errors import InputError
-from .paper_test import paper_test, population_mccs, reference_anchors, top_anchors
+from .paper_test import paper_test, population_mccs
 from .join import mccs_from_sums
 from .shards import generate_shard, models
 from .sources import Source, check_scan, merge_scans, open_embeddings
@@ -103,32 +103,21 @@ def validate_source(client, source: Source, what: str) -> dict:
     return scan
 
 
-def self_join(client, S: Source, d0: float, kernel: str) -> np.ndarray:
-    """N(I, S minus I, d0) for every row I of S (self excluded by index)."""
-    anchors = S.read()
-    counts = parallel.range_counts(client, anchors, S, [d0], anchor_ids=np.arange(S.rows), kernel=kernel)
+def self_join(client, S_rows: np.ndarray, S: Source, d0: float, kernel: str) -> np.ndarray:
+    """N(I, S minus I, d0) for every row I of S (self excluded by index); S_rows = S.read()."""
+    counts = parallel.range_counts(client, S_rows, S, [d0], anchor_ids=np.arange(S.rows), kernel=kernel)
     return counts[:, 0]
 
 
-def anchor_curves(client, S: Source, T: Source, rows: np.ndarray, radii, kernel: str) -> np.ndarray:
-    """N(anchor, T, d) for the given rows of S and every radius, int64 (len(rows), R)."""
-    anchors = np.stack([S.read(int(i), int(i) + 1)[0] for i in rows])
+def anchor_curves(client, anchors: np.ndarray, T: Source, radii, kernel: str) -> np.ndarray:
+    """N(anchor, T, d) for every anchor row and radius, int64 (len(anchors), R)."""
     return parallel.range_counts(client, anchors, T, radii, kernel=kernel)
 
 
-def mccs_values(client, S: Source, T: Source, rows: np.ndarray, n_c: int, theta: float, kernel: str) -> np.ndarray:
-    """MCCS of the given S rows over C = T[:n_c] (S and T are disjoint draws, so no self pair)."""
-    anchors = S.read(0, 0) if len(rows) == 0 else np.concatenate([S.read(int(lo), int(hi)) for lo, hi in _runs(rows)])
+def mccs_values(client, anchors: np.ndarray, T: Source, n_c: int, theta: float, kernel: str) -> np.ndarray:
+    """MCCS of anchor rows over C = T[:n_c] (anchors come from S, a draw disjoint from T: no self pair)."""
     sums = parallel.mccs_sums(client, anchors, T, theta, stop=n_c, kernel=kernel)
     return mccs_from_sums(sums, n_c)
-
-
-def _runs(rows):
-    # Contiguous runs of row indices, so A = S[:n_a] is one read.
-    rows = np.asarray(rows)
-    cuts = np.flatnonzero(np.diff(rows) != 1) + 1
-    for chunk in np.split(rows, cuts):
-        yield chunk[0], chunk[-1] + 1
 
 
 def assemble_result(cfg: AuditConfig, *, source: dict, self_counts, r_obs, r_ref, curves, mccs_a, mccs_worst,

@@ -49,14 +49,14 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-import numba
 import numpy as np
 from numba import njit
+
+from .threads import compute_threads
 
 __all__ = [
     "DEFAULT_RADII",
@@ -451,11 +451,7 @@ def _mccs_rows(sims, sums, row0, col_local, col_global, ids,
 
 
 def _n_workers() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    return compute_threads()
 
 
 class _Lut:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import functools
 import json
 
+import numba
 import numpy as np
 
 from .descriptors import build_descriptor
 from .errors import InputError
 from .generators import build_generator
 from .sources import row_norms, scan_block
+from .threads import compute_threads
 
 
 @functools.lru_cache(maxsize=4)
@@ -30,6 +32,7 @@ def models(gen: dict, desc: dict):
 def embed_rows(gen: dict, desc: dict, seed: int, set_name: str, start: int, stop: int):
     """Latents, unit embeddings, ground truth and a validity scan for rows [start, stop) of a set."""
     generator, descriptor = models(gen, desc)
+    numba.set_num_threads(min(compute_threads(), numba.config.NUMBA_NUM_THREADS))
     if generator.sample_kind == "image" and "image" not in descriptor.accepts:
         raise InputError(f"generator {gen['spec']!r} makes images but descriptor {desc['spec']!r} takes embeddings; "
                          "pass an image descriptor with --descriptor (e.g. torch:tiny-cnn or torchscript:PATH)")

@@ -27,6 +27,11 @@ class Source:
     rows: int
     dim: int
     set_name: str = ""   # for kind == "store"
+    # Rows are handed to the kernels in this dtype. float16 stores give float16
+    # unit rows (normalised in float32, then rounded), which GPU kernels multiply
+    # on tensor cores with float32 accumulation; all kernels are exact with
+    # respect to the rows they are given, so every backend counts the same.
+    dtype: str = "float32"
 
     def _raw(self, start: int, stop: int) -> np.ndarray:
         if self.kind == "store":
@@ -38,12 +43,12 @@ class Source:
         return zarr.open_array(self.path, mode="r")[start:stop]
 
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Unit-normalised float32 rows [start, stop)."""
+        """Unit-normalised rows [start, stop), in self.dtype."""
         # A copy: memory-mapped user files are read-only, and normalising is in place.
         x = np.array(self._raw(start, self.rows if stop is None else stop), dtype=np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             x /= row_norms(x).astype(np.float32)[:, None]
-        return x
+        return x if self.dtype == "float32" else x.astype(self.dtype)
 
     def blocks(self, start: int = 0, stop: int | None = None, block_rows: int = 65536):
         """Yield (global_offset, unit rows) over [start, stop) in blocks of block_rows."""
