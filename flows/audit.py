@@ -51,7 +51,7 @@ def run_audit(cfg: AuditConfig, client) -> dict:
         with t("generate"):
             gen_stats = {s: stages.generate_set(client, store, s, gen, desc, cfg.seed) for s in ("S", "T")}
         S, T = (Source("store", str(store.root), store.layout(s).rows, store.array(s, "emb").shape[1], s,
-                       dtype=str(store.array(s, "emb").dtype)) for s in ("S", "T"))
+                       dtype=str(store.array(s, "emb").dtype), stored_unit=True) for s in ("S", "T"))
         scans = {s: steps.set_scan(store, s) for s in ("S", "T")}
         source = {"kind": "generator", "generator": cfg.generator, "generator_options": gen["options"],
                   "descriptor": desc["spec"], "descriptor_options": desc["options"], "seed": cfg.seed,

@@ -32,6 +32,10 @@ class Source:
     # on tensor cores with float32 accumulation; all kernels are exact with
     # respect to the rows they are given, so every backend counts the same.
     dtype: str = "float32"
+    # True when the rows were normalised before they were stored (the run store's
+    # generated embeddings): they are used exactly as stored, the float16 rounding
+    # included, and reading is a plain copy (renormalising cost more than the join).
+    stored_unit: bool = False
 
     def _raw(self, start: int, stop: int) -> np.ndarray:
         if self.kind == "store":
@@ -44,8 +48,11 @@ class Source:
 
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Unit-normalised rows [start, stop), in self.dtype."""
+        stop = self.rows if stop is None else stop
+        if self.stored_unit:
+            return np.asarray(self._raw(start, stop), dtype=self.dtype)
         # A copy: memory-mapped user files are read-only, and normalising is in place.
-        x = np.array(self._raw(start, self.rows if stop is None else stop), dtype=np.float32)
+        x = np.array(self._raw(start, stop), dtype=np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             x /= row_norms(x).astype(np.float32)[:, None]
         return x if self.dtype == "float32" else x.astype(self.dtype)
