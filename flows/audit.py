@@ -17,9 +17,11 @@ from storage.store import StoreError
 from tasks import audit_steps as steps
 from tasks import stages
 from tasks.registry import ConfigError
-from tasks.config import AuditConfig, apply_preset, finalize_sizes, kernel_for
+from tasks import stat_steps as stats
+from tasks.config import AuditConfig, apply_preset, finalize_sizes, kernel_for, tests_for
 from tasks.paper_test import reference_anchors, top_anchors
 from tasks.report import write_report
+from tasks.report_stats import stats_sections
 from tasks.sources import Source
 
 from .cluster import dask_client
@@ -37,25 +39,33 @@ class _OneLineUserErrors(logging.Filter):
 logging.getLogger("prefect.task_runs").addFilter(_OneLineUserErrors())
 
 
-def run_audit(cfg: AuditConfig, client) -> dict:
-    """Run every stage of one audit on a Dask client and write DIR/report.html and DIR/result.json."""
-    out = Path(cfg.out)
-    (out / "result.json").unlink(missing_ok=True)  # a stale result must never look like this run's
-    t = steps.Timer()
+def _store_source(store, name: str) -> Source:
+    emb = store.array(name, "emb")
+    return Source("store", str(store.root), store.layout(name).rows, emb.shape[1], name, dtype=str(emb.dtype),
+                  stored_unit=True)
+
+
+def prepare(cfg: AuditConfig, client, t):
+    """Samples in place: generated into the store (resuming), or user embeddings validated. Returns the sources."""
+    ref = None
     if cfg.generator:
         cfg = apply_preset(cfg)
         cfg = finalize_sizes(cfg, cfg.m, cfg.M)
         gen, desc = steps.model_specs(cfg)
+        ref_gen = steps.reference_spec(cfg)
         with t("open_store"):
-            store = stages.open_store(cfg, gen, desc)
+            store = stages.open_store(cfg, gen, desc, ref_gen)
         with t("generate"):
-            gen_stats = {s: stages.generate_set(client, store, s, gen, desc, cfg.seed) for s in ("S", "T")}
-        S, T = (Source("store", str(store.root), store.layout(s).rows, store.array(s, "emb").shape[1], s,
-                       dtype=str(store.array(s, "emb").dtype), stored_unit=True) for s in ("S", "T"))
+            shards = {s: stages.generate_set(client, store, s, gen, desc, cfg.seed) for s in ("S", "T")}
+            if ref_gen:
+                shards["R"] = stages.generate_set(client, store, "R", ref_gen, desc, cfg.seed)
+        S, T = _store_source(store, "S"), _store_source(store, "T")
+        ref = _store_source(store, "R") if ref_gen else None
         scans = {s: steps.set_scan(store, s) for s in ("S", "T")}
         source = {"kind": "generator", "generator": cfg.generator, "generator_options": gen["options"],
                   "descriptor": desc["spec"], "descriptor_options": desc["options"], "seed": cfg.seed,
-                  "embeddings_s": None, "embeddings_t": None, "shards": gen_stats}
+                  "embeddings_s": None, "embeddings_t": None, "shards": shards,
+                  "reference_generator": ref_gen}
     else:
         S, T = steps.embedding_sources(cfg)
         cfg = finalize_sizes(cfg, S.rows, T.rows)
@@ -65,7 +75,23 @@ def run_audit(cfg: AuditConfig, client) -> dict:
                      "T": stages.validate_source(client, T, "--embeddings-t")}
         source = {"kind": "embeddings", "generator": None, "descriptor": None, "seed": cfg.seed,
                   "embeddings_s": os.path.abspath(cfg.embeddings_s), "embeddings_t": os.path.abspath(cfg.embeddings_t)}
+    if cfg.reference:
+        ref = steps.reference_source(cfg, S)
+        with t("validate"):
+            scans["reference"] = stages.validate_source(client, ref, "--reference")
+        source["reference"] = os.path.abspath(cfg.reference)
+    return cfg, store, S, T, ref, scans, source
 
+
+def run_audit(cfg: AuditConfig, client) -> dict:
+    """Run every stage of one audit on a Dask client and write DIR/report.html and DIR/result.json."""
+    out = Path(cfg.out)
+    (out / "result.json").unlink(missing_ok=True)  # a stale result must never look like this run's
+    t = steps.Timer()
+    cfg, store, S, T, ref, scans, source = prepare(cfg, client, t)
+    tests = tests_for(cfg)
+
+    # The paper: dense-mode search in S, curves in T, MCCS over A x C.
     S_rows = S.read()  # m rows: held once, anchors are picked from it
     with t("self_join"):
         counts = stages.self_join(client, S_rows, S, cfg.d0, cfg.kernel)
@@ -75,17 +101,42 @@ def run_audit(cfg: AuditConfig, client) -> dict:
         curves = stages.anchor_curves(client, S_rows[np.concatenate([r_obs, r_ref])], T, cfg.radii, cfg.kernel)
     with t("mccs"):
         mccs = stages.mccs_values(client, S_rows[np.r_[0:cfg.n_a, r_obs[0]]], T, cfg.n_c, cfg.theta, cfg.kernel)
-    truth = None
-    if cfg.generator and "planted" in {a.kind for a in store.layout("S").arrays}:
-        planted = store.read("S", "planted")
-        truth = {"worst_case_is_planted": bool(planted[r_obs[0]]), "planted_fraction_S": float(planted.mean()),
-                 "r_obs_planted": [bool(planted[i]) for i in r_obs]}
+    planted = store.read("S", "planted") if cfg.generator and "planted" in {
+        a.kind for a in store.layout("S").arrays} else None
+    truth = None if planted is None else {
+        "worst_case_is_planted": bool(planted[r_obs[0]]), "planted_fraction_S": float(planted.mean()),
+        "r_obs_planted": [bool(planted[i]) for i in r_obs]}
     result = steps.assemble_result(cfg, source=source, self_counts=counts, r_obs=r_obs, r_ref=r_ref, curves=curves,
                                    mccs_a=mccs[:-1], mccs_worst=mccs[-1], scans=scans, truth=truth, timings=t.times)
+
+    # Beyond the paper: tests with a controlled error rate, distinct modes, sampling efficiency.
+    modes = stats.dense_modes(S_rows, counts, cfg.modes, cfg.d0)
+    result["modes"] = [{"s_index": int(i), "count_d0": int(counts[i]),
+                        **({"planted": bool(planted[i])} if planted is not None else {})} for i in modes]
+    if "erl" in tests:
+        result["tests"]["erl"] = stats.erl(curves[0], curves[cfg.p:], cfg.alpha)
+    if "selection" in tests:
+        with t("selection"):
+            result["tests"]["selection"] = stages.selection(
+                S_rows, T, m_sel=cfg.selection_m, n_t=cfg.selection_t, null=steps.null_sampler(cfg, S_rows, ref),
+                d0=cfg.d0, radii=cfg.radii, replicates=cfg.null_replicates, alpha=cfg.alpha, kernel=cfg.kernel)
+    if "two_sample" in tests:
+        with t("two_sample"):
+            result["tests"]["two_sample"] = stages.two_sample(client, S_rows, modes, T, ref, cfg.d0, cfg.alpha,
+                                                               cfg.kernel)
+    if cfg.efficiency:
+        with t("efficiency"):
+            result["sampling_efficiency"] = stages.efficiency(
+                client, S_rows, T, worst=int(r_obs[0]), random_anchor=int(r_ref[0]), self_counts=counts,
+                mccs_a=mccs[:-1], n_c=cfg.n_c, theta=cfg.theta, d0=cfg.d0, kernel=cfg.kernel, planted=planted)
+    result["settings"]["tests"] = list(tests)
+    result = steps.json_safe(result)
+
     store.write_array("results/self_counts", counts)
     store.write_array("results/curves", curves)
     store.write_array("results/mccs_A", mccs[:-1])
-    write_report(out, result, obs_curves=curves[:cfg.p], ref_curves=curves[cfg.p:], mccs_values=mccs[:-1])
+    write_report(out, result, obs_curves=curves[:cfg.p], ref_curves=curves[cfg.p:], mccs_values=mccs[:-1],
+                 extra_sections=stats_sections(result))
     store.write_json("result.json", result)  # last: its presence means the audit completed
     return result
 

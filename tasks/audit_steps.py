@@ -36,27 +36,46 @@ def model_specs(cfg: AuditConfig) -> tuple[dict, dict]:
     return gen, desc
 
 
-def store_layouts(cfg: AuditConfig, gen: dict, desc: dict):
-    """Zarr layouts of S and T for a generator run (embedding width from one probe row)."""
-    from storage.store import ArraySpec, SetLayout
+def _arrays(cfg: AuditConfig, gen: dict, desc: dict):
+    from storage.store import ArraySpec
     from .shards import embed_rows
     generator, _ = models(gen, desc)
     z, emb, truth, _ = embed_rows(gen, desc, cfg.seed, "probe", 0, 1)
     arrays = [ArraySpec("latents", "float32", generator.latent_dim), ArraySpec("emb", cfg.store_dtype, emb.shape[1])]
     if truth is not None:
         arrays.append(ArraySpec("planted", "bool", None))
-    return [SetLayout(name, rows, min(cfg.shard_rows, rows), tuple(arrays))
-            for name, rows in (("S", cfg.m), ("T", cfg.M))]
+    return tuple(arrays)
 
 
-def open_store(cfg: AuditConfig, gen: dict, desc: dict):
+def store_layouts(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = None):
+    """Zarr layouts of S and T (and R, the reference generator's draw) for a generator run."""
+    from storage.store import SetLayout
+    arrays = _arrays(cfg, gen, desc)
+    out = [SetLayout(name, rows, min(cfg.shard_rows, rows), arrays) for name, rows in (("S", cfg.m), ("T", cfg.M))]
+    if ref_gen is not None:
+        out.append(SetLayout("R", cfg.n_ref, min(cfg.shard_rows, cfg.n_ref), _arrays(cfg, ref_gen, desc)))
+    return out
+
+
+def reference_spec(cfg: AuditConfig) -> dict | None:
+    """{spec, options} of --reference-generator, validated (None without one)."""
+    if not cfg.reference_generator:
+        return None
+    from .generators import GENERATORS
+    return {"spec": cfg.reference_generator,
+            "options": GENERATORS.resolve_options(cfg.reference_generator, cfg.reference_generator_options)}
+
+
+def open_store(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = None):
     """Create or resume the run store; its fingerprint is what decides whether shards can be reused."""
     from storage.store import RunStore
     from .shards import models as _m
     generator, descriptor = _m(gen, desc)
     fp = {"generator": generator.fingerprint(), "descriptor": descriptor.fingerprint(), "seed": cfg.seed,
           "store_dtype": cfg.store_dtype, "modeaudit_store": 1}
-    return RunStore.create_or_open(cfg.out, fp, store_layouts(cfg, gen, desc))
+    if ref_gen is not None:
+        fp["reference_generator"] = _m(ref_gen, desc)[0].fingerprint()
+    return RunStore.create_or_open(cfg.out, fp, store_layouts(cfg, gen, desc, ref_gen))
 
 
 def open_result_store(cfg: AuditConfig, S: Source, T: Source):
@@ -96,6 +115,30 @@ def embedding_sources(cfg: AuditConfig) -> tuple[Source, Source]:
     return s, t
 
 
+def reference_source(cfg: AuditConfig, S: Source) -> Source:
+    """--reference embeddings as a source, width checked against S."""
+    ref = open_embeddings(cfg.reference, "--reference")
+    if ref.dim != S.dim:
+        raise InputError(f"--reference rows have width {ref.dim} but S rows have width {S.dim}; embed the reference "
+                         "set with the same descriptor")
+    return ref
+
+
+def null_sampler(cfg: AuditConfig, S_rows: np.ndarray, ref: Source | None):
+    """The selection test's null: the reference set when there is one, else the parametric surrogate."""
+    from .selection import gaussian_surrogate, pool_sampler
+    need = cfg.selection_m + cfg.selection_t
+    if ref is None:
+        return gaussian_surrogate(S_rows[:cfg.selection_m], cfg.seed)
+    if ref.rows < need:
+        raise InputError(f"the reference set has {ref.rows} rows; the selection test draws selection_m + "
+                         f"selection_t = {need} per replicate: pass a larger reference or lower --selection-t")
+    # A pool a few times larger than one replicate keeps replicates nearly independent.
+    pool = ref.read(0, min(ref.rows, max(4 * need, 200_000)))
+    what = "reference generator" if cfg.reference_generator else "reference set"
+    return pool_sampler(pool, cfg.seed, f"{what}: worst cases of disjoint random draws from it")
+
+
 def validate_source(client, source: Source, what: str) -> dict:
     """Full validity scan of user embeddings; raises InputError on NaN/Inf or all-zero rows."""
     scan = parallel.scan(client, source)
@@ -118,6 +161,19 @@ def mccs_values(client, anchors: np.ndarray, T: Source, n_c: int, theta: float, 
     """MCCS of anchor rows over C = T[:n_c] (anchors come from S, a draw disjoint from T: no self pair)."""
     sums = parallel.mccs_sums(client, anchors, T, theta, stop=n_c, kernel=kernel)
     return mccs_from_sums(sums, n_c)
+
+
+def json_safe(obj):
+    """Strict JSON: +-inf and NaN become null (envelopes are -inf below for one-sided tests)."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    return obj
 
 
 def assemble_result(cfg: AuditConfig, *, source: dict, self_counts, r_obs, r_ref, curves, mccs_a, mccs_worst,

@@ -55,6 +55,17 @@ class AuditConfig:
     scheduler: str | None = None
     kernel: str = "auto"
     overwrite: bool = False
+    # Statistics beyond the paper (docs/statistics.md).
+    tests: str | None = None           # default: paper,erl,selection (+ two_sample with a reference)
+    reference: str | None = None       # reference embeddings (real data or a baseline checkpoint)
+    reference_generator: str | None = None
+    reference_generator_options: dict = field(default_factory=dict)
+    n_ref: int | None = None           # rows drawn from --reference-generator (default min(M, 1e6))
+    null_replicates: int = 99
+    selection_m: int | None = None     # the selection test re-selects on S[:selection_m] (default min(m, 1e4))
+    selection_t: int | None = None     # ... and counts in T[:selection_t] (default min(M, 1e5))
+    modes: int = 10                    # top-k distinct dense modes (two-sample test, report)
+    efficiency: bool = True            # sampling-efficiency curves
 
     def to_dict(self) -> dict:
         """Plain-JSON view (radii as a list)."""
@@ -91,7 +102,12 @@ def finalize_sizes(cfg: AuditConfig, m: int, M: int) -> AuditConfig:
     c.q = min(pre["q"], m) if c.q is None else c.q
     c.n_a = min(pre["n_a"], m) if c.n_a is None else c.n_a
     c.n_c = min(pre["n_c"], M) if c.n_c is None else c.n_c
-    for name in ("p", "q", "n_a", "n_c", "shard_rows", "workers"):
+    c.selection_m = min(m, 10_000) if c.selection_m is None else c.selection_m
+    c.selection_t = min(M, 100_000) if c.selection_t is None else c.selection_t
+    # Enough reference rows for the two-sample counts and for two disjoint selection-test draws.
+    c.n_ref = max(min(M, 1_000_000), 2 * (c.selection_m + c.selection_t)) if c.n_ref is None else c.n_ref
+    for name in ("p", "q", "n_a", "n_c", "shard_rows", "workers", "selection_m", "selection_t", "n_ref",
+                 "null_replicates", "modes"):
         v = getattr(c, name)
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{name}={v} must be a positive whole number")
@@ -103,7 +119,16 @@ def finalize_sizes(cfg: AuditConfig, m: int, M: int) -> AuditConfig:
         raise ConfigError(f"|A|={c.n_a} is larger than m=|S|={m}; A is taken from S, choose --anchors <= m")
     if c.n_c > M:
         raise ConfigError(f"|C|={c.n_c} is larger than M=|T|={M}; C is taken from T, choose --mccs-set <= M")
+    if c.selection_m > m or c.selection_t > M:
+        raise ConfigError(f"--selection-m {c.selection_m} / --selection-t {c.selection_t} exceed |S|={m} / |T|={M}")
     validate_settings(c)
+    if "selection" in tests_for(c) and (c.null_replicates + 1) * c.alpha < 1:
+        raise ConfigError(f"--null-replicates {c.null_replicates} is too few for alpha={c.alpha}: the smallest "
+                          f"p-value is 1/(B+1); use at least {int(np.ceil(1 / c.alpha)) - 1}")
+    if "erl" in tests_for(c) and (c.q + 1) * c.alpha < 1:
+        raise ConfigError(f"q={c.q} reference anchors are too few for the erl test at alpha={c.alpha}: it needs "
+                          f"(q + 1) * alpha >= 1; use --q {int(np.ceil(1 / c.alpha)) - 1} or more, or leave erl out "
+                          "of --tests")
     return c
 
 
@@ -127,8 +152,25 @@ def validate_settings(c: AuditConfig) -> None:
         raise ConfigError(f"store dtype {c.store_dtype!r}; choose float16 or float32")
     if (c.generator is None) == (c.embeddings_s is None and c.embeddings_t is None):
         raise ConfigError("give either --generator SPEC or both --embeddings-s and --embeddings-t")
+    from .stat_steps import parse_tests
+    tests = parse_tests(c.tests) if c.tests else ()
+    if "two_sample" in tests and not (c.reference or c.reference_generator):
+        raise ConfigError("the two_sample test needs a reference set: pass --reference EMBEDDINGS or "
+                          "--reference-generator SPEC")
+    if c.reference and c.reference_generator:
+        raise ConfigError("give --reference or --reference-generator, not both")
     if c.generator is None and (c.embeddings_s is None or c.embeddings_t is None):
         raise ConfigError("--embeddings-s and --embeddings-t go together; give both files")
+
+
+def tests_for(c: AuditConfig) -> tuple:
+    """The tests to run: --tests, or paper, erl, selection (+ two_sample when a reference set is given)."""
+    from .stat_steps import parse_tests
+    if c.tests:
+        return parse_tests(c.tests)
+    # The ERL p-value has resolution 1/(q+1): with too few reference anchors it is left out by default.
+    erl = ("erl",) if c.q is None or (c.q + 1) * c.alpha >= 1 else ()
+    return ("paper",) + erl + ("selection",) + (("two_sample",) if (c.reference or c.reference_generator) else ())
 
 
 def kernel_for(kernel: str) -> str:

@@ -36,12 +36,18 @@ __all__ = ["write_report", "figure_to_base64_png", "render_report_html",
 # must not be shown as "collapse detected": the paper's band test compares a selected
 # maximum against random anchors pointwise at every radius, so it fires on any
 # smooth density peak even with no collapse at all.
-UNCONTROLLED_TESTS = frozenset({"paper"})
+UNCONTROLLED_TESTS = frozenset({"paper", "erl"})
 
 _TEST_NOTES = {
     "paper": ("Seed paper's band test. Its error rate is not controlled: it compares a "
               "selected maximum with random anchors, pointwise at each of the {n_radii} radii, "
               "so it can reject on any smooth density peak."),
+    "erl": ("Global envelope (extreme rank length) test over all {n_radii} radii at once: it fixes "
+            "the pointwise multiplicity, but still compares a selected maximum with random anchors."),
+    "selection": ("Selection-aware: the worst case is compared with worst cases that the same "
+                  "selection produces under a null (see the section below); error rate controlled."),
+    "two_sample": ("Each top distinct dense ball counted in T and in the reference set: exact "
+                   "conditional binomial test, Holm-adjusted across balls; error rate controlled."),
 }
 
 # How many individual reference curves to draw behind the band: enough to show the
@@ -315,8 +321,19 @@ def _rows(pairs: Sequence[tuple[str, Any]], *, raw_values: bool = False) -> str:
                    for k, v in pairs)
 
 
+def _as_test(t):
+    """A test result as a dict: list-valued tests (one dict per ball) reject when any ball does."""
+    if isinstance(t, Mapping):
+        return t
+    if isinstance(t, (list, tuple)):
+        return {"reject": any(bool(b.get("reject")) for b in t if isinstance(b, Mapping)), "balls": len(t),
+                "rejected_balls": sum(bool(b.get("reject")) for b in t if isinstance(b, Mapping))}
+    return {"reject": t}
+
+
 def _verdict(tests: Mapping) -> tuple[str, str, str]:
     """(css class, headline, sub-line) from the per-test reject flags."""
+    tests = {k: _as_test(v) for k, v in tests.items()}
     rejecting = [n for n, t in tests.items() if isinstance(t, Mapping) and t.get("reject")]
     controlled = [n for n in tests if n not in UNCONTROLLED_TESTS]
     ctl_rej = [n for n in rejecting if n not in UNCONTROLLED_TESTS]
@@ -343,11 +360,13 @@ def _verdict(tests: Mapping) -> tuple[str, str, str]:
 def _tests_table(tests: Mapping, n_radii: int) -> str:
     rows = []
     for name, t in tests.items():
-        t = t if isinstance(t, Mapping) else {"reject": t}
+        t = _as_test(t)
         rej = bool(t.get("reject"))
         badge = ('<span class="badge bad">reject</span>' if rej
                  else '<span class="badge ok">no reject</span>')
-        details = ", ".join(f"{_e(k)} = {_fmt(v)}" for k, v in t.items() if k != "reject")
+        # Curves and envelopes are drawn in their own sections; the table keeps the scalars.
+        details = ", ".join(f"{_e(k)} = {_fmt(v)}" for k, v in t.items()
+                            if k != "reject" and not isinstance(v, (list, tuple, Mapping)))
         note = _TEST_NOTES.get(name, "").format(n_radii=n_radii)
         kind = ('<span class="badge warn">error rate not controlled</span>'
                 if name in UNCONTROLLED_TESTS else "")

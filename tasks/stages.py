@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from . import audit_steps as steps
+from . import stat_steps as stats
 
 
 def _io_only(task, task_run, state) -> bool:
@@ -27,3 +28,6 @@ validate_source = compute_task(steps.validate_source, name="validate-embeddings"
 self_join = compute_task(steps.self_join, name="self-join")
 anchor_curves = compute_task(steps.anchor_curves, name="anchor-curves")
 mccs_values = compute_task(steps.mccs_values, name="mccs")
+selection = compute_task(stats.selection, name="selection-test")
+two_sample = compute_task(stats.two_sample, name="two-sample-test")
+efficiency = compute_task(stats.sampling_efficiency, name="sampling-efficiency")

@@ -26,8 +26,10 @@ def _strip(result):
 
 @pytest.fixture(scope="module")
 def planted_and_null(tmp_path_factory, prefect_harness):
+    # The reference generator is the collapse-free world with the same identities ("real data").
     tmp = tmp_path_factory.mktemp("pn")
-    return run(tmp, "planted"), run(tmp, "null", generator="synthetic:null"), tmp
+    return (run(tmp, "planted", reference_generator="synthetic:null"),
+            run(tmp, "null", generator="synthetic:null", reference_generator="synthetic:null"), tmp)
 
 
 def test_planted_mode_is_the_worst_case(planted_and_null):
@@ -38,6 +40,26 @@ def test_planted_mode_is_the_worst_case(planted_and_null):
     assert planted["mccs"]["worst_case"] > null["mccs"]["worst_case"] + 0.03
     assert planted["worst_case"]["count_d0"] > 3 * null["worst_case"]["count_d0"]
     assert "truth" not in null
+
+
+def test_controlled_tests_find_the_planted_mode_and_only_it(planted_and_null):
+    planted, null, _ = planted_and_null
+    sel, nsel = planted["tests"]["selection"], null["tests"]["selection"]
+    assert sel["reject"] and sel["p"] <= 0.05 and "reference generator" in sel["null"]
+    assert not nsel["reject"] and nsel["p"] > 0.05
+    assert set(planted["tests"]["erl"]) >= {"p_low", "p_high", "reject"}
+    balls = planted["tests"]["two_sample"]
+    assert len(balls) == 10 and all(set(b) >= {"ratio", "ci", "p_adj", "reject"} for b in balls)
+    # The densest distinct mode is the planted one, and its ball carries far more mass than in the reference.
+    assert planted["modes"][0]["planted"] and balls[0]["s_index"] == planted["modes"][0]["s_index"]
+    assert balls[0]["reject"] and balls[0]["ci"][0] > 2
+    assert not any(b["reject"] for b in null["tests"]["two_sample"])
+    # No two listed modes are within d0 of each other (they are distinct identities).
+    assert len({m["s_index"] for m in planted["modes"]}) == len(planted["modes"])
+    eff = planted["sampling_efficiency"]
+    assert eff["C_sizes"][-1] == 24000 and len(eff["mccs_worst_vs_C"]) == len(eff["C_sizes"])
+    assert eff["worst_case_vs_S"][-1]["same_identity"] and eff["worst_case_vs_S"][-1]["planted"]
+    assert eff["mccs_worst_vs_C"][-1] > eff["mccs_random_vs_C"][-1]
 
 
 def test_result_contract_and_report(planted_and_null):
@@ -56,6 +78,10 @@ def test_result_contract_and_report(planted_and_null):
     assert on_disk["normalization"]["S"]["renormalized_rows"] == 2000
     html = (tmp / "planted" / "report.html").read_text()
     assert "data:image/png;base64" in html and str(on_disk["worst_case"]["s_index"]) in html
+    for section in ("Global envelope test (ERL)", "Selection-aware test", "Distinct dense modes", "Sampling efficiency"):
+        assert section in html
+    # Strict JSON: no Infinity/NaN tokens (one-sided envelopes are -inf below).
+    json.loads((tmp / "planted" / "result.json").read_text(), parse_constant=lambda c: pytest.fail(c))
 
 
 def test_same_numbers_on_1_or_2_workers_and_any_shard_size(tmp_path, prefect_harness):

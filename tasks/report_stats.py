@@ -1,0 +1,132 @@
+"""Report sections for the statistics beyond the paper: the global envelope, the
+selection-aware null, the two-sample balls, the distinct modes, sampling efficiency.
+
+Each section is (title, html) for tasks.report.write_report(extra_sections=...).
+"""
+from __future__ import annotations
+
+import html
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .report import figure_to_base64_png
+
+
+def _img(fig: Figure, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" style="max-width:100%" src="data:image/png;base64,{figure_to_base64_png(fig)}">'
+
+
+def _table(header, rows) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="tests"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _f(x, nd=4):
+    if x is None:
+        return "inf"
+    return f"{x:.{nd}g}" if isinstance(x, float) else str(x)
+
+
+def _log(v):
+    return np.log10(np.maximum(np.asarray(v, np.float64), 1))
+
+
+def envelope_section(result) -> tuple[str, str] | None:
+    """The worst-case curve against the 1-alpha global (ERL) envelope of the reference anchors."""
+    erl = result["tests"].get("erl")
+    if not erl:
+        return None
+    r = np.asarray(result["radii"])
+    fig = Figure(figsize=(7.5, 3.4), layout="constrained")
+    ax = fig.add_subplot()
+    hi = np.array([np.nan if v is None else v for v in erl["envelope_high"]], np.float64)
+    ax.fill_between(r, 0, _log(hi), color="#c6dbef", label=f"{1 - erl['alpha']:.0%} global envelope (ERL)")
+    ax.plot(r, _log(result["curves"]["ref_high"]), "--", color="#6baed6", lw=1, label="pointwise band top")
+    ax.plot(r, _log(result["curves"]["obs"][0]), color="#cb181d", lw=2, label="worst-case curve")
+    ax.set_xlabel("radius d")
+    ax.set_ylabel("log10(max(N, 1))")
+    ax.legend(fontsize=8, loc="upper left")
+    text = (f"<p>ERL p-value interval [{_f(erl['p_low'])}, {_f(erl['p_high'])}] with {erl['n_ref']} reference "
+            "curves; the test decides on the conservative end. The envelope holds across all radii at once, unlike "
+            "the pointwise band, but the worst case is still a selected maximum, so a rejection here is not by "
+            "itself evidence of collapse: see the selection-aware test.</p>")
+    return "Global envelope test (ERL)", _img(fig, "global envelope") + text
+
+
+def selection_section(result) -> tuple[str, str] | None:
+    """The re-selected worst case (as a fraction of T) against the null's worst cases."""
+    sel = result["tests"].get("selection")
+    if not sel:
+        return None
+    r = np.asarray(result["radii"])
+    fig = Figure(figsize=(7.5, 3.4), layout="constrained")
+    ax = fig.add_subplot()
+    hi = np.array([np.nan if v is None else v for v in sel["envelope_high"]], np.float64)
+    ax.fill_between(r, 0, hi, color="#c7e9c0", label=f"{1 - sel['alpha']:.0%} global envelope of null worst cases")
+    ax.plot(r, sel["null_median"], "--", color="#238b45", lw=1, label="null worst case, median")
+    ax.plot(r, sel["obs_curve_fraction"], color="#cb181d", lw=2, label="observed worst case")
+    ax.set_yscale("log")
+    ax.set_xlabel("radius d")
+    ax.set_ylabel("fraction of T within d")
+    ax.legend(fontsize=8, loc="lower right")
+    text = (f"<p><b>Null:</b> {html.escape(sel['null'])}.<br>The worst case was re-selected on the first "
+            f"{sel['null_m']:,} rows of S and counted in {sel['null_T']:,} rows of T; each of the "
+            f"{sel['replicates']} null replicates did the same on a draw from the null. p = {_f(sel['p'])} "
+            f"(interval [{_f(sel['p_low'])}, {_f(sel['p_high'])}]): {'reject' if sel['reject'] else 'no reject'} "
+            f"at alpha = {sel['alpha']}.</p>")
+    return "Selection-aware test", _img(fig, "selection test") + text
+
+
+def modes_section(result) -> tuple[str, str] | None:
+    """Top distinct dense modes, with their two-sample results when a reference set was given."""
+    modes = result.get("modes")
+    if not modes:
+        return None
+    ts = {b["s_index"]: b for b in result["tests"].get("two_sample") or []}
+    header = ["S index", "N(I, S, d0)"] + (["planted"] if "planted" in modes[0] else [])
+    if ts:
+        header += ["in T", "in reference", "mass ratio", "CI", "p (Holm)", "reject"]
+    rows = []
+    for m in modes:
+        row = [m["s_index"], m["count_d0"]] + ([m["planted"]] if "planted" in m else [])
+        b = ts.get(m["s_index"])
+        if b:
+            row += [b["x_t"], b["x_r"], _f(b["ratio"]), f"[{_f(b['ci'][0])}, {_f(b['ci'][1])}]", _f(b["p_adj"]),
+                    b["reject"]]
+        rows.append(row)
+    text = ("<p>The densest anchors of S with no two within d0 of each other (the raw top anchors are usually "
+            "one identity)." + (" Mass ratio = (share of T in the ball) / (share of the reference set in it)."
+                                if ts else "") + "</p>")
+    return "Distinct dense modes" + (" and two-sample test" if ts else ""), text + _table(header, rows)
+
+
+def efficiency_section(result) -> tuple[str, str] | None:
+    """MCCS as |C| and |A| grow; the worst case as |S| grows."""
+    e = result.get("sampling_efficiency")
+    if not e:
+        return None
+    fig = Figure(figsize=(10, 3.2), layout="constrained")
+    a1, a2, a3 = fig.subplots(1, 3)
+    a1.plot(e["C_sizes"], e["mccs_worst_vs_C"], "o-", color="#cb181d", label="worst case")
+    a1.plot(e["C_sizes"], e["mccs_random_vs_C"], "o-", color="#636363", label="random anchor")
+    a1.set_xscale("log"), a1.set_xlabel("|C|"), a1.set_ylabel("MCCS"), a1.legend(fontsize=8)
+    for ax, x, mu, sd, lab in ((a2, e["C_sizes"], e["mccs_mean_vs_C"], e["mccs_std_vs_C"], f"|C| (|A| = {e['A_for_C_curve']})"),
+                               (a3, e["A_sizes"], e["mccs_mean_vs_A"], e["mccs_std_vs_A"], "|A|")):
+        mu, sd = np.asarray(mu), np.asarray(sd)
+        ax.plot(x, mu, "o-", color="#08519c")
+        ax.fill_between(x, mu - sd, mu + sd, color="#9ecae1", alpha=0.6)
+        ax.set_xscale("log"), ax.set_xlabel(lab), ax.set_ylabel("MCCS mean ± std")
+    rows = [[w["S_size"], w["s_index"], _f(w["distance_to_final"], 3), w["same_identity"]]
+            + ([w["planted"]] if "planted" in w else []) for w in e["worst_case_vs_S"]]
+    header = ["|S|", "worst case (S index)", "distance to final worst case", "same identity (<= d0)"]
+    if e["worst_case_vs_S"] and "planted" in e["worst_case_vs_S"][0]:
+        header.append("planted")
+    return "Sampling efficiency", _img(fig, "sampling efficiency") + _table(header, rows)
+
+
+def stats_sections(result) -> list[tuple[str, str]]:
+    """Every section that applies to this result."""
+    out = [f(result) for f in (envelope_section, selection_section, modes_section, efficiency_section)]
+    return [s for s in out if s]

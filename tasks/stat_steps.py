@@ -1,0 +1,114 @@
+"""Issue-4 statistics as steps over arrays and sources: the tests whose error rate is
+controlled, the distinct dense modes, and the sampling-efficiency curves.
+
+No Prefect here (tasks/stages.py wraps these). Every test returns a dict with at least
+`reject`; `two_sample` returns one dict per dense ball.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend, parallel
+from .envelope import erl_test
+from .join import mccs_from_sums
+from .modes import distinct_modes
+from .paper_test import population_mccs, top_anchors
+from .selection import NullSampler, selection_test, worst_case_curve
+from .two_sample import density_ratio_test
+
+# Tests a user can ask for with --tests; "paper" and "erl" compare a selected
+# maximum with random anchors, so only "selection" and "two_sample" control the
+# error rate of the question "is there collapse?".
+TESTS = ("paper", "erl", "selection", "two_sample")
+CONTROLLED = ("selection", "two_sample")
+
+
+def parse_tests(text: str | tuple | list) -> tuple:
+    """Validated tuple of test names from 'paper,erl,...' (unknown names rejected with the list of known ones)."""
+    from .registry import ConfigError
+    names = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    bad = [t for t in names if t not in TESTS]
+    if bad or not names:
+        raise ConfigError(f"unknown test {bad[0] if bad else '(none)'!r} in --tests; choose from: {', '.join(TESTS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def erl(obs_curve, ref_curves, alpha: float) -> dict:
+    """Global envelope (ERL) test of the worst-case curve against the random reference anchors' curves."""
+    r = erl_test(np.asarray(obs_curve, np.float64), np.asarray(ref_curves, np.float64), alpha=alpha,
+                 alternative="greater")
+    r["note"] = "global over radii, but the observed curve is a selected maximum: not a valid collapse test"
+    return r
+
+
+def selection(S_rows, T, *, m_sel: int, n_t: int, null: NullSampler, d0, radii, replicates, alpha, kernel) -> dict:
+    """Re-run the selection on S[:m_sel] against T[:n_t], and test that worst case against the null's worst cases."""
+    w, curve = worst_case_curve(np.asarray(S_rows[:m_sel]), T.blocks(0, n_t), n_t, d0, radii, kernel)
+    res = selection_test(curve, null, m=m_sel, n_t=n_t, d0=d0, radii=radii, replicates=replicates,
+                         alpha=alpha, kernel=kernel)
+    res.update({"s_index": int(w), "obs_curve_fraction": curve.tolist()})
+    return res
+
+
+def dense_modes(S_rows, counts, k: int, d0: float) -> np.ndarray:
+    """Top-k distinct dense modes of S (no two within d0)."""
+    return distinct_modes(np.asarray(S_rows), counts, k, d0)
+
+
+def two_sample(client, S_rows, modes, T, Ref, radius: float, alpha: float, kernel: str) -> list[dict]:
+    """Density-ratio test of each mode's ball: mass in T (the model) vs in the reference set."""
+    anchors = np.asarray(S_rows)[modes]
+    x_t = parallel.range_counts(client, anchors, T, [radius], kernel=kernel)[:, 0]
+    x_r = parallel.range_counts(client, anchors, Ref, [radius], kernel=kernel)[:, 0]
+    out = density_ratio_test(x_t, T.rows, x_r, Ref.rows, alpha=alpha, alternative="greater")
+    for d, i in zip(out, modes):
+        d["s_index"] = int(i)
+    return out
+
+
+def _grid(n: int, start: int = 100) -> list[int]:
+    g, v = [], start
+    while v < n:
+        g.append(v)
+        v *= 10
+    return g + [n]
+
+
+def sampling_efficiency(client, S_rows, T, *, worst: int, random_anchor: int, self_counts, mccs_a, n_c: int,
+                        theta: float, d0: float, kernel: str, planted=None, a_cap: int = 1000) -> dict:
+    """How the answers settle as the samples grow (seed 001 Figs. 2-3, seed 000 Fig. 2).
+
+    - MCCS of the worst case and of a random anchor as |C| grows;
+    - mean/std of MCCS as |A| grows (|C| full) and as |C| grows (first a_cap anchors);
+    - the worst case found in S[:k] as k grows, and whether it is the same identity (within d0).
+    """
+    S_rows = np.asarray(S_rows)
+    c_grid = _grid(n_c)
+    two = S_rows[[worst, random_anchor]]
+    A = S_rows[:min(a_cap, len(mccs_a))]
+    mc_two, mc_pop = [], []
+    for c in c_grid:
+        v = mccs_from_sums(parallel.mccs_sums(client, np.concatenate([two, A]), T, theta, stop=c, kernel=kernel), c)
+        mc_two.append(v[:2].tolist())
+        mc_pop.append(population_mccs(v[2:]))
+    a_grid = _grid(len(mccs_a), 10)
+    s_grid = _grid(len(S_rows), 1000)
+    ws = []
+    for k in s_grid:
+        cnt = self_counts if k == len(S_rows) else backend.range_counts(
+            S_rows[:k], [(0, S_rows[:k])], [d0], anchor_ids=np.arange(k), kernel=kernel)[:, 0]
+        w = int(top_anchors(cnt, 1)[0])
+        dot = float(np.dot(S_rows[w].astype(np.float64), S_rows[worst].astype(np.float64)))
+        dist = float(np.arccos(np.clip(dot, -1, 1)) / np.pi)
+        ws.append({"S_size": k, "s_index": w, "distance_to_final": dist, "same_identity": dist <= d0,
+                   **({"planted": bool(planted[w])} if planted is not None else {})})
+    return {
+        "C_sizes": c_grid,
+        "mccs_worst_vs_C": [x[0] for x in mc_two], "mccs_random_vs_C": [x[1] for x in mc_two],
+        "random_anchor": int(random_anchor),
+        "mccs_mean_vs_C": [x[0] for x in mc_pop], "mccs_std_vs_C": [x[1] for x in mc_pop], "A_for_C_curve": len(A),
+        "A_sizes": a_grid,
+        "mccs_mean_vs_A": [population_mccs(mccs_a[:a])[0] for a in a_grid],
+        "mccs_std_vs_A": [population_mccs(mccs_a[:a])[1] for a in a_grid],
+        "worst_case_vs_S": ws,
+    }
