@@ -134,7 +134,8 @@ def null_sampler(cfg: AuditConfig, S_rows: np.ndarray, ref: Source | None):
         raise InputError(f"the reference set has {ref.rows} rows; the selection test draws selection_m + "
                          f"selection_t = {need} per replicate: pass a larger reference or lower --selection-t")
     # A pool a few times larger than one replicate keeps replicates nearly independent.
-    pool = ref.read(0, min(ref.rows, max(4 * need, 200_000)))
+    # float32 once (exact for float16 rows): each replicate would otherwise convert its draw again.
+    pool = ref.read(0, min(ref.rows, max(4 * need, 200_000))).astype(np.float32, copy=False)
     what = "reference generator" if cfg.reference_generator else "reference set"
     return pool_sampler(pool, cfg.seed, f"{what}: worst cases of disjoint random draws from it")
 

@@ -409,7 +409,9 @@ def _worst_case_block(result: Mapping) -> str:
 
 
 _KNOWN_TOP = {"modeaudit_version", "source", "sizes", "d0", "radii", "settings", "worst_case",
-              "r_obs", "r_ref", "curves", "tests", "mccs", "truth", "normalization", "timings"}
+              "r_obs", "r_ref", "curves", "tests", "mccs", "truth", "normalization", "timings",
+              # drawn in their own sections (tasks/report_stats.py)
+              "modes", "sampling_efficiency"}
 
 
 def _settings_block(result: Mapping) -> str:
@@ -592,8 +594,10 @@ d0 = {_fmt(d0)}; its curve over d is compared with the curves of random anchors 
 It lies in [0, 1]; larger means more mass close to I. The population mean &plusmn; std over A
 describes a typical sample.</p>
 <p><b>Tests.</b> A test "rejects" when it finds the worst case denser than chance allows.
-The <code>paper</code> test (worst-case curve outside the reference band) does not control its error
-rate; the other tests, when present, do.</p>
+<code>paper</code> (worst-case curve outside the pointwise band) and <code>erl</code> (outside the global
+envelope) compare a selected maximum with random anchors, so their error rate is not controlled.
+<code>selection</code> (against worst cases of the same selection under a null) and
+<code>two_sample</code> (dense balls against a reference set) control it; see docs/statistics.md.</p>
 </div></section>
 {extras}
 </main></body></html>
