@@ -54,7 +54,21 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tasks import join  # noqa: E402
+from tasks import backend, join  # noqa: E402
+
+
+class _Kernel:
+    """The kernel measured as (b): tasks.backend with the --kernel chosen in main()."""
+    name = "fast"
+
+    def range_counts(self, *a, **kw):
+        return backend.range_counts(*a, kernel=self.name, **kw)
+
+    def mccs_sums(self, *a, **kw):
+        return backend.mccs_sums(*a, kernel=self.name, **kw)
+
+
+KERNEL = _Kernel()
 
 SELF_JOIN_RADIUS = 0.25  # the default d0 of the dense-mode search (tasks/config.py)
 MCCS_THETA = 0.3
@@ -465,9 +479,9 @@ def run(args) -> dict:
 
     # compile / load the numba cache, warm the thread pools (not timed)
     w = pool.blocks[0][:4096]
-    join.range_counts(A[:16], [(0, w)], radii)
-    join.range_counts(w[:64], [(0, w)], [SELF_JOIN_RADIUS], anchor_ids=np.arange(64))
-    join.mccs_sums(A[:16], [(0, w)], MCCS_THETA)
+    KERNEL.range_counts(A[:16], [(0, w)], radii)
+    KERNEL.range_counts(w[:64], [(0, w)], [SELF_JOIN_RADIUS], anchor_ids=np.arange(64))
+    KERNEL.mccs_sums(A[:16], [(0, w)], MCCS_THETA)
 
     # --- 1 + 2: anchor curves ------------------------------------------------
     out("")
@@ -476,7 +490,7 @@ def run(args) -> dict:
     per_size = []
     for M in sizes:
         blocks = pool.blocks_for(M)
-        r = time_vs_floor(A, blocks, lambda: join.range_counts(A, blocks, radii),
+        r = time_vs_floor(A, blocks, lambda: KERNEL.range_counts(A, blocks, radii),
                           args.repeat, args.budget, args.gemm_variants)
         r["M"] = M
         per_size.append(r)
@@ -486,7 +500,7 @@ def run(args) -> dict:
 
     def exact_counts(n):
         if n not in exact_cache:
-            exact_cache[n] = join.range_counts(A, pool.blocks_for(n), radii)
+            exact_cache[n] = KERNEL.range_counts(A, pool.blocks_for(n), radii)
         return exact_cache[n]
 
     cap = max(sizes)
@@ -608,7 +622,7 @@ def run(args) -> dict:
     box = {}
 
     def selfjoin():
-        box["c"] = join.range_counts(S, s_blocks, [SELF_JOIN_RADIUS], anchor_ids=ids)
+        box["c"] = KERNEL.range_counts(S, s_blocks, [SELF_JOIN_RADIUS], anchor_ids=ids)
 
     sj = time_vs_floor(S, s_blocks, selfjoin, args.repeat, args.budget, args.gemm_variants)
     sj.update({"m": m, "radius": SELF_JOIN_RADIUS,
@@ -630,7 +644,7 @@ def run(args) -> dict:
     box = {}
 
     def mccs():
-        box["s"] = join.mccs_sums(Am, c_blocks, MCCS_THETA)
+        box["s"] = KERNEL.mccs_sums(Am, c_blocks, MCCS_THETA)
 
     mc = time_vs_floor(Am, c_blocks, mccs, args.repeat, args.budget, args.gemm_variants)
     mc.update({"anchors": na, "points": nc, "theta": MCCS_THETA,
@@ -663,6 +677,7 @@ def _parser() -> argparse.ArgumentParser:
                                         f"full {FULL}, quick {QUICK}.")
     ap.add_argument("--quick", action="store_true", help="small sizes, < 1 min (what the test uses)")
     ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--kernel", default="fast", help="kernel measured as (b): fast, torch-cuda (GPU), torch-cpu")
     ap.add_argument("--anchors", type=int, default=1001)
     ap.add_argument("--sizes", type=str, default=None,
                     help="comma-separated row counts M of T, e.g. 1e5,1e6,1e7 (mode)")
@@ -718,7 +733,9 @@ def _jsonable(x):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    KERNEL.name = backend.resolve_kernel(args.kernel)
     res = _jsonable(run(args))
+    res["kernel"] = KERNEL.name
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)
