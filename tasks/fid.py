@@ -22,7 +22,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["StreamingStats", "load_reference_stats", "frechet_distance"]
+__all__ = ["StreamingStats", "frechet_distance", "load_reference_stats"]
 
 
 def _as_rows(x: np.ndarray, dim: int) -> np.ndarray:
@@ -71,7 +71,7 @@ class StreamingStats:
         self.mean = np.zeros(dim, dtype=np.float64)
         self.m2 = np.zeros((dim, dim), dtype=np.float64)
 
-    def update(self, x: np.ndarray) -> "StreamingStats":
+    def update(self, x: np.ndarray) -> StreamingStats:
         """Fold a batch of rows (n, dim) of any float (or integer) dtype in; returns self."""
         x = _as_rows(x, self.dim)
         nb = x.shape[0]
@@ -84,7 +84,7 @@ class StreamingStats:
         part.m2 = xc.T @ xc
         return self.merge(part)
 
-    def merge(self, other: "StreamingStats") -> "StreamingStats":
+    def merge(self, other: StreamingStats) -> StreamingStats:
         """Combine partial statistics of another shard/worker into self (Chan et al.); returns self.
 
         ``other`` is left unchanged, so one shard's stats can be merged into
@@ -127,7 +127,7 @@ class StreamingStats:
         np.savez_compressed(path, mu=self.mean, sigma=self.cov(), n=np.int64(self.n))
 
     @classmethod
-    def from_npz(cls, path) -> "StreamingStats":
+    def from_npz(cls, path) -> StreamingStats:
         """Stats written by `to_npz` (needs ``n``; a pytorch-fid file has none: use `load_reference_stats`)."""
         mu, sigma = load_reference_stats(path)
         with np.load(path, allow_pickle=False) as f:
@@ -152,8 +152,10 @@ def load_reference_stats(path) -> tuple[np.ndarray, np.ndarray]:
     name = os.fspath(path)
     loaded = np.load(path, allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ValueError(f"{name}: expected an .npz archive with 'mu' and 'sigma', "
-                         f"got a single array of shape {getattr(loaded, 'shape', '?')}")
+        # ValueError, not TypeError: a bad file's content, like the other errors here.
+        raise ValueError(  # noqa: TRY004
+            f"{name}: expected an .npz archive with 'mu' and 'sigma', "
+            f"got a single array of shape {getattr(loaded, 'shape', '?')}")
     with loaded as f:
         missing = [k for k in ("mu", "sigma") if k not in f.files]
         if missing:

@@ -44,8 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FIDInceptionV3", "fid_inception_v3", "inception_features", "load_fid_state_dict",
-           "FID_WEIGHTS_FILE", "FEATURE_DIM"]
+__all__ = [
+    "FEATURE_DIM",
+    "FID_WEIGHTS_FILE",
+    "FIDInceptionV3",
+    "fid_inception_v3",
+    "inception_features",
+    "load_fid_state_dict",
+]
 
 #: pytorch-fid's weights file (TF inception-2015-12-05 ported to PyTorch).
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -272,8 +278,10 @@ def load_fid_state_dict(module: FIDInceptionV3, state_dict: Mapping, source: str
     checkpoint, which buries the cause; this names the first few of each kind.
     """
     if not isinstance(state_dict, Mapping):
-        raise ValueError(f"{source}: expected a state_dict (mapping of name -> tensor), "
-                         f"got {type(state_dict).__name__}")
+        # ValueError, not TypeError: usually a checkpoint file's content, like the key errors.
+        raise ValueError(  # noqa: TRY004
+            f"{source}: expected a state_dict (mapping of name -> tensor), "
+            f"got {type(state_dict).__name__}")
     expected = module.state_dict()
     msg = _mismatch_message(expected, state_dict)
     if msg:
