@@ -221,3 +221,7 @@ def _torchscript(path, *, batch_size, device, latent_dim):
 def build_generator(spec: str, options: dict | None = None) -> Generator:
     """Build a generator from its registry spec and options (strings from the CLI are coerced and validated)."""
     return GENERATORS.build(spec, options)
+
+
+# Registers "calibrated:PATH" (the calibrated samplers are generators too); imports this module back.
+from . import calibration as _calibration  # noqa: E402,F401
