@@ -86,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--kernel", default="auto", choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda"],
                     help="range-join kernel: auto = torch-cuda on a GPU machine, else fast (numba)")
 
+    c = sub.add_parser("calibrate", help="reshape the latent sampler of an audited generator and audit the result",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--run", required=True, metavar="DIR", help="a finished `modeaudit audit --generator` run")
+    c.add_argument("--method", default="cluster", choices=["cluster", "rejection"])
+    c.add_argument("--variant", choices=["gmm", "cells", "descriptor", "latent"],
+                   help="cluster: gmm (the paper's mixture) or cells (exact cell-wise rejection, default); "
+                   "rejection: descriptor (default) or latent (proxy, no embedding at sampling time)")
+    c.add_argument("--modes", type=_count, default=1, help="how many distinct dense modes to flatten (from the "
+                   "audit's top distinct modes)")
+    c.add_argument("--clusters", type=_count, default=64, help="k-means clusters of the latents")
+    c.add_argument("--n-fit", type=_count, default=200_000, help="rows of T (latents and embeddings) to fit on")
+    c.add_argument("--workers", type=_count, default=1)
+    c.add_argument("--kernel", default="auto", choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda"])
+
     sub.add_parser("list", help="list generators and descriptors with their options")
     return p
 
@@ -155,6 +169,20 @@ def main(argv=None) -> int:
     from prefect.exceptions import FailedRun
     from storage.store import StoreError
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if args.command == "calibrate":
+        try:
+            from tasks.calibrate_steps import load_run
+            load_run(args.run)  # fail in a second, before Prefect starts, when DIR is not a finished audit
+            from flows.calibrate import calibrate_flow
+            cal = calibrate_flow(args.run, args.method, args.variant, args.modes, args.clusters, args.n_fit,
+                                 args.kernel, args.workers)
+        except (ConfigError, StoreError, FailedRun) as e:
+            print(f"modeaudit: error: {e}", file=sys.stderr)
+            return 2
+        keep = ("method", "variant", "acceptance_rate", "mccs_worst_before", "mccs_worst_after", "fd_before_after",
+                "truth")
+        print(json.dumps({k: cal[k] for k in keep if k in cal}, indent=1))
+        return 0
     try:
         cfg = config_from_args(args)
         check_out_dir(cfg.out, cfg.overwrite)

@@ -1,0 +1,100 @@
+"""Calibration as steps: densities of the dense modes, fitting, and the before/after
+comparison of a calibrated sampler with the model (no Prefect; flows/calibrate.py composes).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import parallel
+from .errors import InputError
+from .fid import StreamingStats, frechet_distance
+from .join import mccs_from_sums
+from .sources import Source
+
+METHODS = {"cluster": ("gmm", "cells"), "rejection": ("descriptor", "latent")}
+# cells: exact N(0, I) reweighted by cell (the GMM of the paper spills across cells);
+# descriptor: the paper's Algorithm 2 as written (the latent proxy is an approximation of it).
+DEFAULT_VARIANT = {"cluster": "cells", "rejection": "descriptor"}
+
+
+def load_run(run_dir: str | Path):
+    """result.json and the store of a finished generator audit (clear errors otherwise)."""
+    from storage.store import RunStore
+    run_dir = Path(run_dir)
+    path = run_dir / "result.json"
+    if not path.is_file():
+        raise InputError(f"{run_dir} holds no finished audit (no result.json); run `modeaudit audit --out "
+                         f"{run_dir}` first")
+    result = json.loads(path.read_text())
+    if result["source"]["kind"] != "generator":
+        raise InputError(f"{run_dir} audited embedding files, not a generator: calibration reshapes a generator's "
+                         "latent sampler, so audit the generator itself (--generator)")
+    return result, RunStore.open(run_dir)
+
+
+def store_source(store, name: str) -> Source:
+    """A run-store set as a Source of its stored unit rows."""
+    emb = store.array(name, "emb")
+    return Source("store", str(store.root), store.layout(name).rows, emb.shape[1], name, dtype=str(emb.dtype),
+                  stored_unit=True)
+
+
+def mode_densities(client, result, store, modes_emb, r0: float, kernel: str):
+    """p1 per mode (share of T within r0 of it) and p2 (median share over the random reference anchors)."""
+    T = store_source(store, "T")
+    p1 = parallel.range_counts(client, modes_emb, T, [r0], kernel=kernel)[:, 0] / T.rows
+    radii = np.asarray(result["radii"])
+    j = int(np.argmin(np.abs(radii - r0)))
+    if abs(radii[j] - r0) > 1e-9:
+        raise InputError(f"r0={r0} is not on the audit's radius grid; pick one of {radii.tolist()}")
+    ref = store.read_array("results/curves")[len(result["r_obs"]):, j]
+    return p1, float(np.median(ref)) / T.rows
+
+
+def descriptor_stats(source: Source, n: int | None = None, block: int = 65536) -> StreamingStats:
+    """Streaming mean/covariance of embedding rows (for FD (descriptor))."""
+    n = source.rows if n is None else min(n, source.rows)
+    st = StreamingStats(source.dim)
+    for _, rows in source.blocks(0, n, block):
+        st.update(rows)
+    return st
+
+
+def fd(a: StreamingStats, b: StreamingStats) -> float:
+    """Frechet distance between two streamed feature statistics."""
+    return float(frechet_distance(a.mean, a.cov(), b.mean, b.cov()))
+
+
+def mccs_of(client, anchors, T: Source, n_c: int, theta: float, kernel: str) -> np.ndarray:
+    """MCCS of anchor rows over T[:n_c]."""
+    return mccs_from_sums(parallel.mccs_sums(client, anchors, T, theta, stop=n_c, kernel=kernel), n_c)
+
+
+def band_overlap(before: dict, after: dict) -> dict:
+    """How the reference bands of two audits overlap, radius by radius (diversity kept?)."""
+    lo1, hi1 = np.asarray(before["ref_low"]), np.asarray(before["ref_high"])
+    lo2, hi2 = np.asarray(after["ref_low"]), np.asarray(after["ref_high"])
+    inter = np.clip(np.minimum(hi1, hi2) - np.maximum(lo1, lo2), 0, None)
+    union = np.maximum(hi1, hi2) - np.minimum(lo1, lo2)
+    iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 1.0)
+    overlaps = (np.minimum(hi1, hi2) >= np.maximum(lo1, lo2))
+    return {"radii_overlapping": int(overlaps.sum()), "radii": len(overlaps), "mean_iou": float(iou.mean()),
+            "overlap_all": bool(overlaps.all())}
+
+
+def null_world_options(gen_spec: str, options: dict) -> dict | None:
+    """The collapse-free twin of a synthetic planted world (same identities): its 'real data'."""
+    if gen_spec not in ("synthetic:planted", "synthetic:null"):
+        return None
+    keep = ("dim", "identities", "spread", "latent_dim", "world_seed")
+    return {k: options[k] for k in keep if k in options}
+
+
+def typical_share(gen_spec: str, options: dict) -> float | None:
+    """A typical identity's share of samples in a synthetic world."""
+    if gen_spec != "synthetic:planted":
+        return None
+    return (1 - options["planted_prob"]) / options["identities"]

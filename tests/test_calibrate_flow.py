@@ -1,0 +1,53 @@
+"""Calibration end to end: the planted mode is flattened, quality and diversity kept."""
+import json
+
+import pytest
+
+from flows.audit import audit_flow
+from flows.calibrate import calibrate_flow
+from flows.cli import main
+from tasks.config import AuditConfig
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory, prefect_harness):
+    # Planted mass 20x a typical identity's (0.02 vs 0.98/1000).
+    out = tmp_path_factory.mktemp("cal") / "run"
+    cfg = AuditConfig(out=str(out), generator="synthetic:planted", m=2000, M=40000, q=200, n_a=500, n_c=40000,
+                      tests="paper,erl", efficiency=False)
+    audit_flow(cfg.to_dict())
+    return out
+
+
+def test_rejection_calibration_flattens_the_planted_mode(audited):
+    cal = calibrate_flow(str(audited), "rejection")
+    on_disk = json.loads((audited / "calibration" / "rejection" / "calibration.json").read_text())
+    for key in ("method", "acceptance_rate", "mccs_worst_before", "mccs_worst_after", "fd_before_after", "truth"):
+        assert key in on_disk
+    t = cal["truth"]
+    assert t["planted_share_before"] > 10 * t["typical_share"]
+    assert t["planted_share_after"] <= 1.5 * t["typical_share"]
+    assert cal["mccs_worst_after"] < cal["mccs_worst_before"]
+    assert cal["count_d0_new_worst_after"] <= cal["count_d0_worst_before"]
+    # Quality: calibration moves the model toward the collapse-free world, never away.
+    assert t["fd_null_after"] <= t["fd_null_before"]
+    assert cal["band_overlap"]["overlap_all"]
+    assert 0.5 < cal["acceptance_rate"] <= 1
+    assert (audited / "calibration" / "rejection" / "report.html").read_text().count("data:image/png") == 2
+
+
+def test_calibrated_sampler_is_a_deterministic_generator(audited):
+    from tasks.generators import build_generator
+    spec = f"calibrated:{audited / 'calibration' / 'rejection' / 'sampler'}"
+    if not (audited / "calibration" / "rejection" / "sampler").exists():
+        calibrate_flow(str(audited), "rejection")
+    g1, g2 = build_generator(spec), build_generator(spec)
+    a = g1.latents(3, "T", 0, 5000)
+    b = g2.latents(3, "T", 0, 2000)
+    c = g2.latents(3, "T", 2000, 5000)
+    assert (a[:2000] == b).all() and (a[2000:] == c).all()
+
+
+def test_calibrate_refuses_a_directory_without_an_audit(tmp_path, capsys):
+    assert main(["calibrate", "--run", str(tmp_path), "--method", "cluster"]) == 2
+    assert "holds no finished audit" in capsys.readouterr().err
