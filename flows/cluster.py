@@ -12,12 +12,7 @@ import contextlib
 import logging
 import os
 
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+from tasks.threads import usable_cores
 
 
 @contextlib.contextmanager
@@ -31,45 +26,36 @@ def dask_client(workers: int = 1, threads_per_worker: int | None = None, schedul
     import dask
     from distributed import Client, LocalCluster
 
+    cluster = None
     if scheduler:
         client = Client(scheduler, timeout="30s")
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    if gpus:
+    elif gpus:
         from dask_cuda import LocalCUDACluster
         cluster = LocalCUDACluster(threads_per_worker=1, dashboard_address=None, memory_limit=0)
+    else:
+        tpw = threads_per_worker or max(1, usable_cores() // max(1, workers))
+        # BLAS reads its thread count when it loads, so it must be in the environment
+        # before the worker starts (Dask sets these in this process too: restored below).
+        # numba must NOT be set this way: changing NUMBA_NUM_THREADS in a process whose
+        # numba threads already run is an error; kernels read MODEAUDIT_THREADS instead.
+        blas = {k: str(tpw) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        saved = dict(os.environ)
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": {**blas, "MALLOC_TRIM_THRESHOLD_": "65536"},
+                              "distributed.nanny.environ": {"MODEAUDIT_THREADS": str(tpw)},
+                              "distributed.worker.daemon": False,
+                              "distributed.admin.system-monitor.gil.enabled": False}):
+            logging.getLogger("distributed").setLevel(logging.WARNING)
+            try:
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, memory_limit=0)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+    if cluster is not None:
         client = Client(cluster)
-        try:
-            yield client
-        finally:
-            client.close()
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
             cluster.close()
-        return
-    tpw = threads_per_worker or max(1, _cores() // max(1, workers))
-    # BLAS reads its thread count when it loads, so it must be in the environment
-    # before the worker starts (Dask sets these in this process too: restored below).
-    # numba must NOT be set this way: changing NUMBA_NUM_THREADS in a process whose
-    # numba threads already run is an error; kernels read MODEAUDIT_THREADS instead.
-    blas = {k: str(tpw) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    saved = dict(os.environ)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": {**blas, "MALLOC_TRIM_THRESHOLD_": "65536"},
-                          "distributed.nanny.environ": {"MODEAUDIT_THREADS": str(tpw)},
-                          "distributed.worker.daemon": False,
-                          "distributed.admin.system-monitor.gil.enabled": False}):
-        logging.getLogger("distributed").setLevel(logging.WARNING)
-        try:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, memory_limit=0)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        client = Client(cluster)
-        try:
-            yield client
-        finally:
-            client.close()
-            cluster.close()
-

@@ -8,12 +8,15 @@ from __future__ import annotations
 import os
 
 
-def compute_threads() -> int:
-    """Threads for one kernel call: $MODEAUDIT_THREADS, else the usable cores."""
-    env = os.environ.get("MODEAUDIT_THREADS")
-    if env:
-        return max(1, int(env))
+def usable_cores() -> int:
+    """Cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def compute_threads() -> int:
+    """Threads for one kernel call: $MODEAUDIT_THREADS, else the usable cores."""
+    env = os.environ.get("MODEAUDIT_THREADS")
+    return max(1, int(env)) if env else usable_cores()
