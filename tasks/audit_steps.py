@@ -75,7 +75,7 @@ def open_store(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = N
           "store_dtype": cfg.store_dtype, "modeaudit_store": 1}
     if ref_gen is not None:
         fp["reference_generator"] = _m(ref_gen, desc)[0].fingerprint()
-    return RunStore.create_or_open(cfg.out, fp, store_layouts(cfg, gen, desc, ref_gen))
+    return RunStore.create_or_open(cfg.out, fp, store_layouts(cfg, gen, desc, ref_gen), overwrite=cfg.overwrite)
 
 
 def open_result_store(cfg: AuditConfig, S: Source, T: Source):
@@ -87,7 +87,7 @@ def open_result_store(cfg: AuditConfig, S: Source, T: Source):
         st = os.stat(src.path)
         files[name] = {"path": os.path.abspath(src.path), "rows": src.rows, "dim": src.dim,
                        "mtime_ns": st.st_mtime_ns, "size": st.st_size}
-    return RunStore.create_or_open(cfg.out, {"embeddings": files, "modeaudit_store": 1}, [])
+    return RunStore.create_or_open(cfg.out, {"embeddings": files, "modeaudit_store": 1}, [], overwrite=cfg.overwrite)
 
 
 def generate_set(client, store, set_name: str, gen: dict, desc: dict, seed: int) -> dict:
