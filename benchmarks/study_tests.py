@@ -1,6 +1,9 @@
 """Type-I error and power of every test, by simulation (issue: statistics that hold).
 
     python benchmarks/study_tests.py --reps 200 --json docs/study.json --md docs/study.md
+    # re-measure some tests only, keeping the other cells of an earlier run:
+    python benchmarks/study_tests.py --reps 200 --tests selection_gauss --merge docs/study.json \
+        --json docs/study.json --md docs/study.md
 
 Each replicate draws S (m rows), T (M rows) and an independent reference pool from
 a world, runs the audit's statistics with the product's own kernels, and records
@@ -14,7 +17,7 @@ Tests measured:
   paper_random   a random anchor vs the pointwise band (multiplicity over 41 radii only)
   erl_random     a random anchor vs the ERL envelope (should hold alpha)
   selection_ref  selection-aware test, null = a reference set from the collapse-free world
-  selection_gauss  selection-aware test, null = the projected-Gaussian surrogate
+  selection_gauss  selection-aware test, null = the projected-normal surrogate fitted to S
   two_sample     top distinct balls, T vs reference, Holm (family-wise: any ball rejects)
 """
 from __future__ import annotations
@@ -38,7 +41,7 @@ class World:
     """A distribution of unit embeddings; `reference` is its collapse-free counterpart."""
 
     def __init__(self, name, kind, D=32, n_id=100, weights=None, spread=0.75, planted_mass=0.0,
-                 tightness=0.7, aniso=0.0, world_seed=0):
+                 tightness=0.7, aniso=0.0, offset=0.0, world_seed=0):
         self.name, self.kind, self.D = name, kind, D
         rng = np.random.default_rng([world_seed, 77])
         self.centres = _unit(rng.standard_normal((n_id + 1, D)))
@@ -48,10 +51,22 @@ class World:
         self.spread, self.tightness = spread, tightness
         self.planted_mass = planted_mass
         self.scales = (np.arange(1, D + 1) ** -aniso) if aniso else np.ones(D)
+        self.offset = np.r_[offset, np.zeros(D - 1)]   # a mean direction: the sample is a cone, as real embeddings are
+        if kind == "gauss" and planted_mass:
+            x = _unit(rng.standard_normal((20_000, D)) * self.scales + self.offset)
+            self.planted_centre = x[0]
+            cos = x @ x[:200].T
+            self.typical_ball = float(np.median((cos >= np.cos(np.pi * 0.25)).mean(axis=0)))
 
     def _draw(self, rng, n, planted_mass):
         if self.kind == "gauss":
-            return _unit(rng.standard_normal((n, self.D)) * self.scales)
+            x = _unit(rng.standard_normal((n, self.D)) * self.scales + self.offset)
+            if planted_mass:
+                # A tight ball around one sample direction holding planted_mass x the mass of a
+                # 0.25-ball around a typical point: collapse inside a smooth world.
+                k = rng.random(n) < planted_mass * self.typical_ball
+                x[k] = _unit(self.planted_centre + 0.35 * rng.standard_normal((int(k.sum()), self.D)) / np.sqrt(self.D))
+            return x
         typical = self.base_w.mean()
         pm = planted_mass * typical  # planted identity: planted_mass times a typical identity's mass
         w = np.append(self.base_w * (1 - pm), pm)
@@ -73,8 +88,10 @@ def worlds():
     return [
         World("isotropic", "gauss", D=16),
         World("anisotropic", "gauss", D=16, aniso=1.0),
+        World("cone", "gauss", D=16, aniso=0.5, offset=1.5),
         World("identities_equal", "ids"),
         World("identities_unequal", "ids", weights=lognormal),
+        World("cone_planted_x0.5", "gauss", D=16, aniso=0.5, offset=1.5, planted_mass=0.5),
         World("planted_x2", "ids", planted_mass=2.0),
         World("planted_x4", "ids", planted_mass=4.0),
         World("planted_x8", "ids", planted_mass=8.0),
@@ -102,23 +119,27 @@ def one_replicate(args):
     rand, refs = refs[0], refs[1:]
     curves = join.range_counts(S[np.r_[w, rand, refs]], [(0, T)], radii)
     obs, ran, ref = curves[0].astype(float), curves[1].astype(float), curves[2:].astype(float)
+    want = cfg["tests"]
     out = {
-        "paper": paper_test(obs, ref, a)["reject"],
-        "erl": erl_test(obs, ref, alpha=a)["reject"],
-        "paper_random": paper_test(ran, ref, a)["reject"],
-        "erl_random": erl_test(ran, ref, alpha=a)["reject"],
+        "paper": lambda: paper_test(obs, ref, a)["reject"],
+        "erl": lambda: erl_test(obs, ref, alpha=a)["reject"],
+        "paper_random": lambda: paper_test(ran, ref, a)["reject"],
+        "erl_random": lambda: erl_test(ran, ref, alpha=a)["reject"],
     }
     frac = obs / M
-    for name, null in (("selection_ref", pool_sampler(pool, rep, "ref")),
-                       ("selection_gauss", gaussian_surrogate(S, rep))):
-        out[name] = selection_test(frac, null, m=m, n_t=M, d0=0.25, radii=radii, replicates=cfg["B"],
-                                   alpha=a)["reject"]
-    modes = distinct_modes(S, counts, cfg["k"], 0.25)
-    R = pool[:cfg["n_ref"]]
-    x = join.range_counts(S[modes], [(0, T)], [0.25])[:, 0]
-    xr = join.range_counts(S[modes], [(0, R)], [0.25])[:, 0]
-    out["two_sample"] = any(b["reject"] for b in density_ratio_test(x, M, xr, len(R), alpha=a))
-    return world.name, out
+    for name, null in (("selection_ref", lambda: pool_sampler(pool, rep, "ref")),
+                       ("selection_gauss", lambda: gaussian_surrogate(S, rep))):
+        out[name] = lambda null=null: selection_test(frac, null(), m=m, n_t=M, d0=0.25, radii=radii,
+                                                     replicates=cfg["B"], alpha=a, obs_S=S, obs_w=w)["reject"]
+
+    def two_sample():
+        modes = distinct_modes(S, counts, cfg["k"], 0.25)
+        R = pool[:cfg["n_ref"]]
+        x = join.range_counts(S[modes], [(0, T)], [0.25])[:, 0]
+        xr = join.range_counts(S[modes], [(0, R)], [0.25])[:, 0]
+        return any(b["reject"] for b in density_ratio_test(x, M, xr, len(R), alpha=a))
+    out["two_sample"] = two_sample
+    return world.name, {k: bool(f()) for k, f in out.items() if not want or k in want}
 
 
 def main(argv=None) -> dict:
@@ -133,10 +154,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--worlds", default="", help="comma list (default: all)")
+    ap.add_argument("--tests", default="", help="comma list of tests to run (default: all)")
+    ap.add_argument("--merge", help="an earlier study JSON whose other cells are kept")
     ap.add_argument("--json")
     ap.add_argument("--md")
     a = ap.parse_args(argv)
-    cfg = dict(m=a.m, M=a.M, q=a.q, B=a.B, alpha=a.alpha, seed=a.seed, k=10, pool=4 * (a.m + a.M), n_ref=a.M)
+    cfg = dict(m=a.m, M=a.M, q=a.q, B=a.B, alpha=a.alpha, seed=a.seed, k=10, pool=4 * (a.m + a.M), n_ref=a.M,
+               tests=[t for t in a.tests.split(",") if t])
     ws = [w for w in worlds() if not a.worlds or w.name in a.worlds.split(",")]
     jobs = [(w, r, cfg) for w in ws for r in range(a.reps)]
     os.environ["MODEAUDIT_THREADS"] = "1"  # one process per core
@@ -150,16 +174,37 @@ def main(argv=None) -> dict:
     for w in ws:
         rows[w.name] = {k: {"rate": float(np.mean(v)), "se": float(np.sqrt(np.mean(v) * (1 - np.mean(v)) / len(v))),
                             "n": len(v)} for k, v in tally[w.name].items()}
-    res = {"config": cfg, "reps": a.reps, "wall_s": round(time.perf_counter() - t0, 1),
-           "collapse_free": [w.name for w in ws if not w.planted_mass], "rates": rows}
-    tests = list(next(iter(rows.values())))
+    wall = round(time.perf_counter() - t0, 1)
+    if a.merge:
+        old = json.loads(Path(a.merge).read_text())
+        same = {k: v for k, v in old["config"].items() if k != "tests"} == {k: v for k, v in cfg.items() if k != "tests"}
+        if not same or old["reps"] != a.reps:
+            raise SystemExit(f"--merge {a.merge}: its config/reps differ from this run's; rerun all cells instead")
+        rerun = set(cfg["tests"]) or {t for cells in rows.values() for t in cells}
+        for cells in old["rates"].values():   # a re-measured test keeps no cell of its earlier version
+            for t in rerun:
+                cells.pop(t, None)
+        for name, cells in rows.items():
+            old["rates"].setdefault(name, {}).update(cells)
+        rows = old["rates"]
+        wall = {"earlier": old["wall_s"], "this_run": wall, "tests_rerun": cfg["tests"] or "all"}
+    cfg_out = {k: v for k, v in cfg.items() if k != "tests"}
+    names = [w.name for w in worlds()]
+    rows = dict(sorted(rows.items(), key=lambda kv: names.index(kv[0]) if kv[0] in names else len(names)))
+    res = {"config": cfg_out, "reps": a.reps, "wall_s": wall,
+           "collapse_free": [w.name for w in worlds() if not w.planted_mass and w.name in rows], "rates": rows}
+    tests = ["paper", "erl", "paper_random", "erl_random", "selection_ref", "selection_gauss", "two_sample"]
+    tests = [t for t in tests if any(t in r for r in rows.values())]
     lines = ["| world | " + " | ".join(tests) + " |", "|---|" + "---|" * len(tests)]
     for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[t]['rate']:.3f} ± {r[t]['se']:.3f}" for t in tests) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{r[t]['rate']:.3f} ± {r[t]['se']:.3f}" if t in r else "—"
+                                                  for t in tests) + " |")
+    lines.append("")
+    lines.append(f"{a.reps} replicates per cell, alpha = {a.alpha}, m = {a.m}, M = {a.M}, q = {a.q}, "
+                 f"B = {a.B}, reference pool {cfg['pool']} rows; wall time {wall} s. Rejection rates ± "
+                 f"binomial standard error; collapse-free worlds: {', '.join(res['collapse_free'])}.")
     md = "\n".join(lines)
     print(md)
-    print(f"({a.reps} replicates per cell, alpha = {a.alpha}, m = {a.m}, M = {a.M}, q = {a.q}, B = {a.B}; "
-          f"{res['wall_s']} s)")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     if a.md:

@@ -40,7 +40,7 @@ def _audit_config(result: dict, out: Path, generator: str, seed: int, kernel: st
 
 
 def run_calibration(run: str, method: str, variant: str | None, n_modes: int, clusters: int, n_fit: int,
-                    client, kernel: str, workers: int) -> dict:
+                    client, kernel: str, workers: int, fid_reference: str | None = None) -> dict:
     """Fit, save, re-audit and compare; writes DIR/calibration/<method>/{calibration.json, report.html}."""
     if method not in cs.METHODS:
         raise ConfigError(f"unknown --method {method!r}; choose cluster or rejection")
@@ -49,6 +49,9 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
         raise ConfigError(f"--variant {variant!r} does not belong to --method {method}; choose one of "
                           f"{', '.join(cs.METHODS[method])}")
     result, store = cs.load_run(run)
+    ref_stats = cs.reference_stats(fid_reference) if fid_reference else None
+    if ref_stats is not None:
+        cs.check_reference_width(ref_stats, store.array("T", "emb").shape[1], fid_reference)
     out = Path(run) / "calibration" / method
     (out / "calibration.json").unlink(missing_ok=True)
     src = result["source"]
@@ -115,6 +118,9 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
                 if np.ndim(v) == 0},
         "audit_after": str(out / "audit" / "result.json"),
     }
+    if ref_stats is not None:
+        # Real-data statistics (pytorch-fid .npz) in the same feature space as the stored embeddings.
+        cal["fd_reference"] = cs.fd_to_reference(st_before, st_after, ref_stats, fid_reference)
     null_opts = cs.null_world_options(src["generator"], src["generator_options"])
     if null_opts is not None and "truth" in result:
         from tasks.shards import embed_rows
@@ -138,13 +144,15 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
 
 
 @flow(name="modeaudit-calibrate", log_prints=True)
-def calibrate_flow(run: str, method: str = "cluster", variant: str | None = None, modes: int = 1,
-                   clusters: int = 64, n_fit: int = 200_000, kernel: str = "auto", workers: int = 1) -> dict:
+def calibrate_flow(run: str, method: str = "rejection", variant: str | None = None, modes: int = 1,
+                   clusters: int = 64, n_fit: int = 200_000, kernel: str = "auto", workers: int = 1,
+                   fid_reference: str | None = None) -> dict:
     """Prefect flow: calibrate the generator audited in `run` and audit the result."""
     try:
         kernel = kernel_for(kernel)
         with dask_client(workers, None, None, gpus=kernel == "torch-cuda") as client:
-            return run_calibration(run, method, variant, modes, clusters, n_fit, client, kernel, workers)
+            return run_calibration(run, method, variant, modes, clusters, n_fit, client, kernel, workers,
+                                   fid_reference)
     except (ConfigError, StoreError) as e:
         return Failed(message=str(e))
 

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="reshape the latent sampler of an audited generator and audit the result",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--run", required=True, metavar="DIR", help="a finished `modeaudit audit --generator` run")
-    c.add_argument("--method", default="cluster", choices=["cluster", "rejection"])
+    c.add_argument("--method", default="rejection", choices=["cluster", "rejection"],
+                   help="rejection (seed 001 Alg. 2; default: exact, keeps quality) or cluster (Alg. 1)")
     c.add_argument("--variant", choices=["gmm", "cells", "descriptor", "latent"],
                    help="cluster: gmm (the paper's mixture) or cells (exact cell-wise rejection, default); "
                    "rejection: descriptor (default) or latent (proxy, no embedding at sampling time)")
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-fit", type=_count, default=200_000, help="rows of T (latents and embeddings) to fit on")
     c.add_argument("--workers", type=_count, default=1)
     c.add_argument("--kernel", default="auto", choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda"])
+    c.add_argument("--fid-reference", metavar="NPZ", help="real-data feature statistics (pytorch-fid .npz with mu, "
+                   "sigma) in the audit's descriptor space: FD before/after to them goes into calibration.json")
 
     sub.add_parser("list", help="list generators and descriptors with their options")
     return p
@@ -172,10 +175,14 @@ def main(argv=None) -> int:
     if args.command == "calibrate":
         try:
             from tasks.calibrate_steps import load_run
-            load_run(args.run)  # fail in a second, before Prefect starts, when DIR is not a finished audit
+            _, run_store = load_run(args.run)  # fail in a second, before Prefect starts, when DIR is not an audit
+            if args.fid_reference:
+                from tasks.calibrate_steps import check_reference_width, reference_stats
+                check_reference_width(reference_stats(args.fid_reference), run_store.array("T", "emb").shape[1],
+                                      args.fid_reference)
             from flows.calibrate import calibrate_flow
             cal = calibrate_flow(args.run, args.method, args.variant, args.modes, args.clusters, args.n_fit,
-                                 args.kernel, args.workers)
+                                 args.kernel, args.workers, args.fid_reference)
         except (ConfigError, StoreError, FailedRun) as e:
             print(f"modeaudit: error: {e}", file=sys.stderr)
             return 2

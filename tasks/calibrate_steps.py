@@ -73,6 +73,33 @@ def mccs_of(client, anchors, T: Source, n_c: int, theta: float, kernel: str) -> 
     return mccs_from_sums(parallel.mccs_sums(client, anchors, T, theta, stop=n_c, kernel=kernel), n_c)
 
 
+def reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of real data from a pytorch-fid .npz; a bad file is the user's error, with its reason."""
+    from .fid import load_reference_stats
+    try:
+        return load_reference_stats(path)
+    except FileNotFoundError:
+        raise InputError(f"--fid-reference {path}: no such file; give a pytorch-fid .npz with 'mu' and 'sigma'") from None
+    except ValueError as e:
+        raise InputError(f"--fid-reference: {e}") from None
+
+
+def check_reference_width(ref: tuple, dim: int, path: str) -> None:
+    """Refuse real-data statistics of another feature width before any work starts."""
+    if len(ref[0]) != dim:
+        raise InputError(f"--fid-reference {path} holds {len(ref[0])}-d statistics but the run's embeddings are "
+                         f"{dim}-d; compute the reference with the same descriptor as the audit")
+
+
+def fd_to_reference(before: StreamingStats, after: StreamingStats, ref: tuple, path: str) -> dict:
+    """FD of the model before and after calibration to real-data statistics (same feature space required)."""
+    check_reference_width(ref, before.dim, path)
+    mu, sigma = ref
+    return {"before": float(frechet_distance(before.mean, before.cov(), mu, sigma)),
+            "after": float(frechet_distance(after.mean, after.cov(), mu, sigma)),
+            "features": "the audit's descriptor (FD, not Inception FID)", "file": str(path)}
+
+
 def band_overlap(before: dict, after: dict) -> dict:
     """How the reference bands of two audits overlap, radius by radius (diversity kept?)."""
     lo1, hi1 = np.asarray(before["ref_low"]), np.asarray(before["ref_high"])

@@ -157,6 +157,9 @@ def validate_settings(c: AuditConfig) -> None:
     if "two_sample" in tests and not (c.reference or c.reference_generator):
         raise ConfigError("the two_sample test needs a reference set: pass --reference EMBEDDINGS or "
                           "--reference-generator SPEC")
+    if c.reference_generator and c.generator is None:
+        raise ConfigError("--reference-generator needs --generator (its samples are embedded with the audited "
+                          "model's descriptor); with --embeddings-s/-t pass reference embeddings with --reference")
     if c.reference and c.reference_generator:
         raise ConfigError("give --reference or --reference-generator, not both")
     if c.generator is None and (c.embeddings_s is None or c.embeddings_t is None):

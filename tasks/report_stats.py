@@ -66,16 +66,29 @@ def selection_section(result) -> tuple[str, str] | None:
     hi = np.array([np.nan if v is None else v for v in sel["envelope_high"]], np.float64)
     ax.fill_between(r, 0, hi, color="#c7e9c0", label=f"{1 - sel['alpha']:.0%} global envelope of null worst cases")
     ax.plot(r, sel["null_median"], "--", color="#238b45", lw=1, label="null worst case, median")
-    ax.plot(r, sel["obs_curve_fraction"], color="#cb181d", lw=2, label="observed worst case")
-    ax.set_yscale("log")
+    if "obs_excess" in sel:
+        # Surrogate null: curves are standardised excesses over the refitted model's prediction (0 = as predicted).
+        ax.fill_between(r, np.nanmin(np.r_[hi, sel["obs_excess"], 0.0]) - 0.05, hi, color="#c7e9c0")
+        ax.plot(r, sel["obs_excess"], color="#cb181d", lw=2, label="observed worst case")
+        ax.axhline(0, color="#888", lw=0.8)
+        ax.set_ylabel("excess over surrogate (Poisson sds)")
+    else:
+        ax.plot(r, sel["obs_curve_fraction"], color="#cb181d", lw=2, label="observed worst case")
+        ax.set_yscale("log")
+        ax.set_ylabel("fraction of T within d")
     ax.set_xlabel("radius d")
-    ax.set_ylabel("fraction of T within d")
     ax.legend(fontsize=8, loc="lower right")
     text = (f"<p><b>Null:</b> {html.escape(sel['null'])}.<br>The worst case was re-selected on the first "
             f"{sel['null_m']:,} rows of S and counted in {sel['null_T']:,} rows of T; each of the "
             f"{sel['replicates']} null replicates did the same on a draw from the null. p = {_f(sel['p'])} "
             f"(interval [{_f(sel['p_low'])}, {_f(sel['p_high'])}]): {'reject' if sel['reject'] else 'no reject'} "
             f"at alpha = {sel['alpha']}.</p>")
+    if "obs_excess" in sel:
+        fit = sel.get("surrogate_fit") or {}
+        text += ("<p>Against a surrogate each curve (observed and null alike) is divided by what a projected "
+                 "normal refitted to <i>its own</i> S predicts for the selected anchor, so the estimation error "
+                 "of the fit cancels. Fit: " + html.escape(", ".join(f"{k} = {_f(v) if isinstance(v, float) else v}"
+                                                                      for k, v in fit.items())) + ".</p>")
     return "Selection-aware test", _img(fig, "selection test") + text
 
 

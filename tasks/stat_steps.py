@@ -43,9 +43,10 @@ def erl(obs_curve, ref_curves, alpha: float) -> dict:
 
 def selection(S_rows, T, *, m_sel: int, n_t: int, null: NullSampler, d0, radii, replicates, alpha, kernel) -> dict:
     """Re-run the selection on S[:m_sel] against T[:n_t], and test that worst case against the null's worst cases."""
-    w, curve = worst_case_curve(np.asarray(S_rows[:m_sel]), T.blocks(0, n_t), n_t, d0, radii, kernel)
+    S_sel = np.asarray(S_rows[:m_sel])
+    w, curve = worst_case_curve(S_sel, T.blocks(0, n_t), n_t, d0, radii, kernel)
     res = selection_test(curve, null, m=m_sel, n_t=n_t, d0=d0, radii=radii, replicates=replicates,
-                         alpha=alpha, kernel=kernel)
+                         alpha=alpha, kernel=kernel, obs_S=S_sel, obs_w=w)
     res.update({"s_index": int(w), "obs_curve_fraction": curve.tolist()})
     return res
 

@@ -1,6 +1,7 @@
 """Calibration end to end: the planted mode is flattened, quality and diversity kept."""
 import json
 
+import numpy as np
 import pytest
 
 from flows.audit import audit_flow
@@ -19,9 +20,25 @@ def audited(tmp_path_factory, prefect_harness):
     return out
 
 
-def test_rejection_calibration_flattens_the_planted_mode(audited):
-    cal = calibrate_flow(str(audited), "rejection")
+def _null_world_npz(audited, path):
+    # "Real data" of the synthetic world: the same identities with no planted mode, as pytorch-fid stats.
+    from tasks import calibrate_steps as cs
+    from tasks.shards import embed_rows
+    res = json.loads((audited / "result.json").read_text())
+    opts = cs.null_world_options(res["source"]["generator"], res["source"]["generator_options"])
+    _, emb, _, _ = embed_rows({"spec": "synthetic:null", "options": opts}, {"spec": "identity", "options": {}},
+                              12345, "null", 0, 50_000)
+    emb = np.asarray(emb, np.float64)
+    np.savez(path, mu=emb.mean(axis=0), sigma=np.cov(emb, rowvar=False))
+    return path
+
+
+def test_rejection_calibration_flattens_the_planted_mode(audited, capsys):
+    npz = _null_world_npz(audited, audited.parent / "real_stats.npz")
+    # Through the CLI, as a user runs it (rejection is the default method).
+    assert main(["calibrate", "--run", str(audited), "--fid-reference", str(npz)]) == 0
     on_disk = json.loads((audited / "calibration" / "rejection" / "calibration.json").read_text())
+    cal = on_disk
     for key in ("method", "acceptance_rate", "mccs_worst_before", "mccs_worst_after", "fd_before_after", "truth"):
         assert key in on_disk
     t = cal["truth"]
@@ -34,6 +51,16 @@ def test_rejection_calibration_flattens_the_planted_mode(audited):
     assert cal["band_overlap"]["overlap_all"]
     assert 0.5 < cal["acceptance_rate"] <= 1
     assert (audited / "calibration" / "rejection" / "report.html").read_text().count("data:image/png") == 2
+    # FD to real-data statistics given as a pytorch-fid .npz drops too.
+    assert cal["fd_reference"]["after"] <= cal["fd_reference"]["before"]
+
+
+def test_fid_reference_of_another_width_is_refused(audited, capsys, tmp_path):
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(7), sigma=np.eye(7))
+    assert main(["calibrate", "--run", str(audited), "--fid-reference", str(tmp_path / "bad.npz")]) == 2
+    assert "7-d statistics" in capsys.readouterr().err
+    assert main(["calibrate", "--run", str(audited), "--fid-reference", str(tmp_path / "none.npz")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_calibrated_sampler_is_a_deterministic_generator(audited):

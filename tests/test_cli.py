@@ -93,3 +93,9 @@ def test_non_unit_rows_are_normalised_and_recorded(files, capsys, prefect_harnes
     assert main(emb_args(files, "s1.npy", "t.npy", "--q", "50", "--overwrite")) == 0
     r1 = json.loads((files / "out" / "result.json").read_text())
     assert r1["curves"] == r["curves"] and r1["worst_case"]["s_index"] == r["worst_case"]["s_index"]
+
+
+def test_reference_generator_needs_a_generator(files, capsys):
+    # Embeddings come from the user's own descriptor: a reference generator could not be embedded alike.
+    expect_error(emb_args(files, "s.npy", "t.npy", "--reference-generator", "synthetic:null"), capsys,
+                 "--reference-generator needs --generator", files / "out")
