@@ -40,7 +40,8 @@ def _audit_config(result: dict, out: Path, generator: str, seed: int, kernel: st
 
 
 def run_calibration(run: str, method: str, variant: str | None, n_modes: int, clusters: int, n_fit: int,
-                    client, kernel: str, workers: int, fid_reference: str | None = None) -> dict:
+                    client, kernel: str, workers: int, fid_reference: str | None = None,
+                    inception_weights: str | None = None, image_range: str = "-1:1", fid_rows: int = 10_000) -> dict:
     """Fit, save, re-audit and compare; writes DIR/calibration/<method>/{calibration.json, report.html}."""
     if method not in cs.METHODS:
         raise ConfigError(f"unknown --method {method!r}; choose cluster or rejection")
@@ -118,6 +119,11 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
                 if np.ndim(v) == 0},
         "audit_after": str(out / "audit" / "result.json"),
     }
+    if inception_weights:
+        n_fid = min(fid_rows, T.rows, T2.rows)
+        cal["fid_inception"] = cs.inception_fid(
+            {"spec": src["generator"], "options": src["generator_options"]}, store.read("T", "latents", 0, n_fid),
+            store2.read("T", "latents", 0, n_fid), inception_weights, image_range)
     if ref_stats is not None:
         # Real-data statistics (pytorch-fid .npz) in the same feature space as the stored embeddings.
         cal["fd_reference"] = cs.fd_to_reference(st_before, st_after, ref_stats, fid_reference)
@@ -146,13 +152,14 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
 @flow(name="modeaudit-calibrate", log_prints=True)
 def calibrate_flow(run: str, method: str = "rejection", variant: str | None = None, modes: int = 1,
                    clusters: int = 64, n_fit: int = 200_000, kernel: str = "auto", workers: int = 1,
-                   fid_reference: str | None = None) -> dict:
+                   fid_reference: str | None = None, inception_weights: str | None = None,
+                   image_range: str = "-1:1", fid_rows: int = 10_000) -> dict:
     """Prefect flow: calibrate the generator audited in `run` and audit the result."""
     try:
         kernel = kernel_for(kernel)
         with dask_client(workers, None, None, gpus=kernel == "torch-cuda") as client:
             return run_calibration(run, method, variant, modes, clusters, n_fit, client, kernel, workers,
-                                   fid_reference)
+                                   fid_reference, inception_weights, image_range, fid_rows)
     except (ConfigError, StoreError) as e:
         return Failed(message=str(e))
 

@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kernel", default="auto", choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda"])
     c.add_argument("--fid-reference", metavar="NPZ", help="real-data feature statistics (pytorch-fid .npz with mu, "
                    "sigma) in the audit's descriptor space: FD before/after to them goes into calibration.json")
+    c.add_argument("--inception-weights", metavar="PTH", help="pytorch-fid's FID Inception-v3 state dict (no "
+                   "download): image generators also get Inception FID between M and M' (fid_inception)")
+    c.add_argument("--image-range", default="-1:1", help="the generator's pixel range LOW:HIGH, mapped to [0, 1]")
+    c.add_argument("--fid-rows", type=_count, default=10_000, help="images per side for Inception FID")
 
     sub.add_parser("list", help="list generators and descriptors with their options")
     return p
@@ -180,9 +184,13 @@ def main(argv=None) -> int:
                 from tasks.calibrate_steps import check_reference_width, reference_stats
                 check_reference_width(reference_stats(args.fid_reference), run_store.array("T", "emb").shape[1],
                                       args.fid_reference)
+            if args.inception_weights:
+                from tasks.calibrate_steps import check_inception_inputs
+                check_inception_inputs(load_run(args.run)[0], args.inception_weights, args.image_range)
             from flows.calibrate import calibrate_flow
             cal = calibrate_flow(args.run, args.method, args.variant, args.modes, args.clusters, args.n_fit,
-                                 args.kernel, args.workers, args.fid_reference)
+                                 args.kernel, args.workers, args.fid_reference, args.inception_weights,
+                                 args.image_range, args.fid_rows)
         except (ConfigError, StoreError, FailedRun) as e:
             print(f"modeaudit: error: {e}", file=sys.stderr)
             return 2

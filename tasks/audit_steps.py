@@ -181,7 +181,7 @@ def assemble_result(cfg: AuditConfig, *, source: dict, self_counts, r_obs, r_ref
                     scans: dict, truth: dict | None, timings: dict) -> dict:
     """The result.json document (the public contract keys plus settings and provenance)."""
     obs, ref = curves[:len(r_obs)], curves[len(r_obs):]
-    paper = paper_test(obs[0], ref, cfg.alpha)
+    paper = paper_test(obs, ref, cfg.alpha)  # every R_obs curve: the test rejects if any leaves the band
     band = paper.pop("band")
     mean, std = population_mccs(mccs_a)
     w = int(r_obs[0])

@@ -100,6 +100,62 @@ def fd_to_reference(before: StreamingStats, after: StreamingStats, ref: tuple, p
             "features": "the audit's descriptor (FD, not Inception FID)", "file": str(path)}
 
 
+def inception_fid(gen: dict, latents_before: np.ndarray, latents_after: np.ndarray, weights: str,
+                  image_range: str = "-1:1", batch: int = 64, device: str = "cpu") -> dict:
+    """Inception FID between images of the model before and after calibration.
+
+    Both image sets are rendered by the *base* generator from the latents each audit
+    stored (the calibrated sampler reshapes latents only), mapped from `image_range`
+    to [0, 1] and embedded by the FID Inception-v3 loaded from `weights` (pytorch-fid's
+    state dict). Features stream into float64 statistics, so memory is O(2048^2).
+    """
+    from .generators import build_generator
+    from .inception import fid_inception_v3, inception_features
+    g = build_generator(gen["spec"], gen["options"])
+    if getattr(g, "sample_kind", "embedding") != "image":
+        raise InputError(f"--inception-weights needs an image generator; {gen['spec']!r} makes embeddings "
+                         "(calibration.json reports FD (descriptor) instead)")
+    lo, hi = _image_range(image_range)
+    try:
+        net = fid_inception_v3(weights, device=device)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"--inception-weights {weights}: {e}") from None
+    stats = []
+    for z in (latents_before, latents_after):
+        st = StreamingStats(2048)
+        for i in range(0, len(z), batch):
+            img = (np.asarray(g.generate(z[i:i + batch]), np.float32) - lo) / (hi - lo)
+            st.update(inception_features(net, np.clip(img, 0.0, 1.0), batch_size=batch, device=device))
+        stats.append(st)
+    return {"fid": fd(stats[0], stats[1]), "rows": [len(latents_before), len(latents_after)],
+            "features": "Inception-v3 pool3 (2048), pytorch-fid weights", "weights": str(weights),
+            "image_range": image_range}
+
+
+def check_inception_inputs(result: dict, weights: str, image_range: str) -> None:
+    """Fail before any work when Inception FID cannot be computed for this run."""
+    from .generators import build_generator
+    _image_range(image_range)
+    if not Path(weights).is_file():
+        raise InputError(f"--inception-weights {weights}: no such file; give pytorch-fid's "
+                         "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
+    src = result["source"]
+    if getattr(build_generator(src["generator"], src["generator_options"]), "sample_kind", "") != "image":
+        raise InputError(f"--inception-weights needs an image generator; {src['generator']!r} makes embeddings "
+                         "(calibration.json reports FD (descriptor) instead)")
+
+
+def _image_range(text: str) -> tuple[float, float]:
+    """'-1:1' -> (-1.0, 1.0): the generator's pixel range (GANs: -1:1; torchvision-style: 0:1)."""
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise InputError(f"--image-range {text!r}: write LOW:HIGH, e.g. -1:1 or 0:1") from None
+    if not hi > lo:
+        raise InputError(f"--image-range {text!r}: HIGH must exceed LOW")
+    return lo, hi
+
+
 def band_overlap(before: dict, after: dict) -> dict:
     """How the reference bands of two audits overlap, radius by radius (diversity kept?)."""
     lo1, hi1 = np.asarray(before["ref_low"]), np.asarray(before["ref_high"])

@@ -50,7 +50,7 @@ class AuditConfig:
     seed: int = 0
     shard_rows: int = 100_000
     store_dtype: str = "float16"
-    workers: int = 2
+    workers: int = 1                  # Dask workers (the CLI default too); more on a bigger machine
     threads_per_worker: int | None = None
     scheduler: str | None = None
     kernel: str = "auto"

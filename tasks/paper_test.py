@@ -29,12 +29,22 @@ def pointwise_band(ref_curves: np.ndarray, alpha: float):
 
 
 def paper_test(obs_curve: np.ndarray, ref_curves: np.ndarray, alpha: float) -> dict:
-    """Reject when the observed curve leaves the pointwise band at any radius (seed 000, Algorithm 1)."""
+    """Reject when an R_obs curve leaves the pointwise band at any radius (seed 000, Algorithm 1).
+
+    `obs_curve` is one curve (R,) or the p curves of R_obs (p, R); with p > 1 the test
+    rejects when any of them leaves (`reject_each` says which). `radii_above` /
+    `radii_below` count the radii of the first (the worst-case) curve.
+    """
     low, high, med = pointwise_band(ref_curves, alpha)
-    above, below = obs_curve > high, obs_curve < low
-    return {"reject": bool(above.any() or below.any()), "alpha": alpha,
-            "radii_above": int(above.sum()), "radii_below": int(below.sum()),
-            "band": {"low": low.tolist(), "high": high.tolist(), "median": med.tolist()}}
+    obs = np.atleast_2d(np.asarray(obs_curve, np.float64))
+    above, below = obs > high, obs < low
+    each = (above | below).any(axis=1)
+    out = {"reject": bool(each.any()), "alpha": alpha,
+           "radii_above": int(above[0].sum()), "radii_below": int(below[0].sum()),
+           "band": {"low": low.tolist(), "high": high.tolist(), "median": med.tolist()}}
+    if len(obs) > 1:
+        out["reject_each"] = [bool(e) for e in each]
+    return out
 
 
 def population_mccs(values: np.ndarray) -> tuple[float, float]:

@@ -78,3 +78,27 @@ def test_calibrated_sampler_is_a_deterministic_generator(audited):
 def test_calibrate_refuses_a_directory_without_an_audit(tmp_path, capsys):
     assert main(["calibrate", "--run", str(tmp_path), "--method", "cluster"]) == 2
     assert "holds no finished audit" in capsys.readouterr().err
+
+
+def test_inception_fid_for_an_image_generator(tmp_path, capsys, prefect_harness):
+    # Random Inception weights (no download here): the numbers mean nothing, the path is what is tested.
+    torch = pytest.importorskip("torch")
+    from tasks.inception import FIDInceptionV3
+    out = tmp_path / "img"
+    cfg = AuditConfig(out=str(out), generator="torch:tiny", descriptor="torch:tiny-cnn", m=400, M=3000, q=50,
+                      n_a=100, n_c=3000, tests="paper", efficiency=False)
+    audit_flow(cfg.to_dict())
+    weights = tmp_path / "inception.pth"
+    torch.save(FIDInceptionV3().state_dict(), weights)
+    assert main(["calibrate", "--run", str(out), "--inception-weights", str(tmp_path / "missing.pth")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["calibrate", "--run", str(out), "--inception-weights", str(weights), "--fid-rows", "24"]) == 0
+    cal = json.loads((out / "calibration" / "rejection" / "calibration.json").read_text())
+    f = cal["fid_inception"]
+    assert f["rows"] == [24, 24] and np.isfinite(f["fid"]) and f["fid"] >= 0
+
+
+def test_inception_fid_refused_for_an_embedding_generator(audited, capsys, tmp_path):
+    (tmp_path / "w.pth").write_bytes(b"x")
+    assert main(["calibrate", "--run", str(audited), "--inception-weights", str(tmp_path / "w.pth")]) == 2
+    assert "needs an image generator" in capsys.readouterr().err

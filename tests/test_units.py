@@ -73,6 +73,9 @@ def test_paper_band_and_selection():
     np.testing.assert_allclose(high, 94.05)
     assert paper_test(np.array([50, 50, 95]), ref, 0.1)["radii_above"] == 1
     assert not paper_test(np.array([50, 50, 50]), ref, 0.1)["reject"]
+    # p > 1: any R_obs curve leaving the band rejects; the counts describe the worst case (row 0).
+    two = paper_test(np.array([[50, 50, 50], [50, 2, 50]]), ref, 0.1)
+    assert two["reject"] and two["reject_each"] == [False, True] and two["radii_below"] == 0
     assert top_anchors(np.array([3, 9, 9, 1]), 2).tolist() == [1, 2]
     r = reference_anchors(0, 50, 10)
     assert len(set(r.tolist())) == 10 and r.max() < 50
