@@ -8,8 +8,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from tasks.config import PRESETS, AuditConfig, apply_preset, finalize_sizes, kernel_for, parse_radii
-from tasks.registry import ConfigError, parse_kv
+# Before anything imports Prefect (it reads its settings once, at import). Its temporary
+# server gets 20 s to start by default; a busy 2-core machine migrating a fresh database
+# takes longer (seen here: 21 s timeouts while a benchmark held both cores).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+from tasks.config import PRESETS, AuditConfig, apply_preset, finalize_sizes, kernel_for, parse_radii  # noqa: E402
+from tasks.registry import ConfigError, parse_kv  # noqa: E402
 
 
 def _count(text: str) -> int:
@@ -67,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("-R", "--reference-generator-option", action="append", metavar="KEY=VALUE")
     st.add_argument("--n-ref", dest="n_ref", type=_count, help="rows drawn from --reference-generator "
                     "(default max(min(M, 1e6), 2 * (selection_m + selection_t)))")
-    st.add_argument("--null-replicates", type=_count, default=99, help="null worst-case curves in the selection test")
+    st.add_argument("--null-replicates", type=_count, help="null worst-case curves in the selection test (default "
+                    "99 with a reference set, 39 against the parametric surrogate)")
     st.add_argument("--selection-m", type=_count, help="the selection test re-selects the worst case on the first "
                     "rows of S (default min(m, 1e4)); its cost is B * selection_m^2")
     st.add_argument("--selection-t", type=_count, help="rows of T (and of each null replicate) the selection "
@@ -175,7 +182,20 @@ def main(argv=None) -> int:
         return 0
     from prefect.exceptions import FailedRun
     from storage.store import StoreError
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        return _run_command(args, FailedRun, StoreError)
+    except RuntimeError as e:
+        if "ephemeral Prefect API server" not in str(e):
+            raise
+        print("modeaudit: error: Prefect's temporary local server did not start in "
+              f"{os.environ['PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS']} s; rerun when the machine is "
+              "less busy, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a "
+              "running Prefect server", file=sys.stderr)
+        return 2
+
+
+def _run_command(args, FailedRun, StoreError) -> int:
+    """audit or calibrate, with user errors as one line and exit code 2."""
     if args.command == "calibrate":
         try:
             from tasks.calibrate_steps import load_run
