@@ -99,3 +99,54 @@ def test_reference_generator_needs_a_generator(files, capsys):
     # Embeddings come from the user's own descriptor: a reference generator could not be embedded alike.
     expect_error(emb_args(files, "s.npy", "t.npy", "--reference-generator", "synthetic:null"), capsys,
                  "--reference-generator needs --generator", files / "out")
+
+
+def test_inf_rows_and_empty_s_and_unknown_test(files, capsys, prefect_harness):
+    s = unit(300, 8, 1)
+    s[7, 3] = np.inf
+    np.save(files / "s_inf.npy", s)
+    err = expect_error(emb_args(files, "s_inf.npy"), capsys, "NaN or Inf", files / "out")
+    assert "--embeddings-s" in err and "row 7" in err
+    np.save(files / "s_empty.npy", np.zeros((0, 8), np.float32))
+    expect_error(emb_args(files, "s_empty.npy"), capsys, "is empty", files / "out")
+    expect_error(emb_args(files, "s.npy", "t.npy", "--tests", "paper,magic"), capsys, "unknown test 'magic'",
+                 files / "out")
+
+
+def test_zarr_embeddings_give_the_numbers_of_npy(files, capsys, prefect_harness):
+    import json
+    import zarr
+    for name in ("s", "t"):
+        x = np.load(files / f"{name}.npy")
+        z = zarr.create_array(str(files / f"{name}.zarr"), shape=x.shape, chunks=(512, 8), dtype="float32")
+        z[:] = x
+    common = ["--q", "50", "--tests", "paper,erl", "--null-replicates", "39"]
+    assert main(emb_args(files, "s.npy", "t.npy", *common)) == 0
+    a = json.loads((files / "out" / "result.json").read_text())
+    argv = ["audit", "--embeddings-s", str(files / "s.zarr"), "--embeddings-t", str(files / "t.zarr"),
+            "--out", str(files / "out_z"), *common]
+    assert main(argv) == 0
+    b = json.loads((files / "out_z" / "result.json").read_text())
+    assert a["worst_case"] == b["worst_case"] and a["curves"] == b["curves"] and a["mccs"] == b["mccs"]
+
+
+def test_torchscript_generator_and_descriptor(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tasks.descriptors import build_descriptor
+    from tasks.generators import build_generator, tiny_image_module
+    gen_path, desc_path = tmp_path / "g.pt", tmp_path / "d.pt"
+    torch.jit.trace(tiny_image_module(8, 16, 0), torch.zeros(2, 8)).save(str(gen_path))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 12))
+    torch.jit.trace(net, torch.zeros(2, 3, 16, 16)).save(str(desc_path))
+    g = build_generator(f"torchscript:{gen_path}", {"latent_dim": "8", "batch_size": "7"})
+    z = g.latents(0, "S", 0, 20)
+    img = g.generate(z)
+    assert img.shape == (20, 3, 16, 16) and np.isfinite(img).all()
+    with torch.no_grad():
+        want = tiny_image_module(8, 16, 0)(torch.from_numpy(z)).numpy()
+    np.testing.assert_allclose(img, want, atol=1e-6)
+    d = build_descriptor(f"torchscript:{desc_path}", {"batch_size": "6"})
+    e = d.embed(img)   # raw rows: the store normalises (and records) them
+    with torch.no_grad():
+        np.testing.assert_allclose(e, net(torch.from_numpy(img)).numpy(), atol=1e-5)
+    assert "sha256" in g.fingerprint()
