@@ -79,7 +79,8 @@ def reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         return load_reference_stats(path)
     except FileNotFoundError:
-        raise InputError(f"--fid-reference {path}: no such file; give a pytorch-fid .npz with 'mu' and 'sigma'") from None
+        raise InputError(f"--fid-reference {path}: no such file; give a pytorch-fid .npz with 'mu' and "
+                         "'sigma'") from None
     except ValueError as e:
         raise InputError(f"--fid-reference: {e}") from None
 

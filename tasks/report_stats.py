@@ -64,11 +64,15 @@ def selection_section(result) -> tuple[str, str] | None:
     fig = Figure(figsize=(7.5, 3.4), layout="constrained")
     ax = fig.add_subplot()
     hi = np.array([np.nan if v is None else v for v in sel["envelope_high"]], np.float64)
-    ax.fill_between(r, 0, hi, color="#c7e9c0", label=f"{1 - sel['alpha']:.0%} global envelope of null worst cases")
+    if "obs_excess" not in sel:
+        ax.fill_between(r, 0, hi, color="#c7e9c0", label=f"{1 - sel['alpha']:.0%} global envelope of null worst cases")
     ax.plot(r, sel["null_median"], "--", color="#238b45", lw=1, label="null worst case, median")
     if "obs_excess" in sel:
         # Surrogate null: curves are standardised excesses over the refitted model's prediction (0 = as predicted).
-        ax.fill_between(r, np.nanmin(np.r_[hi, sel["obs_excess"], 0.0]) - 0.05, hi, color="#c7e9c0")
+        # One-sided envelope: only its top matters; shade a strip below it so the line reads as a bound.
+        span = max(1.0, float(np.nanmax(hi) - np.nanmin(np.r_[sel["null_median"], 0.0])))
+        ax.fill_between(r, np.nanmin(np.r_[sel["null_median"], 0.0]) - 0.5 * span, hi, color="#c7e9c0",
+                        label=f"{1 - sel['alpha']:.0%} global envelope of null worst cases (upper bound)")
         ax.plot(r, sel["obs_excess"], color="#cb181d", lw=2, label="observed worst case")
         ax.axhline(0, color="#888", lw=0.8)
         ax.set_ylabel("excess over surrogate (Poisson sds)")
@@ -85,9 +89,9 @@ def selection_section(result) -> tuple[str, str] | None:
             f"at alpha = {sel['alpha']}.</p>")
     if "obs_excess" in sel:
         fit = sel.get("surrogate_fit") or {}
-        text += ("<p>Against a surrogate each curve (observed and null alike) is divided by what a projected "
-                 "normal refitted to <i>its own</i> S predicts for the selected anchor, so the estimation error "
-                 "of the fit cancels. Fit: " + html.escape(", ".join(f"{k} = {_f(v) if isinstance(v, float) else v}"
+        text += ("<p>Against a surrogate each curve (observed and null alike) is compared with what a projected "
+                 "normal refitted to <i>its own</i> S predicts for the selected anchor (in Poisson standard "
+                 "deviations), so the estimation error of the fit cancels. Fit: " + html.escape(", ".join(f"{k} = {_f(v) if isinstance(v, float) else v}"
                                                                       for k, v in fit.items())) + ".</p>")
     return "Selection-aware test", _img(fig, "selection test") + text
 
