@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--selection-m", type=_count, help="the selection test re-selects the worst case on the first "
                     "rows of S (default min(m, 1e4)); its cost is B * selection_m^2")
     st.add_argument("--selection-t", type=_count, help="rows of T (and of each null replicate) the selection "
-                    "test counts in (default min(M, 1e5))")
+                    "test counts in (default min(M, 1e5) with a reference set, min(M, 5e4) against the surrogate)")
     st.add_argument("--modes", type=_count, default=10, help="top-k distinct dense modes (no two within d0)")
     st.add_argument("--no-efficiency", dest="efficiency", action="store_false",
                     help="skip the sampling-efficiency curves")

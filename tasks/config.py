@@ -110,7 +110,10 @@ def finalize_sizes(cfg: AuditConfig, m: int, M: int) -> AuditConfig:
         ok_alpha = isinstance(c.alpha, (int, float)) and 0 < c.alpha < 1
         c.null_replicates = max(base, int(np.ceil(2 / c.alpha)) - 1) if ok_alpha else base
     c.selection_m = min(m, 10_000) if c.selection_m is None else c.selection_m
-    c.selection_t = min(M, 100_000) if c.selection_t is None else c.selection_t
+    # Against the surrogate every replicate draws T* and a prediction sample of this size,
+    # so it is halved there (the paper preset's budget); a reference pool only indexes rows.
+    has_ref = bool(c.reference or c.reference_generator)
+    c.selection_t = min(M, 100_000 if has_ref else 50_000) if c.selection_t is None else c.selection_t
     # Enough reference rows for the two-sample counts and for two disjoint selection-test draws.
     c.n_ref = max(min(M, 1_000_000), 2 * (c.selection_m + c.selection_t)) if c.n_ref is None else c.n_ref
     for name in ("p", "q", "n_a", "n_c", "shard_rows", "workers", "selection_m", "selection_t", "n_ref",
