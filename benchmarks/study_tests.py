@@ -2,8 +2,8 @@
 
     python benchmarks/study_tests.py --reps 200 --json docs/study.json --md docs/study.md
     # re-measure some tests only, keeping the other cells of an earlier run:
-    python benchmarks/study_tests.py --reps 200 --tests selection_gauss --merge docs/study.json \
-        --json docs/study.json --md docs/study.md
+    python benchmarks/study_tests.py --reps 200 --tests selection_gauss --merge docs/study.json --drop-old \
+        --worlds isotropic,anisotropic,cone,cone_planted_x0.5 --json docs/study.json --md docs/study.md
 
 Each replicate draws S (m rows), T (M rows) and an independent reference pool from
 a world, runs the audit's statistics with the product's own kernels, and records
@@ -167,6 +167,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--worlds", default="", help="comma list (default: all)")
     ap.add_argument("--tests", default="", help="comma list of tests to run (default: all)")
     ap.add_argument("--merge", help="an earlier study JSON whose other cells are kept")
+    ap.add_argument("--drop-old", action="store_true", help="with --merge: drop the earlier cells of the tests "
+                    "rerun here, in every world (after a change to those tests)")
     ap.add_argument("--json")
     ap.add_argument("--md")
     a = ap.parse_args(argv)
@@ -191,10 +193,11 @@ def main(argv=None) -> dict:
         same = {k: v for k, v in old["config"].items() if k != "tests"} == {k: v for k, v in cfg.items() if k != "tests"}
         if not same or old["reps"] != a.reps:
             raise SystemExit(f"--merge {a.merge}: its config/reps differ from this run's; rerun all cells instead")
-        rerun = set(cfg["tests"]) or {t for cells in rows.values() for t in cells}
-        for cells in old["rates"].values():   # a re-measured test keeps no cell of its earlier version
-            for t in rerun:
-                cells.pop(t, None)
+        if a.drop_old:   # the test's code changed: keep no cell of its earlier version
+            rerun = set(cfg["tests"]) or {t for cells in rows.values() for t in cells}
+            for cells in old["rates"].values():
+                for t in rerun:
+                    cells.pop(t, None)
         for name, cells in rows.items():
             old["rates"].setdefault(name, {}).update(cells)
         rows = old["rates"]

@@ -20,7 +20,7 @@ from tasks.registry import ConfigError
 from tasks import stat_steps as stats
 from tasks.config import AuditConfig, apply_preset, finalize_sizes, kernel_for, tests_for
 from tasks.paper_test import reference_anchors, top_anchors
-from tasks.report import write_report
+from tasks.report import verdict_text, write_report
 from tasks.report_stats import stats_sections
 from tasks.sources import Source
 
@@ -130,6 +130,8 @@ def run_audit(cfg: AuditConfig, client) -> dict:
                 client, S_rows, T, worst=int(r_obs[0]), random_anchor=int(r_ref[0]), self_counts=counts,
                 mccs_a=mccs[:-1], n_c=cfg.n_c, theta=cfg.theta, d0=cfg.d0, kernel=cfg.kernel, planted=planted)
     result["settings"]["tests"] = list(tests)
+    headline, why = verdict_text(result["tests"])
+    result["verdict"] = {"headline": headline, "explanation": why}   # the report's verdict, for programs
     result = steps.json_safe(result)
 
     store.write_array("results/self_counts", counts)

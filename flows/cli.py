@@ -230,7 +230,7 @@ def _run_command(args, FailedRun, StoreError) -> int:
     w = result["worst_case"]
     verdict = {k: (any(b["reject"] for b in v) if isinstance(v, list) else v["reject"])
                for k, v in result["tests"].items()}
-    print(json.dumps({"verdict": verdict,
+    print(json.dumps({"headline": result["verdict"]["headline"], "verdict": verdict,
                       "worst_case": w, "mccs_mean": result["mccs"]["mean"],
                       "report": str(Path(cfg.out) / "report.html")}, indent=1))
     return 0

@@ -30,7 +30,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 __all__ = ["write_report", "figure_to_base64_png", "render_report_html",
-           "neighbour_curves_figure", "mccs_histogram_figure", "UNCONTROLLED_TESTS"]
+           "neighbour_curves_figure", "mccs_histogram_figure", "UNCONTROLLED_TESTS", "verdict_text"]
 
 # Tests whose family-wise error rate is NOT controlled. A reject from these alone
 # must not be shown as "collapse detected": the paper's band test compares a selected
@@ -365,6 +365,13 @@ def _verdict(tests: Mapping) -> tuple[str, str, str]:
     if not tests:
         return "none", "No tests were run", ""
     return "ok", "No collapse detected", f"None of {names(list(tests))} rejects."
+
+
+def verdict_text(tests: Mapping) -> tuple[str, str]:
+    """(headline, explanation) of the report's verdict, as plain text (for the CLI and other programs)."""
+    import re
+    _, head, sub = _verdict(tests)
+    return head, html.unescape(re.sub(r"<[^>]+>", "", sub))
 
 
 def _tests_table(tests: Mapping, n_radii: int) -> str:

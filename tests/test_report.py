@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from tasks.report import (figure_to_base64_png, mccs_histogram_figure, render_report_html,
+from tasks.report import (figure_to_base64_png, mccs_histogram_figure, render_report_html, verdict_text,
                           write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -120,6 +120,9 @@ def test_verdicts():
         page = render_report_html(r, curves_png_b64="", mccs_png_b64="")
         assert text in page
         assert "Collapse detected" not in page or text == "Collapse detected"
+        head, why = verdict_text(tests)
+        assert head == text or head.startswith(text)
+        assert "<" not in why
 
 
 def test_html_escaping(tmp_path):
