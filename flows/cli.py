@@ -199,14 +199,14 @@ def _run_command(args, FailedRun, StoreError) -> int:
     if args.command == "calibrate":
         try:
             from tasks.calibrate_steps import load_run
-            _, run_store = load_run(args.run)  # fail in a second, before Prefect starts, when DIR is not an audit
+            run_result, run_store = load_run(args.run)  # fail in a second, before Prefect starts, when not an audit
             if args.fid_reference:
                 from tasks.calibrate_steps import check_reference_width, reference_stats
                 check_reference_width(reference_stats(args.fid_reference), run_store.array("T", "emb").shape[1],
                                       args.fid_reference)
             if args.inception_weights:
                 from tasks.calibrate_steps import check_inception_inputs
-                check_inception_inputs(load_run(args.run)[0], args.inception_weights, args.image_range)
+                check_inception_inputs(run_result, args.inception_weights, args.image_range)
             from flows.calibrate import calibrate_flow
             cal = calibrate_flow(args.run, args.method, args.variant, args.modes, args.clusters, args.n_fit,
                                  args.kernel, args.workers, args.fid_reference, args.inception_weights,

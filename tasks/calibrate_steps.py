@@ -93,8 +93,7 @@ def check_reference_width(ref: tuple, dim: int, path: str) -> None:
 
 
 def fd_to_reference(before: StreamingStats, after: StreamingStats, ref: tuple, path: str) -> dict:
-    """FD of the model before and after calibration to real-data statistics (same feature space required)."""
-    check_reference_width(ref, before.dim, path)
+    """FD of the model before and after calibration to real-data statistics (width checked by the caller)."""
     mu, sigma = ref
     return {"before": float(frechet_distance(before.mean, before.cov(), mu, sigma)),
             "after": float(frechet_distance(after.mean, after.cov(), mu, sigma)),
@@ -110,12 +109,8 @@ def inception_fid(gen: dict, latents_before: np.ndarray, latents_after: np.ndarr
     to [0, 1] and embedded by the FID Inception-v3 loaded from `weights` (pytorch-fid's
     state dict). Features stream into float64 statistics, so memory is O(2048^2).
     """
-    from .generators import build_generator
     from .inception import fid_inception_v3, inception_features
-    g = build_generator(gen["spec"], gen["options"])
-    if getattr(g, "sample_kind", "embedding") != "image":
-        raise InputError(f"--inception-weights needs an image generator; {gen['spec']!r} makes embeddings "
-                         "(calibration.json reports FD (descriptor) instead)")
+    g = _image_generator(gen["spec"], gen["options"])
     lo, hi = _image_range(image_range)
     try:
         net = fid_inception_v3(weights, device=device)
@@ -135,15 +130,21 @@ def inception_fid(gen: dict, latents_before: np.ndarray, latents_after: np.ndarr
 
 def check_inception_inputs(result: dict, weights: str, image_range: str) -> None:
     """Fail before any work when Inception FID cannot be computed for this run."""
-    from .generators import build_generator
     _image_range(image_range)
     if not Path(weights).is_file():
         raise InputError(f"--inception-weights {weights}: no such file; give pytorch-fid's "
                          "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
-    src = result["source"]
-    if getattr(build_generator(src["generator"], src["generator_options"]), "sample_kind", "") != "image":
-        raise InputError(f"--inception-weights needs an image generator; {src['generator']!r} makes embeddings "
+    _image_generator(result["source"]["generator"], result["source"]["generator_options"])
+
+
+def _image_generator(spec: str, options: dict):
+    """The run's generator, refused unless it makes images (Inception FID needs pixels)."""
+    from .generators import build_generator
+    g = build_generator(spec, options)
+    if getattr(g, "sample_kind", "") != "image":
+        raise InputError(f"--inception-weights needs an image generator; {spec!r} makes embeddings "
                          "(calibration.json reports FD (descriptor) instead)")
+    return g
 
 
 def _image_range(text: str) -> tuple[float, float]:

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -369,7 +370,6 @@ def _verdict(tests: Mapping) -> tuple[str, str, str]:
 
 def verdict_text(tests: Mapping) -> tuple[str, str]:
     """(headline, explanation) of the report's verdict, as plain text (for the CLI and other programs)."""
-    import re
     _, head, sub = _verdict(tests)
     return head, html.unescape(re.sub(r"<[^>]+>", "", sub))
 

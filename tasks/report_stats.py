@@ -88,11 +88,11 @@ def selection_section(result) -> tuple[str, str] | None:
             f"(interval [{_f(sel['p_low'])}, {_f(sel['p_high'])}]): {'reject' if sel['reject'] else 'no reject'} "
             f"at alpha = {sel['alpha']}.</p>")
     if "obs_excess" in sel:
-        fit = sel.get("surrogate_fit") or {}
+        fit = ", ".join(f"{k} = {_f(v) if isinstance(v, float) else v}"
+                        for k, v in (sel.get("surrogate_fit") or {}).items())
         text += ("<p>Against a surrogate each curve (observed and null alike) is compared with what a projected "
                  "normal refitted to <i>its own</i> S predicts for the selected anchor (in Poisson standard "
-                 "deviations), so the estimation error of the fit cancels. Fit: " + html.escape(", ".join(f"{k} = {_f(v) if isinstance(v, float) else v}"
-                                                                      for k, v in fit.items())) + ".</p>")
+                 "deviations), so the estimation error of the fit cancels. Fit: " + html.escape(fit) + ".</p>")
     return "Selection-aware test", _img(fig, "selection test") + text
 
 

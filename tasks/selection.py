@@ -86,7 +86,7 @@ def gaussian_surrogate(S: np.ndarray, seed: int) -> NullSampler:
         # balls in a fresh draw of the refitted law: what "no collapse" predicts here.
         # The refit uses the first REFIT_ROWS rows (iid, so a random subsample) and the
         # same procedure for the observed sample and every replicate, which is all the
-        # pivot needs; it keeps 99 refits at 1e4 x 128 from costing minutes.
+        # pivot needs; it keeps B refits at 1e4 x 128 from costing minutes.
         rows = min(len(S_b), max(REFIT_ROWS, 4 * S_b.shape[1]))
         f = fit_projected_normal(S_b[:rows], init=fit, max_iter=REFIT_ITER)
         Y = f.sample(np.random.default_rng([seed, 0x5E3, key]), n_t)
@@ -113,7 +113,7 @@ def selection_test(obs_curve_frac: np.ndarray, null: NullSampler, *, m: int, n_t
 
     With a reference null the curves themselves are compared. With a surrogate
     (`null.predict`), a plug-in null is off by its own estimation error, so each
-    curve -- observed and replicate alike -- is first divided by what a model refitted
+    curve -- observed and replicate alike -- is first compared with what a model refitted
     to *its own* S predicts for the selected anchor (`excess`): the parametric
     bootstrap of an approximately pivotal statistic. That needs the observed S and
     its worst-case row (`obs_S`, `obs_w`).
@@ -126,7 +126,8 @@ def selection_test(obs_curve_frac: np.ndarray, null: NullSampler, *, m: int, n_t
         curves[b] = c if null.predict is None else excess(c, null.predict(S, w, n_t, radii, b + 1, kernel), n_t)
 
     # Replicates are seeded by their index, so running them side by side changes no
-    # number; it uses the cores that random draws and the surrogate's EM leave idle.
+    # number; it uses the cores that random draws and the surrogate's EM leave idle
+    # (19 surrogate replicates at 1e4 x 128: 12.5 s on 2 threads, 16.0 s on 1, same p).
     from .threads import compute_threads
     with ThreadPoolExecutor(min(compute_threads(), 4)) as ex:
         list(ex.map(one, range(replicates)))

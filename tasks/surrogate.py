@@ -77,14 +77,18 @@ def _radius_moments(beta: np.ndarray, n: int) -> np.ndarray:
     return (w * t).sum(axis=1) / w.sum(axis=1)
 
 
+def _a_beta(U: np.ndarray, mu: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: a = u'P u and beta = u'P mu / sqrt(a), the radius posterior's two numbers."""
+    UP = U @ P
+    a = np.einsum("ij,ij->i", UP, U)
+    return a, (UP @ mu) / np.sqrt(a)
+
+
 def _posterior_r(U: np.ndarray, mu: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """E[r | u] and E[r^2 | u] under PN(mu, P^-1) for every row of U."""
     D = U.shape[1]
-    UP = U @ P
-    a = np.einsum("ij,ij->i", UP, U)
-    b = UP @ mu
+    a, beta = _a_beta(U, mu, P)
     sa = np.sqrt(a)
-    beta = b / sa
     et = _radius_moments(beta, D - 1)
     et2 = beta * et + D                    # I_{n+2} = beta I_{n+1} + (n+1) I_n, n = D - 1
     return et / sa, et2 / a
@@ -94,9 +98,7 @@ def _log_likelihood(U: np.ndarray, mu: np.ndarray, Sigma: np.ndarray) -> float:
     """Mean log-density of the rows under PN(mu, Sigma), up to a constant (for the convergence check)."""
     D = U.shape[1]
     P = np.linalg.inv(Sigma)
-    UP = U @ P
-    a = np.einsum("ij,ij->i", UP, U)
-    beta = (UP @ mu) / np.sqrt(a)
+    a, beta = _a_beta(U, mu, P)
     c = -0.5 * float(mu @ P @ mu) - 0.5 * np.linalg.slogdet(Sigma)[1]
     # log I_{D-1}(beta), by the same quadrature (its scale-free part is all the check needs).
     t, h = _grid(beta, D - 1)
