@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     ap.add_argument("rest", nargs=argparse.REMAINDER, help="-- then modeaudit audit options")
     a = ap.parse_args(argv)
     rest = [x for x in a.rest if x != "--"]
-    cmd = [sys.executable, "-m", "flows.cli", "audit", *rest, "--out", a.out, "--overwrite"]
+    cmd = [sys.executable, "-m", "modeaudit.flows.cli", "audit", *rest, "--out", a.out, "--overwrite"]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tasks import join  # noqa: E402
+from modeaudit.tasks.join import kernels as join  # noqa: E402
 
 
 def _sync(torch, dev):
@@ -66,7 +66,7 @@ def unit_rows(rng, n, d, centres):
 
 def one_width(torch, dev, kernel, d, anchors, M, block_rows, repeat, peak, seed) -> dict:
     """GEMM floor and join time for one width D; blocks cycle through a pool to reach M rows."""
-    from tasks import backend
+    from modeaudit.tasks.join import backend
     rng = np.random.default_rng([seed, d])
     centres = rng.standard_normal((300, d)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -86,7 +86,7 @@ def one_width(torch, dev, kernel, d, anchors, M, block_rows, repeat, peak, seed)
     A_d = torch.from_numpy(A.astype(np.float32)).to(dev, dt)
     pool_d = [torch.from_numpy(b.astype(np.float32)).to(dev, dt) for b in pool]
 
-    from tasks.join_torch import _mm_f16_f32, _mm_out_dtype_supported
+    from modeaudit.tasks.join.torch_kernels import _mm_f16_f32, _mm_out_dtype_supported
     if dev.type == "cuda" and _mm_out_dtype_supported(dev):
         mm = _mm_f16_f32                              # fp16 in, fp32 accumulate and out: what the join runs
     else:

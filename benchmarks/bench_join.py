@@ -1,4 +1,4 @@
-"""Range-join benchmark: tasks.join against the GEMM floor and the obvious alternatives.
+"""Range-join benchmark: modeaudit.tasks.join.kernels against the GEMM floor and the obvious alternatives.
 
     .venv/bin/python benchmarks/bench_join.py [--quick] [--dim 128] [--anchors 1001]
                                               [--sizes 1e5,1e6,1e7] [--json OUT]
@@ -13,7 +13,7 @@ Sections
      (a) GEMM floor: numpy sgemm of the same shapes, over the same row blocks
          (results discarded); the fastest of up to three ways of calling it
          (--gemm-variants; --quick skips the one that lost here).
-     (b) tasks.join.range_counts(kernel="fast"); the target is (b)/(a) <= 2.
+     (b) modeaudit.tasks.join.kernels.range_counts(kernel="fast"); the target is (b)/(a) <= 2.
      (c) numpy bucketize + bincount (float32 GEMM, np.searchsorted, one offset
          np.bincount per tile),
      (d) faiss IndexFlatIP.range_search at the largest radius + np.searchsorted
@@ -54,11 +54,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tasks import backend, join  # noqa: E402
+from modeaudit.tasks.join import backend  # noqa: E402
+from modeaudit.tasks.join import kernels as join  # noqa: E402
 
 
 class _Kernel:
-    """The kernel measured as (b): tasks.backend with the --kernel chosen in main()."""
+    """The kernel measured as (b): modeaudit.tasks.join.backend with the --kernel chosen in main()."""
     name = "fast"
 
     def range_counts(self, *a, **kw):

@@ -104,12 +104,12 @@ def worlds():
 def one_replicate(args):
     """All tests on one draw of (S, T, reference) from a world; returns {test: rejected}."""
     world, rep, cfg = args
-    from tasks import join
-    from tasks.envelope import erl_test
-    from tasks.modes import distinct_modes
-    from tasks.paper_test import paper_test, reference_anchors, top_anchors
-    from tasks.selection import gaussian_surrogate, pool_sampler, selection_test
-    from tasks.two_sample import density_ratio_test
+    from modeaudit.tasks.join import kernels as join
+    from modeaudit.tasks.stats.envelope import erl_test
+    from modeaudit.tasks.stats.modes import distinct_modes
+    from modeaudit.tasks.stats.paper import paper_test, reference_anchors, top_anchors
+    from modeaudit.tasks.stats.selection import gaussian_surrogate, pool_sampler, selection_test
+    from modeaudit.tasks.stats.two_sample import density_ratio_test
 
     rng = np.random.default_rng([cfg["seed"], rep, zlib.crc32(world.name.encode())])
     m, M, q, a = cfg["m"], cfg["M"], cfg["q"], cfg["alpha"]

@@ -1,7 +1,7 @@
 """Dask cluster specs for modeaudit runs: start one, then pass its address with --scheduler.
 
-    python -m deploy.clusters local --workers 2          # LocalCluster, prints the address
-    python -m deploy.clusters cuda                       # dask_cuda.LocalCUDACluster, one worker per GPU
+    python -m modeaudit.deploy.clusters local --workers 2          # LocalCluster, prints the address
+    python -m modeaudit.deploy.clusters cuda                       # dask_cuda.LocalCUDACluster, one worker per GPU
     dask scheduler --port 8786 & dask worker tcp://127.0.0.1:8786 --nworkers 2 --nthreads 1   # by hand
 
 SLURM / Kubernetes: any dask-jobqueue or dask-kubernetes cluster works the same way,
@@ -16,7 +16,7 @@ import time
 
 def main(argv=None) -> None:
     """Start a cluster and keep it alive, printing its scheduler address."""
-    ap = argparse.ArgumentParser(prog="python -m deploy.clusters")
+    ap = argparse.ArgumentParser(prog="python -m modeaudit.deploy.clusters")
     ap.add_argument("kind", choices=["local", "cuda"])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads-per-worker", type=int, default=1)

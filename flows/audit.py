@@ -12,19 +12,19 @@ import numpy as np
 from prefect import flow
 from prefect.states import Failed
 
-from storage.store import StoreError
+from modeaudit.storage.store import StoreError
 
-from tasks import audit_steps as steps
-from tasks import stages
-from tasks.registry import ConfigError
-from tasks import stat_steps as stats
-from tasks.config import AuditConfig, apply_preset, finalize_sizes, kernel_for, tests_for
-from tasks.paper_test import reference_anchors, top_anchors
-from tasks.report import verdict_text, write_report
-from tasks.report_stats import stats_sections
-from tasks.sources import Source
+from modeaudit.tasks import audit_steps as steps
+from modeaudit.tasks import stages
+from modeaudit.tasks.registry import ConfigError
+from modeaudit.tasks.stats import steps as stats
+from modeaudit.tasks.config import AuditConfig, apply_preset, finalize_sizes, kernel_for, tests_for
+from modeaudit.tasks.stats.paper import reference_anchors, top_anchors
+from modeaudit.tasks.report.audit import verdict_text, write_report
+from modeaudit.tasks.report.stats import stats_sections
+from modeaudit.tasks.join.sources import Source
 
-from .cluster import dask_client
+from modeaudit.flows.cluster import dask_client
 
 
 class _OneLineUserErrors(logging.Filter):

@@ -14,16 +14,16 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-from storage.store import StoreError
-from tasks import calibrate_steps as cs
-from tasks.calibration import fit_cluster, fit_rejection, save_params
-from tasks.config import AuditConfig, kernel_for
-from tasks.generators import build_generator
-from tasks.registry import ConfigError
-from tasks.report_calibration import write_calibration_report
+from modeaudit.storage.store import StoreError
+from modeaudit.tasks.calibration import steps as cs
+from modeaudit.tasks.calibration.samplers import fit_cluster, fit_rejection, save_params
+from modeaudit.tasks.config import AuditConfig, kernel_for
+from modeaudit.tasks.models.generators import build_generator
+from modeaudit.tasks.registry import ConfigError
+from modeaudit.tasks.report.calibration import write_calibration_report
 
-from .audit import run_audit
-from .cluster import dask_client
+from modeaudit.flows.audit import run_audit
+from modeaudit.flows.cluster import dask_client
 
 fit_task = task(cache_policy=NO_CACHE, name="fit-calibration")
 
@@ -90,7 +90,7 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
     w_before = S_rows[result["worst_case"]["s_index"]][None]
     w_after = store2.read("S", "emb")[after["worst_case"]["s_index"]][None]
     radii = result["radii"]
-    from tasks import parallel
+    from modeaudit.tasks.join import parallel
     curves = {
         "worst_before_in_T": result["curves"]["obs"][0],
         "worst_before_in_T_after": parallel.range_counts(client, w_before, T2, radii, kernel=kernel)[0].tolist(),
@@ -129,7 +129,7 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
         cal["fd_reference"] = cs.fd_to_reference(st_before, st_after, ref_stats, fid_reference)
     null_opts = cs.null_world_options(src["generator"], src["generator_options"])
     if null_opts is not None and "truth" in result:
-        from tasks.shards import embed_rows
+        from modeaudit.tasks.models.shards import embed_rows
         n_null = min(T.rows, 200_000)
         _, null_emb, _, _ = embed_rows({"spec": "synthetic:null", "options": null_opts},
                                        {"spec": "identity", "options": {}}, src["seed"] + 99, "null", 0, n_null)

@@ -14,8 +14,8 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-from tasks.config import PRESETS, AuditConfig, apply_preset, finalize_sizes, kernel_for, parse_radii  # noqa: E402
-from tasks.registry import ConfigError, parse_kv  # noqa: E402
+from modeaudit.tasks.config import PRESETS, AuditConfig, apply_preset, finalize_sizes, kernel_for, parse_radii  # noqa: E402
+from modeaudit.tasks.registry import ConfigError, parse_kv  # noqa: E402
 
 
 def _count(text: str) -> int:
@@ -148,8 +148,8 @@ def check_out_dir(out: str, overwrite: bool) -> None:
 
 def preflight(cfg: AuditConfig) -> AuditConfig:
     """Every check that needs no cluster: settings, sizes, generator/descriptor options, input files."""
-    from tasks import audit_steps as steps
-    from tasks.config import validate_settings
+    from modeaudit.tasks import audit_steps as steps
+    from modeaudit.tasks.config import validate_settings
     validate_settings(cfg)
     kernel_for(cfg.kernel)
     if cfg.generator:
@@ -163,8 +163,8 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
 
 
 def _list() -> None:
-    from tasks.descriptors import DESCRIPTORS
-    from tasks.generators import GENERATORS
+    from modeaudit.tasks.models.descriptors import DESCRIPTORS
+    from modeaudit.tasks.models.generators import GENERATORS
     for reg in (GENERATORS, DESCRIPTORS):
         print(f"{reg.kind}s:")
         for name in reg.names():
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         _list()
         return 0
     from prefect.exceptions import FailedRun
-    from storage.store import StoreError
+    from modeaudit.storage.store import StoreError
     try:
         return _run_command(args, FailedRun, StoreError)
     except RuntimeError as e:
@@ -198,16 +198,16 @@ def _run_command(args, FailedRun, StoreError) -> int:
     """audit or calibrate, with user errors as one line and exit code 2."""
     if args.command == "calibrate":
         try:
-            from tasks.calibrate_steps import load_run
+            from modeaudit.tasks.calibration.steps import load_run
             run_result, run_store = load_run(args.run)  # fail in a second, before Prefect starts, when not an audit
             if args.fid_reference:
-                from tasks.calibrate_steps import check_reference_width, reference_stats
+                from modeaudit.tasks.calibration.steps import check_reference_width, reference_stats
                 check_reference_width(reference_stats(args.fid_reference), run_store.array("T", "emb").shape[1],
                                       args.fid_reference)
             if args.inception_weights:
-                from tasks.calibrate_steps import check_inception_inputs
+                from modeaudit.tasks.calibration.steps import check_inception_inputs
                 check_inception_inputs(run_result, args.inception_weights, args.image_range)
-            from flows.calibrate import calibrate_flow
+            from modeaudit.flows.calibrate import calibrate_flow
             cal = calibrate_flow(args.run, args.method, args.variant, args.modes, args.clusters, args.n_fit,
                                  args.kernel, args.workers, args.fid_reference, args.inception_weights,
                                  args.image_range, args.fid_rows)
@@ -222,7 +222,7 @@ def _run_command(args, FailedRun, StoreError) -> int:
         cfg = config_from_args(args)
         check_out_dir(cfg.out, cfg.overwrite)
         preflight(cfg)
-        from flows.audit import audit_flow
+        from modeaudit.flows.audit import audit_flow
         result = audit_flow(cfg.to_dict())
     except (ConfigError, StoreError, FailedRun) as e:
         print(f"modeaudit: error: {e}", file=sys.stderr)

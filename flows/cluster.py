@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 
-from tasks.threads import usable_cores
+from modeaudit.tasks.join.threads import usable_cores
 
 
 @contextlib.contextmanager

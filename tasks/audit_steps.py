@@ -9,21 +9,21 @@ import time
 
 import numpy as np
 
-from . import parallel
-from .config import AuditConfig
-from .errors import InputError
-from .paper_test import paper_test, population_mccs
-from .join import mccs_from_sums
-from .shards import generate_shard, models
-from .sources import Source, check_scan, merge_scans, open_embeddings
+from modeaudit.tasks.join import parallel
+from modeaudit.tasks.config import AuditConfig
+from modeaudit.tasks.errors import InputError
+from modeaudit.tasks.stats.paper import paper_test, population_mccs
+from modeaudit.tasks.join.kernels import mccs_from_sums
+from modeaudit.tasks.models.shards import generate_shard, models
+from modeaudit.tasks.join.sources import Source, check_scan, merge_scans, open_embeddings
 
 VERSION = "0.1.0"
 
 
 def model_specs(cfg: AuditConfig) -> tuple[dict, dict]:
     """Validated {spec, options} of the generator and its descriptor (builds them once, here, to fail early)."""
-    from .descriptors import DESCRIPTORS
-    from .generators import GENERATORS
+    from modeaudit.tasks.models.descriptors import DESCRIPTORS
+    from modeaudit.tasks.models.generators import GENERATORS
     gen_opts = GENERATORS.resolve_options(cfg.generator, cfg.generator_options)
     gen = {"spec": cfg.generator, "options": gen_opts}
     generator = GENERATORS.build(cfg.generator, gen_opts)
@@ -37,8 +37,8 @@ def model_specs(cfg: AuditConfig) -> tuple[dict, dict]:
 
 
 def _arrays(cfg: AuditConfig, gen: dict, desc: dict):
-    from storage.store import ArraySpec
-    from .shards import embed_rows
+    from modeaudit.storage.store import ArraySpec
+    from modeaudit.tasks.models.shards import embed_rows
     generator, _ = models(gen, desc)
     z, emb, truth, _ = embed_rows(gen, desc, cfg.seed, "probe", 0, 1)
     arrays = [ArraySpec("latents", "float32", generator.latent_dim), ArraySpec("emb", cfg.store_dtype, emb.shape[1])]
@@ -49,7 +49,7 @@ def _arrays(cfg: AuditConfig, gen: dict, desc: dict):
 
 def store_layouts(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = None):
     """Zarr layouts of S and T (and R, the reference generator's draw) for a generator run."""
-    from storage.store import SetLayout
+    from modeaudit.storage.store import SetLayout
     arrays = _arrays(cfg, gen, desc)
     out = [SetLayout(name, rows, min(cfg.shard_rows, rows), arrays) for name, rows in (("S", cfg.m), ("T", cfg.M))]
     if ref_gen is not None:
@@ -61,15 +61,15 @@ def reference_spec(cfg: AuditConfig) -> dict | None:
     """{spec, options} of --reference-generator, validated (None without one)."""
     if not cfg.reference_generator:
         return None
-    from .generators import GENERATORS
+    from modeaudit.tasks.models.generators import GENERATORS
     return {"spec": cfg.reference_generator,
             "options": GENERATORS.resolve_options(cfg.reference_generator, cfg.reference_generator_options)}
 
 
 def open_store(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = None):
     """Create or resume the run store; its fingerprint is what decides whether shards can be reused."""
-    from storage.store import RunStore
-    from .shards import models as _m
+    from modeaudit.storage.store import RunStore
+    from modeaudit.tasks.models.shards import models as _m
     generator, descriptor = _m(gen, desc)
     fp = {"generator": generator.fingerprint(), "descriptor": descriptor.fingerprint(), "seed": cfg.seed,
           "store_dtype": cfg.store_dtype, "modeaudit_store": 1}
@@ -81,7 +81,7 @@ def open_store(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = N
 def open_result_store(cfg: AuditConfig, S: Source, T: Source):
     """Run store for an audit of user embeddings: it only holds results, keyed on the input files."""
     import os
-    from storage.store import RunStore
+    from modeaudit.storage.store import RunStore
     files = {}
     for name, src in (("S", S), ("T", T)):
         st = os.stat(src.path)
@@ -126,7 +126,7 @@ def reference_source(cfg: AuditConfig, S: Source) -> Source:
 
 def null_sampler(cfg: AuditConfig, S_rows: np.ndarray, ref: Source | None):
     """The selection test's null: the reference set when there is one, else the parametric surrogate."""
-    from .selection import gaussian_surrogate, pool_sampler
+    from modeaudit.tasks.stats.selection import gaussian_surrogate, pool_sampler
     need = cfg.selection_m + cfg.selection_t
     if ref is None:
         return gaussian_surrogate(S_rows[:cfg.selection_m], cfg.seed)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError
-from .registry import ConfigError
+from modeaudit.tasks.errors import InputError
+from modeaudit.tasks.registry import ConfigError
 
 DEFAULT_RADII = tuple(float(r) for r in np.round(np.arange(0.10, 0.505, 0.01), 2))
 
@@ -155,14 +155,14 @@ def validate_settings(c: AuditConfig) -> None:
         raise ConfigError(f"radius {bad} is outside (0, 1); distances are normalised to [0, 1], pick radii inside")
     if np.any(np.diff(r) <= 0):
         raise ConfigError("radii must be strictly increasing (e.g. --radii 0.1:0.5:0.01)")
-    from .backend import KERNELS
+    from modeaudit.tasks.join.backend import KERNELS
     if c.kernel not in KERNELS:
         raise ConfigError(f"kernel={c.kernel!r}; choose one of: {', '.join(KERNELS)}")
     if c.store_dtype not in ("float16", "float32"):
         raise ConfigError(f"store dtype {c.store_dtype!r}; choose float16 or float32")
     if (c.generator is None) == (c.embeddings_s is None and c.embeddings_t is None):
         raise ConfigError("give either --generator SPEC or both --embeddings-s and --embeddings-t")
-    from .stat_steps import parse_tests
+    from modeaudit.tasks.stats.steps import parse_tests
     tests = parse_tests(c.tests) if c.tests else ()
     if "two_sample" in tests and not (c.reference or c.reference_generator):
         raise ConfigError("the two_sample test needs a reference set: pass --reference EMBEDDINGS or "
@@ -178,7 +178,7 @@ def validate_settings(c: AuditConfig) -> None:
 
 def tests_for(c: AuditConfig) -> tuple:
     """The tests to run: --tests, or paper, erl, selection (+ two_sample when a reference set is given)."""
-    from .stat_steps import parse_tests
+    from modeaudit.tasks.stats.steps import parse_tests
     if c.tests:
         return parse_tests(c.tests)
     # The ERL p-value has resolution 1/(q+1): with too few reference anchors it is left out by default.
@@ -188,7 +188,7 @@ def tests_for(c: AuditConfig) -> tuple:
 
 def kernel_for(kernel: str) -> str:
     """The concrete kernel ("auto" resolved on this machine), or a ConfigError saying what to use instead."""
-    from .backend import resolve_kernel
+    from modeaudit.tasks.join.backend import resolve_kernel
     try:
         return resolve_kernel(kernel)
     except ValueError as e:

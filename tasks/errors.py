@@ -1,5 +1,5 @@
 """User-facing error types: each message says what is wrong and how to fix it."""
-from .registry import ConfigError
+from modeaudit.tasks.registry import ConfigError
 
 
 class InputError(ConfigError):

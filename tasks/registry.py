@@ -6,6 +6,8 @@ list of what is allowed: a typo must never turn into a silently different audit.
 """
 from __future__ import annotations
 
+import importlib
+
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -56,10 +58,15 @@ def _coerce(name: str, opt: Option, value: Any, where: str) -> Any:
 class Registry:
     """Name -> Entry, with option validation at build time."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, plugins: tuple[str, ...] = ()):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
         self._prefixes: dict[str, Entry] = {}
+        self._plugins = list(plugins)   # modules that register more entries, imported on first read
+
+    def _load_plugins(self) -> None:
+        while self._plugins:
+            importlib.import_module(self._plugins.pop(0))
 
     def register(self, name: str, options: dict[str, Option] | None = None, help: str = "",
                  prefix: bool = False):
@@ -74,10 +81,12 @@ class Registry:
 
     def names(self) -> list[str]:
         """Every registered name; schemes are shown as 'scheme:ARG'."""
+        self._load_plugins()
         return sorted(self._entries) + sorted(f"{p}:ARG" for p in self._prefixes)
 
     def lookup(self, spec: str) -> tuple[Entry, str | None]:
         """Find the entry for a spec; raises ConfigError listing the known names."""
+        self._load_plugins()
         if spec in self._entries:
             return self._entries[spec], None
         scheme, sep, arg = spec.partition(":")

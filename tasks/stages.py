@@ -10,8 +10,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from . import audit_steps as steps
-from . import stat_steps as stats
+from modeaudit.tasks import audit_steps as steps
+from modeaudit.tasks.stats import steps as stats
 
 
 def _io_only(task, task_run, state) -> bool:

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from flows.audit import audit_flow
-from storage.store import RunStore
-from tasks.config import AuditConfig
+from modeaudit.flows.audit import audit_flow
+from modeaudit.storage.store import RunStore
+from modeaudit.tasks.config import AuditConfig
 
 SMALL = dict(m=2000, M=24000, q=200, n_a=500, n_c=24000)
 

@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from flows.audit import audit_flow
-from flows.calibrate import calibrate_flow
-from flows.cli import main
-from tasks.config import AuditConfig
+from modeaudit.flows.audit import audit_flow
+from modeaudit.flows.calibrate import calibrate_flow
+from modeaudit.flows.cli import main
+from modeaudit.tasks.config import AuditConfig
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def audited(tmp_path_factory, prefect_harness):
 
 def _null_world_npz(audited, path):
     # "Real data" of the synthetic world: the same identities with no planted mode, as pytorch-fid stats.
-    from tasks import calibrate_steps as cs
-    from tasks.shards import embed_rows
+    from modeaudit.tasks.calibration import steps as cs
+    from modeaudit.tasks.models.shards import embed_rows
     res = json.loads((audited / "result.json").read_text())
     opts = cs.null_world_options(res["source"]["generator"], res["source"]["generator_options"])
     _, emb, _, _ = embed_rows({"spec": "synthetic:null", "options": opts}, {"spec": "identity", "options": {}},
@@ -64,7 +64,7 @@ def test_fid_reference_of_another_width_is_refused(audited, capsys, tmp_path):
 
 
 def test_calibrated_sampler_is_a_deterministic_generator(audited):
-    from tasks.generators import build_generator
+    from modeaudit.tasks.models.generators import build_generator
     spec = f"calibrated:{audited / 'calibration' / 'rejection' / 'sampler'}"
     if not (audited / "calibration" / "rejection" / "sampler").exists():
         calibrate_flow(str(audited), "rejection")
@@ -83,7 +83,7 @@ def test_calibrate_refuses_a_directory_without_an_audit(tmp_path, capsys):
 def test_inception_fid_for_an_image_generator(tmp_path, capsys, prefect_harness):
     # Random Inception weights (no download here): the numbers mean nothing, the path is what is tested.
     torch = pytest.importorskip("torch")
-    from tasks.inception import FIDInceptionV3
+    from modeaudit.tasks.models.inception import FIDInceptionV3
     out = tmp_path / "img"
     cfg = AuditConfig(out=str(out), generator="torch:tiny", descriptor="torch:tiny-cnn", m=400, M=3000, q=50,
                       n_a=100, n_c=3000, tests="paper", efficiency=False)

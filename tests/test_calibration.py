@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tasks import calibration as C
-from tasks.generators import build_generator
-from tasks.registry import ConfigError
-from tasks.rng import latent_rows, uniform_rows
+from modeaudit.tasks.calibration import samplers as C
+from modeaudit.tasks.models.generators import build_generator
+from modeaudit.tasks.registry import ConfigError
+from modeaudit.tasks.models.rng import latent_rows, uniform_rows
 
 OPTS = {"dim": "32", "identities": "100", "planted_prob": "0.1", "latent_dim": "8"}
 GEN = {"spec": "synthetic:planted", "options": OPTS}
@@ -237,7 +237,7 @@ def test_registry_builds_calibrated(world, tmp_path):
     with pytest.raises(ConfigError, match="params.npz"):
         build_generator(f"calibrated:{tmp_path / 'nothing'}")
     # the audit's shard path builds it by spec too
-    from tasks.shards import embed_rows
+    from modeaudit.tasks.models.shards import embed_rows
     zz, emb, truth, _ = embed_rows({"spec": spec, "options": {}}, DESC, 0, "T", 100, 300)
     assert np.array_equal(zz, cg.latents(0, "T", 100, 300)) and truth.shape == (200,)
     assert np.allclose(emb, _unit(world["g"].generate(zz)), atol=1e-6)

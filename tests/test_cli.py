@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from flows.cli import main
+from modeaudit.flows.cli import main
 
 
 def unit(n, d, seed=0):
@@ -75,7 +75,7 @@ def test_bad_generator_and_dir(tmp_path, capsys):
 
 
 def test_console_script_exit_code(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "audit", "--generator", "synthetic:planted",
+    r = subprocess.run([sys.executable, "-m", "modeaudit.flows.cli", "audit", "--generator", "synthetic:planted",
                         "--d0", "0", "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and "d0=0.0 is outside" in r.stderr
 
@@ -132,8 +132,8 @@ def test_zarr_embeddings_give_the_numbers_of_npy(files, capsys, prefect_harness)
 
 def test_torchscript_generator_and_descriptor(tmp_path):
     torch = pytest.importorskip("torch")
-    from tasks.descriptors import build_descriptor
-    from tasks.generators import build_generator, tiny_image_module
+    from modeaudit.tasks.models.descriptors import build_descriptor
+    from modeaudit.tasks.models.generators import build_generator, tiny_image_module
     gen_path, desc_path = tmp_path / "g.pt", tmp_path / "d.pt"
     torch.jit.trace(tiny_image_module(8, 16, 0), torch.zeros(2, 8)).save(str(gen_path))
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 12))

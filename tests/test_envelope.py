@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.envelope import erl_measures, erl_test, pointwise_ranks
+from modeaudit.tasks.stats.envelope import erl_measures, erl_test, pointwise_ranks
 
 # Hand-worked example, s = 5 curves over R = 3 radii (row 0 = observed).
 #   radius:      r0  r1  r2
@@ -247,5 +247,5 @@ def test_2000_tied_curves_are_order_free():
 
 def test_module_does_not_import_prefect():
     root = Path(__file__).resolve().parents[1]
-    code = "import sys, tasks.envelope; assert 'prefect' not in sys.modules, 'prefect imported'"
+    code = "import sys, modeaudit.tasks.stats.envelope; assert 'prefect' not in sys.modules, 'prefect imported'"
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from tasks.fid import StreamingStats, frechet_distance, load_reference_stats
+from modeaudit.tasks.metrics.fid import StreamingStats, frechet_distance, load_reference_stats
 
 
 # ---------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def test_load_reference_stats_errors(tmp_path):
 try:
     import torch
 
-    from tasks.inception import (
+    from modeaudit.tasks.models.inception import (
         FIDInceptionV3,
         fid_inception_v3,
         inception_features,

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from tasks import join
-from tasks.join import (
+from modeaudit.tasks.join import kernels as join
+from modeaudit.tasks.join.kernels import (
     DEFAULT_RADII,
     count_block,
     mccs_from_sums,

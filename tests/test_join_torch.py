@@ -15,11 +15,12 @@ import sys
 import numpy as np
 import pytest
 
-from tasks import backend, join
-from tasks.join import DEFAULT_RADII, mccs_sums_reference, radius_thresholds, range_counts_reference
+from modeaudit.tasks.join import backend
+from modeaudit.tasks.join import kernels as join
+from modeaudit.tasks.join.kernels import DEFAULT_RADII, mccs_sums_reference, radius_thresholds, range_counts_reference
 
 torch = pytest.importorskip("torch")
-jt = pytest.importorskip("tasks.join_torch")
+jt = pytest.importorskip("modeaudit.tasks.join.torch_kernels")
 
 
 # ----------------------------------------------------------------------------
@@ -471,7 +472,7 @@ def test_backend_dispatch_gives_identical_results(monkeypatch):
 def test_gpu_available_never_imports_torch_without_nvidia_device_nodes():
     if any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0")):
         pytest.skip("this machine has NVIDIA device nodes")
-    code = ("import sys; from tasks import backend; assert backend.gpu_available() is False; "
+    code = ("import sys; from modeaudit.tasks.join import backend; assert backend.gpu_available() is False; "
             "assert backend.resolve_kernel('auto') == 'fast'; "
             "assert 'torch' not in sys.modules and 'cupy' not in sys.modules, 'imported'")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from tasks.join import range_counts
-from tasks.modes import default_candidates, distinct_modes
+from modeaudit.tasks.join.kernels import range_counts
+from modeaudit.tasks.stats.modes import default_candidates, distinct_modes
 
 
 def _unit(x):

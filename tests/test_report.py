@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from tasks.report import (figure_to_base64_png, mccs_histogram_figure, render_report_html, verdict_text,
+from modeaudit.tasks.report.audit import (figure_to_base64_png, mccs_histogram_figure, render_report_html, verdict_text,
                           write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -192,7 +192,7 @@ def test_figure_helper_and_speed(tmp_path):
 
 def test_no_prefect_no_pyplot():
     import subprocess
-    code = ("import sys, tasks.report; "
+    code = ("import sys, modeaudit.tasks.report.audit; "
             "assert 'prefect' not in sys.modules; assert 'matplotlib.pyplot' not in sys.modules")
     root = pathlib.Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

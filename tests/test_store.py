@@ -1,4 +1,4 @@
-"""Tests for storage.store: round trip, atomic completion, resume, verify, concurrency."""
+"""Tests for modeaudit.storage.store: round trip, atomic completion, resume, verify, concurrency."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pytest
 
-from storage.store import ArraySpec, RunStore, SetLayout, StoreError, fingerprint_hash
+from modeaudit.storage.store import ArraySpec, RunStore, SetLayout, StoreError, fingerprint_hash
 
 FP = {"generator": "toy", "seed": 7, "d_grid": [0.1, 0.5, 0.01]}
 

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from tasks import surrogate as sg
-from tasks.join import DEFAULT_RADII
-from tasks.selection import excess, gaussian_surrogate, selection_test
+from modeaudit.tasks.stats import surrogate as sg
+from modeaudit.tasks.join.kernels import DEFAULT_RADII
+from modeaudit.tasks.stats.selection import excess, gaussian_surrogate, selection_test
 
 
 def _pn(rng, n, mu, scales):
@@ -97,7 +97,7 @@ def test_selection_against_the_surrogate_uses_excess_curves():
     T = _pn(rng, n_t, np.r_[1.0, np.zeros(D - 1)], np.ones(D)).astype(np.float32)
     null = gaussian_surrogate(S, seed=0)
     assert null.kind == "surrogate" and null.fit["n_fit"] == m
-    from tasks.selection import worst_case_curve
+    from modeaudit.tasks.stats.selection import worst_case_curve
     w, curve = worst_case_curve(S, [(0, T)], n_t, 0.25, DEFAULT_RADII)
     with pytest.raises(ValueError, match="obs_S"):
         selection_test(curve, null, m=m, n_t=n_t, d0=0.25, radii=DEFAULT_RADII, replicates=19, alpha=0.05)

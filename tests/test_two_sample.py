@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tasks.two_sample import ball_counts, density_ratio_test, holm, ratio_ci
+from modeaudit.tasks.stats.two_sample import ball_counts, density_ratio_test, holm, ratio_ci
 
 ALPHA = 0.05
 REPS = 2000

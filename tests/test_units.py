@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from tasks.config import AuditConfig, finalize_sizes, parse_radii
-from tasks.generators import build_generator
-from tasks.paper_test import paper_test, pointwise_band, population_mccs, reference_anchors, top_anchors
-from tasks.registry import ConfigError
-from tasks.rng import BLOCK_ROWS, latent_rows
+from modeaudit.tasks.config import AuditConfig, finalize_sizes, parse_radii
+from modeaudit.tasks.models.generators import build_generator
+from modeaudit.tasks.stats.paper import paper_test, pointwise_band, population_mccs, reference_anchors, top_anchors
+from modeaudit.tasks.registry import ConfigError
+from modeaudit.tasks.models.rng import BLOCK_ROWS, latent_rows
 
 
 def test_latent_rows_do_not_depend_on_the_split():

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from . import join
+from modeaudit.tasks.join import kernels as join
 
 __all__ = ["KERNELS", "gpu_available", "resolve_kernel", "range_counts", "mccs_sums"]
 
@@ -90,7 +90,7 @@ def range_counts(anchors, blocks, radii, *, anchor_ids=None, kernel: str = "fast
     k = resolve_kernel(kernel)
     if k in ("fast", "reference"):
         return join.range_counts(anchors, blocks, radii, anchor_ids=anchor_ids, kernel=k)
-    from . import join_torch
+    from modeaudit.tasks.join import torch_kernels as join_torch
     return join_torch.range_counts_torch(anchors, blocks, radii, anchor_ids=anchor_ids, device=_torch_device(k))
 
 
@@ -99,5 +99,5 @@ def mccs_sums(anchors, blocks, theta, *, anchor_ids=None, kernel: str = "fast") 
     k = resolve_kernel(kernel)
     if k in ("fast", "reference"):
         return join.mccs_sums(anchors, blocks, theta, anchor_ids=anchor_ids, kernel=k)
-    from . import join_torch
+    from modeaudit.tasks.join import torch_kernels as join_torch
     return join_torch.mccs_sums_torch(anchors, blocks, theta, anchor_ids=anchor_ids, device=_torch_device(k))

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import parallel
-from .errors import InputError
-from .fid import StreamingStats, frechet_distance
-from .join import mccs_from_sums
-from .sources import Source
+from modeaudit.tasks.join import parallel
+from modeaudit.tasks.errors import InputError
+from modeaudit.tasks.metrics.fid import StreamingStats, frechet_distance
+from modeaudit.tasks.join.kernels import mccs_from_sums
+from modeaudit.tasks.join.sources import Source
 
 METHODS = {"cluster": ("gmm", "cells"), "rejection": ("descriptor", "latent")}
 # cells: exact N(0, I) reweighted by cell (the GMM of the paper spills across cells);
@@ -22,7 +22,7 @@ DEFAULT_VARIANT = {"cluster": "cells", "rejection": "descriptor"}
 
 def load_run(run_dir: str | Path):
     """result.json and the store of a finished generator audit (clear errors otherwise)."""
-    from storage.store import RunStore
+    from modeaudit.storage.store import RunStore
     run_dir = Path(run_dir)
     path = run_dir / "result.json"
     if not path.is_file():
@@ -75,7 +75,7 @@ def mccs_of(client, anchors, T: Source, n_c: int, theta: float, kernel: str) -> 
 
 def reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of real data from a pytorch-fid .npz; a bad file is the user's error, with its reason."""
-    from .fid import load_reference_stats
+    from modeaudit.tasks.metrics.fid import load_reference_stats
     try:
         return load_reference_stats(path)
     except FileNotFoundError:
@@ -109,7 +109,7 @@ def inception_fid(gen: dict, latents_before: np.ndarray, latents_after: np.ndarr
     to [0, 1] and embedded by the FID Inception-v3 loaded from `weights` (pytorch-fid's
     state dict). Features stream into float64 statistics, so memory is O(2048^2).
     """
-    from .inception import fid_inception_v3, inception_features
+    from modeaudit.tasks.models.inception import fid_inception_v3, inception_features
     g = _image_generator(gen["spec"], gen["options"])
     lo, hi = _image_range(image_range)
     try:
@@ -139,7 +139,7 @@ def check_inception_inputs(result: dict, weights: str, image_range: str) -> None
 
 def _image_generator(spec: str, options: dict):
     """The run's generator, refused unless it makes images (Inception FID needs pixels)."""
-    from .generators import build_generator
+    from modeaudit.tasks.models.generators import build_generator
     g = build_generator(spec, options)
     if getattr(g, "sample_kind", "") != "image":
         raise InputError(f"--inception-weights needs an image generator; {spec!r} makes embeddings "

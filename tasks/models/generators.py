@@ -14,10 +14,12 @@ import numpy as np
 from numba import njit, prange
 from scipy.special import ndtr
 
-from .registry import ConfigError, Option, Registry
-from .rng import latent_rows
+from modeaudit.tasks.registry import ConfigError, Option, Registry
+from modeaudit.tasks.models.rng import latent_rows
 
-GENERATORS = Registry("generator")
+# "calibrated:PATH" lives with the calibration code, which builds on this module:
+# it is imported when the registry is first read, so neither module imports the other at load.
+GENERATORS = Registry("generator", plugins=("modeaudit.tasks.calibration.samplers",))
 
 _pos = dict(check=lambda v: v > 0, check_msg="must be > 0")
 _prob = dict(check=lambda v: 0 <= v < 1, check_msg="must be in [0, 1)")
@@ -222,6 +224,3 @@ def build_generator(spec: str, options: dict | None = None) -> Generator:
     """Build a generator from its registry spec and options (strings from the CLI are coerced and validated)."""
     return GENERATORS.build(spec, options)
 
-
-# Registers "calibrated:PATH" (the calibrated samplers are generators too); imports this module back.
-from . import calibration as _calibration  # noqa: E402,F401

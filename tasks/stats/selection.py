@@ -28,9 +28,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import backend
-from .envelope import erl_test
-from .paper_test import top_anchors
+from modeaudit.tasks.join import backend
+from modeaudit.tasks.stats.envelope import erl_test
+from modeaudit.tasks.stats.paper import top_anchors
 
 
 def worst_case_curve(S: np.ndarray, T_blocks, n_t: int, d0: float, radii, kernel: str = "fast") -> tuple[int, np.ndarray]:
@@ -74,7 +74,7 @@ REFIT_ITER = 5      # EM steps of a refit, warm-started from the fit to S (the s
 
 def gaussian_surrogate(S: np.ndarray, seed: int) -> NullSampler:
     """Null (c): the projected normal fitted to S (tasks/surrogate.py), drawn fresh for every replicate."""
-    from .surrogate import fit_projected_normal
+    from modeaudit.tasks.stats.surrogate import fit_projected_normal
     fit = fit_projected_normal(S)
 
     def draw(b, m, n_t):
@@ -128,7 +128,7 @@ def selection_test(obs_curve_frac: np.ndarray, null: NullSampler, *, m: int, n_t
     # Replicates are seeded by their index, so running them side by side changes no
     # number; it uses the cores that random draws and the surrogate's EM leave idle
     # (19 surrogate replicates at 1e4 x 128: 12.5 s on 2 threads, 16.0 s on 1, same p).
-    from .threads import compute_threads
+    from modeaudit.tasks.join.threads import compute_threads
     with ThreadPoolExecutor(min(compute_threads(), 4)) as ex:
         list(ex.map(one, range(replicates)))
     obs = np.asarray(obs_curve_frac, np.float64)

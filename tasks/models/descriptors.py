@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .generators import file_sha256
-from .registry import ConfigError, Option, Registry
+from modeaudit.tasks.models.generators import file_sha256
+from modeaudit.tasks.registry import ConfigError, Option, Registry
 
 DESCRIPTORS = Registry("descriptor")
 _pos = dict(check=lambda v: v > 0, check_msg="must be > 0")

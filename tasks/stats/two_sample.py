@@ -59,7 +59,7 @@ import math
 import numpy as np
 from scipy import stats
 
-from .join import range_counts
+from modeaudit.tasks.join.kernels import range_counts
 
 __all__ = ["ball_counts", "density_ratio_test", "holm", "ratio_ci"]
 
@@ -74,7 +74,7 @@ def ball_counts(anchors, T_blocks, R_blocks, radius, *, kernel: str = "fast") ->
     """Counts of each anchor's ball, ball(anchor, radius) = {x : d(anchor, x) <= radius},
     in T and in Ref: (x_T, x_R), two int64 arrays of length len(anchors).
 
-    T_blocks / R_blocks follow tasks.join's streaming protocol (an iterable of
+    T_blocks / R_blocks follow modeaudit.tasks.join.kernels's streaming protocol (an iterable of
     (offset, block), or one bare 2-d array). No self pair is excluded: the anchors
     come from S, which must be independent of T and Ref. radius must lie in (0, 1).
     """

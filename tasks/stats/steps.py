@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend, parallel
-from .envelope import erl_test
-from .join import mccs_from_sums
-from .modes import distinct_modes
-from .paper_test import population_mccs, top_anchors
-from .selection import NullSampler, selection_test, worst_case_curve
-from .two_sample import density_ratio_test
+from modeaudit.tasks.join import backend
+from modeaudit.tasks.join import parallel
+from modeaudit.tasks.stats.envelope import erl_test
+from modeaudit.tasks.join.kernels import mccs_from_sums
+from modeaudit.tasks.stats.modes import distinct_modes
+from modeaudit.tasks.stats.paper import population_mccs, top_anchors
+from modeaudit.tasks.stats.selection import NullSampler, selection_test, worst_case_curve
+from modeaudit.tasks.stats.two_sample import density_ratio_test
 
 # Tests a user can ask for with --tests; "paper" and "erl" compare a selected
 # maximum with random anchors, so only "selection" and "two_sample" control the
@@ -25,7 +26,7 @@ CONTROLLED = ("selection", "two_sample")
 
 def parse_tests(text: str | tuple | list) -> tuple:
     """Validated tuple of test names from 'paper,erl,...' (unknown names rejected with the list of known ones)."""
-    from .registry import ConfigError
+    from modeaudit.tasks.registry import ConfigError
     names = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
     bad = [t for t in names if t not in TESTS]
     if bad or not names:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .report import figure_to_base64_png
+from modeaudit.tasks.report.audit import figure_to_base64_png
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222;background:#f7f7f9}
 section{background:#fff;border:1px solid #ddd;border-radius:8px;padding:14px 18px;margin:14px 0}

@@ -108,9 +108,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .generators import GENERATORS, Generator, build_generator
-from .registry import ConfigError, Option
-from .rng import latent_rows, uniform_rows
+from modeaudit.tasks.models.generators import GENERATORS, Generator, build_generator
+from modeaudit.tasks.registry import ConfigError, Option
+from modeaudit.tasks.models.rng import latent_rows, uniform_rows
 
 __all__ = [
     "METHODS",
@@ -154,10 +154,10 @@ def dense_mask(E, modes, r0: float) -> np.ndarray:
 
 
 def densities(anchors, E, r0: float) -> np.ndarray:
-    """Fraction of the rows of E within r0 of each anchor (exact counts, tasks.join.range_counts).
+    """Fraction of the rows of E within r0 of each anchor (exact counts, modeaudit.tasks.join.kernels.range_counts).
 
     p1 = densities(modes, E, r0); p2 = median(densities(random reference anchors, E, r0))."""
-    from .join import range_counts
+    from modeaudit.tasks.join.kernels import range_counts
     E = np.asarray(E)
     return range_counts(np.asarray(anchors), E, [float(r0)])[:, 0] / max(len(E), 1)
 
@@ -236,7 +236,7 @@ def fit_cluster(Z, E, modes, r0: float, p2: float, *, K: int = 64, seed: int = 0
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
-    from .threads import compute_threads
+    from modeaudit.tasks.join.threads import compute_threads
     Z, E, modes = _check_inputs(Z, E, modes, r0)
     N, k = Z.shape
     if not (1 <= K <= N):
@@ -364,7 +364,7 @@ def fit_rejection(Z, E, modes, r0: float, p1, p2: float, *, n_top: int | None = 
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    from .threads import compute_threads
+    from modeaudit.tasks.join.threads import compute_threads
     rng = np.random.default_rng([seed, 8102])
     fit_idx = np.sort(rng.choice(N, max_fit_rows, replace=False)) if N > max_fit_rows else np.arange(N)
     F = _quad_features(Z[fit_idx])
@@ -479,7 +479,7 @@ def load_params(path_dir) -> tuple[dict, dict]:
     p = Path(path_dir)
     if not (p / "params.npz").is_file() or not (p / "meta.json").is_file():
         raise ConfigError(f"calibration folder {str(p)!r} has no params.npz + meta.json; write one with "
-                          "tasks.calibration.save_params")
+                          "modeaudit.tasks.calibration.samplers.save_params")
     meta = json.loads((p / "meta.json").read_text())
     with np.load(p / "params.npz", allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
@@ -652,7 +652,7 @@ class CalibratedGenerator(Generator):
 
     def _embed(self, z):
         if self._descriptor is None:
-            from .descriptors import build_descriptor
+            from modeaudit.tasks.models.descriptors import build_descriptor
             d = self.meta["descriptor"]
             self._descriptor = build_descriptor(d["spec"], d.get("options") or {})
         e = np.asarray(self._descriptor.embed(self.base.generate(z)), np.float64)
@@ -709,7 +709,7 @@ def proxy_agreement(params: dict, generator, descriptor, *, n: int = 20000, seed
     over the fresh rows: sum(a * dense) / sum(a) with a the acceptance probability)
     and each one's acceptance rate; with ground truth, the same for the planted share.
     """
-    from .descriptors import build_descriptor
+    from modeaudit.tasks.models.descriptors import build_descriptor
     g = _as_model(generator, build_generator)
     d = _as_model(descriptor, build_descriptor)
     accept = np.asarray(params["accept"], np.float64)
@@ -754,7 +754,7 @@ def proxy_agreement(params: dict, generator, descriptor, *, n: int = 20000, seed
     "variant": Option(str, "", "sampler: gmm or cells (cluster), descriptor or latent (rejection); "
                       "empty = the one in meta.json"),
     "proxy": Option(str, "", "latent proxy: logistic or balls; empty = the one in meta.json (default logistic)"),
-}, prefix=True, help="a calibrated latent sampler over a base generator: folder written by tasks.calibration.save_params")
+}, prefix=True, help="a calibrated latent sampler over a base generator: folder written by modeaudit.tasks.calibration.samplers.save_params")
 def _calibrated(path, *, batch_size, max_attempts, variant, proxy):
     params, meta = load_params(path)
     options = {"batch_size": batch_size, "max_attempts": max_attempts, "variant": variant, "proxy": proxy}

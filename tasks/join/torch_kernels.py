@@ -1,6 +1,6 @@
 """Range join and MCCS kernels in torch: the GPU path (and its CPU twin, for tests).
 
-Same public semantics as `tasks.join.range_counts` / `tasks.join.mccs_sums`: the
+Same public semantics as `modeaudit.tasks.join.kernels.range_counts` / `modeaudit.tasks.join.kernels.mccs_sums`: the
 same block protocol (an iterable of (offset, block) pairs, or one bare 2-d array
 at offset 0), self pairs excluded by global row index, counts exactly equal to
 `join.range_counts_reference` and MCCS sums equal to `join.mccs_sums_reference`
@@ -109,7 +109,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from . import join
+from modeaudit.tasks.join import kernels as join
 
 __all__ = ["range_counts_torch", "mccs_sums_torch", "DEFAULT_TILE", "DEFAULT_TILE_ELEMENTS"]
 
@@ -547,7 +547,7 @@ def range_counts_torch(anchors, blocks, radii, *, anchor_ids=None, device="cuda"
                        tile=None, anchor_tile=None, prefetch=None) -> np.ndarray:
     """Streamed neighbour counts N(anchor, X, r), int64 (a, R), computed with torch.
 
-    Same contract as tasks.join.range_counts: `blocks` yields (offset, block)
+    Same contract as modeaudit.tasks.join.kernels.range_counts: `blocks` yields (offset, block)
     pairs (a bare 2-d array or tensor is one block at offset 0), anchor_ids[i]
     is anchor i's global row index (that pair is not counted), and the result
     equals join.range_counts_reference exactly. Blocks may be numpy arrays or
@@ -606,7 +606,7 @@ def mccs_sums_torch(anchors, blocks, theta, *, anchor_ids=None, device="cuda", h
                     tile=None, anchor_tile=None, prefetch=None) -> np.ndarray:
     """Streamed MCCS sums (not means) per anchor, float64 (a,), computed with torch.
 
-    Same contract as tasks.join.mccs_sums (see range_counts_torch for the
+    Same contract as modeaudit.tasks.join.kernels.mccs_sums (see range_counts_torch for the
     arguments). The result is the correctly rounded exact sum of the float64
     terms, so it is bit-identical for any tiling, block split or thread count,
     and agrees with join.mccs_sums_reference to ~1e-16 relative.

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import backend
-from .sources import Source, merge_scans, scan_block
+from modeaudit.tasks.join import backend
+from modeaudit.tasks.join.sources import Source, merge_scans, scan_block
 
 REDUCE_ROWS = 65536
 

@@ -326,7 +326,7 @@ def inception_features(module: torch.nn.Module, images: np.ndarray, batch_size: 
 
     Batches run in float32 under ``torch.inference_mode`` with the module in
     eval mode; ``module`` is moved to ``device``. float64 output so that
-    `tasks.fid.StreamingStats` accumulates without another cast.
+    `modeaudit.tasks.metrics.fid.StreamingStats` accumulates without another cast.
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[1] != 3:

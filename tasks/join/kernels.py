@@ -56,7 +56,7 @@ from contextlib import contextmanager
 import numpy as np
 from numba import njit
 
-from .threads import compute_threads
+from modeaudit.tasks.join.threads import compute_threads
 
 __all__ = [
     "DEFAULT_RADII",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from .errors import InputError
+from modeaudit.tasks.errors import InputError
 
 # A row whose norm is off by more than this is reported as "renormalised".
 UNIT_TOL = 1e-3
@@ -39,7 +39,7 @@ class Source:
 
     def _raw(self, start: int, stop: int) -> np.ndarray:
         if self.kind == "store":
-            from storage.store import RunStore
+            from modeaudit.storage.store import RunStore
             return RunStore.open(self.path).read(self.set_name, "emb", start, stop)
         if self.kind == "npy":
             return np.load(self.path, mmap_mode="r")[start:stop]

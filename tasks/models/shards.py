@@ -11,11 +11,11 @@ import json
 import numba
 import numpy as np
 
-from .descriptors import build_descriptor
-from .errors import InputError
-from .generators import build_generator
-from .sources import row_norms, scan_block
-from .threads import compute_threads
+from modeaudit.tasks.models.descriptors import build_descriptor
+from modeaudit.tasks.errors import InputError
+from modeaudit.tasks.models.generators import build_generator
+from modeaudit.tasks.join.sources import row_norms, scan_block
+from modeaudit.tasks.join.threads import compute_threads
 
 
 @functools.lru_cache(maxsize=4)
@@ -59,7 +59,7 @@ def embed_rows(gen: dict, desc: dict, seed: int, set_name: str, start: int, stop
 def generate_shard(root: str, set_name: str, index: int, start: int, stop: int,
                    gen: dict, desc: dict, seed: int) -> dict:
     """Generate one shard into the run store and record its completion; returns its checksum and scan."""
-    from storage.store import RunStore
+    from modeaudit.storage.store import RunStore
     store = RunStore.open(root)
     z, emb, truth, scan = embed_rows(gen, desc, seed, set_name, start, stop)
     kinds = {a.kind for a in store.layout(set_name).arrays}

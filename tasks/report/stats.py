@@ -1,7 +1,7 @@
 """Report sections for the statistics beyond the paper: the global envelope, the
 selection-aware null, the two-sample balls, the distinct modes, sampling efficiency.
 
-Each section is (title, html) for tasks.report.write_report(extra_sections=...).
+Each section is (title, html) for modeaudit.tasks.report.audit.write_report(extra_sections=...).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import html
 import numpy as np
 from matplotlib.figure import Figure
 
-from .report import figure_to_base64_png
+from modeaudit.tasks.report.audit import figure_to_base64_png
 
 
 def _img(fig: Figure, alt: str) -> str:
