@@ -118,7 +118,7 @@ def run_audit(cfg: AuditConfig, client) -> dict:
     if "selection" in tests:
         with t("selection"):
             result["tests"]["selection"] = stages.selection(
-                S_rows, T, m_sel=cfg.selection_m, n_t=cfg.selection_t, null=steps.null_sampler(cfg, S_rows, ref),
+                client, S_rows, T, m_sel=cfg.selection_m, n_t=cfg.selection_t, null=steps.null_spec(cfg, ref),
                 d0=cfg.d0, radii=cfg.radii, replicates=cfg.null_replicates, alpha=cfg.alpha, kernel=cfg.kernel)
     if "two_sample" in tests:
         with t("two_sample"):
@@ -143,14 +143,26 @@ def run_audit(cfg: AuditConfig, client) -> dict:
     return result
 
 
-@flow(name="modeaudit-audit", log_prints=True)
-def audit_flow(config: dict) -> dict:
-    """Prefect flow: one audit of a generator or of given embeddings (config = AuditConfig fields)."""
-    cfg = AuditConfig(**config)
+def in_process_models(cfg: AuditConfig) -> bool:
+    """Whether a model is a callable living in this process (Python API), so workers must be threads here."""
+    specs = (cfg.generator, cfg.descriptor, cfg.reference_generator)
+    return any(str(s).startswith("python-object:") for s in specs if s)
+
+
+@flow(name="modeaudit-audit", log_prints=True, validate_parameters=False)
+def audit_flow(config: AuditConfig) -> dict:
+    """Prefect flow: one audit of a generator or of given embeddings.
+
+    `config` is an AuditConfig (its schema is the deployment's form) or a mapping of its
+    fields; a wrong type or an unknown key ends the run with a one-line error naming it.
+    Prefect's own parameter validation is off so that error is ours, not a traceback.
+    """
     try:
+        cfg = AuditConfig.parse(config)
         cfg.kernel = kernel_for(cfg.kernel)
         gpus = cfg.kernel == "torch-cuda" and not cfg.scheduler
-        with dask_client(cfg.workers, cfg.threads_per_worker, cfg.scheduler, gpus=gpus) as client:
+        with dask_client(cfg.workers, cfg.threads_per_worker, cfg.scheduler, gpus=gpus,
+                         processes=not in_process_models(cfg)) as client:
             return run_audit(cfg, client)
     except (ConfigError, StoreError) as e:
         # A Failed state (not a raise) keeps the traceback out of the log; callers get FailedRun(message).

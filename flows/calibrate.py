@@ -17,7 +17,7 @@ from prefect.states import Failed
 from modeaudit.storage.store import StoreError
 from modeaudit.tasks.calibration import steps as cs
 from modeaudit.tasks.calibration.samplers import fit_cluster, fit_rejection, save_params
-from modeaudit.tasks.config import AuditConfig, kernel_for
+from modeaudit.tasks.config import AuditConfig, CalibrationConfig, kernel_for
 from modeaudit.tasks.models.generators import build_generator
 from modeaudit.tasks.registry import ConfigError
 from modeaudit.tasks.report.calibration import write_calibration_report
@@ -149,17 +149,19 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
     return cal
 
 
-@flow(name="modeaudit-calibrate", log_prints=True)
-def calibrate_flow(run: str, method: str = "rejection", variant: str | None = None, modes: int = 1,
-                   clusters: int = 64, n_fit: int = 200_000, kernel: str = "auto", workers: int = 1,
-                   fid_reference: str | None = None, inception_weights: str | None = None,
-                   image_range: str = "-1:1", fid_rows: int = 10_000) -> dict:
-    """Prefect flow: calibrate the generator audited in `run` and audit the result."""
+@flow(name="modeaudit-calibrate", log_prints=True, validate_parameters=False)
+def calibrate_flow(config: CalibrationConfig) -> dict:
+    """Prefect flow: calibrate the generator audited in `config.run` and audit the result.
+
+    `config` is a CalibrationConfig or a mapping of its fields (one-line error on a wrong
+    type or an unknown key, as for the audit flow).
+    """
     try:
-        kernel = kernel_for(kernel)
-        with dask_client(workers, None, None, gpus=kernel == "torch-cuda") as client:
-            return run_calibration(run, method, variant, modes, clusters, n_fit, client, kernel, workers,
-                                   fid_reference, inception_weights, image_range, fid_rows)
+        c = CalibrationConfig.parse(config)
+        kernel = kernel_for(c.kernel)
+        with dask_client(c.workers, None, None, gpus=kernel == "torch-cuda") as client:
+            return run_calibration(c.run, c.method, c.variant, c.modes, c.clusters, c.n_fit, client, kernel,
+                                   c.workers, c.fid_reference, c.inception_weights, c.image_range, c.fid_rows)
     except (ConfigError, StoreError) as e:
         return Failed(message=str(e))
 

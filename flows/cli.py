@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -14,7 +15,9 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-from modeaudit.tasks.config import PRESETS, AuditConfig, apply_preset, finalize_sizes, kernel_for, parse_radii  # noqa: E402
+from modeaudit import __version__  # noqa: E402
+from modeaudit.tasks.config import (PRESETS, AuditConfig, CalibrationConfig, apply_preset, default,  # noqa: E402
+                                    finalize_sizes, kernel_for, parse_radii)
 from modeaudit.tasks.registry import ConfigError, parse_kv  # noqa: E402
 
 
@@ -31,8 +34,11 @@ def _count(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser (also documents every option)."""
+    A = functools.partial(default, AuditConfig)        # defaults come from the config models
+    C = functools.partial(default, CalibrationConfig)
     p = argparse.ArgumentParser(prog="modeaudit", description="Black-box audit of generative models for "
                                 "intra-mode collapse (and calibration of their samplers).")
+    p.add_argument("--version", action="version", version=f"modeaudit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("audit", help="audit a generator, or embeddings you already have",
@@ -48,22 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, metavar="DIR", help="run directory (store, report.html, result.json)")
     a.add_argument("--overwrite", action="store_true", help="replace a different run already in DIR")
     s = a.add_argument_group("sizes (defaults from --preset)")
-    s.add_argument("--preset", default="standard", choices=sorted(PRESETS), help="size preset")
+    s.add_argument("--preset", default=A("preset"), choices=sorted(PRESETS), help="size preset")
     s.add_argument("--m", type=_count, help="|S|: samples searched for the dense mode")
     s.add_argument("--M", type=_count, help="|T|: samples the curves are counted in")
-    s.add_argument("--p", type=_count, default=1, help="|R_obs|: densest anchors observed")
+    s.add_argument("--p", type=_count, default=A("p"), help="|R_obs|: densest anchors observed")
     s.add_argument("--q", type=_count, help="|R_ref|: random reference anchors (default min(1000, m))")
     s.add_argument("--anchors", dest="n_a", type=_count, help="|A|: MCCS anchors, first rows of S "
                    "(default min(m, 1e4))")
     s.add_argument("--mccs-set", dest="n_c", type=_count, help="|C|: MCCS sample set, first rows of T "
                    "(default min(M, 1e6))")
     st = a.add_argument_group("statistics")
-    st.add_argument("--d0", type=float, default=0.25, help="distance of the dense-mode search")
+    st.add_argument("--d0", type=float, default=A("d0"), help="distance of the dense-mode search")
     st.add_argument("--radii", type=parse_radii, default=None, metavar="START:STOP:STEP",
                     help="curve radii (default 0.1:0.5:0.01, 41 radii)")
-    st.add_argument("--alpha", type=float, default=0.05, help="test level")
-    st.add_argument("--theta", type=float, default=0.3, help="MCCS theta")
-    st.add_argument("--seed", type=int, default=0, help="root seed (latent row j depends only on seed and j)")
+    st.add_argument("--alpha", type=float, default=A("alpha"), help="test level")
+    st.add_argument("--theta", type=float, default=A("theta"), help="MCCS theta")
+    st.add_argument("--seed", type=int, default=A("seed"), help="root seed (latent row j depends only on seed and j)")
     st.add_argument("--tests", help="comma list of paper, erl, selection, two_sample "
                     "(default: paper,erl,selection, and two_sample when a reference is given)")
     st.add_argument("--reference", metavar="EMBEDDINGS", help="reference embeddings (.npy/Zarr): real data or a "
@@ -79,40 +85,40 @@ def build_parser() -> argparse.ArgumentParser:
                     "rows of S (default min(m, 1e4)); its cost is B * selection_m^2")
     st.add_argument("--selection-t", type=_count, help="rows of T (and of each null replicate) the selection "
                     "test counts in (default min(M, 1e5) with a reference set, min(M, 5e4) against the surrogate)")
-    st.add_argument("--modes", type=_count, default=10, help="top-k distinct dense modes (no two within d0)")
+    st.add_argument("--modes", type=_count, default=A("modes"), help="top-k distinct dense modes (no two within d0)")
     st.add_argument("--no-efficiency", dest="efficiency", action="store_false",
                     help="skip the sampling-efficiency curves")
     ex = a.add_argument_group("execution")
-    ex.add_argument("--workers", type=_count, default=1, help="local Dask worker processes")
+    ex.add_argument("--workers", type=_count, default=A("workers"), help="local Dask worker processes")
     ex.add_argument("--threads-per-worker", type=_count, default=None, help="BLAS/numba threads per worker "
                     "(default: cores / workers)")
     ex.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
-    ex.add_argument("--shard-rows", type=_count, default=100_000, help="rows per generation shard")
-    ex.add_argument("--store-dtype", default="float16", choices=["float16", "float32"],
+    ex.add_argument("--shard-rows", type=_count, default=A("shard_rows"), help="rows per generation shard")
+    ex.add_argument("--store-dtype", default=A("store_dtype"), choices=["float16", "float32"],
                     help="embedding storage dtype (statistics are computed in float32/float64)")
-    ex.add_argument("--kernel", default="auto", choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda"],
+    ex.add_argument("--kernel", default=A("kernel"), choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda"],
                     help="range-join kernel: auto = torch-cuda on a GPU machine, else fast (numba)")
 
     c = sub.add_parser("calibrate", help="reshape the latent sampler of an audited generator and audit the result",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--run", required=True, metavar="DIR", help="a finished `modeaudit audit --generator` run")
-    c.add_argument("--method", default="rejection", choices=["cluster", "rejection"],
+    c.add_argument("--method", default=C("method"), choices=["cluster", "rejection"],
                    help="rejection (seed 001 Alg. 2; default: exact, keeps quality) or cluster (Alg. 1)")
     c.add_argument("--variant", choices=["gmm", "cells", "descriptor", "latent"],
                    help="cluster: gmm (the paper's mixture) or cells (exact cell-wise rejection, default); "
                    "rejection: descriptor (default) or latent (proxy, no embedding at sampling time)")
-    c.add_argument("--modes", type=_count, default=1, help="how many distinct dense modes to flatten (from the "
+    c.add_argument("--modes", type=_count, default=C("modes"), help="how many distinct dense modes to flatten (from the "
                    "audit's top distinct modes)")
-    c.add_argument("--clusters", type=_count, default=64, help="k-means clusters of the latents")
-    c.add_argument("--n-fit", type=_count, default=200_000, help="rows of T (latents and embeddings) to fit on")
-    c.add_argument("--workers", type=_count, default=1)
-    c.add_argument("--kernel", default="auto", choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda"])
+    c.add_argument("--clusters", type=_count, default=C("clusters"), help="k-means clusters of the latents")
+    c.add_argument("--n-fit", type=_count, default=C("n_fit"), help="rows of T (latents and embeddings) to fit on")
+    c.add_argument("--workers", type=_count, default=C("workers"))
+    c.add_argument("--kernel", default=C("kernel"), choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda"])
     c.add_argument("--fid-reference", metavar="NPZ", help="real-data feature statistics (pytorch-fid .npz with mu, "
                    "sigma) in the audit's descriptor space: FD before/after to them goes into calibration.json")
     c.add_argument("--inception-weights", metavar="PTH", help="pytorch-fid's FID Inception-v3 state dict (no "
                    "download): image generators also get Inception FID between M and M' (fid_inception)")
-    c.add_argument("--image-range", default="-1:1", help="the generator's pixel range LOW:HIGH, mapped to [0, 1]")
-    c.add_argument("--fid-rows", type=_count, default=10_000, help="images per side for Inception FID")
+    c.add_argument("--image-range", default=C("image_range"), help="the generator's pixel range LOW:HIGH, mapped to [0, 1]")
+    c.add_argument("--fid-rows", type=_count, default=C("fid_rows"), help="images per side for Inception FID")
 
     sub.add_parser("list", help="list generators and descriptors with their options")
     return p
@@ -126,7 +132,7 @@ def config_from_args(args) -> AuditConfig:
     kw["descriptor_options"] = parse_kv(args.descriptor_option, "-D")
     kw.pop("reference_generator_option", None)
     kw["reference_generator_options"] = parse_kv(args.reference_generator_option, "-R")
-    return AuditConfig(**kw)
+    return AuditConfig.parse(kw)
 
 
 def check_out_dir(out: str, overwrite: bool) -> None:
@@ -160,6 +166,19 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
         s, t = steps.embedding_sources(cfg)
         finalize_sizes(cfg, s.rows, t.rows)
     return cfg
+
+
+def check_calibration_inputs(cfg: CalibrationConfig) -> None:
+    """Fail in a second, before Prefect starts: not an audit run, a bad FID reference or Inception inputs."""
+    from modeaudit.tasks.calibration.steps import load_run
+    run_result, run_store = load_run(cfg.run)
+    if cfg.fid_reference:
+        from modeaudit.tasks.calibration.steps import check_reference_width, reference_stats
+        check_reference_width(reference_stats(cfg.fid_reference), run_store.array("T", "emb").shape[1],
+                              cfg.fid_reference)
+    if cfg.inception_weights:
+        from modeaudit.tasks.calibration.steps import check_inception_inputs
+        check_inception_inputs(run_result, cfg.inception_weights, cfg.image_range)
 
 
 def _list() -> None:
@@ -198,19 +217,10 @@ def _run_command(args, FailedRun, StoreError) -> int:
     """audit or calibrate, with user errors as one line and exit code 2."""
     if args.command == "calibrate":
         try:
-            from modeaudit.tasks.calibration.steps import load_run
-            run_result, run_store = load_run(args.run)  # fail in a second, before Prefect starts, when not an audit
-            if args.fid_reference:
-                from modeaudit.tasks.calibration.steps import check_reference_width, reference_stats
-                check_reference_width(reference_stats(args.fid_reference), run_store.array("T", "emb").shape[1],
-                                      args.fid_reference)
-            if args.inception_weights:
-                from modeaudit.tasks.calibration.steps import check_inception_inputs
-                check_inception_inputs(run_result, args.inception_weights, args.image_range)
+            cfg = CalibrationConfig.parse({k: v for k, v in vars(args).items() if k in CalibrationConfig.model_fields})
+            check_calibration_inputs(cfg)
             from modeaudit.flows.calibrate import calibrate_flow
-            cal = calibrate_flow(args.run, args.method, args.variant, args.modes, args.clusters, args.n_fit,
-                                 args.kernel, args.workers, args.fid_reference, args.inception_weights,
-                                 args.image_range, args.fid_rows)
+            cal = calibrate_flow(cfg)
         except (ConfigError, StoreError, FailedRun) as e:
             print(f"modeaudit: error: {e}", file=sys.stderr)
             return 2

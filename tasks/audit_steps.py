@@ -124,20 +124,19 @@ def reference_source(cfg: AuditConfig, S: Source) -> Source:
     return ref
 
 
-def null_sampler(cfg: AuditConfig, S_rows: np.ndarray, ref: Source | None):
-    """The selection test's null: the reference set when there is one, else the parametric surrogate."""
-    from modeaudit.tasks.stats.selection import gaussian_surrogate, pool_sampler
+def null_spec(cfg: AuditConfig, ref: Source | None) -> tuple:
+    """The selection test's null, as data a worker can rebuild it from: the reference set when
+    there is one, else the parametric surrogate fitted to S[:selection_m] (see stats.steps.selection)."""
     need = cfg.selection_m + cfg.selection_t
     if ref is None:
-        return gaussian_surrogate(S_rows[:cfg.selection_m], cfg.seed)
+        return ("surrogate", cfg.seed)
     if ref.rows < need:
         raise InputError(f"the reference set has {ref.rows} rows; the selection test draws selection_m + "
                          f"selection_t = {need} per replicate: pass a larger reference or lower --selection-t")
     # A pool a few times larger than one replicate keeps replicates nearly independent.
-    # float32 once (exact for float16 rows): each replicate would otherwise convert its draw again.
-    pool = ref.read(0, min(ref.rows, max(4 * need, 200_000))).astype(np.float32, copy=False)
     what = "reference generator" if cfg.reference_generator else "reference set"
-    return pool_sampler(pool, cfg.seed, f"{what}: worst cases of disjoint random draws from it")
+    return ("reference", ref, min(ref.rows, max(4 * need, 200_000)), cfg.seed,
+            f"{what}: worst cases of disjoint random draws from it")
 
 
 def validate_source(client, source: Source, what: str) -> dict:

@@ -5,10 +5,10 @@ with a message that names the setting and the fix.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modeaudit.tasks.errors import InputError
 from modeaudit.tasks.registry import ConfigError
@@ -26,14 +26,57 @@ PRESETS = {
 }
 
 
-@dataclass
-class AuditConfig:
-    """Everything an audit run needs; see `modeaudit audit --help` for each field."""
+class _Config(BaseModel):
+    """Strict, closed settings: a wrong type or an unknown key is a one-line ConfigError (see `parse`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=False)
+
+    @classmethod
+    def parse(cls, data) -> "_Config":
+        """Validate a mapping (a deployment's parameters, a UI form, JSON) into the model, or raise ConfigError."""
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} must be a mapping of settings, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(_one_line(cls, e)) from None
+
+    def to_dict(self) -> dict:
+        """Plain-JSON view (tuples as lists)."""
+        return self.model_dump(mode="json")
+
+    def replace(self, **changes) -> "_Config":
+        """A copy with some fields changed (no re-validation: callers validate sizes themselves)."""
+        return self.model_copy(update=changes)
+
+
+def _one_line(cls, e: ValidationError) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(x) for x in err["loc"]) or "(config)"
+    if err["type"] == "extra_forbidden":
+        return (f"{cls.__name__}: unknown key {key!r}; known keys: {', '.join(cls.model_fields)}")
+    got = err.get("input")
+    return f"{cls.__name__}: {key!r}: {err['msg'].rstrip('.')} (got {got!r} of type {type(got).__name__})" + (
+        f" and {len(e.errors()) - 1} more" if len(e.errors()) > 1 else "")
+
+
+def _as_tuple(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+class AuditConfig(_Config):
+    """Everything an audit run needs; see `modeaudit audit --help` for each field.
+
+    Strict types (an `overwrite: "false"` string is refused, not truthy) and no unknown
+    keys: this is the Prefect flow's parameter, so the UI shows it as a form.
+    """
     out: str
     generator: str | None = None
-    generator_options: dict = field(default_factory=dict)
+    generator_options: dict[str, Any] = Field(default_factory=dict)
     descriptor: str | None = None
-    descriptor_options: dict = field(default_factory=dict)
+    descriptor_options: dict[str, Any] = Field(default_factory=dict)
     embeddings_s: str | None = None
     embeddings_t: str | None = None
     preset: str = "standard"
@@ -44,7 +87,7 @@ class AuditConfig:
     n_a: int | None = None
     n_c: int | None = None
     d0: float = 0.25
-    radii: tuple = DEFAULT_RADII
+    radii: tuple[float, ...] = DEFAULT_RADII
     alpha: float = 0.05
     theta: float = 0.3
     seed: int = 0
@@ -59,7 +102,7 @@ class AuditConfig:
     tests: str | None = None           # default: paper,erl,selection (+ two_sample with a reference)
     reference: str | None = None       # reference embeddings (real data or a baseline checkpoint)
     reference_generator: str | None = None
-    reference_generator_options: dict = field(default_factory=dict)
+    reference_generator_options: dict[str, Any] = Field(default_factory=dict)
     n_ref: int | None = None           # rows drawn from --reference-generator (default min(M, 1e6))
     null_replicates: int | None = None  # default 99 with a reference set, 39 against the surrogate (each refits)
     selection_m: int | None = None     # the selection test re-selects on S[:selection_m] (default min(m, 1e4))
@@ -67,11 +110,28 @@ class AuditConfig:
     modes: int = 10                    # top-k distinct dense modes (two-sample test, report)
     efficiency: bool = True            # sampling-efficiency curves
 
-    def to_dict(self) -> dict:
-        """Plain-JSON view (radii as a list)."""
-        d = dataclasses.asdict(self)
-        d["radii"] = list(self.radii)
-        return d
+    _radii_tuple = field_validator("radii", mode="before")(_as_tuple)
+
+
+class CalibrationConfig(_Config):
+    """Everything a calibration run needs; see `modeaudit calibrate --help` for each field."""
+    run: str
+    method: str = "rejection"
+    variant: str | None = None
+    modes: int = 1
+    clusters: int = 64
+    n_fit: int = 200_000
+    kernel: str = "auto"
+    workers: int = 1
+    fid_reference: str | None = None
+    inception_weights: str | None = None
+    image_range: str = "-1:1"
+    fid_rows: int = 10_000
+
+
+def default(model, name: str):
+    """The model's default of a field: the CLI shows and uses these, never a second copy."""
+    return model.model_fields[name].get_default(call_default_factory=True)
 
 
 def _frac(name, v):
@@ -84,7 +144,7 @@ def apply_preset(cfg: AuditConfig) -> AuditConfig:
     if cfg.preset not in PRESETS:
         raise ConfigError(f"unknown preset {cfg.preset!r}; choose one of: {', '.join(PRESETS)}")
     pre = PRESETS[cfg.preset]
-    c = dataclasses.replace(cfg)
+    c = cfg.replace()
     c.m = pre["m"] if c.m is None else c.m
     c.M = pre["M"] if c.M is None else c.M
     return c
@@ -93,7 +153,7 @@ def apply_preset(cfg: AuditConfig) -> AuditConfig:
 def finalize_sizes(cfg: AuditConfig, m: int, M: int) -> AuditConfig:
     """Set the actual sizes (from the preset or from the embedding files) and validate everything."""
     pre = PRESETS.get(cfg.preset, PRESETS["standard"])
-    c = dataclasses.replace(cfg, m=m, M=M)
+    c = cfg.replace(m=m, M=M)
     if m < 1 or M < 1:
         raise InputError(f"empty sample set (|S|={m}, |T|={M}); both need at least one row")
     if m < 2:

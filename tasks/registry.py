@@ -121,3 +121,14 @@ def parse_kv(pairs: list[str] | None, what: str) -> dict[str, str]:
             raise ConfigError(f"{what} {p!r} is not KEY=VALUE (example: {what} dim=128)")
         out[k.strip()] = v.strip()
     return out
+
+
+def require_torch(what: str):
+    """torch, or a ConfigError saying how to get it (torch is an optional dependency)."""
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError(f"{what} needs torch, which is not installed; install the build for your machine "
+                          "(pip install torch, or the CUDA build on a GPU node) or choose a model format that "
+                          "needs no torch (`modeaudit list`)") from None
+    return torch

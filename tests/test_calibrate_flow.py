@@ -67,7 +67,7 @@ def test_calibrated_sampler_is_a_deterministic_generator(audited):
     from modeaudit.tasks.models.generators import build_generator
     spec = f"calibrated:{audited / 'calibration' / 'rejection' / 'sampler'}"
     if not (audited / "calibration" / "rejection" / "sampler").exists():
-        calibrate_flow(str(audited), "rejection")
+        calibrate_flow({"run": str(audited), "method": "rejection"})
     g1, g2 = build_generator(spec), build_generator(spec)
     a = g1.latents(3, "T", 0, 5000)
     b = g2.latents(3, "T", 0, 2000)

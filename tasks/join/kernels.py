@@ -51,12 +51,11 @@ import math
 import operator
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 from numba import njit
 
-from modeaudit.tasks.join.threads import compute_threads
+from modeaudit.tasks.join.threads import blas_threads, compute_threads
 
 __all__ = [
     "DEFAULT_RADII",
@@ -451,7 +450,11 @@ def _mccs_rows(sims, sums, row0, col_local, col_global, ids,
 
 
 def _n_workers() -> int:
-    return compute_threads()
+    # Our tile threads each call BLAS: that pays only where BLAS itself is single-threaded
+    # (Dask workers, whose BLAS is pinned to one thread at start). Elsewhere BLAS's own
+    # threads run the GEMM and one thread counts: this library never changes the BLAS
+    # thread count of a process (other threads' results would change with it).
+    return max(1, compute_threads() // blas_threads())
 
 
 class _Lut:
@@ -500,8 +503,8 @@ class _FastJoin:
     def _run(self, b32, acc, kernel):
         """Tile anchors x block and call kernel(sims, r0, c0, acc_of_worker) per tile.
 
-        Each worker thread owns an accumulator copy and does its own GEMMs with
-        single-threaded BLAS, so the cores never wait on another pool's threads.
+        Each worker thread owns an accumulator copy and does its own GEMMs (several
+        threads only where BLAS is single-threaded, see _n_workers).
         Tiles are handed out one at a time: a core busy with something else just
         takes fewer of them.
         """
@@ -529,7 +532,7 @@ class _FastJoin:
             work(acc)
             return
         parts = [np.zeros_like(acc) for _ in range(n)]
-        with _single_threaded_blas(), ThreadPoolExecutor(n) as ex:
+        with ThreadPoolExecutor(n) as ex:
             for f in [ex.submit(work, p) for p in parts]:
                 f.result()
         for p in parts:
@@ -574,29 +577,6 @@ class _FastJoin:
         self._run(b32, np.zeros(1), kernel)
         for slot in slots:
             sums += slot
-
-
-_blas_controller = None
-
-
-@contextmanager
-def _single_threaded_blas():
-    # BLAS is limited to one thread only while our workers run (this is process
-    # wide: other threads calling BLAS meanwhile get one thread too). Without
-    # threadpoolctl (a scikit-learn dependency) the BLAS calls share the cores.
-    global _blas_controller
-    if _blas_controller is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _blas_controller = False
-        else:
-            _blas_controller = ThreadpoolController()  # scans the loaded libraries once
-    if not _blas_controller:
-        yield
-        return
-    with _blas_controller.limit(limits=1, user_api="blas"):
-        yield
 
 
 def _hist_to_counts(hist: np.ndarray) -> np.ndarray:

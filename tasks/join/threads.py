@@ -1,11 +1,14 @@
 """How many threads one kernel call may use (one place, read at call time).
 
 A Dask worker sets MODEAUDIT_THREADS to its share of the cores; without it a
-kernel uses every core this process may run on.
+kernel uses every core this process may run on. Thread counts of libraries
+(BLAS, numba) are read here and set only where a process starts (flows/cluster.py's
+worker setup, benchmark scripts), never by library code while other threads compute.
 """
 from __future__ import annotations
 
 import os
+import threading
 
 
 def usable_cores() -> int:
@@ -20,3 +23,24 @@ def compute_threads() -> int:
     """Threads for one kernel call: $MODEAUDIT_THREADS, else the usable cores."""
     env = os.environ.get("MODEAUDIT_THREADS")
     return max(1, int(env)) if env else usable_cores()
+
+
+_controller = None
+_controller_lock = threading.Lock()
+
+
+def blas_threads() -> int:
+    """Threads numpy's BLAS uses in this process now (read only: never set here); 1 if unknown."""
+    global _controller
+    with _controller_lock:
+        if _controller is None:
+            try:
+                import numpy  # noqa: F401  (its BLAS must be loaded before the scan)
+                from threadpoolctl import ThreadpoolController
+                _controller = ThreadpoolController()   # scans the loaded libraries once
+            except Exception:   # no threadpoolctl, or a library it cannot read: assume the worst case
+                _controller = False
+    if not _controller:
+        return usable_cores()
+    n = [lib.num_threads for lib in _controller.select(user_api="blas").lib_controllers]
+    return max(n) if n else 1

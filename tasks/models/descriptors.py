@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from modeaudit.tasks.models.generators import file_sha256
-from modeaudit.tasks.registry import ConfigError, Option, Registry
+from modeaudit.tasks.registry import ConfigError, Option, Registry, require_torch
 
-DESCRIPTORS = Registry("descriptor")
+DESCRIPTORS = Registry("descriptor", plugins=("modeaudit.tasks.models.python_models",))
 _pos = dict(check=lambda v: v > 0, check_msg="must be > 0")
 
 
@@ -58,7 +58,7 @@ class TorchDescriptor(Descriptor):
 
     def __init__(self, spec, options, module, batch_size, device, flip_average=False, extra_fp=None):
         super().__init__(spec, options)
-        import torch
+        torch = require_torch("this descriptor")
         self.torch, self.device = torch, torch.device(device)
         self.module, self.batch_size = module.to(self.device).eval(), batch_size
         self.flip_average, self._extra_fp = flip_average, extra_fp or {}
@@ -85,7 +85,7 @@ class TorchDescriptor(Descriptor):
 
 def tiny_cnn_module(dim: int = 32, world_seed: int = 1):
     """A small fixed-weight CNN descriptor (3-channel images -> dim) for tests and demos."""
-    import torch
+    torch = require_torch("this descriptor")
     from torch import nn
     g = torch.Generator().manual_seed(world_seed)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
@@ -114,7 +114,7 @@ def _tiny_cnn(*, batch_size, device, flip_average, dim, world_seed):
 @DESCRIPTORS.register("torchscript", _torch_opts, prefix=True,
                       help="any TorchScript module file: images -> embedding rows")
 def _torchscript(path, *, batch_size, device, flip_average):
-    import torch
+    torch = require_torch(f"descriptor torchscript:{path}")
     if not Path(path).is_file():
         raise ConfigError(f"descriptor torchscript:{path}: no such file; give the path of a torch.jit.save'd module")
     module = torch.jit.load(path, map_location=device)

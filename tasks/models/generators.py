@@ -14,12 +14,13 @@ import numpy as np
 from numba import njit, prange
 from scipy.special import ndtr
 
-from modeaudit.tasks.registry import ConfigError, Option, Registry
+from modeaudit.tasks.registry import ConfigError, Option, Registry, require_torch
 from modeaudit.tasks.models.rng import latent_rows
 
 # "calibrated:PATH" lives with the calibration code, which builds on this module:
 # it is imported when the registry is first read, so neither module imports the other at load.
-GENERATORS = Registry("generator", plugins=("modeaudit.tasks.calibration.samplers",))
+GENERATORS = Registry("generator", plugins=("modeaudit.tasks.calibration.samplers",
+                                             "modeaudit.tasks.models.python_models"))
 
 _pos = dict(check=lambda v: v > 0, check_msg="must be > 0")
 _prob = dict(check=lambda v: 0 <= v < 1, check_msg="must be in [0, 1)")
@@ -153,7 +154,7 @@ class TorchGenerator(Generator):
 
     def __init__(self, spec, options, module, latent_dim, batch_size, device, extra_fp=None):
         super().__init__(spec, options)
-        import torch
+        torch = require_torch("this generator")
         self.torch, self.device = torch, torch.device(device)
         self.module = module.to(self.device).eval()
         self.latent_dim, self.batch_size = latent_dim, batch_size
@@ -174,7 +175,7 @@ class TorchGenerator(Generator):
 
 def tiny_image_module(latent_dim: int = 8, size: int = 16, world_seed: int = 0):
     """A small fixed-weight torch image generator (latents -> 3 x size x size in [-1, 1]) for tests and demos."""
-    import torch
+    torch = require_torch("this generator")
     from torch import nn
     g = torch.Generator().manual_seed(world_seed)
     net = nn.Sequential(nn.Linear(latent_dim, 64), nn.Tanh(), nn.Linear(64, 3 * size * size), nn.Tanh(),
@@ -212,7 +213,7 @@ def file_sha256(path: str | Path) -> str:
 @GENERATORS.register("torchscript", {**_torch_opts, "latent_dim": Option(int, 512, "latent dimension", **_pos)},
                      prefix=True, help="any TorchScript module file: latents (n, latent_dim) -> images")
 def _torchscript(path, *, batch_size, device, latent_dim):
-    import torch
+    torch = require_torch(f"generator torchscript:{path}")
     if not Path(path).is_file():
         raise ConfigError(f"generator torchscript:{path}: no such file; give the path of a torch.jit.save'd module")
     module = torch.jit.load(path, map_location=device)

@@ -116,9 +116,24 @@ def distinct_modes(emb_S: np.ndarray, counts: np.ndarray, k: int, d0: float, *,
     return order[_greedy(C, k, d0)]
 
 
-def _pair_dist(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    """float64 d(x, y) = arccos(clip(<x, y>, -1, 1)) / pi for all pairs, (len X, len Y)."""
-    return np.arccos(np.clip(X @ Y.T, -1.0, 1.0)) / np.pi
+def _within_score(d0: float) -> float:
+    """The smallest float64 score c with acos(c) / pi <= d0 (math.acos: libm, one rounding rule).
+
+    d(x, y) <= d0 is then decided as clip(<x, y>, -1, 1) >= c: exactly the float64 rule
+    arccos(clip(<x, y>)) / pi <= d0 with the scalar libm acos, never numpy's vectorised
+    arccos, whose last bit differs between CPUs (an exact tie at d0 would flip).
+    """
+    c = min(1.0, max(-1.0, math.cos(math.pi * d0)))
+    while c < 1.0 and math.acos(c) / math.pi > d0:
+        c = math.nextafter(c, 2.0)
+    while c > -1.0 and math.acos(math.nextafter(c, -2.0)) / math.pi <= d0:
+        c = math.nextafter(c, -2.0)
+    return c
+
+
+def _within(X: np.ndarray, Y: np.ndarray, c: float) -> np.ndarray:
+    """float64 d(x, y) <= d0 for all pairs, (len X, len Y), with c = _within_score(d0)."""
+    return np.clip(X @ Y.T, -1.0, 1.0) >= c
 
 
 def _greedy(C: np.ndarray, k: int, d0: float) -> np.ndarray:
@@ -132,6 +147,7 @@ def _greedy(C: np.ndarray, k: int, d0: float) -> np.ndarray:
     k x candidates x dim even when the first k candidates are already distinct.
     """
     m, dim = C.shape
+    c = _within_score(d0)
     block = int(min(max(2 * k, 256), 2048))  # inner matrix <= 2048^2 float64 = 32 MB
     picked = np.empty((min(k, m), dim), dtype=np.float64)
     chosen: list[int] = []
@@ -140,11 +156,11 @@ def _greedy(C: np.ndarray, k: int, d0: float) -> np.ndarray:
         blk = C[start:stop]
         alive = np.ones(stop - start, dtype=bool)
         if chosen:
-            alive &= ~np.any(_pair_dist(blk, picked[: len(chosen)]) <= d0, axis=1)
+            alive &= ~np.any(_within(blk, picked[: len(chosen)], c), axis=1)
         idx = np.flatnonzero(alive)
         if idx.size == 0:
             continue
-        inner = _pair_dist(blk[idx], blk[idx]) <= d0
+        inner = _within(blk[idx], blk[idx], c)
         suppressed = np.zeros(idx.size, dtype=bool)
         for j in range(idx.size):
             if suppressed[j]:

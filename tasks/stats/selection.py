@@ -23,7 +23,6 @@ Monte-Carlo resolution 1/(B+1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -73,9 +72,15 @@ REFIT_ITER = 5      # EM steps of a refit, warm-started from the fit to S (the s
 
 
 def gaussian_surrogate(S: np.ndarray, seed: int) -> NullSampler:
-    """Null (c): the projected normal fitted to S (tasks/surrogate.py), drawn fresh for every replicate."""
+    """Null (c): the projected normal fitted to S (tasks/stats/surrogate.py), drawn fresh for every replicate."""
     from modeaudit.tasks.stats.surrogate import fit_projected_normal
     fit = fit_projected_normal(S)
+    return surrogate_sampler(fit, seed, fit.describe())
+
+
+def surrogate_sampler(fit, seed: int, describe: dict) -> NullSampler:
+    """Null (c) from a fit made once (in a worker): draws and refit-predictions, seeded by replicate."""
+    from modeaudit.tasks.stats.surrogate import fit_projected_normal
 
     def draw(b, m, n_t):
         rng = np.random.default_rng([seed, 0x5E2, b])
@@ -91,7 +96,7 @@ def gaussian_surrogate(S: np.ndarray, seed: int) -> NullSampler:
         f = fit_projected_normal(S_b[:rows], init=fit, max_iter=REFIT_ITER)
         Y = f.sample(np.random.default_rng([seed, 0x5E3, key]), n_t)
         return backend.range_counts(S_b[w:w + 1], [(0, Y)], radii, kernel=kernel)[0] / float(n_t)
-    return NullSampler(draw, SURROGATE_NOTE, kind="surrogate", fit=fit.describe(), predict=predict)
+    return NullSampler(draw, SURROGATE_NOTE, kind="surrogate", fit=describe, predict=predict)
 
 
 def excess(curve_frac: np.ndarray, predicted_frac: np.ndarray, n_t: int) -> np.ndarray:
@@ -106,9 +111,25 @@ def excess(curve_frac: np.ndarray, predicted_frac: np.ndarray, n_t: int) -> np.n
     return 2.0 * (np.sqrt(c + 0.375) - np.sqrt(e + 0.375))
 
 
+def replicate_curves(null: NullSampler, indices, *, m: int, n_t: int, d0: float, radii,
+                     kernel: str = "fast") -> np.ndarray:
+    """The null's statistic (worst-case curve, or its excess over the refit) for each replicate index, serially.
+
+    Replicate b depends on b alone (its draws are seeded by b), so any split of the
+    indices over processes gives the same rows. No thread pool here: the BLAS calls
+    of the surrogate's EM must run where nothing changes the BLAS thread count.
+    """
+    out = []
+    for b in indices:
+        S, T = null.draw(b, m, n_t)
+        w, c = worst_case_curve(S, [(0, T)], len(T), d0, radii, kernel)
+        out.append(c if null.predict is None else excess(c, null.predict(S, w, n_t, radii, b + 1, kernel), n_t))
+    return np.asarray(out, np.float64).reshape(len(out), len(radii))
+
+
 def selection_test(obs_curve_frac: np.ndarray, null: NullSampler, *, m: int, n_t: int, d0: float, radii,
                    replicates: int, alpha: float, kernel: str = "fast", seed: int = 0,
-                   obs_S: np.ndarray | None = None, obs_w: int | None = None) -> dict:
+                   obs_S: np.ndarray | None = None, obs_w: int | None = None, curves=None) -> dict:
     """ERL test of the observed worst-case curve (fractions) against `replicates` null worst-case curves.
 
     With a reference null the curves themselves are compared. With a surrogate
@@ -116,21 +137,14 @@ def selection_test(obs_curve_frac: np.ndarray, null: NullSampler, *, m: int, n_t
     curve -- observed and replicate alike -- is first compared with what a model refitted
     to *its own* S predicts for the selected anchor (`excess`): the parametric
     bootstrap of an approximately pivotal statistic. That needs the observed S and
-    its worst-case row (`obs_S`, `obs_w`).
+    its worst-case row (`obs_S`, `obs_w`). `curves`: the replicates' statistics when they were
+    computed elsewhere (on a Dask cluster, `replicate_curves` per group of indices).
     """
-    curves = np.empty((replicates, len(radii)))
-
-    def one(b):
-        S, T = null.draw(b, m, n_t)
-        w, c = worst_case_curve(S, [(0, T)], len(T), d0, radii, kernel)
-        curves[b] = c if null.predict is None else excess(c, null.predict(S, w, n_t, radii, b + 1, kernel), n_t)
-
-    # Replicates are seeded by their index, so running them side by side changes no
-    # number; it uses the cores that random draws and the surrogate's EM leave idle
-    # (19 surrogate replicates at 1e4 x 128: 12.5 s on 2 threads, 16.0 s on 1, same p).
-    from modeaudit.tasks.join.threads import compute_threads
-    with ThreadPoolExecutor(min(compute_threads(), 4)) as ex:
-        list(ex.map(one, range(replicates)))
+    if curves is None:
+        curves = replicate_curves(null, range(replicates), m=m, n_t=n_t, d0=d0, radii=radii, kernel=kernel)
+    curves = np.asarray(curves, np.float64)
+    if curves.shape != (replicates, len(radii)):
+        raise ValueError(f"curves must be (replicates, radii) = ({replicates}, {len(radii)}), got {curves.shape}")
     obs = np.asarray(obs_curve_frac, np.float64)
     if null.predict is not None:
         if obs_S is None or obs_w is None:

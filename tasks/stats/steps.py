@@ -6,6 +6,8 @@ No Prefect here (tasks/stages.py wraps these). Every test returns a dict with at
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from modeaudit.tasks.join import backend
@@ -14,7 +16,8 @@ from modeaudit.tasks.stats.envelope import erl_test
 from modeaudit.tasks.join.kernels import mccs_from_sums
 from modeaudit.tasks.stats.modes import distinct_modes
 from modeaudit.tasks.stats.paper import population_mccs, top_anchors
-from modeaudit.tasks.stats.selection import NullSampler, selection_test, worst_case_curve
+from modeaudit.tasks.stats.selection import (NullSampler, pool_sampler, replicate_curves, selection_test,
+                                             surrogate_sampler, worst_case_curve)
 from modeaudit.tasks.stats.two_sample import density_ratio_test
 
 # Tests a user can ask for with --tests; "paper" and "erl" compare a selected
@@ -42,14 +45,53 @@ def erl(obs_curve, ref_curves, alpha: float) -> dict:
     return r
 
 
-def selection(S_rows, T, *, m_sel: int, n_t: int, null: NullSampler, d0, radii, replicates, alpha, kernel) -> dict:
-    """Re-run the selection on S[:m_sel] against T[:n_t], and test that worst case against the null's worst cases."""
-    S_sel = np.asarray(S_rows[:m_sel])
+def reference_null(source, n_pool: int, seed: int, describe: str) -> NullSampler:
+    """Null (a) built where it is used: the first n_pool rows of the reference source as the pool."""
+    # float32 once (exact for float16 rows): each replicate would otherwise convert its draw again.
+    return pool_sampler(source.read(0, n_pool).astype(np.float32, copy=False), seed, describe)
+
+
+def _fit_surrogate(S_sel):
+    from modeaudit.tasks.stats.surrogate import fit_projected_normal
+    fit = fit_projected_normal(S_sel)
+    return fit, fit.describe()
+
+
+def _replicates_task(factory, indices, m, n_t, d0, radii, kernel):
+    return replicate_curves(factory(), indices, m=m, n_t=n_t, d0=d0, radii=radii, kernel=kernel)
+
+
+def _observed_task(factory, S_sel, T, n_t, d0, radii, replicates, alpha, kernel, curves):
     w, curve = worst_case_curve(S_sel, T.blocks(0, n_t), n_t, d0, radii, kernel)
-    res = selection_test(curve, null, m=m_sel, n_t=n_t, d0=d0, radii=radii, replicates=replicates,
-                         alpha=alpha, kernel=kernel, obs_S=S_sel, obs_w=w)
+    res = selection_test(curve, factory(), m=len(S_sel), n_t=n_t, d0=d0, radii=radii, replicates=replicates,
+                         alpha=alpha, kernel=kernel, obs_S=S_sel, obs_w=w, curves=curves)
     res.update({"s_index": int(w), "obs_curve_fraction": curve.tolist()})
     return res
+
+
+def selection(client, S_rows, T, *, m_sel: int, n_t: int, null, d0, radii, replicates, alpha, kernel) -> dict:
+    """Re-run the selection on S[:m_sel] against T[:n_t], and test that worst case against the null's worst cases.
+
+    `null` is ("reference", source, pool_rows, seed, describe) or ("surrogate", seed). Every
+    step runs as a task on the Dask client (a worker's BLAS is single-threaded and nobody
+    changes it, so the surrogate's EM gives the same bits on 1 or N workers); the null is
+    rebuilt inside each task from the store, never held only in a worker's memory.
+    """
+    S_sel = np.ascontiguousarray(S_rows[:m_sel])
+    submit = (lambda f, *a: f(*a)) if client is None else (lambda f, *a: client.submit(f, *a, pure=False))
+    get = (lambda x: x) if client is None else (lambda x: x.result())
+    S_in = S_sel if client is None else client.scatter(S_sel)
+    if null[0] == "surrogate":
+        fit, describe = get(submit(_fit_surrogate, S_in))
+        factory = functools.partial(surrogate_sampler, fit, null[1], describe)
+    else:
+        factory = functools.partial(reference_null, *null[1:])
+    n_groups = 1 if client is None else max(1, min(replicates, sum(client.nthreads().values())))
+    bounds = np.linspace(0, replicates, n_groups + 1).astype(int)
+    parts = [submit(_replicates_task, factory, range(lo, hi), m_sel, n_t, d0, tuple(radii), kernel)
+             for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    curves = np.concatenate([get(p) for p in parts])
+    return get(submit(_observed_task, factory, S_in, T, n_t, d0, tuple(radii), replicates, alpha, kernel, curves))
 
 
 def dense_modes(S_rows, counts, k: int, d0: float) -> np.ndarray:
