@@ -123,7 +123,7 @@ def audit(generator=None, *, out: str | os.PathLike, descriptor=None, reference_
     from modeaudit.flows.cli import check_out_dir, preflight
     from modeaudit.storage.store import StoreError
     try:
-        check_out_dir(cfg.out, cfg.overwrite)
+        check_out_dir(cfg.out)
         preflight(cfg)
         from modeaudit.flows.audit import audit_flow
         data = audit_flow(cfg)

@@ -2,4 +2,4 @@
 if __name__ != "modeaudit.flows":
     # The folder is importable by path from the repository root; a bare `flows` is some other
     # distribution's name, so refuse it rather than shadow (or be shadowed by) it.
-    raise ImportError(f"this folder is modeaudit.flows; import it as modeaudit.flows (pip install -e . first)")
+    raise ImportError("this folder is modeaudit.flows; import it as modeaudit.flows (pip install -e . first)")

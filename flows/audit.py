@@ -12,6 +12,7 @@ import numpy as np
 from prefect import flow
 from prefect.states import Failed
 
+from modeaudit.storage.layout import RESULT_JSON, RunLayout, clear_derived
 from modeaudit.storage.store import StoreError
 
 from modeaudit.tasks import audit_steps as steps
@@ -86,9 +87,11 @@ def prepare(cfg: AuditConfig, client, t):
 def run_audit(cfg: AuditConfig, client) -> dict:
     """Run every stage of one audit on a Dask client and write DIR/report.html and DIR/result.json."""
     out = Path(cfg.out)
-    (out / "result.json").unlink(missing_ok=True)  # a stale result must never look like this run's
     t = steps.Timer()
     cfg, store, S, T, ref, scans, source = prepare(cfg, client, t)
+    # Validated, fingerprint checked, samples in place: only now may the earlier run's
+    # outputs go (a stale result must never look like this run's).
+    clear_derived(out)
     tests = tests_for(cfg)
 
     # The paper: dense-mode search in S, curves in T, MCCS over A x C.
@@ -134,12 +137,12 @@ def run_audit(cfg: AuditConfig, client) -> dict:
     result["verdict"] = {"headline": headline, "explanation": why}   # the report's verdict, for programs
     result = steps.json_safe(result)
 
-    store.write_array("results/self_counts", counts)
-    store.write_array("results/curves", curves)
-    store.write_array("results/mccs_A", mccs[:-1])
+    store.write_array(RunLayout.result_array("self_counts"), counts)
+    store.write_array(RunLayout.result_array("curves"), curves)
+    store.write_array(RunLayout.result_array("mccs_A"), mccs[:-1])
     write_report(out, result, obs_curves=curves[:cfg.p], ref_curves=curves[cfg.p:], mccs_values=mccs[:-1],
                  extra_sections=stats_sections(result))
-    store.write_json("result.json", result)  # last: its presence means the audit completed
+    store.write_json(RESULT_JSON, result)  # last: its presence means the audit completed
     return result
 
 

@@ -5,9 +5,7 @@ import argparse
 import functools
 import json
 import os
-import shutil
 import sys
-from pathlib import Path
 
 # Before anything imports Prefect (it reads its settings once, at import). Its temporary
 # server gets 20 s to start by default; a busy 2-core machine migrating a fresh database
@@ -16,6 +14,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from modeaudit import __version__  # noqa: E402
+from modeaudit.storage.layout import RunLayout  # noqa: E402
+from modeaudit.storage.layout import check_out_dir as layout_check_out_dir  # noqa: E402
 from modeaudit.tasks.config import (PRESETS, AuditConfig, CalibrationConfig, apply_preset, default,  # noqa: E402
                                     finalize_sizes, kernel_for, parse_radii)
 from modeaudit.tasks.registry import ConfigError, parse_kv  # noqa: E402
@@ -135,21 +135,9 @@ def config_from_args(args) -> AuditConfig:
     return AuditConfig.parse(kw)
 
 
-def check_out_dir(out: str, overwrite: bool) -> None:
-    """Make DIR (or fail clearly if it cannot be written); with --overwrite clear only modeaudit's own files."""
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".modeaudit-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to --out {out} ({e.strerror or e}); choose a writable directory") from None
-    if overwrite:
-        for name in ("store.zarr", "manifest", "plots", "calibration"):
-            shutil.rmtree(path / name, ignore_errors=True)
-        for name in ("result.json", "report.html"):
-            (path / name).unlink(missing_ok=True)
+def check_out_dir(out: str, overwrite: bool = False) -> None:
+    """Make DIR, or fail clearly if it cannot be a run directory; nothing is deleted here (see clear_derived)."""
+    layout_check_out_dir(out)
 
 
 def preflight(cfg: AuditConfig) -> AuditConfig:
@@ -242,7 +230,7 @@ def _run_command(args, FailedRun, StoreError) -> int:
                for k, v in result["tests"].items()}
     print(json.dumps({"headline": result["verdict"]["headline"], "verdict": verdict,
                       "worst_case": w, "mccs_mean": result["mccs"]["mean"],
-                      "report": str(Path(cfg.out) / "report.html")}, indent=1))
+                      "report": str(RunLayout(cfg.out).report_html)}, indent=1))
     return 0
 
 

@@ -23,8 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import threading
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,9 @@ from typing import Any
 
 import numpy as np
 import zarr
+
+from modeaudit.storage.layout import (MANIFEST, RUN_JSON, STORE_ZARR, atomic_write_json,
+                                      json_default)
 
 __all__ = [
     "ArraySpec",
@@ -42,9 +43,9 @@ __all__ = [
 ]
 
 STORE_FORMAT = 1
-_ZARR_DIR = "store.zarr"
-_MANIFEST_DIR = "manifest"
-_RUN_JSON = "run.json"
+_ZARR_DIR = STORE_ZARR
+_MANIFEST_DIR = MANIFEST
+_RUN_JSON = RUN_JSON
 _MISSING = object()
 # Numeric and bool only: checksums are taken over raw C-order bytes, which is
 # meaningless for object/str dtypes.
@@ -60,29 +61,10 @@ class StoreError(ValueError):
 # --------------------------------------------------------------------------- #
 
 
-def _json_default(obj: Any) -> Any:
-    # Numpy scalars/arrays and paths turn up in fingerprints and results; map
-    # them to the plain JSON value they stand for so that np.int64(5) and 5
-    # hash the same.
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
-
-
 def _canonical_json(obj: Any) -> str:
     try:
         return json.dumps(
-            obj, sort_keys=True, separators=(",", ":"), default=_json_default, allow_nan=False
+            obj, sort_keys=True, separators=(",", ":"), default=json_default, allow_nan=False
         )
     except (TypeError, ValueError) as exc:
         raise StoreError(
@@ -104,47 +86,6 @@ def _normalise_json(obj: Any) -> Any:
     # Round trip through canonical JSON so the in-memory fingerprint compares
     # equal to the one read back from run.json (tuples -> lists, np -> py).
     return json.loads(_canonical_json(obj))
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not all platforms/filesystems allow
-    # opening a directory, and durability there is best effort anyway.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so readers see either the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Unique temp name per process *and* thread: several Dask workers may
-    # write neighbouring manifest entries in the same directory at once.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
-    _atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 
 def _first_difference(old: Any, new: Any, prefix: str) -> str | None:
@@ -437,7 +378,7 @@ class RunStore:
             # run.json first: it is what makes DIR recognisably "this run", so a
             # crash during array creation is resumed by the branch above.
             try:
-                _atomic_write_json(
+                atomic_write_json(
                     run_json,
                     {
                         "format": STORE_FORMAT,
@@ -581,7 +522,7 @@ class RunStore:
 
     def _record_completion(self, path: Path, entry: dict) -> None:
         # Separate method so tests can simulate a crash between data and manifest.
-        _atomic_write_json(path, entry)
+        atomic_write_json(path, entry)
 
     def write_shard(self, set_name: str, index: int, data: Mapping[str, np.ndarray]) -> str:
         """Write all kinds of shard ``index``, then record completion; return the combined checksum.
@@ -774,7 +715,7 @@ class RunStore:
         """Atomically write ``obj`` as JSON to ``DIR/relpath`` (parents created); return the path."""
         path = self._rel(relpath)
         try:
-            _atomic_write_json(path, obj)
+            atomic_write_json(path, obj)
         except TypeError as exc:
             raise StoreError(
                 f"cannot write {relpath}: {exc}; pass only JSON-compatible values"

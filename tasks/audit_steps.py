@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from modeaudit.tasks.join import parallel
+from modeaudit.storage.layout import RunLayout
 from modeaudit.tasks.config import AuditConfig
 from modeaudit.tasks.errors import InputError
 from modeaudit.tasks.stats.paper import paper_test, population_mccs
@@ -90,19 +91,32 @@ def open_result_store(cfg: AuditConfig, S: Source, T: Source):
     return RunStore.create_or_open(cfg.out, {"embeddings": files, "modeaudit_store": 1}, [], overwrite=cfg.overwrite)
 
 
+def _shard_intact(root: str, set_name: str, index: int) -> bool:
+    from modeaudit.storage.store import RunStore
+    return RunStore.open(root).is_complete(set_name, index, verify=True)
+
+
 def generate_set(client, store, set_name: str, gen: dict, desc: dict, seed: int) -> dict:
-    """Generate every missing shard of a set on the cluster; complete shards are skipped (resume)."""
+    """Generate every missing shard of a set on the cluster; complete shards are reused only when their bytes
+    still match the checksums recorded at completion (resume), damaged ones are generated again."""
     layout = store.layout(set_name)
     missing = store.missing_shards(set_name)
+    recorded = [s for s in layout.shards() if s not in missing]
+    ok = client.gather([client.submit(_shard_intact, str(store.root), set_name, i, pure=False)
+                        for i, _, _ in recorded])
+    damaged = [s for s, good in zip(recorded, ok) if not good]
+    todo = sorted(missing + damaged)
     futures = [client.submit(generate_shard, str(store.root), set_name, i, lo, hi, gen, desc, seed,
-                             pure=False, retries=2) for i, lo, hi in missing]
+                             pure=False, retries=2) for i, lo, hi in todo]
     client.gather(futures)
-    return {"shards": len(layout.shards()), "generated": len(missing), "skipped": len(layout.shards()) - len(missing)}
+    return {"shards": len(layout.shards()), "generated": len(todo), "skipped": len(layout.shards()) - len(todo),
+            "reused": [i for (i, _, _), good in zip(recorded, ok) if good],
+            "damaged_regenerated": [i for i, _, _ in damaged]}
 
 
 def set_scan(store, set_name: str) -> dict:
     """Merged validity scans saved by the shards of a set."""
-    return merge_scans([store.read_json(f"scans/{set_name}/{i}.json") for i, _, _ in store.layout(set_name).shards()])
+    return merge_scans([store.read_json(RunLayout.scan(set_name, i)) for i, _, _ in store.layout(set_name).shards()])
 
 
 def embedding_sources(cfg: AuditConfig) -> tuple[Source, Source]:

@@ -102,11 +102,14 @@ Pure compute (numpy; scikit-learn only inside the fit functions); no Prefect.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from pathlib import Path
 
 import numpy as np
+
+from modeaudit.storage.layout import atomic_write_bytes, atomic_write_json
 
 from modeaudit.tasks.models.generators import GENERATORS, Generator, build_generator
 from modeaudit.tasks.registry import ConfigError, Option
@@ -460,18 +463,12 @@ def save_params(path_dir, params: dict, meta: dict) -> Path:
             raise ValueError(f"param {k!r} must be numeric (got dtype {a.dtype}); put strings in meta")
     p = Path(path_dir)
     p.mkdir(parents=True, exist_ok=True)
-    np.savez(p / "params.npz", **arrays)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(p / "params.npz", buf.getvalue())
     meta["params_sha256"] = params_checksum(arrays)
-    (p / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n")
+    atomic_write_json(p / "meta.json", meta, sort_keys=True)
     return p
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def load_params(path_dir) -> tuple[dict, dict]:

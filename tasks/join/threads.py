@@ -7,6 +7,7 @@ worker setup, benchmark scripts), never by library code while other threads comp
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -19,8 +20,24 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+_budget = threading.local()
+
+
+@contextlib.contextmanager
+def thread_budget(n: int):
+    """Within this block, kernels called from this thread use at most n threads (thread-local)."""
+    old = getattr(_budget, "n", None)
+    _budget.n = max(1, int(n))
+    try:
+        yield
+    finally:
+        _budget.n = old
+
+
 def compute_threads() -> int:
-    """Threads for one kernel call: $MODEAUDIT_THREADS, else the usable cores."""
+    """Threads for one kernel call: this thread's budget, else $MODEAUDIT_THREADS, else the usable cores."""
+    if getattr(_budget, "n", None):
+        return _budget.n
     env = os.environ.get("MODEAUDIT_THREADS")
     return max(1, int(env)) if env else usable_cores()
 

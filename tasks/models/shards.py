@@ -11,6 +11,7 @@ import json
 import numba
 import numpy as np
 
+from modeaudit.storage.layout import RunLayout
 from modeaudit.tasks.models.descriptors import build_descriptor
 from modeaudit.tasks.errors import InputError
 from modeaudit.tasks.models.generators import build_generator
@@ -67,6 +68,6 @@ def generate_shard(root: str, set_name: str, index: int, start: int, stop: int,
     if "planted" in kinds:
         data["planted"] = truth.astype(bool)
     # The scan is saved before completion is recorded, so a resumed run still knows it.
-    store.write_json(f"scans/{set_name}/{index}.json", scan)
+    store.write_json(RunLayout.scan(set_name, index), scan)
     checksum = store.write_shard(set_name, index, data)
     return {"index": index, "checksum": checksum, "scan": scan}

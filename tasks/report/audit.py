@@ -17,10 +17,8 @@ import html
 import io
 import json
 import math
-import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +27,8 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+
+from modeaudit.storage.layout import RunLayout, atomic_write_bytes
 
 __all__ = ["write_report", "figure_to_base64_png", "render_report_html",
            "neighbour_curves_figure", "mccs_histogram_figure", "UNCONTROLLED_TESTS", "verdict_text"]
@@ -623,26 +623,6 @@ envelope) compare a selected maximum with random anchors, so their error rate is
 
 # ----------------------------------------------------------------------------- writing
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    # A crash (or a reader polling the run dir) must never see a half-written file:
-    # write a sibling temp file in the same directory, fsync, then rename over.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; a report is meant to be shared (CI artifacts, web dirs).
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_report(out_dir, result: dict, *, obs_curves, ref_curves, mccs_values,
                  extra_sections=()) -> pathlib.Path:
     """Render ``out_dir/report.html`` and the plots under ``out_dir/plots/``.
@@ -662,13 +642,13 @@ def write_report(out_dir, result: dict, *, obs_curves, ref_curves, mccs_values,
     same images. Every file is written atomically (temp file + os.replace).
     """
     out = pathlib.Path(out_dir)
-    plots = out / "plots"
+    plots = RunLayout(out).plots
     plots.mkdir(parents=True, exist_ok=True)
 
     curves_png = _figure_png_bytes(neighbour_curves_figure(result, obs_curves, ref_curves))
     mccs_png = _figure_png_bytes(mccs_histogram_figure(result, mccs_values))
-    _atomic_write_bytes(plots / "neighbour_curves.png", curves_png)
-    _atomic_write_bytes(plots / "mccs_histogram.png", mccs_png)
+    atomic_write_bytes(plots / "neighbour_curves.png", curves_png)
+    atomic_write_bytes(plots / "mccs_histogram.png", mccs_png)
 
     page = render_report_html(
         result,
@@ -676,6 +656,6 @@ def write_report(out_dir, result: dict, *, obs_curves, ref_curves, mccs_values,
         mccs_png_b64=base64.b64encode(mccs_png).decode("ascii"),
         extra_sections=[(str(t), str(f)) for t, f in extra_sections],
     )
-    report = out / "report.html"
-    _atomic_write_bytes(report, page.encode("utf-8"))
+    report = RunLayout(out).report_html
+    atomic_write_bytes(report, page.encode("utf-8"))
     return report

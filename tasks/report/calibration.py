@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from modeaudit.storage.layout import REPORT_HTML, atomic_write_text
 from modeaudit.tasks.report.audit import figure_to_base64_png
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222;background:#f7f7f9}
@@ -85,7 +85,4 @@ def write_calibration_report(out_dir, cal: dict, before: dict, after: dict, mccs
 <section><h2>Curves of the old and new worst cases in T and T' (seed 000, Figs. 4-5)</h2>{_img(_curves_fig(cal, before, after), "curves")}</section>
 <section><h2>MCCS before and after (seed 001, Figs. 5-6)</h2>{_img(_box_fig(cal, mccs_a_before, mccs_a_after), "mccs")}</section>
 </body></html>"""
-    tmp = out / "report.html.tmp"
-    tmp.write_text(page)
-    os.replace(tmp, out / "report.html")
-    return out / "report.html"
+    return atomic_write_text(Path(out) / REPORT_HTML, page)

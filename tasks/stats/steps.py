@@ -7,11 +7,13 @@ No Prefect here (tasks/stages.py wraps these). Every test returns a dict with at
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from modeaudit.tasks.join import backend
 from modeaudit.tasks.join import parallel
+from modeaudit.tasks.join.threads import blas_threads, compute_threads, thread_budget
 from modeaudit.tasks.stats.envelope import erl_test
 from modeaudit.tasks.join.kernels import mccs_from_sums
 from modeaudit.tasks.stats.modes import distinct_modes
@@ -58,7 +60,19 @@ def _fit_surrogate(S_sel):
 
 
 def _replicates_task(factory, indices, m, n_t, d0, radii, kernel):
-    return replicate_curves(factory(), indices, m=m, n_t=n_t, d0=d0, radii=radii, kernel=kernel)
+    null, indices = factory(), list(indices)
+    n = min(compute_threads(), len(indices)) if blas_threads() == 1 else 1
+
+    def part(chunk):
+        # One thread per chunk, each kernel call single-threaded: BLAS is single-threaded
+        # here and stays so, so the chunks' EM refits give the same bits in any split.
+        with thread_budget(1):
+            return replicate_curves(null, chunk, m=m, n_t=n_t, d0=d0, radii=radii, kernel=kernel)
+    if n <= 1:
+        return part(indices)
+    bounds = np.linspace(0, len(indices), n + 1).astype(int)
+    with ThreadPoolExecutor(n) as ex:
+        return np.concatenate(list(ex.map(part, [indices[a:b] for a, b in zip(bounds[:-1], bounds[1:])])))
 
 
 def _observed_task(factory, S_sel, T, n_t, d0, radii, replicates, alpha, kernel, curves):

@@ -1,0 +1,193 @@
+"""The run directory's layout and the one way to write a file in it.
+
+Every path inside a run directory is named here, and every file this tool writes
+there goes through `atomic_write_*` (temp file in the same directory, fsync, rename),
+so a crash or a concurrent reader sees the old file or the new one, never half of one.
+`OWNED` lists the top-level entries a run writes: `--overwrite` may remove those and
+nothing else (a user's own files in the folder are never touched).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULT_JSON = "result.json"
+REPORT_HTML = "report.html"
+PLOTS = "plots"
+STORE_ZARR = "store.zarr"
+MANIFEST = "manifest"
+RUN_JSON = "run.json"
+CALIBRATION = "calibration"
+LOCK = ".modeaudit.lock"
+# What a run writes at the top of its directory (and so what --overwrite may remove).
+OWNED = (RESULT_JSON, REPORT_HTML, PLOTS, STORE_ZARR, MANIFEST, RUN_JSON, CALIBRATION)
+
+
+class RunLayout:
+    """Paths of one run directory (an audit run; calibrations live under calibration/<method>/)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @property
+    def result_json(self) -> Path:
+        """result.json: written last; its presence means the audit completed."""
+        return self.root / RESULT_JSON
+
+    @property
+    def report_html(self) -> Path:
+        """The audit report."""
+        return self.root / REPORT_HTML
+
+    @property
+    def plots(self) -> Path:
+        """Figures of the report, as files."""
+        return self.root / PLOTS
+
+    @property
+    def lock(self) -> Path:
+        """Held by the process writing this run."""
+        return self.root / LOCK
+
+    def calibration(self, method: str) -> Path:
+        """Folder of one calibration method (sampler/, audit/, calibration.json, report.html)."""
+        return self.root / CALIBRATION / method
+
+    def calibration_json(self, method: str) -> Path:
+        """calibration.json of a method: written last."""
+        return self.calibration(method) / "calibration.json"
+
+    def calibration_sampler(self, method: str) -> Path:
+        """The calibrated sampler (params.npz + meta.json): the generator calibrated:PATH."""
+        return self.calibration(method) / "sampler"
+
+    def calibration_audit(self, method: str) -> Path:
+        """The re-audit of the calibrated sampler (a run directory of its own)."""
+        return self.calibration(method) / "audit"
+
+    @staticmethod
+    def scan(set_name: str, index: int) -> str:
+        """Store-relative path of one shard's validity scan."""
+        return f"scans/{set_name}/{index}.json"
+
+    @staticmethod
+    def result_array(name: str) -> str:
+        """Store-relative name of a result array (self_counts, curves, mccs_A)."""
+        return f"results/{name}"
+
+    def owned_entries(self) -> list[Path]:
+        """The entries of OWNED that exist in this directory."""
+        return [self.root / n for n in OWNED if (self.root / n).exists()]
+
+
+def json_default(obj: Any) -> Any:
+    """JSON for numpy scalars/arrays, paths and sets: the plain value they stand for (np.int64(5) -> 5)."""
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not all platforms/filesystems allow
+    # opening a directory, and durability there is best effort anyway.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes, mode: int = 0o644) -> Path:
+    """Write `payload` to `path` so readers see either the old file or the new one; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Unique temp name per process *and* thread: several Dask workers may
+    # write neighbouring manifest entries in the same directory at once.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """atomic_write_bytes of UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> Path:
+    """Indented JSON (numpy values as plain numbers), written atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=json_default) + "\n")
+
+
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """Make the run directory, or say why it cannot be one: not writable, or holding files named like a
+    run's outputs that no modeaudit run wrote (a user's own report.html or plots/ are never overwritten)."""
+    from modeaudit.tasks.registry import ConfigError
+    text = os.fspath(out)
+    if not text.strip():
+        raise ConfigError("--out is empty; give a directory for the run, e.g. --out runs/audit1")
+    if "://" in text:
+        raise ConfigError(f"--out {text}: only local (or mounted) directories are supported, not URLs; "
+                          "mount the bucket or write locally and copy")
+    path = Path(text)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".modeaudit-write-test.{os.getpid()}.{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out {text} ({e.strerror or e}); choose a writable directory") from None
+    lay = RunLayout(path)
+    if not (path / RUN_JSON).exists():
+        foreign = [p.name for p in lay.owned_entries()]
+        if foreign:
+            raise ConfigError(f"--out {text} holds {', '.join(foreign)} but is not a modeaudit run (no {RUN_JSON}); "
+                              "modeaudit would overwrite them: choose an empty or new folder")
+    return path
+
+
+def clear_derived(out: str | os.PathLike) -> None:
+    """Remove what an earlier run derived from its store (result, report, plots, calibrations).
+
+    Called only once the new run is validated and its store fingerprint checked: a refused
+    run leaves the earlier one whole. The store itself is replaced (or resumed) by RunStore.
+    """
+    import shutil
+    lay = RunLayout(out)
+    for p in (lay.result_json, lay.report_html):
+        p.unlink(missing_ok=True)
+    for d in (lay.plots, lay.root / CALIBRATION):
+        shutil.rmtree(d, ignore_errors=True)
