@@ -22,18 +22,18 @@ def main(argv=None) -> None:
     ap.add_argument("--threads-per-worker", type=int, default=1)
     ap.add_argument("--port", type=int, default=8786)
     a = ap.parse_args(argv)
-    if a.kind == "cuda":
-        from dask_cuda import LocalCUDACluster
-        cluster = LocalCUDACluster(scheduler_port=a.port, dashboard_address=None)
-    else:
-        from distributed import LocalCluster
-        cluster = LocalCluster(n_workers=a.workers, threads_per_worker=a.threads_per_worker,
-                               scheduler_port=a.port, dashboard_address=None)
+    # The same plan and cluster the flows start, so its workers compute the same bits.
+    from modeaudit.flows.cluster import ExecutionPlan, connect, local_cluster
+    kind = "local-cuda" if a.kind == "cuda" else "local"
+    plan = ExecutionPlan("torch-cuda" if a.kind == "cuda" else "fast", kind, a.workers, a.threads_per_worker)
+    cluster = local_cluster(plan, scheduler_port=a.port)
+    client = connect(cluster, plan)
     print(cluster.scheduler_address, flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        client.close()
         cluster.close()
 
 

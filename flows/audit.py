@@ -19,13 +19,14 @@ from modeaudit.tasks import audit_steps as steps
 from modeaudit.tasks import stages
 from modeaudit.tasks.registry import ConfigError
 from modeaudit.tasks.stats import steps as stats
-from modeaudit.tasks.config import AuditConfig, apply_preset, finalize_sizes, kernel_for, tests_for
+from modeaudit.tasks.config import AuditConfig, apply_preset, finalize_sizes, tests_for
 from modeaudit.tasks.stats.paper import reference_anchors, top_anchors
 from modeaudit.tasks.report.audit import verdict_text, write_report
 from modeaudit.tasks.report.stats import stats_sections
+from modeaudit.tasks.stats.registry import TestContext
 from modeaudit.tasks.join.sources import Source
 
-from modeaudit.flows.cluster import dask_client
+from modeaudit.flows.cluster import dask_client, plan_execution
 
 
 class _OneLineUserErrors(logging.Filter):
@@ -116,17 +117,11 @@ def run_audit(cfg: AuditConfig, client) -> dict:
     modes = stats.dense_modes(S_rows, counts, cfg.modes, cfg.d0)
     result["modes"] = [{"s_index": int(i), "count_d0": int(counts[i]),
                         **({"planted": bool(planted[i])} if planted is not None else {})} for i in modes]
-    if "erl" in tests:
-        result["tests"]["erl"] = stats.erl(curves[0], curves[cfg.p:], cfg.alpha)
-    if "selection" in tests:
-        with t("selection"):
-            result["tests"]["selection"] = stages.selection(
-                client, S_rows, T, m_sel=cfg.selection_m, n_t=cfg.selection_t, null=steps.null_spec(cfg, ref),
-                d0=cfg.d0, radii=cfg.radii, replicates=cfg.null_replicates, alpha=cfg.alpha, kernel=cfg.kernel)
-    if "two_sample" in tests:
-        with t("two_sample"):
-            result["tests"]["two_sample"] = stages.two_sample(client, S_rows, modes, T, ref, cfg.d0, cfg.alpha,
-                                                               cfg.kernel)
+    ctx = TestContext(cfg=cfg, client=client, S_rows=S_rows, T=T, ref=ref, counts=counts, curves=curves,
+                      modes=modes, result=result)
+    for name in tests:
+        with t(name):
+            result["tests"][name] = stages.stat_test(name, ctx)
     if cfg.efficiency:
         with t("efficiency"):
             result["sampling_efficiency"] = stages.efficiency(
@@ -162,10 +157,10 @@ def audit_flow(config: AuditConfig) -> dict:
     """
     try:
         cfg = AuditConfig.parse(config)
-        cfg.kernel = kernel_for(cfg.kernel)
-        gpus = cfg.kernel == "torch-cuda" and not cfg.scheduler
-        with dask_client(cfg.workers, cfg.threads_per_worker, cfg.scheduler, gpus=gpus,
-                         processes=not in_process_models(cfg)) as client:
+        plan = plan_execution(cfg.kernel, cfg.workers, cfg.threads_per_worker, cfg.scheduler,
+                              in_process=in_process_models(cfg))
+        cfg.kernel = plan.kernel
+        with dask_client(plan) as client:
             return run_audit(cfg, client)
     except (ConfigError, StoreError) as e:
         # A Failed state (not a raise) keeps the traceback out of the log; callers get FailedRun(message).

@@ -17,13 +17,13 @@ from prefect.states import Failed
 from modeaudit.storage.store import StoreError
 from modeaudit.tasks.calibration import steps as cs
 from modeaudit.tasks.calibration.samplers import fit_cluster, fit_rejection, save_params
-from modeaudit.tasks.config import AuditConfig, CalibrationConfig, kernel_for
+from modeaudit.tasks.config import AuditConfig, CalibrationConfig
 from modeaudit.tasks.models.generators import build_generator
 from modeaudit.tasks.registry import ConfigError
 from modeaudit.tasks.report.calibration import write_calibration_report
 
 from modeaudit.flows.audit import run_audit
-from modeaudit.flows.cluster import dask_client
+from modeaudit.flows.cluster import dask_client, plan_execution
 
 fit_task = task(cache_policy=NO_CACHE, name="fit-calibration")
 
@@ -158,9 +158,9 @@ def calibrate_flow(config: CalibrationConfig) -> dict:
     """
     try:
         c = CalibrationConfig.parse(config)
-        kernel = kernel_for(c.kernel)
-        with dask_client(c.workers, None, None, gpus=kernel == "torch-cuda") as client:
-            return run_calibration(c.run, c.method, c.variant, c.modes, c.clusters, c.n_fit, client, kernel,
+        plan = plan_execution(c.kernel, c.workers, None, c.scheduler)
+        with dask_client(plan) as client:
+            return run_calibration(c.run, c.method, c.variant, c.modes, c.clusters, c.n_fit, client, plan.kernel,
                                    c.workers, c.fid_reference, c.inception_weights, c.image_range, c.fid_rows)
     except (ConfigError, StoreError) as e:
         return Failed(message=str(e))

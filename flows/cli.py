@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "audit's top distinct modes)")
     c.add_argument("--clusters", type=_count, default=C("clusters"), help="k-means clusters of the latents")
     c.add_argument("--n-fit", type=_count, default=C("n_fit"), help="rows of T (latents and embeddings) to fit on")
-    c.add_argument("--workers", type=_count, default=C("workers"))
+    c.add_argument("--workers", type=_count, default=C("workers"), help="local Dask worker processes")
+    c.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     c.add_argument("--kernel", default=C("kernel"), choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda"])
     c.add_argument("--fid-reference", metavar="NPZ", help="real-data feature statistics (pytorch-fid .npz with mu, "
                    "sigma) in the audit's descriptor space: FD before/after to them goes into calibration.json")

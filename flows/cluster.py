@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -36,46 +37,87 @@ class SingleThreadedBLAS(WorkerPlugin):
         worker._modeaudit_blas_limit = threadpool_limits(limits=1, user_api="blas")
 
 
-@contextlib.contextmanager
-def dask_client(workers: int = 1, threads_per_worker: int | None = None, scheduler: str | None = None,
-                gpus: bool = False, processes: bool = True):
-    """Yield a distributed.Client for the run; a local cluster is torn down afterwards.
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """Where and how a run computes, decided once (plan_execution) and used by the flows and deploy/.
 
-    gpus=True starts dask_cuda.LocalCUDACluster: one worker per visible GPU, each
-    pinned to its device through CUDA_VISIBLE_DEVICES (imported only then).
-    processes=False runs the workers as threads of this process (callables handed to
-    the Python API live here); nothing about this process's thread pools is changed.
+    kernel: the concrete join kernel; cluster: "external" (a scheduler address), "local"
+    (worker processes here), "local-threads" (worker threads of this process, for callables
+    living here) or "local-cuda" (one worker per GPU); model_device: where torch models run
+    by default ("cuda" with the CUDA kernel, else "cpu").
     """
-    import dask
-    from distributed import Client, LocalCluster
+    kernel: str
+    cluster: str
+    workers: int
+    threads_per_worker: int
+    scheduler: str | None = None
 
-    cluster = None
+    @property
+    def model_device(self) -> str:
+        """The default torch device of the models (a -G/-D device option overrides it)."""
+        return "cuda" if self.kernel == "torch-cuda" else "cpu"
+
+
+def plan_execution(kernel: str, workers: int = 1, threads_per_worker: int | None = None,
+                   scheduler: str | None = None, in_process: bool = False) -> ExecutionPlan:
+    """The execution plan of a run: the kernel resolved on this machine, the cluster kind, thread budgets."""
+    from modeaudit.tasks.config import kernel_for
+    kernel = kernel_for(kernel)
     if scheduler:
-        client = Client(scheduler, timeout="30s")
-    elif not processes:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None,
-                               memory_limit=0)
-    elif gpus:
-        from dask_cuda import LocalCUDACluster
-        cluster = LocalCUDACluster(threads_per_worker=1, dashboard_address=None, memory_limit=0)
+        kind = "external"
+    elif in_process:
+        kind = "local-threads"
+    elif kernel == "torch-cuda":
+        kind = "local-cuda"
     else:
-        tpw = threads_per_worker or max(1, usable_cores() // max(1, workers))
-        # Worker-only settings, applied inside each worker process at its start (Nanny
-        # "environ", never this process's os.environ): torch/OpenMP read OMP_NUM_THREADS
-        # when they load; the kernels read MODEAUDIT_THREADS. BLAS is pinned to one thread
-        # by the worker plugin below, before any task runs, and never changed after.
-        env = {"MODEAUDIT_THREADS": str(tpw), "OMP_NUM_THREADS": str(tpw), "MKL_NUM_THREADS": str(tpw)}
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": "65536"},
-                              "distributed.nanny.environ": env,
-                              "distributed.worker.daemon": False,
-                              "distributed.admin.system-monitor.gil.enabled": False}):
-            logging.getLogger("distributed").setLevel(logging.WARNING)
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, memory_limit=0)
-    if cluster is not None:
-        client = Client(cluster)
-        if processes and not gpus:
-            client.register_plugin(SingleThreadedBLAS(), name="modeaudit-blas")
+        kind = "local"
+    tpw = threads_per_worker or max(1, usable_cores() // max(1, workers))
+    return ExecutionPlan(kernel, kind, workers, tpw, scheduler)
+
+
+def local_cluster(plan: ExecutionPlan, **kwargs):
+    """Start the cluster a plan asks for on this machine (not for "external"); kwargs go to the cluster class."""
+    import dask
+    from distributed import LocalCluster
+    if plan.cluster == "local-threads":
+        return LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=False, dashboard_address=None,
+                            memory_limit=0, **kwargs)
+    if plan.cluster == "local-cuda":
+        from dask_cuda import LocalCUDACluster
+        return LocalCUDACluster(threads_per_worker=1, dashboard_address=None, memory_limit=0, **kwargs)
+    if plan.cluster != "local":
+        raise ValueError(f"no local cluster for plan {plan.cluster!r}")
+    tpw = plan.threads_per_worker
+    # Worker-only settings, applied inside each worker process at its start (Nanny
+    # "environ", never this process's os.environ): torch/OpenMP read OMP_NUM_THREADS
+    # when they load; the kernels read MODEAUDIT_THREADS. BLAS is pinned to one thread
+    # by the worker plugin (SingleThreadedBLAS), before any task runs, and never changed after.
+    env = {"MODEAUDIT_THREADS": str(tpw), "OMP_NUM_THREADS": str(tpw), "MKL_NUM_THREADS": str(tpw)}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": "65536"},
+                          "distributed.nanny.environ": env,
+                          "distributed.worker.daemon": False,
+                          "distributed.admin.system-monitor.gil.enabled": False}):
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        return LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=True,
+                            dashboard_address=None, memory_limit=0, **kwargs)
+
+
+def connect(cluster_or_address, plan: ExecutionPlan):
+    """A Client of a cluster this tool started (workers' BLAS pinned) or of an external scheduler."""
+    from distributed import Client
+    if isinstance(cluster_or_address, str):
+        return Client(cluster_or_address, timeout="30s")
+    client = Client(cluster_or_address)
+    if plan.cluster == "local":
+        client.register_plugin(SingleThreadedBLAS(), name="modeaudit-blas")
+    return client
+
+
+@contextlib.contextmanager
+def dask_client(plan: ExecutionPlan):
+    """Yield a distributed.Client for the run; a cluster started here is torn down afterwards."""
+    cluster = None if plan.cluster == "external" else local_cluster(plan)
+    client = connect(plan.scheduler if cluster is None else cluster, plan)
     try:
         yield client
     finally:

@@ -123,6 +123,7 @@ class CalibrationConfig(_Config):
     n_fit: int = 200_000
     kernel: str = "auto"
     workers: int = 1
+    scheduler: str | None = None
     fid_reference: str | None = None
     inception_weights: str | None = None
     image_range: str = "-1:1"
@@ -222,10 +223,11 @@ def validate_settings(c: AuditConfig) -> None:
         raise ConfigError(f"store dtype {c.store_dtype!r}; choose float16 or float32")
     if (c.generator is None) == (c.embeddings_s is None and c.embeddings_t is None):
         raise ConfigError("give either --generator SPEC or both --embeddings-s and --embeddings-t")
-    from modeaudit.tasks.stats.steps import parse_tests
+    from modeaudit.tasks.stats.registry import STAT_TESTS, has_reference, parse_tests
     tests = parse_tests(c.tests) if c.tests else ()
-    if "two_sample" in tests and not (c.reference or c.reference_generator):
-        raise ConfigError("the two_sample test needs a reference set: pass --reference EMBEDDINGS or "
+    needs = [t for t in tests if STAT_TESTS[t].needs_reference]
+    if needs and not has_reference(c):
+        raise ConfigError(f"the {needs[0]} test needs a reference set: pass --reference EMBEDDINGS or "
                           "--reference-generator SPEC")
     if c.reference_generator and c.generator is None:
         raise ConfigError("--reference-generator needs --generator (its samples are embedded with the audited "
@@ -237,13 +239,9 @@ def validate_settings(c: AuditConfig) -> None:
 
 
 def tests_for(c: AuditConfig) -> tuple:
-    """The tests to run: --tests, or paper, erl, selection (+ two_sample when a reference set is given)."""
-    from modeaudit.tasks.stats.steps import parse_tests
-    if c.tests:
-        return parse_tests(c.tests)
-    # The ERL p-value has resolution 1/(q+1): with too few reference anchors it is left out by default.
-    erl = ("erl",) if c.q is None or (c.q + 1) * c.alpha >= 1 else ()
-    return ("paper",) + erl + ("selection",) + (("two_sample",) if (c.reference or c.reference_generator) else ())
+    """The tests to run: --tests, or every registered default that applies (tasks/stats/registry.py)."""
+    from modeaudit.tasks.stats.registry import default_tests, parse_tests
+    return parse_tests(c.tests) if c.tests else default_tests(c)
 
 
 def kernel_for(kernel: str) -> str:

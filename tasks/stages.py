@@ -28,6 +28,13 @@ validate_source = compute_task(steps.validate_source, name="validate-embeddings"
 self_join = compute_task(steps.self_join, name="self-join")
 anchor_curves = compute_task(steps.anchor_curves, name="anchor-curves")
 mccs_values = compute_task(steps.mccs_values, name="mccs")
-selection = compute_task(stats.selection, name="selection-test")
-two_sample = compute_task(stats.two_sample, name="two-sample-test")
+
+
+def _stat_test(name: str, ctx):
+    from modeaudit.tasks.stats.registry import STAT_TESTS
+    return STAT_TESTS[name].run(ctx)
+
+
+# One task for every registered test; the run is named after the test in Prefect's UI.
+stat_test = compute_task(_stat_test, name="stat-test", task_run_name="{name}-test")
 efficiency = compute_task(stats.sampling_efficiency, name="sampling-efficiency")

@@ -87,12 +87,20 @@ def test_result_contract_and_report(planted_and_null):
     json.loads((tmp / "planted" / "result.json").read_text(), parse_constant=lambda c: pytest.fail(c))
 
 
-def test_same_numbers_on_1_or_2_workers_and_any_shard_size(tmp_path, prefect_harness):
-    base = run(tmp_path, "a", workers=1, shard_rows=5000)
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, prefect_harness):
+    """A generator run with every default test on its own 1-worker cluster: the reference for determinism."""
+    tmp = tmp_path_factory.mktemp("base")
+    return run(tmp, "a", workers=1, shard_rows=5000), tmp
+
+
+def test_same_numbers_on_1_or_2_workers_and_any_shard_size(base_run, tmp_path, prefect_harness):
+    base, base_dir = base_run
+    assert set(base["tests"]) == {"paper", "erl", "selection"}   # every default test of a generator run
     two = run(tmp_path, "b", workers=2, shard_rows=5000)
     other = run(tmp_path, "c", workers=2, shard_rows=3001)
     assert _strip(base) == _strip(two) == _strip(other)
-    arrays = [RunStore.open(tmp_path / n) for n in "abc"]
+    arrays = [RunStore.open(base_dir / "a"), RunStore.open(tmp_path / "b"), RunStore.open(tmp_path / "c")]
     for name in ("results/curves", "results/mccs_A", "results/self_counts"):
         ref = arrays[0].read_array(name)
         for st in arrays[1:]:
@@ -100,22 +108,29 @@ def test_same_numbers_on_1_or_2_workers_and_any_shard_size(tmp_path, prefect_har
     np.testing.assert_array_equal(arrays[0].read("T", "emb"), arrays[2].read("T", "emb"))
 
 
-def test_resume_skips_complete_shards(tmp_path, prefect_harness):
-    first = run(tmp_path, "r", shard_rows=4000)
-    assert first["source"]["shards"]["T"] == {"shards": 6, "generated": 6, "skipped": 0}
-    # Interrupt: forget two shards of T as if the run died before recording them.
+def test_resume_skips_complete_shards_and_regenerates_damaged_ones(tmp_path, prefect_harness, scheduler):
+    kw = dict(shard_rows=4000, scheduler=scheduler, tests="paper,erl", efficiency=False)
+    first = run(tmp_path, "r", **kw)
+    assert first["source"]["shards"]["T"] == {"shards": 6, "generated": 6, "skipped": 0, "reused": [],
+                                              "damaged_regenerated": []}
+    # Interrupt: forget two shards of T as if the run died before recording them ...
     for i in (1, 4):
         (tmp_path / "r" / "manifest" / "T" / f"{i}.json").unlink()
-    again = run(tmp_path, "r", shard_rows=4000)
-    assert again["source"]["shards"]["T"] == {"shards": 6, "generated": 2, "skipped": 4}
+    # ... and damage a recorded one behind the manifest's back (a chunk file lost).
+    chunks = sorted((tmp_path / "r" / "store.zarr" / "T" / "emb").rglob("c/*/*"))
+    assert chunks
+    chunks[-1].unlink()
+    again = run(tmp_path, "r", **kw)
+    assert again["source"]["shards"]["T"] == {"shards": 6, "generated": 3, "skipped": 3, "reused": [0, 2, 3],
+                                              "damaged_regenerated": [5]}
     assert again["source"]["shards"]["S"]["generated"] == 0
     assert _strip(again) == _strip(first)
 
 
-def test_image_generator_and_cnn_descriptor(tmp_path, prefect_harness):
+def test_image_generator_and_cnn_descriptor(tmp_path, prefect_harness, scheduler):
     pytest.importorskip("torch")
     r = run(tmp_path, "img", generator="torch:tiny", descriptor="torch:tiny-cnn", m=600, M=3000, q=50, n_a=100,
-            n_c=3000, shard_rows=1000, workers=2)
+            n_c=3000, shard_rows=1000, scheduler=scheduler, tests="paper,erl", efficiency=False)
     st = RunStore.open(tmp_path / "img")
     emb = st.read("T", "emb").astype(np.float32)
     assert emb.shape == (3000, 32)
@@ -123,7 +138,7 @@ def test_image_generator_and_cnn_descriptor(tmp_path, prefect_harness):
     assert 0 <= r["worst_case"]["s_index"] < 600 and "truth" not in r
 
 
-def test_external_scheduler_gives_the_same_numbers(tmp_path, prefect_harness):
+def test_external_scheduler_gives_the_same_numbers(base_run, tmp_path, prefect_harness):
     """Workers started as separate processes on 127.0.0.1, reached through --scheduler."""
     import socket
     import subprocess
@@ -146,8 +161,7 @@ def test_external_scheduler_gives_the_same_numbers(tmp_path, prefect_harness):
         with Client(addr, timeout="30s") as c:
             c.wait_for_workers(2, timeout=60)
         ext = run(tmp_path, "ext", scheduler=addr, shard_rows=7000)
-        local = run(tmp_path, "loc", workers=1, shard_rows=5000)
-        assert _strip(ext) == _strip(local)
+        assert _strip(ext) == _strip(base_run[0])
     finally:
         for p in reversed(procs):
             p.terminate()

@@ -11,11 +11,11 @@ from modeaudit.tasks.config import AuditConfig
 
 
 @pytest.fixture(scope="module")
-def audited(tmp_path_factory, prefect_harness):
+def audited(tmp_path_factory, prefect_harness, scheduler):
     # Planted mass 20x a typical identity's (0.02 vs 0.98/1000).
     out = tmp_path_factory.mktemp("cal") / "run"
     cfg = AuditConfig(out=str(out), generator="synthetic:planted", m=2000, M=40000, q=200, n_a=500, n_c=40000,
-                      tests="paper,erl", efficiency=False)
+                      tests="paper,erl", efficiency=False, scheduler=scheduler)
     audit_flow(cfg.to_dict())
     return out
 
@@ -33,10 +33,10 @@ def _null_world_npz(audited, path):
     return path
 
 
-def test_rejection_calibration_flattens_the_planted_mode(audited, capsys):
+def test_rejection_calibration_flattens_the_planted_mode(audited, capsys, scheduler):
     npz = _null_world_npz(audited, audited.parent / "real_stats.npz")
     # Through the CLI, as a user runs it (rejection is the default method).
-    assert main(["calibrate", "--run", str(audited), "--fid-reference", str(npz)]) == 0
+    assert main(["calibrate", "--run", str(audited), "--fid-reference", str(npz), "--scheduler", scheduler]) == 0
     on_disk = json.loads((audited / "calibration" / "rejection" / "calibration.json").read_text())
     cal = on_disk
     for key in ("method", "acceptance_rate", "mccs_worst_before", "mccs_worst_after", "fd_before_after", "truth"):
@@ -80,19 +80,20 @@ def test_calibrate_refuses_a_directory_without_an_audit(tmp_path, capsys):
     assert "holds no finished audit" in capsys.readouterr().err
 
 
-def test_inception_fid_for_an_image_generator(tmp_path, capsys, prefect_harness):
+def test_inception_fid_for_an_image_generator(tmp_path, capsys, prefect_harness, scheduler):
     # Random Inception weights (no download here): the numbers mean nothing, the path is what is tested.
     torch = pytest.importorskip("torch")
     from modeaudit.tasks.models.inception import FIDInceptionV3
     out = tmp_path / "img"
     cfg = AuditConfig(out=str(out), generator="torch:tiny", descriptor="torch:tiny-cnn", m=400, M=3000, q=50,
-                      n_a=100, n_c=3000, tests="paper", efficiency=False)
+                      n_a=100, n_c=3000, tests="paper", efficiency=False, scheduler=scheduler)
     audit_flow(cfg.to_dict())
     weights = tmp_path / "inception.pth"
     torch.save(FIDInceptionV3().state_dict(), weights)
     assert main(["calibrate", "--run", str(out), "--inception-weights", str(tmp_path / "missing.pth")]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert main(["calibrate", "--run", str(out), "--inception-weights", str(weights), "--fid-rows", "24"]) == 0
+    assert main(["calibrate", "--run", str(out), "--inception-weights", str(weights), "--fid-rows", "24",
+                 "--scheduler", scheduler]) == 0
     cal = json.loads((out / "calibration" / "rejection" / "calibration.json").read_text())
     f = cal["fid_inception"]
     assert f["rows"] == [24, 24] and np.isfinite(f["fid"]) and f["fid"] >= 0

@@ -40,11 +40,11 @@ def emb_args(f, s="s.npy", t="t.npy", *extra):
     (np.full((5, 8), np.nan, np.float32), "NaN or Inf"),
     (np.vstack([unit(4, 8), np.zeros((1, 8), np.float32)]), "all-zero row"),
 ])
-def test_nonfinite_and_zero_rows(files, capsys, bad, match, prefect_harness):
+def test_nonfinite_and_zero_rows(files, capsys, bad, match, prefect_harness, scheduler):
     t = unit(2000, 8, 2)
     t[1500:1500 + len(bad)] = bad
     np.save(files / "t_bad.npy", t)
-    err = expect_error(emb_args(files, t="t_bad.npy"), capsys, match, files / "out")
+    err = expect_error(emb_args(files, "s.npy", "t_bad.npy", "--scheduler", scheduler), capsys, match, files / "out")
     assert "--embeddings-t" in err and "row 150" in err
 
 
@@ -80,17 +80,18 @@ def test_console_script_exit_code(tmp_path):
     assert r.returncode == 2 and "d0=0.0 is outside" in r.stderr
 
 
-def test_non_unit_rows_are_normalised_and_recorded(files, capsys, prefect_harness):
+def test_non_unit_rows_are_normalised_and_recorded(files, capsys, prefect_harness, scheduler):
     s = unit(300, 8, 1)
     s[:7] *= 3.0
     np.save(files / "s3.npy", s)
-    assert main(emb_args(files, "s3.npy", "t.npy", "--q", "50")) == 0
+    fast = ["--q", "50", "--scheduler", scheduler, "--tests", "paper,erl", "--no-efficiency"]
+    assert main(emb_args(files, "s3.npy", "t.npy", *fast)) == 0
     import json
     r = json.loads((files / "out" / "result.json").read_text())
     assert r["normalization"]["S"]["renormalized_rows"] == 7 and r["normalization"]["T"]["renormalized_rows"] == 0
     # Scaling rows must not change any count: the statistics are on directions.
     np.save(files / "s1.npy", unit(300, 8, 1))
-    assert main(emb_args(files, "s1.npy", "t.npy", "--q", "50", "--overwrite")) == 0
+    assert main(emb_args(files, "s1.npy", "t.npy", *fast, "--overwrite")) == 0
     r1 = json.loads((files / "out" / "result.json").read_text())
     assert r1["curves"] == r["curves"] and r1["worst_case"]["s_index"] == r["worst_case"]["s_index"]
 
@@ -101,11 +102,12 @@ def test_reference_generator_needs_a_generator(files, capsys):
                  "--reference-generator needs --generator", files / "out")
 
 
-def test_inf_rows_and_empty_s_and_unknown_test(files, capsys, prefect_harness):
+def test_inf_rows_and_empty_s_and_unknown_test(files, capsys, prefect_harness, scheduler):
     s = unit(300, 8, 1)
     s[7, 3] = np.inf
     np.save(files / "s_inf.npy", s)
-    err = expect_error(emb_args(files, "s_inf.npy"), capsys, "NaN or Inf", files / "out")
+    err = expect_error(emb_args(files, "s_inf.npy", "t.npy", "--scheduler", scheduler), capsys, "NaN or Inf",
+                       files / "out")
     assert "--embeddings-s" in err and "row 7" in err
     np.save(files / "s_empty.npy", np.zeros((0, 8), np.float32))
     expect_error(emb_args(files, "s_empty.npy"), capsys, "is empty", files / "out")
@@ -113,14 +115,15 @@ def test_inf_rows_and_empty_s_and_unknown_test(files, capsys, prefect_harness):
                  files / "out")
 
 
-def test_zarr_embeddings_give_the_numbers_of_npy(files, capsys, prefect_harness):
+def test_zarr_embeddings_give_the_numbers_of_npy(files, capsys, prefect_harness, scheduler):
     import json
     import zarr
     for name in ("s", "t"):
         x = np.load(files / f"{name}.npy")
         z = zarr.create_array(str(files / f"{name}.zarr"), shape=x.shape, chunks=(512, 8), dtype="float32")
         z[:] = x
-    common = ["--q", "50", "--tests", "paper,erl", "--null-replicates", "39"]
+    common = ["--q", "50", "--tests", "paper,erl", "--null-replicates", "39", "--scheduler", scheduler,
+              "--no-efficiency"]
     assert main(emb_args(files, "s.npy", "t.npy", *common)) == 0
     a = json.loads((files / "out" / "result.json").read_text())
     argv = ["audit", "--embeddings-s", str(files / "s.zarr"), "--embeddings-t", str(files / "t.zarr"),

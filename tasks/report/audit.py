@@ -29,28 +29,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from modeaudit.storage.layout import RunLayout, atomic_write_bytes
+from modeaudit.tasks.stats.registry import STAT_TESTS, uncontrolled
 
 __all__ = ["write_report", "figure_to_base64_png", "render_report_html",
-           "neighbour_curves_figure", "mccs_histogram_figure", "UNCONTROLLED_TESTS", "verdict_text"]
-
-# Tests whose family-wise error rate is NOT controlled. A reject from these alone
-# must not be shown as "collapse detected": the paper's band test compares a selected
-# maximum against random anchors pointwise at every radius, so it fires on any
-# smooth density peak even with no collapse at all.
-UNCONTROLLED_TESTS = frozenset({"paper", "erl"})
-
-_TEST_NOTES = {
-    "paper": ("Seed paper's band test. Its error rate is not controlled: it compares a "
-              "selected maximum with random anchors, pointwise at each of the {n_radii} radii, "
-              "so it can reject on any smooth density peak."),
-    "erl": ("Global envelope (extreme rank length) test over all {n_radii} radii at once: it fixes "
-            "the pointwise multiplicity, but still compares a selected maximum with random anchors."),
-    "selection": ("Selection-aware: the worst case is compared with worst cases that the same "
-                  "selection produces under a null (see the section below); error rate controlled "
-                  "with a reference set, and with the parametric surrogate only under its assumption."),
-    "two_sample": ("Each top distinct dense ball counted in T and in the reference set: exact "
-                   "conditional binomial test, Holm-adjusted across balls; error rate controlled."),
-}
+           "neighbour_curves_figure", "mccs_histogram_figure", "verdict_text"]
 
 # How many individual reference curves to draw behind the band: enough to show the
 # spread, few enough that the band and the red curve stay readable.
@@ -337,9 +319,12 @@ def _verdict(tests: Mapping) -> tuple[str, str, str]:
     """(css class, headline, sub-line) from the per-test reject flags."""
     tests = {k: _as_test(v) for k, v in tests.items()}
     rejecting = [n for n, t in tests.items() if isinstance(t, Mapping) and t.get("reject")]
-    controlled = [n for n in tests if n not in UNCONTROLLED_TESTS]
-    ctl_rej = [n for n in rejecting if n not in UNCONTROLLED_TESTS]
-    unc_rej = [n for n in rejecting if n in UNCONTROLLED_TESTS]
+    # A rejection of a test whose error rate is not controlled (the registry says which)
+    # is a hint, never "collapse detected": the paper's band test fires on any smooth peak.
+    unc = uncontrolled()
+    controlled = [n for n in tests if n not in unc]
+    ctl_rej = [n for n in rejecting if n not in unc]
+    unc_rej = [n for n in rejecting if n in unc]
     names = lambda xs: ", ".join(f"<code>{_e(x)}</code>" for x in xs)  # noqa: E731
     # A selection test against the parametric surrogate is valid only under the surrogate's
     # assumption (no identity clusters): alone, its rejection is a warning, not a verdict.
@@ -384,9 +369,9 @@ def _tests_table(tests: Mapping, n_radii: int) -> str:
         # Curves and envelopes are drawn in their own sections; the table keeps the scalars.
         details = ", ".join(f"{_e(k)} = {_fmt(v)}" for k, v in t.items()
                             if k != "reject" and not isinstance(v, (list, tuple, Mapping)))
-        note = _TEST_NOTES.get(name, "").format(n_radii=n_radii)
+        note = STAT_TESTS[name].note.format(n_radii=n_radii) if name in STAT_TESTS else ""
         kind = ('<span class="badge warn">error rate not controlled</span>'
-                if name in UNCONTROLLED_TESTS else "")
+                if name in uncontrolled() else "")
         rows.append(
             f"<tr><td><code>{_e(name)}</code> {kind}"
             + (f'<div class="note">{_e(note)}</div>' if note else "")

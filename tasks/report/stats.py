@@ -144,6 +144,8 @@ def efficiency_section(result) -> tuple[str, str] | None:
 
 
 def stats_sections(result) -> list[tuple[str, str]]:
-    """Every section that applies to this result."""
-    out = [f(result) for f in (envelope_section, selection_section, modes_section, efficiency_section)]
+    """Every section that applies to this result: each run test's own (from the registry), then modes and efficiency."""
+    from modeaudit.tasks.stats.registry import STAT_TESTS
+    out = [STAT_TESTS[n].report_section(result) for n in result.get("tests", {}) if n in STAT_TESTS]
+    out += [f(result) for f in (modes_section, efficiency_section)]
     return [s for s in out if s]

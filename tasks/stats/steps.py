@@ -1,5 +1,5 @@
-"""Issue-4 statistics as steps over arrays and sources: the tests whose error rate is
-controlled, the distinct dense modes, and the sampling-efficiency curves.
+"""Statistics beyond the paper as steps over arrays and sources: the tests (registered in
+tasks/stats/registry.py), the distinct dense modes, and the sampling-efficiency curves.
 
 No Prefect here (tasks/stages.py wraps these). Every test returns a dict with at least
 `reject`; `two_sample` returns one dict per dense ball.
@@ -21,23 +21,6 @@ from modeaudit.tasks.stats.paper import population_mccs, top_anchors
 from modeaudit.tasks.stats.selection import (NullSampler, pool_sampler, replicate_curves, selection_test,
                                              surrogate_sampler, worst_case_curve)
 from modeaudit.tasks.stats.two_sample import density_ratio_test
-
-# Tests a user can ask for with --tests; "paper" and "erl" compare a selected
-# maximum with random anchors, so only "selection" and "two_sample" control the
-# error rate of the question "is there collapse?".
-TESTS = ("paper", "erl", "selection", "two_sample")
-CONTROLLED = ("selection", "two_sample")
-
-
-def parse_tests(text: str | tuple | list) -> tuple:
-    """Validated tuple of test names from 'paper,erl,...' (unknown names rejected with the list of known ones)."""
-    from modeaudit.tasks.registry import ConfigError
-    names = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
-    bad = [t for t in names if t not in TESTS]
-    if bad or not names:
-        raise ConfigError(f"unknown test {bad[0] if bad else '(none)'!r} in --tests; choose from: {', '.join(TESTS)}")
-    return tuple(dict.fromkeys(names))
-
 
 def erl(obs_curve, ref_curves, alpha: float) -> dict:
     """Global envelope (ERL) test of the worst-case curve against the random reference anchors' curves."""
