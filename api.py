@@ -120,11 +120,12 @@ def audit(generator=None, *, out: str | os.PathLike, descriptor=None, reference_
     cfg = AuditConfig.parse(fields)
     from prefect.exceptions import FailedRun
 
-    from modeaudit.flows.cli import check_out_dir, preflight
+    from modeaudit.flows.cli import preflight
+    from modeaudit.storage.layout import check_out_dir
     from modeaudit.storage.store import StoreError
     try:
-        check_out_dir(cfg.out)
         preflight(cfg)
+        check_out_dir(cfg.out)
         from modeaudit.flows.audit import audit_flow
         data = audit_flow(cfg)
     except (FailedRun, StoreError) as e:

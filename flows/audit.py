@@ -12,7 +12,7 @@ import numpy as np
 from prefect import flow
 from prefect.states import Failed
 
-from modeaudit.storage.layout import RESULT_JSON, RunLayout, clear_derived
+from modeaudit.storage.layout import RESULT_JSON, RunLayout, clear_derived, run_lock
 from modeaudit.storage.store import StoreError
 
 from modeaudit.tasks import audit_steps as steps
@@ -160,7 +160,7 @@ def audit_flow(config: AuditConfig) -> dict:
         plan = plan_execution(cfg.kernel, cfg.workers, cfg.threads_per_worker, cfg.scheduler,
                               in_process=in_process_models(cfg))
         cfg.kernel = plan.kernel
-        with dask_client(plan) as client:
+        with run_lock(cfg.out), dask_client(plan) as client:
             return run_audit(cfg, client)
     except (ConfigError, StoreError) as e:
         # A Failed state (not a raise) keeps the traceback out of the log; callers get FailedRun(message).

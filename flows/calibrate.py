@@ -24,6 +24,7 @@ from modeaudit.tasks.report.calibration import write_calibration_report
 
 from modeaudit.flows.audit import run_audit
 from modeaudit.flows.cluster import dask_client, plan_execution
+from modeaudit.storage.layout import run_lock
 
 fit_task = task(cache_policy=NO_CACHE, name="fit-calibration")
 
@@ -159,7 +160,7 @@ def calibrate_flow(config: CalibrationConfig) -> dict:
     try:
         c = CalibrationConfig.parse(config)
         plan = plan_execution(c.kernel, c.workers, None, c.scheduler)
-        with dask_client(plan) as client:
+        with run_lock(c.run), dask_client(plan) as client:
             return run_calibration(c.run, c.method, c.variant, c.modes, c.clusters, c.n_fit, client, plan.kernel,
                                    c.workers, c.fid_reference, c.inception_weights, c.image_range, c.fid_rows)
     except (ConfigError, StoreError) as e:

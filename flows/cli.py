@@ -14,8 +14,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from modeaudit import __version__  # noqa: E402
-from modeaudit.storage.layout import RunLayout  # noqa: E402
-from modeaudit.storage.layout import check_out_dir as layout_check_out_dir  # noqa: E402
+from modeaudit.storage.layout import RunLayout, check_out_dir  # noqa: E402
 from modeaudit.tasks.config import (PRESETS, AuditConfig, CalibrationConfig, apply_preset, default,  # noqa: E402
                                     finalize_sizes, kernel_for, parse_radii)
 from modeaudit.tasks.registry import ConfigError, parse_kv  # noqa: E402
@@ -30,6 +29,13 @@ def _count(text: str) -> int:
     if v != int(v):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
     return int(v)
+
+
+def _radii(text: str) -> tuple:
+    try:
+        return parse_radii(text)
+    except ConfigError as e:   # argparse would say "invalid parse_radii value"
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default min(M, 1e6))")
     st = a.add_argument_group("statistics")
     st.add_argument("--d0", type=float, default=A("d0"), help="distance of the dense-mode search")
-    st.add_argument("--radii", type=parse_radii, default=None, metavar="START:STOP:STEP",
+    st.add_argument("--radii", type=_radii, default=None, metavar="START:STOP:STEP",
                     help="curve radii (default 0.1:0.5:0.01, 41 radii)")
     st.add_argument("--alpha", type=float, default=A("alpha"), help="test level")
     st.add_argument("--theta", type=float, default=A("theta"), help="MCCS theta")
@@ -136,17 +142,15 @@ def config_from_args(args) -> AuditConfig:
     return AuditConfig.parse(kw)
 
 
-def check_out_dir(out: str, overwrite: bool = False) -> None:
-    """Make DIR, or fail clearly if it cannot be a run directory; nothing is deleted here (see clear_derived)."""
-    layout_check_out_dir(out)
-
-
 def preflight(cfg: AuditConfig) -> AuditConfig:
     """Every check that needs no cluster: settings, sizes, generator/descriptor options, input files."""
     from modeaudit.tasks import audit_steps as steps
     from modeaudit.tasks.config import validate_settings
     validate_settings(cfg)
     kernel_for(cfg.kernel)
+    if cfg.scheduler:
+        from modeaudit.flows.cluster import probe_scheduler
+        probe_scheduler(cfg.scheduler)
     if cfg.generator:
         cfg = apply_preset(cfg)
         cfg = finalize_sizes(cfg, cfg.m, cfg.M)
@@ -219,8 +223,8 @@ def _run_command(args, FailedRun, StoreError) -> int:
         return 0
     try:
         cfg = config_from_args(args)
-        check_out_dir(cfg.out, cfg.overwrite)
-        preflight(cfg)
+        preflight(cfg)          # settings and inputs first: a refused run creates nothing
+        check_out_dir(cfg.out)
         from modeaudit.flows.audit import audit_flow
         result = audit_flow(cfg.to_dict())
     except (ConfigError, StoreError, FailedRun) as e:

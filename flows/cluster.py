@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from modeaudit.tasks.config import check_scheduler_address
 from modeaudit.tasks.join.threads import usable_cores
+from modeaudit.tasks.registry import ConfigError
 
 
 class SingleThreadedBLAS(WorkerPlugin):
@@ -106,11 +108,31 @@ def connect(cluster_or_address, plan: ExecutionPlan):
     """A Client of a cluster this tool started (workers' BLAS pinned) or of an external scheduler."""
     from distributed import Client
     if isinstance(cluster_or_address, str):
-        return Client(cluster_or_address, timeout="30s")
+        probe_scheduler(cluster_or_address)
+        try:
+            return Client(cluster_or_address, timeout="30s")
+        except (OSError, TimeoutError) as e:
+            raise ConfigError(f"cannot reach the Dask scheduler at {cluster_or_address} ({e}); start it, or "
+                              "leave --scheduler out for a local cluster") from None
     client = Client(cluster_or_address)
     if plan.cluster == "local":
         client.register_plugin(SingleThreadedBLAS(), name="modeaudit-blas")
     return client
+
+
+def probe_scheduler(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds (ConfigError) when nothing listens at a tcp:// scheduler address."""
+    import socket
+    check_scheduler_address(address)
+    if not address.startswith("tcp://"):
+        return
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot reach the Dask scheduler at {address} ({e.strerror or e}); start it, or leave "
+                          "--scheduler out for a local cluster") from None
 
 
 @contextlib.contextmanager

@@ -8,8 +8,10 @@ nothing else (a user's own files in the folder are never touched).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import threading
 import uuid
 from pathlib import Path
@@ -191,3 +193,32 @@ def clear_derived(out: str | os.PathLike) -> None:
         p.unlink(missing_ok=True)
     for d in (lay.plots, lay.root / CALIBRATION):
         shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_lock(out: str | os.PathLike):
+    """Hold the run directory's lock for the duration of a run: a second writer is refused at once.
+
+    An advisory flock on DIR/.modeaudit.lock: released by the kernel when the process
+    ends, however it ends, so a killed run never leaves the directory locked.
+    """
+    import fcntl
+    from modeaudit.tasks.registry import ConfigError
+    path = RunLayout(out).lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ConfigError(f"another modeaudit run ({holder}) is writing {out}; wait for it to finish or use "
+                              "another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 
+import os
+
 import numpy as np
 
 from modeaudit.tasks.join import parallel
@@ -119,10 +121,20 @@ def set_scan(store, set_name: str) -> dict:
     return merge_scans([store.read_json(RunLayout.scan(set_name, i)) for i, _, _ in store.layout(set_name).shards()])
 
 
+# Fewer rows in T leave every ball nearly empty: no statistic here can say anything.
+MIN_T_ROWS = 100
+
+
 def embedding_sources(cfg: AuditConfig) -> tuple[Source, Source]:
     """Sources for user embeddings, with widths checked against each other."""
     s = open_embeddings(cfg.embeddings_s, "--embeddings-s")
     t = open_embeddings(cfg.embeddings_t, "--embeddings-t")
+    if os.path.samefile(s.path, t.path):
+        raise InputError(f"--embeddings-s and --embeddings-t are the same file ({t.path}); S and T must be "
+                         "independent samples (a row would count itself): split the samples or draw T anew")
+    if t.rows < MIN_T_ROWS:
+        raise InputError(f"--embeddings-t has {t.rows} rows; the curves and MCCS count neighbours in T, which "
+                         f"needs at least {MIN_T_ROWS} rows (the paper uses 1e7)")
     if s.dim != t.dim:
         raise InputError(f"S rows have width {s.dim} but T rows have width {t.dim}; both must come from the same "
                          "descriptor")

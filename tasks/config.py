@@ -135,9 +135,14 @@ def default(model, name: str):
     return model.model_fields[name].get_default(call_default_factory=True)
 
 
+_FRAC_WHY = {"d0": "distances are normalised to [0, 1]", "alpha": "it is a test level (e.g. 0.05)",
+             "theta": "it is the MCCS distance cut-off, and distances are normalised to [0, 1]"}
+
+
 def _frac(name, v):
     if not (isinstance(v, (int, float)) and 0 < v < 1 and np.isfinite(v)):
-        raise ConfigError(f"{name}={v} is outside (0, 1); distances are normalised to [0, 1], pick a value inside")
+        raise ConfigError(f"{name}={v} is outside (0, 1); {_FRAC_WHY.get(name, 'pick a value inside')}, "
+                          "pick a value inside")
 
 
 def apply_preset(cfg: AuditConfig) -> AuditConfig:
@@ -216,6 +221,15 @@ def validate_settings(c: AuditConfig) -> None:
         raise ConfigError(f"radius {bad} is outside (0, 1); distances are normalised to [0, 1], pick radii inside")
     if np.any(np.diff(r) <= 0):
         raise ConfigError("radii must be strictly increasing (e.g. --radii 0.1:0.5:0.01)")
+    if not isinstance(c.seed, int) or c.seed < 0:
+        raise ConfigError(f"seed={c.seed} is negative; seeds are whole numbers >= 0 (e.g. --seed 0)")
+    if c.threads_per_worker is not None and c.threads_per_worker < 1:
+        raise ConfigError(f"threads_per_worker={c.threads_per_worker}; give at least 1, or leave it unset "
+                          "(cores / workers)")
+    if c.workers < 1:
+        raise ConfigError(f"workers={c.workers}; give at least 1")
+    if c.scheduler is not None:
+        check_scheduler_address(c.scheduler)
     from modeaudit.tasks.join.backend import KERNELS
     if c.kernel not in KERNELS:
         raise ConfigError(f"kernel={c.kernel!r}; choose one of: {', '.join(KERNELS)}")
@@ -236,6 +250,14 @@ def validate_settings(c: AuditConfig) -> None:
         raise ConfigError("give --reference or --reference-generator, not both")
     if c.generator is None and (c.embeddings_s is None or c.embeddings_t is None):
         raise ConfigError("--embeddings-s and --embeddings-t go together; give both files")
+
+
+def check_scheduler_address(address: str) -> None:
+    """A Dask scheduler address must be PROTOCOL://HOST:PORT (tcp, tls, ws, wss, inproc, ucx)."""
+    import re
+    if not re.fullmatch(r"(tcp|tls|ws|wss|ucx)://[^\s:/]+(:\d{1,5})|inproc://\S+", str(address)):
+        raise ConfigError(f"--scheduler {address!r} is not a Dask scheduler address; write it as "
+                          "tcp://HOST:PORT, e.g. tcp://10.0.0.5:8786")
 
 
 def tests_for(c: AuditConfig) -> tuple:

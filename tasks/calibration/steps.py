@@ -12,6 +12,7 @@ from modeaudit.tasks.join import parallel
 from modeaudit.tasks.errors import InputError
 from modeaudit.tasks.metrics.fid import StreamingStats, frechet_distance
 from modeaudit.tasks.join.kernels import mccs_from_sums
+from modeaudit.storage.layout import RunLayout
 from modeaudit.tasks.join.sources import Source
 
 METHODS = {"cluster": ("gmm", "cells"), "rejection": ("descriptor", "latent")}
@@ -24,12 +25,19 @@ def load_run(run_dir: str | Path):
     """result.json and the store of a finished generator audit (clear errors otherwise)."""
     from modeaudit.storage.store import RunStore
     run_dir = Path(run_dir)
-    path = run_dir / "result.json"
+    path = RunLayout(run_dir).result_json
     if not path.is_file():
         raise InputError(f"{run_dir} holds no finished audit (no result.json); run `modeaudit audit --out "
                          f"{run_dir}` first")
-    result = json.loads(path.read_text())
-    if result["source"]["kind"] != "generator":
+    try:
+        result = json.loads(path.read_text())
+        kind = result["source"]["kind"]
+        for key in ("worst_case", "modes", "sizes", "settings", "radii", "d0", "curves"):
+            result[key]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path} is not a complete modeaudit result ({type(e).__name__}: {e}); rerun the audit "
+                         f"into {run_dir}") from None
+    if kind != "generator":
         raise InputError(f"{run_dir} audited embedding files, not a generator: calibration reshapes a generator's "
                          "latent sampler, so audit the generator itself (--generator)")
     return result, RunStore.open(run_dir)

@@ -51,10 +51,7 @@ class Source:
         stop = self.rows if stop is None else stop
         if self.stored_unit:
             return np.asarray(self._raw(start, stop), dtype=self.dtype)
-        # A copy: memory-mapped user files are read-only, and normalising is in place.
-        x = np.array(self._raw(start, stop), dtype=np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            x /= row_norms(x).astype(np.float32)[:, None]
+        x = unit_rows(self._raw(start, stop))
         return x if self.dtype == "float32" else x.astype(self.dtype)
 
     def blocks(self, start: int = 0, stop: int | None = None, block_rows: int = 65536):
@@ -103,11 +100,34 @@ def _row_norms(x, out):
         for j in range(x.shape[1]):
             v = np.float64(x[i, j])
             acc += v * v
-        out[i] = np.sqrt(acc)
+        if acc < 1e300 and acc > 1e-300:
+            out[i] = np.sqrt(acc)
+            continue
+        # Over- or underflow of the squares (float64 rows near 1e+-154), an all-zero row,
+        # or a NaN/Inf: rescale by the row's largest magnitude, so a finite row always
+        # gets its finite norm and only NaN/Inf rows a non-finite one.
+        m = 0.0
+        finite = True
+        for j in range(x.shape[1]):
+            v = abs(np.float64(x[i, j]))
+            if not np.isfinite(v):
+                finite = False
+            elif v > m:
+                m = v
+        if not finite:
+            out[i] = np.inf
+        elif m == 0.0:
+            out[i] = 0.0
+        else:
+            acc = 0.0
+            for j in range(x.shape[1]):
+                v = np.float64(x[i, j]) / m
+                acc += v * v
+            out[i] = m * np.sqrt(acc)
 
 
 def row_norms(x: np.ndarray) -> np.ndarray:
-    """Euclidean norm of each row, accumulated in float64 in one pass (no float64 copy of x)."""
+    """Euclidean norm of each row in float64, in one pass (no float64 copy of x), free of over- and underflow."""
     x = np.ascontiguousarray(x)
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float32 if x.dtype == np.float16 else np.float64)
@@ -116,11 +136,28 @@ def row_norms(x: np.ndarray) -> np.ndarray:
     return out
 
 
+# Rows whose norm lies in this range are normalised in float32 (fast, exact enough: the
+# kernels are exact w.r.t. the unit rows they get); others in float64 first, so a row of
+# 1e30 or 1e-60 becomes its direction instead of Inf or a zero row.
+_F32_SAFE = (1e-18, 1e18)
+
+
+def unit_rows(x: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
+    """float32 unit rows of x (norms from row_norms; rows of norm 0 or non-finite come out non-finite)."""
+    norms = row_norms(x) if norms is None else norms
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if len(norms) and (norms.min() > _F32_SAFE[0]) and (norms.max() < _F32_SAFE[1]):
+            out = np.array(x, dtype=np.float32)   # a copy: memory-mapped user files are read-only
+            out /= norms.astype(np.float32)[:, None]
+            return out
+        return (np.asarray(x, np.float64) / norms[:, None]).astype(np.float32)
+
+
 def scan_block(x: np.ndarray, offset: int, norms: np.ndarray | None = None) -> dict:
     """Validity summary of raw rows: first non-finite row, first all-zero row, rows not unit length."""
     norms = row_norms(x) if norms is None else norms
-    # A NaN or Inf anywhere in a row makes its float64 norm non-finite (float32
-    # squares cannot overflow float64), so one pass finds both kinds of bad rows.
+    # A NaN or Inf anywhere in a row makes its norm non-finite, and only that does
+    # (row_norms rescales rows whose squares over- or underflow).
     finite = np.isfinite(norms)
     bad = np.flatnonzero(~finite)
     zero = np.flatnonzero(finite & (norms == 0))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modeaudit.tasks.models.generators import file_sha256
+from modeaudit.tasks.models.generators import file_sha256, load_torchscript, torch_device
 from modeaudit.tasks.registry import ConfigError, Option, Registry, require_torch
 
 DESCRIPTORS = Registry("descriptor", plugins=("modeaudit.tasks.models.python_models",))
@@ -59,7 +59,7 @@ class TorchDescriptor(Descriptor):
     def __init__(self, spec, options, module, batch_size, device, flip_average=False, extra_fp=None):
         super().__init__(spec, options)
         torch = require_torch("this descriptor")
-        self.torch, self.device = torch, torch.device(device)
+        self.torch, self.device = torch, torch_device(torch, device, f"descriptor {spec}")
         self.module, self.batch_size = module.to(self.device).eval(), batch_size
         self.flip_average, self._extra_fp = flip_average, extra_fp or {}
 
@@ -71,7 +71,14 @@ class TorchDescriptor(Descriptor):
         with torch.inference_mode():
             for i in range(0, len(samples), self.batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(samples[i:i + self.batch_size], np.float32)).to(self.device)
-                e = self.module(x).float()
+                try:
+                    e = self.module(x).float()
+                except RuntimeError as err:
+                    raise ConfigError(f"descriptor {self.spec} failed on images of shape {tuple(x.shape)} "
+                                      f"({str(err).splitlines()[0]})") from None
+                if e.dim() != 2 or e.shape[0] != x.shape[0]:
+                    raise ConfigError(f"descriptor {self.spec} returned shape {tuple(e.shape)} for {x.shape[0]} "
+                                      "images; it must return one row per image, (n, D)")
                 if self.flip_average:
                     # As the seed paper's code does: average with the mirrored image's embedding.
                     e = torch.nn.functional.normalize(e, dim=1) + torch.nn.functional.normalize(
@@ -117,7 +124,7 @@ def _torchscript(path, *, batch_size, device, flip_average):
     torch = require_torch(f"descriptor torchscript:{path}")
     if not Path(path).is_file():
         raise ConfigError(f"descriptor torchscript:{path}: no such file; give the path of a torch.jit.save'd module")
-    module = torch.jit.load(path, map_location=device)
+    module = load_torchscript(torch, path, device, "descriptor")
     return TorchDescriptor(f"torchscript:{path}", dict(batch_size=batch_size, device=device, flip_average=flip_average),
                            module, batch_size, device, flip_average, extra_fp={"sha256": file_sha256(path)})
 

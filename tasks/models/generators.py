@@ -73,6 +73,11 @@ class IdentitySpace(Generator):
                                     tightness=tightness, latent_dim=latent_dim, world_seed=world_seed))
         if latent_dim < 2:
             raise ConfigError(f"generator {spec!r}: latent_dim must be >= 2 (one picks the identity)")
+        # The world's tables (centres, permutations) are identities x dim: bound them before allocating.
+        need = (identities + 1) * dim * 4 * 3
+        if need > 2 << 30:
+            raise ConfigError(f"generator {spec!r}: identities={identities} x dim={dim} needs {need / 2**30:.1f} GiB "
+                              "of world tables; use at most about 1e6 identities at dim 128")
         self.latent_dim, self.dim = latent_dim, dim
         self.planted_prob, self.has_truth = planted_prob, planted_prob > 0
         rng = np.random.default_rng([world_seed, 20240611])
@@ -155,7 +160,7 @@ class TorchGenerator(Generator):
     def __init__(self, spec, options, module, latent_dim, batch_size, device, extra_fp=None):
         super().__init__(spec, options)
         torch = require_torch("this generator")
-        self.torch, self.device = torch, torch.device(device)
+        self.torch, self.device = torch, torch_device(torch, device, f"generator {spec}")
         self.module = module.to(self.device).eval()
         self.latent_dim, self.batch_size = latent_dim, batch_size
         self._extra_fp = extra_fp or {}
@@ -166,7 +171,15 @@ class TorchGenerator(Generator):
         with torch.inference_mode():
             for i in range(0, len(z), self.batch_size):
                 zb = torch.from_numpy(np.ascontiguousarray(z[i:i + self.batch_size])).to(self.device)
-                outs.append(self.module(zb).float().cpu().numpy())
+                try:
+                    out = self.module(zb)
+                except RuntimeError as e:   # a wrong latent_dim, mostly
+                    raise ConfigError(f"generator {self.spec} failed on latents of shape {tuple(zb.shape)} "
+                                      f"({str(e).splitlines()[0]}); check -G latent_dim") from None
+                if not hasattr(out, "dim") or out.dim() != 4 or out.shape[0] != zb.shape[0]:
+                    raise ConfigError(f"generator {self.spec} returned {getattr(out, 'shape', type(out).__name__)} "
+                                      f"for {zb.shape[0]} latents; it must return images (n, C, H, W)")
+                outs.append(out.float().cpu().numpy())
         return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
     def fingerprint(self):
@@ -216,9 +229,30 @@ def _torchscript(path, *, batch_size, device, latent_dim):
     torch = require_torch(f"generator torchscript:{path}")
     if not Path(path).is_file():
         raise ConfigError(f"generator torchscript:{path}: no such file; give the path of a torch.jit.save'd module")
-    module = torch.jit.load(path, map_location=device)
+    module = load_torchscript(torch, path, device, "generator")
     return TorchGenerator(f"torchscript:{path}", dict(batch_size=batch_size, device=device, latent_dim=latent_dim),
                           module, latent_dim, batch_size, device, extra_fp={"sha256": file_sha256(path)})
+
+
+def torch_device(torch, device: str, what: str):
+    """A torch.device that exists here, or a ConfigError naming the option (device=bogus, cuda without a GPU)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"{what}: device={device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what}: device={device!r} but no CUDA GPU is visible here; use device=cpu")
+    return dev
+
+
+def load_torchscript(torch, path: str, device: str, what: str):
+    """torch.jit.load of a TorchScript file (never a pickle), with a one-line error for anything else."""
+    dev = torch_device(torch, device, f"{what} torchscript:{path}")
+    try:
+        return torch.jit.load(path, map_location=dev)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"{what} torchscript:{path} is not a TorchScript file ({str(e).splitlines()[0][:120]}); "
+                          "save the model with torch.jit.script(...).save() or torch.jit.trace(...).save()") from None
 
 
 def build_generator(spec: str, options: dict | None = None) -> Generator:

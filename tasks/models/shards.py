@@ -15,7 +15,7 @@ from modeaudit.storage.layout import RunLayout
 from modeaudit.tasks.models.descriptors import build_descriptor
 from modeaudit.tasks.errors import InputError
 from modeaudit.tasks.models.generators import build_generator
-from modeaudit.tasks.join.sources import row_norms, scan_block
+from modeaudit.tasks.join.sources import row_norms, scan_block, unit_rows
 from modeaudit.tasks.join.threads import compute_threads
 
 
@@ -50,9 +50,10 @@ def embed_rows(gen: dict, desc: dict, seed: int, set_name: str, start: int, stop
     scan = scan_block(emb, start, norms)
     if scan["nonfinite"] or scan["zero"]:
         row = scan["first_nonfinite"] if scan["nonfinite"] else scan["first_zero"]
-        raise InputError(f"set {set_name}: the generator/descriptor produced an invalid embedding (NaN, Inf or all "
-                         f"zero) at row {row} (seed {seed}); check the model or its inputs")
-    emb = np.asarray(emb, np.float32) / norms.astype(np.float32)[:, None]
+        where = "a trial sample" if set_name == "probe" else f"set {set_name}, row {row}"
+        raise InputError(f"the generator/descriptor produced an invalid embedding (NaN, Inf or all zero) at {where} "
+                         f"(seed {seed}); check the model or its inputs")
+    emb = unit_rows(emb, norms)
     truth = generator.truth(z)
     return z.astype(np.float32), emb, truth, scan
 
