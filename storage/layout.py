@@ -24,11 +24,12 @@ REPORT_HTML = "report.html"
 PLOTS = "plots"
 STORE_ZARR = "store.zarr"
 MANIFEST = "manifest"
-RUN_JSON = "run.json"
+RUN_JSON = "run.json"          # inside manifest/: the store's fingerprint and layouts
+SCANS = "scans"
 CALIBRATION = "calibration"
 LOCK = ".modeaudit.lock"
 # What a run writes at the top of its directory (and so what --overwrite may remove).
-OWNED = (RESULT_JSON, REPORT_HTML, PLOTS, STORE_ZARR, MANIFEST, RUN_JSON, CALIBRATION)
+OWNED = (RESULT_JSON, REPORT_HTML, PLOTS, STORE_ZARR, MANIFEST, SCANS, CALIBRATION)
 
 
 class RunLayout:
@@ -51,6 +52,11 @@ class RunLayout:
     def plots(self) -> Path:
         """Figures of the report, as files."""
         return self.root / PLOTS
+
+    @property
+    def run_json(self) -> Path:
+        """The store's record (fingerprint, layouts): a directory with it is a modeaudit run."""
+        return self.root / MANIFEST / RUN_JSON
 
     @property
     def lock(self) -> Path:
@@ -76,7 +82,7 @@ class RunLayout:
     @staticmethod
     def scan(set_name: str, index: int) -> str:
         """Store-relative path of one shard's validity scan."""
-        return f"scans/{set_name}/{index}.json"
+        return f"{SCANS}/{set_name}/{index}.json"
 
     @staticmethod
     def result_array(name: str) -> str:
@@ -173,10 +179,11 @@ def check_out_dir(out: str | os.PathLike) -> Path:
     except OSError as e:
         raise ConfigError(f"cannot write to --out {text} ({e.strerror or e}); choose a writable directory") from None
     lay = RunLayout(path)
-    if not (path / RUN_JSON).exists():
+    if not lay.run_json.exists():
         foreign = [p.name for p in lay.owned_entries()]
         if foreign:
-            raise ConfigError(f"--out {text} holds {', '.join(foreign)} but is not a modeaudit run (no {RUN_JSON}); "
+            raise ConfigError(f"--out {text} holds {', '.join(foreign)} but is not a modeaudit run (no "
+                              f"{MANIFEST}/{RUN_JSON}); "
                               "modeaudit would overwrite them: choose an empty or new folder")
     return path
 

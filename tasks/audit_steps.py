@@ -17,10 +17,10 @@ from modeaudit.tasks.config import AuditConfig
 from modeaudit.tasks.errors import InputError
 from modeaudit.tasks.stats.paper import paper_test, population_mccs
 from modeaudit.tasks.join.kernels import mccs_from_sums
-from modeaudit.tasks.models.shards import generate_shard, models
+from modeaudit.tasks.models.shards import embed_rows, generate_shard, models
 from modeaudit.tasks.join.sources import Source, check_scan, merge_scans, open_embeddings
 
-VERSION = "0.1.0"
+from modeaudit import __version__ as VERSION  # noqa: E402  (result.json["modeaudit_version"])
 
 
 def model_specs(cfg: AuditConfig) -> tuple[dict, dict]:
@@ -35,7 +35,9 @@ def model_specs(cfg: AuditConfig) -> tuple[dict, dict]:
         raise InputError(f"generator {cfg.generator!r} makes images: choose a descriptor with --descriptor "
                          "(e.g. torch:tiny-cnn or torchscript:PATH)")
     desc = {"spec": dspec, "options": DESCRIPTORS.resolve_options(dspec, cfg.descriptor_options)}
-    models(gen, desc)  # builds both now, so a broken model fails before any shard runs
+    # Build both and embed one trial row now: a broken model, a wrong latent_dim or a wrong
+    # output shape fails in seconds, before any cluster or shard starts.
+    embed_rows(gen, desc, cfg.seed, "probe", 0, 1)
     return gen, desc
 
 

@@ -1,0 +1,141 @@
+"""Nothing lost, nothing silently wrong: refused reruns keep the old run, bad inputs get one line (RELIABILITY.md)."""
+import os
+
+import numpy as np
+import pytest
+
+from modeaudit.flows.cli import main
+from modeaudit.tasks.join.sources import row_norms, unit_rows
+
+
+def unit(n, d, seed=0):
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def expect_error(argv, capsys, match):
+    assert main(argv) == 2
+    full = capsys.readouterr().err.strip()
+    err = full.splitlines()[-1]
+    assert err.startswith("modeaudit: error: ") and "Traceback" not in full, full
+    assert match in err, err
+    return err
+
+
+SMALL = ["--m", "1000", "--M", "6000", "--q", "100", "--anchors", "200", "--mccs-set", "6000", "--tests", "paper,erl",
+         "--no-efficiency"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, prefect_harness, scheduler):
+    out = tmp_path_factory.mktemp("rel") / "run"
+    assert main(["audit", "--generator", "synthetic:planted", *SMALL, "--scheduler", scheduler, "--out", str(out)]) == 0
+    return out
+
+
+def _snapshot(d):
+    return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file() and ".lock" not in p.name}
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--seed", "1"], "already holds a different run"),            # refused by the fingerprint
+    (["--seed", "-1"], "seed=-1 is negative"),
+    (["--overwrite", "--d0", "-1"], "d0=-1.0 is outside"),          # --overwrite validates before deleting
+    (["--radii", "0.1:0.05:0.01"], "radii must be a non-empty"),
+])
+def test_refused_rerun_leaves_the_earlier_run_whole(finished_run, capsys, extra, match, scheduler):
+    before = _snapshot(finished_run)
+    assert "result.json" in before and "report.html" in before
+    expect_error(["audit", "--generator", "synthetic:planted", *SMALL, "--scheduler", scheduler,
+                  "--out", str(finished_run), *extra], capsys, match)
+    assert _snapshot(finished_run) == before
+
+
+def test_overwrite_never_touches_a_users_folder(tmp_path, capsys):
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "mine.png").write_bytes(b"x")
+    (tmp_path / "report.html").write_text("my report")
+    expect_error(["audit", "--generator", "synthetic:planted", "--overwrite", "--out", str(tmp_path)], capsys,
+                 "is not a modeaudit run")
+    assert (tmp_path / "plots" / "mine.png").exists() and (tmp_path / "report.html").read_text() == "my report"
+
+
+def test_same_file_as_s_and_t_and_tiny_t(tmp_path, capsys):
+    np.save(tmp_path / "s.npy", unit(300, 8, 1))
+    np.save(tmp_path / "t1.npy", unit(1, 8, 2))
+    base = ["audit", "--embeddings-s", str(tmp_path / "s.npy"), "--out", str(tmp_path / "o")]
+    expect_error(base + ["--embeddings-t", str(tmp_path / "s.npy")], capsys, "are the same file")
+    expect_error(base + ["--embeddings-t", str(tmp_path / "t1.npy")], capsys, "needs at least 100 rows")
+    assert not (tmp_path / "o").exists()
+
+
+def test_extreme_rows_keep_their_direction():
+    d = 8
+    x = unit(50, d, 3).astype(np.float64)
+    scaled = x * np.where(np.arange(50) % 3 == 0, 1e300, np.where(np.arange(50) % 3 == 1, 1e-60, 1.0))[:, None]
+    np.testing.assert_allclose(unit_rows(scaled), x.astype(np.float32), rtol=1e-6, atol=1e-7)
+    assert np.all(np.isfinite(row_norms(scaled)))
+    # float32 rows whose squared norm overflows float32: their direction, not a zero row
+    big = (x[:5] * 3e38 / np.abs(x[:5]).max()).astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(unit_rows(big), axis=1), 1, rtol=1e-6)
+    bad = x.copy()
+    bad[4, 2] = np.nan
+    assert not np.isfinite(row_norms(bad)[4]) and np.isfinite(row_norms(bad)[:4]).all()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--scheduler", "localhost:8786"], "is not a Dask scheduler address"),
+    (["--scheduler", "tcp://127.0.0.1:9"], "cannot reach the Dask scheduler"),
+    (["--threads-per-worker", "0"], "threads_per_worker=0"),
+    (["-G", "identities=1e9"], "GiB of world tables"),
+    (["--alpha", "2"], "it is a test level"),
+    (["--out", ""], "--out is empty"),
+    (["--out", "s3://bucket/run"], "not URLs"),
+])
+def test_bad_options_are_one_line(argv, match, capsys, tmp_path):
+    args = ["audit", "--generator", "synthetic:planted", "--out", str(tmp_path / "o"), *argv]
+    expect_error(args, capsys, match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_torch_models_fail_in_one_line(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from modeaudit.tasks.models.generators import tiny_image_module
+    notts = tmp_path / "pickled.pt"
+    torch.save({"a": torch.zeros(2)}, notts)
+    gen = tmp_path / "g.pt"
+    torch.jit.trace(tiny_image_module(8, 16, 0), torch.zeros(2, 8)).save(str(gen))
+    scalar = tmp_path / "scalar.pt"
+    class Scalar(torch.nn.Module):
+        def forward(self, z):
+            return z.sum(1)      # one number per latent, not an image
+    torch.jit.script(Scalar()).save(str(scalar))
+    base = ["audit", "--descriptor", "torch:tiny-cnn", "--out", str(tmp_path / "o")]
+    expect_error(base + ["--generator", f"torchscript:{notts}"], capsys, "is not a TorchScript file")
+    expect_error(base + ["--generator", f"torchscript:{gen}", "-G", "latent_dim=5"], capsys, "check -G latent_dim")
+    expect_error(base + ["--generator", f"torchscript:{gen}", "-G", "latent_dim=8", "-G", "device=bogus"], capsys,
+                 "is not a torch device")
+    if not torch.cuda.is_available():
+        expect_error(base + ["--generator", f"torchscript:{gen}", "-G", "latent_dim=8", "-G", "device=cuda"],
+                     capsys, "no CUDA GPU is visible")
+    expect_error(base + ["--generator", f"torchscript:{scalar}", "-G", "latent_dim=8"], capsys,
+                 "it must return images")
+
+
+def test_calibrate_on_a_corrupt_result(finished_run, tmp_path, capsys):
+    import shutil
+    bad = tmp_path / "copy"
+    shutil.copytree(finished_run, bad)
+    (bad / "result.json").write_text('{"source": {"kind": "generator"}')
+    expect_error(["calibrate", "--run", str(bad)], capsys, "is not a complete modeaudit result")
+
+
+def test_a_second_writer_is_refused(tmp_path, capsys):
+    from modeaudit.storage.layout import run_lock
+    from modeaudit.tasks.registry import ConfigError
+    with run_lock(tmp_path):
+        with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
+            with run_lock(tmp_path):
+                pass
+    with run_lock(tmp_path):    # released on exit
+        pass
