@@ -362,6 +362,12 @@ class RunStore:
             existing = cls._read_run_json(root)
             old = {"fingerprint": existing.get("fingerprint"), "layouts": existing.get("layouts")}
             diff = _first_difference(old, {"fingerprint": fp, "layouts": lay_json}, "")
+            if diff is not None and diff.startswith("fingerprint.embeddings."):
+                # An embeddings run is keyed on its input files: say which file, not which key.
+                which = diff.split(".")[2]
+                path = (fp.get("embeddings") or {}).get(which, {}).get("path", "?")
+                diff = (f"its {which} input differs (the file {path} was modified, replaced, or another file is "
+                        "given)")
             if diff is not None:
                 raise StoreError(
                     f"{root} already holds a different run: {diff}; "
