@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -486,11 +486,6 @@ class RunStore:
 
     # ----- layout and arrays ---------------------------------------------- #
 
-    @property
-    def set_names(self) -> list[str]:
-        """Names of the sample sets in this run."""
-        return list(self._layouts)
-
     def layout(self, set_name: str) -> SetLayout:
         """The SetLayout of ``set_name``; StoreError naming the known sets otherwise."""
         try:
@@ -673,33 +668,6 @@ class RunStore:
         lay = self.layout(set_name)
         start, stop = self._bounds(lay, start, stop)
         return np.asarray(self.array(set_name, kind)[start:stop])
-
-    def iter_blocks(
-        self,
-        set_name: str,
-        kind: str,
-        start: int = 0,
-        stop: int | None = None,
-        block_rows: int | None = None,
-    ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(global_offset, block)`` covering rows ``[start, stop)`` once, in order.
-
-        Block edges sit on global multiples of ``block_rows`` (default
-        shard_rows), so with the default, or any multiple/divisor of
-        shard_rows, every read touches a single chunk. Memory is O(block).
-        """
-        lay = self.layout(set_name)
-        start, stop = self._bounds(lay, start, stop)
-        block = lay.shard_rows if block_rows is None else block_rows
-        if isinstance(block, bool) or int(block) != block or block < 1:
-            raise StoreError(f"block_rows must be an int >= 1, got {block_rows!r}")
-        block = int(block)
-        arr = self.array(set_name, kind)
-        pos = start
-        while pos < stop:
-            end = min((pos // block + 1) * block, stop)
-            yield pos, np.asarray(arr[pos:end])
-            pos = end
 
     # ----- small files and extra arrays ------------------------------------ #
 

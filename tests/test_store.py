@@ -114,15 +114,18 @@ def test_round_trip_and_checksums(store):
 
 @pytest.mark.parametrize(
     "start,stop,block_rows",
-    [(0, None, None), (3, 21, None), (0, None, 7), (2, 23, 7), (6, 6, None), (0, None, 100)],
+    [(0, None, 5), (3, 21, 5), (0, None, 7), (2, 23, 7), (6, 6, 5), (0, None, 100)],
 )
-def test_iter_blocks_covers_every_row_once_in_order(store, start, stop, block_rows):
+def test_source_blocks_cover_every_row_once_in_order(store, start, stop, block_rows):
+    # The one block iterator (Source.blocks): global offsets, edges on multiples of block_rows.
+    from modeaudit.tasks.join.sources import Source
     _write_all(store, "S")
+    src = Source("store", str(store.root), 23, 8, "S", dtype="float16", stored_unit=True)
     stop_ = 23 if stop is None else stop
     offsets, parts = [], []
-    for off, block in store.iter_blocks("S", "emb", start, stop, block_rows):
+    for off, block in src.blocks(start, stop, block_rows):
         assert block.shape[1:] == (8,)
-        assert 0 < len(block) <= (block_rows or 5)
+        assert 0 < len(block) <= block_rows
         offsets.append(off)
         parts.append(block)
     pos = start
@@ -134,18 +137,8 @@ def test_iter_blocks_covers_every_row_once_in_order(store, start, stop, block_ro
         np.testing.assert_array_equal(
             np.concatenate(parts), _expected("emb", start, stop_).astype("float16")
         )
-    if block_rows is None:
-        # Default blocks never straddle a shard (chunk) boundary.
-        assert all(off // 5 == (off + len(b) - 1) // 5 for off, b in zip(offsets, parts))
-
-
-def test_iter_blocks_1d(store):
-    _write_all(store, "S")
-    blocks = list(store.iter_blocks("S", "planted", block_rows=4))
-    assert [o for o, _ in blocks] == [0, 4, 8, 12, 16, 20]
-    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), _expected("planted", 0, 23))
-    with pytest.raises(StoreError, match="outside"):
-        list(store.iter_blocks("S", "planted", 5, 40))
+    # Blocks never straddle a multiple of block_rows (with block_rows = shard rows: a chunk).
+    assert all(off // block_rows == (off + len(b) - 1) // block_rows for off, b in zip(offsets, parts))
 
 
 def test_write_shard_rejects_bad_data(store):

@@ -13,18 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from modeaudit.tasks.join import backend
-from modeaudit.tasks.join.sources import Source, merge_scans, scan_block
-
-REDUCE_ROWS = 65536
-
-
-def reduction_ranges(start: int, stop: int, step: int = REDUCE_ROWS) -> list[tuple[int, int]]:
-    """Fixed blocks [lo, hi) covering [start, stop), aligned to multiples of step."""
-    if stop <= start:
-        return []
-    first = (start // step) * step
-    return [(max(lo, start), min(lo + step, stop)) for lo in range(first, stop, step)]
-
+from modeaudit.tasks.join.sources import Source, merge_scans, reduction_ranges, scan_block
 
 def _group(ranges, n_tasks):
     # Consecutive groups keep each task's reads sequential in the store.

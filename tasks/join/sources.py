@@ -19,6 +19,19 @@ from modeaudit.tasks.errors import InputError
 UNIT_TOL = 1e-3
 
 
+# Rows per reduction block: fixed, independent of shard size and worker count, so
+# float partial sums merged in block order give the same bits on any cluster.
+REDUCE_ROWS = 65536
+
+
+def reduction_ranges(start: int, stop: int, step: int = REDUCE_ROWS) -> list[tuple[int, int]]:
+    """Fixed blocks [lo, hi) covering [start, stop), aligned to global multiples of step (the one block plan)."""
+    if stop <= start:
+        return []
+    first = (start // step) * step
+    return [(max(lo, start), min(lo + step, stop)) for lo in range(first, stop, step)]
+
+
 @dataclass(frozen=True)
 class Source:
     """Rows [0, rows) of an embedding matrix in a run store set, a .npy file or a Zarr array."""
@@ -54,11 +67,11 @@ class Source:
         x = unit_rows(self._raw(start, stop))
         return x if self.dtype == "float32" else x.astype(self.dtype)
 
-    def blocks(self, start: int = 0, stop: int | None = None, block_rows: int = 65536):
-        """Yield (global_offset, unit rows) over [start, stop) in blocks of block_rows."""
+    def blocks(self, start: int = 0, stop: int | None = None, block_rows: int = REDUCE_ROWS):
+        """Yield (global_offset, unit rows) over [start, stop), block edges on global multiples of block_rows."""
         stop = self.rows if stop is None else stop
-        for lo in range(start, stop, block_rows):
-            yield lo, self.read(lo, min(stop, lo + block_rows))
+        for lo, hi in reduction_ranges(start, stop, block_rows):
+            yield lo, self.read(lo, hi)
 
 
 def open_embeddings(path: str | Path, what: str) -> Source:

@@ -45,7 +45,6 @@ class NullSampler:
     """Draws the replicate samples (S*, T*) of a null; `describe` goes into the report."""
     draw: Callable[[int, int, int], tuple[np.ndarray, np.ndarray]]   # (replicate, m, n_t) -> (S*, T*)
     describe: str
-    max_rows: int | None = None   # a finite pool caps m + n_t
     kind: str = "reference"       # "reference" (a sample of the collapse-free law) or "surrogate" (a model of it)
     fit: dict | None = None       # the surrogate's fitted parameters, summarised
     # Surrogates only: (S, w, n_t, radii, key, kernel) -> the curve (fractions) that a model
@@ -58,7 +57,7 @@ def pool_sampler(pool: np.ndarray, seed: int, describe: str) -> NullSampler:
     def draw(b, m, n_t):
         idx = np.random.default_rng([seed, 0x5E1, b]).permutation(len(pool))
         return pool[np.sort(idx[:m])], pool[np.sort(idx[m:m + n_t])]
-    return NullSampler(draw, describe, max_rows=len(pool))
+    return NullSampler(draw, describe)
 
 
 SURROGATE_NOTE = ("parametric surrogate: the maximum-likelihood projected normal PN(mu, Sigma) of S, "
