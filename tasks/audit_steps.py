@@ -14,6 +14,7 @@ import numpy as np
 from modeaudit.tasks.join import parallel
 from modeaudit.storage.layout import RunLayout
 from modeaudit.tasks.config import AuditConfig
+from modeaudit.tasks.plan import plan_execution
 from modeaudit.tasks.errors import InputError
 from modeaudit.tasks.stats.paper import paper_test, population_mccs
 from modeaudit.tasks.join.kernels import mccs_from_sums
@@ -23,18 +24,29 @@ from modeaudit.tasks.join.sources import Source, check_scan, merge_scans, open_e
 from modeaudit import __version__ as VERSION  # noqa: E402  (result.json["modeaudit_version"])
 
 
+def _with_device(registry, spec: str, options: dict, device: str) -> dict:
+    # Torch models run where the plan computes ("cuda" with the CUDA kernel) unless -G/-D device says otherwise.
+    entry, _ = registry.lookup(spec)
+    if "device" in entry.options and "device" not in (options or {}):
+        return {**(options or {}), "device": device}
+    return dict(options or {})
+
+
 def model_specs(cfg: AuditConfig) -> tuple[dict, dict]:
     """Validated {spec, options} of the generator and its descriptor (builds them once, here, to fail early)."""
     from modeaudit.tasks.models.descriptors import DESCRIPTORS
     from modeaudit.tasks.models.generators import GENERATORS
-    gen_opts = GENERATORS.resolve_options(cfg.generator, cfg.generator_options)
+    device = plan_execution(cfg.kernel).model_device
+    gen_opts = GENERATORS.resolve_options(cfg.generator, _with_device(GENERATORS, cfg.generator,
+                                                                      cfg.generator_options, device))
     gen = {"spec": cfg.generator, "options": gen_opts}
     generator = GENERATORS.build(cfg.generator, gen_opts)
     dspec = cfg.descriptor or generator.default_descriptor
     if dspec is None:
         raise InputError(f"generator {cfg.generator!r} makes images: choose a descriptor with --descriptor "
                          "(e.g. torch:tiny-cnn or torchscript:PATH)")
-    desc = {"spec": dspec, "options": DESCRIPTORS.resolve_options(dspec, cfg.descriptor_options)}
+    desc = {"spec": dspec, "options": DESCRIPTORS.resolve_options(
+        dspec, _with_device(DESCRIPTORS, dspec, cfg.descriptor_options, device))}
     # Build both and embed one trial row now: a broken model, a wrong latent_dim or a wrong
     # output shape fails in seconds, before any cluster or shard starts.
     embed_rows(gen, desc, cfg.seed, "probe", 0, 1)

@@ -1,0 +1,51 @@
+"""The execution plan: where and how a run computes, decided in this one place.
+
+The kernel (resolved on this machine), the kind of Dask cluster, the thread budget of
+each worker and the default device of torch models. flows/ and deploy/ start clusters
+from a plan (flows/cluster.py); the audit steps read the model device from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from modeaudit.tasks.join.threads import usable_cores
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """Where and how a run computes, decided once (plan_execution) and used by the flows and deploy/.
+
+    kernel: the concrete join kernel; cluster: "external" (a scheduler address), "local"
+    (worker processes here), "local-threads" (worker threads of this process, for callables
+    living here) or "local-cuda" (one worker per GPU); model_device: where torch models run
+    by default ("cuda" with the CUDA kernel, else "cpu").
+    """
+    kernel: str
+    cluster: str
+    workers: int
+    threads_per_worker: int
+    scheduler: str | None = None
+
+    @property
+    def model_device(self) -> str:
+        """The default torch device of the models (a -G/-D device option overrides it)."""
+        return "cuda" if self.kernel == "torch-cuda" else "cpu"
+
+
+def plan_execution(kernel: str, workers: int = 1, threads_per_worker: int | None = None,
+                   scheduler: str | None = None, in_process: bool = False) -> ExecutionPlan:
+    """The execution plan of a run: the kernel resolved on this machine, the cluster kind, thread budgets."""
+    from modeaudit.tasks.config import kernel_for
+    kernel = kernel_for(kernel)
+    if scheduler:
+        kind = "external"
+    elif in_process:
+        kind = "local-threads"
+    elif kernel == "torch-cuda":
+        kind = "local-cuda"
+    else:
+        kind = "local"
+    tpw = threads_per_worker or max(1, usable_cores() // max(1, workers))
+    return ExecutionPlan(kernel, kind, workers, tpw, scheduler)
+
+
