@@ -24,6 +24,7 @@ from modeaudit.tasks.stats.paper import reference_anchors, top_anchors
 from modeaudit.tasks.report.audit import verdict_text, write_report
 from modeaudit.tasks.report.stats import stats_sections
 from modeaudit.tasks.stats.registry import TestContext
+from modeaudit.tasks.join.parallel import worker_lost
 from modeaudit.tasks.join.sources import Source
 
 from modeaudit.flows.cluster import dask_client, plan_execution
@@ -165,3 +166,8 @@ def audit_flow(config: AuditConfig) -> dict:
     except (ConfigError, StoreError) as e:
         # A Failed state (not a raise) keeps the traceback out of the log; callers get FailedRun(message).
         return Failed(message=str(e))
+    except Exception as e:
+        if not worker_lost(e):
+            raise
+        return Failed(message=f"Dask workers died during the run ({type(e).__name__}); out of memory? Rerun with "
+                              "the same --out (finished shards are kept), fewer --workers or smaller --shard-rows")

@@ -4,3 +4,7 @@ from modeaudit.tasks.registry import ConfigError
 
 class InputError(ConfigError):
     """Bad input data (embeddings, sizes, files)."""
+
+
+class WorkerLost(ConfigError):
+    """The cluster's workers died repeatedly (e.g. out of memory): one line, exit 2, finished shards kept."""

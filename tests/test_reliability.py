@@ -139,3 +139,26 @@ def test_a_second_writer_is_refused(tmp_path, capsys):
                 pass
     with run_lock(tmp_path):    # released on exit
         pass
+
+
+def _die_once(marker, anchors, group):
+    # A real SIGKILL of the worker process running this task, the first time only.
+    import signal
+    from pathlib import Path
+    m = Path(marker)
+    if not m.exists():
+        m.write_text("killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [float(anchors.sum()) + g for g in group]
+
+
+def test_killed_worker_is_survived_with_scattered_inputs_resent(tmp_path):
+    from modeaudit.flows.cluster import dask_client
+    from modeaudit.tasks.join import parallel
+    from modeaudit.tasks.plan import ExecutionPlan
+    anchors = np.ones((1024, 512), np.float32)          # > 1 MiB: scattered, so lost with the worker
+    with dask_client(ExecutionPlan("fast", "local", 1, 1)) as client:   # the default: one worker
+        import functools
+        out = parallel._run(client, functools.partial(_die_once, str(tmp_path / "marker")), [[1], [2]], anchors)
+    assert (tmp_path / "marker").exists()
+    assert out == [[anchors.sum() + 1], [anchors.sum() + 2]]

@@ -58,14 +58,45 @@ def _n_tasks(client) -> int:
     return 4 * max(1, sum(client.nthreads().values()))
 
 
+WORKER_LOSS_RETRIES = 2
+
+
 def _run(client, fn, groups, *args):
-    """Run fn(*args, group) for every group and return the per-group results in order."""
+    """Run fn(*args, group) for every group and return the per-group results in order.
+
+    Inputs held only in workers' memory (scattered anchors) die with the workers; when
+    workers are lost mid-stage, everything is scattered and submitted again (their
+    restarted processes read the rest from the store), WORKER_LOSS_RETRIES times,
+    then the run ends with one line instead of a Dask traceback.
+    """
     if client is None:
         return [fn(*_bind(args, g)) for g in groups]
-    big = [client.scatter(a, broadcast=True) if isinstance(a, np.ndarray) and a.nbytes > 1 << 20 else a
-           for a in args]
-    futures = [client.submit(fn, *_bind(big, g), pure=False) for g in groups]
-    return client.gather(futures)
+    from modeaudit.tasks.errors import WorkerLost
+    for attempt in range(WORKER_LOSS_RETRIES + 1):
+        try:
+            big = [client.scatter(a, broadcast=True) if isinstance(a, np.ndarray) and a.nbytes > 1 << 20 else a
+                   for a in args]
+            futures = [client.submit(fn, *_bind(big, g), pure=False) for g in groups]
+            return client.gather(futures)
+        except Exception as e:   # noqa: BLE001 -- only worker loss is retried, see _worker_lost
+            if not worker_lost(e):
+                raise
+            last = e
+            client.wait_for_workers(1, timeout=120)
+    raise WorkerLost(f"Dask workers died {WORKER_LOSS_RETRIES + 1} times in a row ({type(last).__name__}); "
+                     "out of memory? Rerun with fewer --workers or smaller --shard-rows (finished shards are kept)")
+
+
+def worker_lost(e: BaseException) -> bool:
+    """Whether an error means workers (and the data held in them) were lost, not that the computation failed."""
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+    try:
+        from distributed.comm.core import CommClosedError
+    except ImportError:   # pragma: no cover
+        CommClosedError = OSError
+    import concurrent.futures
+    return isinstance(e, (KilledWorker, FutureCancelledError, CommClosedError, concurrent.futures.CancelledError))
 
 
 def _bind(args, group):
