@@ -4,6 +4,7 @@ Composition only: every number is computed in tasks/.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -34,9 +35,15 @@ class _OneLineUserErrors(logging.Filter):
     """Bad input is the user's to fix, not a crash: log its message without a traceback."""
 
     def filter(self, record):
-        if record.exc_info and isinstance(record.exc_info[1], (ConfigError, StoreError)):
+        if record.exc_info and user_facing(record.exc_info[1]):
             record.exc_info, record.exc_text = None, None
         return True
+
+
+def user_facing(e: BaseException) -> bool:
+    """Errors the run reports as one line (bad input, a full disk, lost workers), never as a traceback."""
+    return (isinstance(e, (ConfigError, StoreError)) or worker_lost(e)
+            or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)))
 
 
 logging.getLogger("prefect.task_runs").addFilter(_OneLineUserErrors())
@@ -142,6 +149,11 @@ def run_audit(cfg: AuditConfig, client) -> dict:
     return result
 
 
+def config_out(config) -> str:
+    """The run directory named by a config or a mapping (for messages)."""
+    return str(getattr(config, "out", None) or (config.get("out") if isinstance(config, dict) else "") or "--out")
+
+
 def in_process_models(cfg: AuditConfig) -> bool:
     """Whether a model is a callable living in this process (Python API), so workers must be threads here."""
     specs = (cfg.generator, cfg.descriptor, cfg.reference_generator)
@@ -166,6 +178,11 @@ def audit_flow(config: AuditConfig) -> dict:
     except (ConfigError, StoreError) as e:
         # A Failed state (not a raise) keeps the traceback out of the log; callers get FailedRun(message).
         return Failed(message=str(e))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        return Failed(message=f"no space left on the device of {config_out(config)} ({e.strerror}); free some space "
+                              "and rerun with the same --out (finished shards are kept), or choose another --out")
     except Exception as e:
         if not worker_lost(e):
             raise

@@ -61,8 +61,10 @@ def local_cluster(plan: ExecutionPlan, **kwargs):
                           "distributed.worker.daemon": False,
                           "distributed.admin.system-monitor.gil.enabled": False}):
         logging.getLogger("distributed").setLevel(logging.WARNING)
+        # silence_logs: a task's failure reaches the user once, as the run's one-line error,
+        # not also as a traceback from every worker that ran it.
         return LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=True,
-                            dashboard_address=None, memory_limit=0, **kwargs)
+                            dashboard_address=None, memory_limit=0, silence_logs=logging.CRITICAL, **kwargs)
 
 
 def connect(cluster_or_address, plan: ExecutionPlan):

@@ -7,6 +7,8 @@ generator fingerprint, seed and shard), which survives across flow runs.
 """
 from __future__ import annotations
 
+import errno
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -15,8 +17,9 @@ from modeaudit.tasks.stats import steps as stats
 
 
 def _io_only(task, task_run, state) -> bool:
+    # A flaky disk or object store, yes; a full disk, no (retrying only fills it again).
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, OSError)
+    return isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT)
 
 
 io_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_io_only)

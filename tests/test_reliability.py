@@ -162,3 +162,27 @@ def test_killed_worker_is_survived_with_scattered_inputs_resent(tmp_path):
         out = parallel._run(client, functools.partial(_die_once, str(tmp_path / "marker")), [[1], [2]], anchors)
     assert (tmp_path / "marker").exists()
     assert out == [[anchors.sum() + 1], [anchors.sum() + 2]]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 3 MiB tmpfs (skipped, saying so, where this process may not mount one)."""
+    import subprocess
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): disk-full case not run")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_is_one_line_and_resumable(tiny_disk, capsys, prefect_harness, scheduler):
+    out = tiny_disk / "run"
+    err = expect_error(["audit", "--generator", "synthetic:planted", *SMALL, "--M", "24000", "--mccs-set", "24000",
+                        "--shard-rows", "1000",
+                        "--scheduler", scheduler, "--out", str(out)], capsys, "no space left on the device")
+    assert "rerun with the same --out" in err
+    assert not (out / "result.json").exists()
