@@ -22,7 +22,7 @@ from modeaudit.tasks.registry import ConfigError
 from modeaudit.tasks.stats import steps as stats
 from modeaudit.tasks.config import AuditConfig, apply_preset, finalize_sizes, tests_for
 from modeaudit.tasks.stats.paper import reference_anchors, top_anchors
-from modeaudit.tasks.report.audit import verdict_text, write_report
+from modeaudit.tasks.report.audit import verdict_level, verdict_text, write_report
 from modeaudit.tasks.report.stats import stats_sections
 from modeaudit.tasks.stats.registry import TestContext
 from modeaudit.tasks.join.parallel import worker_lost
@@ -137,7 +137,8 @@ def run_audit(cfg: AuditConfig, client) -> dict:
                 mccs_a=mccs[:-1], n_c=cfg.n_c, theta=cfg.theta, d0=cfg.d0, kernel=cfg.kernel, planted=planted)
     result["settings"]["tests"] = list(tests)
     headline, why = verdict_text(result["tests"])
-    result["verdict"] = {"headline": headline, "explanation": why}   # the report's verdict, for programs
+    # The report's verdict, for programs; level is what `--fail-on` gates on.
+    result["verdict"] = {"headline": headline, "explanation": why, "level": verdict_level(result["tests"])}
     result = steps.json_safe(result)
 
     store.write_array(RunLayout.result_array("self_counts"), counts)

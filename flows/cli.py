@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--embeddings-t", metavar="PATH", help="T embeddings (.npy or Zarr array), one row a sample")
     a.add_argument("--out", required=True, metavar="DIR", help="run directory (store, report.html, result.json)")
     a.add_argument("--overwrite", action="store_true", help="replace a different run already in DIR")
+    a.add_argument("--fail-on", choices=["collapse", "warning", "never"], default="never",
+                   help="exit code 3 when the verdict reaches this level (CI gating): collapse = 'Collapse "
+                   "detected'; warning = that or any amber verdict")
     s = a.add_argument_group("sizes (defaults from --preset)")
     s.add_argument("--preset", default=A("preset"), choices=sorted(PRESETS), help="size preset")
     s.add_argument("--m", type=_count, help="|S|: samples searched for the dense mode")
@@ -131,10 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Exit codes: 0 ok, 2 bad input or refused run, 3 the verdict reached --fail-on; anything else is a crash.
+EXIT_GATED = 3
+
+
+def gate(level: str, fail_on: str) -> int:
+    """EXIT_GATED when the verdict level reaches --fail-on, else 0."""
+    order = {"ok": 0, "warning": 1, "collapse": 2}
+    limit = {"never": 3, "warning": 1, "collapse": 2}[fail_on]
+    return EXIT_GATED if order.get(level, 0) >= limit else 0
+
+
 def config_from_args(args) -> AuditConfig:
     """AuditConfig from parsed arguments (unset options keep the config defaults)."""
-    kw = {k: v for k, v in vars(args).items() if k not in ("command", "generator_option", "descriptor_option")
-          and v is not None}
+    kw = {k: v for k, v in vars(args).items() if k not in ("command", "generator_option", "descriptor_option",
+                                                           "fail_on") and v is not None}
     kw["generator_options"] = parse_kv(args.generator_option, "-G")
     kw["descriptor_options"] = parse_kv(args.descriptor_option, "-D")
     kw.pop("reference_generator_option", None)
@@ -230,13 +244,13 @@ def _run_command(args, FailedRun, StoreError) -> int:
     except (ConfigError, StoreError, FailedRun) as e:
         print(f"modeaudit: error: {e}", file=sys.stderr)
         return 2
-    w = result["worst_case"]
+    code = gate(result["verdict"].get("level", "ok"), args.fail_on)
     verdict = {k: (any(b["reject"] for b in v) if isinstance(v, list) else v["reject"])
                for k, v in result["tests"].items()}
     print(json.dumps({"headline": result["verdict"]["headline"], "verdict": verdict,
-                      "worst_case": w, "mccs_mean": result["mccs"]["mean"],
+                      "worst_case": result["worst_case"], "mccs_mean": result["mccs"]["mean"],
                       "report": str(RunLayout(cfg.out).report_html)}, indent=1))
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def test_result_contract_and_report(planted_and_null):
     assert np.all(np.diff(c["obs"][0]) >= 0)  # counts grow with the radius
     assert on_disk["tests"]["paper"]["alpha"] == 0.05
     # With a reference generator the controlled tests decide: the headline is the report's.
-    assert on_disk["verdict"]["headline"] == "Collapse detected"
+    assert on_disk["verdict"]["headline"] == "Collapse detected" and on_disk["verdict"]["level"] == "collapse"
     assert on_disk["verdict"]["headline"] in (tmp / "planted" / "report.html").read_text()
     assert set(on_disk["mccs"]) >= {"theta", "mean", "std", "worst_case"}
     # Synthetic embeddings are not unit length before normalisation: that is recorded.

@@ -1,4 +1,5 @@
 """Nothing lost, nothing silently wrong: refused reruns keep the old run, bad inputs get one line (RELIABILITY.md)."""
+import json
 import os
 
 import numpy as np
@@ -186,3 +187,15 @@ def test_disk_full_is_one_line_and_resumable(tiny_disk, capsys, prefect_harness,
                         "--scheduler", scheduler, "--out", str(out)], capsys, "no space left on the device")
     assert "rerun with the same --out" in err
     assert not (out / "result.json").exists()
+
+
+def test_fail_on_gates_the_exit_code(finished_run, capsys, scheduler):
+    from modeaudit.flows.cli import gate
+    assert [gate(lv, "collapse") for lv in ("ok", "warning", "collapse")] == [0, 0, 3]
+    assert [gate(lv, "warning") for lv in ("ok", "warning", "collapse")] == [0, 3, 3]
+    assert [gate(lv, "never") for lv in ("ok", "warning", "collapse")] == [0, 0, 0]
+    # The finished run: planted world, only uncontrolled tests -> an amber verdict ("warning").
+    assert json.loads((finished_run / "result.json").read_text())["verdict"]["level"] == "warning"
+    argv = ["audit", "--generator", "synthetic:planted", *SMALL, "--scheduler", scheduler, "--out", str(finished_run)]
+    assert main(argv + ["--fail-on", "warning"]) == 3
+    assert main(argv + ["--fail-on", "collapse"]) == 0

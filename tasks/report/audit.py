@@ -32,7 +32,7 @@ from modeaudit.storage.layout import RunLayout, atomic_write_bytes
 from modeaudit.tasks.stats.registry import STAT_TESTS, uncontrolled
 
 __all__ = ["write_report", "figure_to_base64_png", "render_report_html",
-           "neighbour_curves_figure", "mccs_histogram_figure", "verdict_text"]
+           "neighbour_curves_figure", "mccs_histogram_figure", "verdict_level", "verdict_text"]
 
 # How many individual reference curves to draw behind the band: enough to show the
 # spread, few enough that the band and the red curve stay readable.
@@ -351,6 +351,14 @@ def _verdict(tests: Mapping) -> tuple[str, str, str]:
     if not tests:
         return "none", "No tests were run", ""
     return "ok", "No collapse detected", f"None of {names(list(tests))} rejects."
+
+
+_LEVELS = {"bad": "collapse", "warn": "warning", "ok": "ok", "none": "ok"}
+
+
+def verdict_level(tests: Mapping) -> str:
+    """"collapse", "warning" or "ok": what --fail-on gates on (the verdict's colour, for programs)."""
+    return _LEVELS[_verdict(tests)[0]]
 
 
 def verdict_text(tests: Mapping) -> tuple[str, str]:
