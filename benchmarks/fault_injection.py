@@ -103,13 +103,20 @@ def kill_worker(rng, work, env, ref, workers):
     out = work / "run"
     p = subprocess.Popen(_cmd(out, workers), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
-    delay = rng.uniform(1.0, 12.0)
+    # Wait for the run's workers to exist, then strike at a random moment of its work.
+    t0 = time.time()
+    victims = []
+    while p.poll() is None and not victims and time.time() - t0 < 120:
+        time.sleep(0.2)
+        victims = [c for c in _descendants(p.pid) if _is_worker(c)]
+    delay = rng.uniform(0.0, 10.0)
     time.sleep(delay)
     victims = [c for c in _descendants(p.pid) if _is_worker(c)]
     if victims:
         os.kill(rng.choice(victims), signal.SIGKILL)
     _, err = p.communicate(timeout=600)
-    return f"at {delay:.1f} s ({'killed' if victims else 'no worker yet'})", _judge(p.returncode, err, out, ref)
+    return (f"{delay:.1f} s after start ({'killed' if victims else 'run over'})",
+            _judge(p.returncode, err, out, ref))
 
 
 def corrupt_chunk(rng, work, env, ref, workers, ref_dir):
