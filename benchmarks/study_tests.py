@@ -18,6 +18,8 @@ Tests measured:
   erl_random     a random anchor vs the ERL envelope (should hold alpha)
   selection_ref  selection-aware test, null = a reference set from the collapse-free world
   selection_gauss  selection-aware test, null = the projected-normal surrogate fitted to S
+  selection_perm  selection-aware test, permutation null over S + T + a reference of |T| x --ref-ratio rows
+                 (what an audit with --reference runs since round 2)
   two_sample     top distinct balls, T vs reference, Holm (family-wise: any ball rejects)
 """
 from __future__ import annotations
@@ -41,10 +43,11 @@ class World:
     """A distribution of unit embeddings; `reference` is its collapse-free counterpart."""
 
     def __init__(self, name, kind, D=32, n_id=100, weights=None, spread=0.75, planted_mass=0.0,
-                 tightness=0.7, aniso=0.0, offset=0.0, at_peak=False, world_seed=0):
+                 tightness=0.7, aniso=0.0, offset=0.0, at_peak=False, world_seed=0, centre_aniso=0.0):
         self.name, self.kind, self.D = name, kind, D
         rng = np.random.default_rng([world_seed, 77])
-        self.centres = _unit(rng.standard_normal((n_id + 1, D)))
+        # centre_aniso > 0: identity centres crowd along a few directions (anisotropic identity space)
+        self.centres = _unit(rng.standard_normal((n_id + 1, D)) * (np.arange(1, D + 1) ** -centre_aniso))
         w = np.ones(n_id) if weights is None else np.asarray(weights, np.float64)
         w = w / w.sum()
         self.base_w = w
@@ -93,9 +96,12 @@ def worlds():
         World("cone", "gauss", D=16, aniso=0.5, offset=1.5),
         World("identities_equal", "ids"),
         World("identities_unequal", "ids", weights=lognormal),
+        # The issue-[9] hidden worlds' kind: anisotropic identity centres AND Zipf-like identity sizes.
+        World("aniso_zipf", "ids", weights=1.0 / np.arange(1, 101), centre_aniso=1.0),
         World("cone_planted_x0.5", "gauss", D=16, aniso=0.5, offset=1.5, planted_mass=0.5),
         World("cone_peak_planted_x0.5", "gauss", D=16, aniso=0.5, offset=1.5, planted_mass=0.5, at_peak=True),
         World("planted_x2", "ids", planted_mass=2.0),
+        World("aniso_zipf_planted_x5", "ids", weights=1.0 / np.arange(1, 101), centre_aniso=1.0, planted_mass=5.0),
         World("planted_x4", "ids", planted_mass=4.0),
         World("planted_x8", "ids", planted_mass=8.0),
     ]
@@ -135,6 +141,13 @@ def one_replicate(args):
         out[name] = lambda null=null: selection_test(frac, null(), m=m, n_t=M, d0=0.25, radii=radii,
                                                      replicates=cfg["B"], alpha=a, obs_S=S, obs_w=w)["reject"]
 
+    def selection_perm():
+        # S + T + a reference as one pool: under H0 every split is as likely as the observed one.
+        R = world.reference(rng, int(cfg["ref_ratio"] * M))
+        null = pool_sampler(np.concatenate([S, T, R]), rep, "perm")
+        return selection_test(frac, null, m=m, n_t=M, d0=0.25, radii=radii, replicates=cfg["B"], alpha=a)["reject"]
+    out["selection_perm"] = selection_perm
+
     def two_sample():
         modes = distinct_modes(S, counts, cfg["k"], 0.25)
         R = pool[:cfg["n_ref"]]
@@ -162,6 +175,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--q", type=int, default=199)
     ap.add_argument("--B", type=int, default=39, help="null replicates of the selection test")
     ap.add_argument("--alpha", type=float, default=0.05)
+    ap.add_argument("--ref-ratio", type=float, default=1.0, help="|R| / |T| for selection_perm")
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--worlds", default="", help="comma list (default: all)")
@@ -173,6 +187,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--md")
     a = ap.parse_args(argv)
     cfg = dict(m=a.m, M=a.M, q=a.q, B=a.B, alpha=a.alpha, seed=a.seed, k=10, pool=4 * (a.m + a.M), n_ref=a.M,
+               ref_ratio=a.ref_ratio,
                tests=[t for t in a.tests.split(",") if t])
     ws = [w for w in worlds() if not a.worlds or w.name in a.worlds.split(",")]
     jobs = [(w, r, cfg) for w in ws for r in range(a.reps)]
@@ -208,7 +223,8 @@ def main(argv=None) -> dict:
     rows = dict(sorted(rows.items(), key=lambda kv: names.index(kv[0]) if kv[0] in names else len(names)))
     res = {"config": cfg_out, "reps": a.reps, "wall_s": wall,
            "collapse_free": [w.name for w in worlds() if not w.planted_mass and w.name in rows], "rates": rows}
-    tests = ["paper", "erl", "paper_random", "erl_random", "selection_ref", "selection_gauss", "two_sample"]
+    tests = ["paper", "erl", "paper_random", "erl_random", "selection_ref", "selection_gauss", "selection_perm",
+             "two_sample"]
     tests = [t for t in tests if any(t in r for r in rows.values())]
     lines = ["| world | " + " | ".join(tests) + " |", "|---|" + "---|" * len(tests)]
     for name, r in rows.items():

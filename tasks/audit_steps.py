@@ -165,18 +165,17 @@ def reference_source(cfg: AuditConfig, S: Source) -> Source:
 
 
 def null_spec(cfg: AuditConfig, ref: Source | None) -> tuple:
-    """The selection test's null, as data a worker can rebuild it from: the reference set when
-    there is one, else the parametric surrogate fitted to S[:selection_m] (see stats.steps.selection)."""
-    need = cfg.selection_m + cfg.selection_t
+    """The selection test's null, as data a worker can rebuild it from: a permutation null over the generated
+    and reference rows when there is a reference, else the parametric surrogate fitted to S[:selection_m]
+    (see stats.steps.selection). A reference of any size works: the observed rows are part of the pool."""
     if ref is None:
         return ("surrogate", cfg.seed)
-    if ref.rows < need:
-        raise InputError(f"the reference set has {ref.rows} rows; the selection test draws selection_m + "
-                         f"selection_t = {need} per replicate: pass a larger reference or lower --selection-t")
-    # A pool a few times larger than one replicate keeps replicates nearly independent.
+    # The whole reference, up to a few times one replicate: beyond that, more rows add nothing but reads.
+    n_ref = min(ref.rows, max(4 * (cfg.selection_m + cfg.selection_t), 200_000))
     what = "reference generator" if cfg.reference_generator else "reference set"
-    return ("reference", ref, min(ref.rows, max(4 * need, 200_000)), cfg.seed,
-            f"{what}: worst cases of disjoint random draws from it")
+    return ("reference", ref, n_ref, cfg.seed,
+            f"permutation null: worst cases of random splits of the generated and {what} rows (exact under "
+            "'same law')")
 
 
 def validate_source(client, source: Source, what: str) -> dict:

@@ -30,10 +30,19 @@ def erl(obs_curve, ref_curves, alpha: float) -> dict:
     return r
 
 
-def reference_null(source, n_pool: int, seed: int, describe: str) -> NullSampler:
-    """Null (a) built where it is used: the first n_pool rows of the reference source as the pool."""
+def permutation_null(S_sel, T, n_t: int, ref, n_ref: int, seed: int, describe: str) -> NullSampler:
+    """Null (a) built where it is used: the pooled rows S_sel + T[:n_t] + reference[:n_ref].
+
+    Under H0 the generated and the reference rows are draws of one law, so every split of
+    the pool into (S*, T*) is as likely as the observed one (S_sel, T[:n_t]): replicates of
+    the selection on random splits give an exact permutation test whatever the reference's
+    size (the observed rows are part of the pool). A larger reference dilutes the generated
+    rows in the pool, which is where the power comes from.
+    """
     # float32 once (exact for float16 rows): each replicate would otherwise convert its draw again.
-    return pool_sampler(source.read(0, n_pool).astype(np.float32, copy=False), seed, describe)
+    parts = [np.asarray(S_sel, np.float32), T.read(0, n_t).astype(np.float32, copy=False),
+             ref.read(0, n_ref).astype(np.float32, copy=False)]
+    return pool_sampler(np.concatenate(parts), seed, describe)
 
 
 def _fit_surrogate(S_sel):
@@ -69,7 +78,7 @@ def _observed_task(factory, S_sel, T, n_t, d0, radii, replicates, alpha, kernel,
 def selection(client, S_rows, T, *, m_sel: int, n_t: int, null, d0, radii, replicates, alpha, kernel) -> dict:
     """Re-run the selection on S[:m_sel] against T[:n_t], and test that worst case against the null's worst cases.
 
-    `null` is ("reference", source, pool_rows, seed, describe) or ("surrogate", seed). Every
+    `null` is ("reference", source, rows, seed, describe) or ("surrogate", seed). Every
     step runs as a task on the Dask client (a worker's BLAS is single-threaded and nobody
     changes it, so the surrogate's EM gives the same bits on 1 or N workers); the null is
     rebuilt inside each task from the store, never held only in a worker's memory.
@@ -82,7 +91,8 @@ def selection(client, S_rows, T, *, m_sel: int, n_t: int, null, d0, radii, repli
         fit, describe = get(submit(_fit_surrogate, S_in))
         factory = functools.partial(surrogate_sampler, fit, null[1], describe)
     else:
-        factory = functools.partial(reference_null, *null[1:])
+        _, ref, n_ref, seed, describe = null
+        factory = functools.partial(permutation_null, S_sel, T, n_t, ref, n_ref, seed, describe)
     n_groups = 1 if client is None else max(1, min(replicates, sum(client.nthreads().values())))
     bounds = np.linspace(0, replicates, n_groups + 1).astype(int)
     parts = [submit(_replicates_task, factory, range(lo, hi), m_sel, n_t, d0, tuple(radii), kernel)
