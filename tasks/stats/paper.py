@@ -65,10 +65,15 @@ def pairs_at_d0(S_rows: np.ndarray, rows: np.ndarray, d0: float, block: int = 81
     rows = np.asarray(rows, np.int64)
     a = S[rows].astype(np.float64)
     out = np.zeros(len(rows), np.int64)
+    c0 = np.cos(np.pi * d0)
     for lo in range(0, S.shape[0], block):
         p = S[lo:lo + block].astype(np.float64)
-        dist = np.arccos(np.clip(a @ p.T, -1.0, 1.0)) / np.pi
-        hit = dist == d0
+        dot = a @ p.T
+        # arccos is the costly part; only inner products within far more than a few ulps
+        # of cos(pi d0) can map to exactly d0, so only those are evaluated.
+        hit = np.abs(dot - c0) <= 1e-9
+        i, j = np.nonzero(hit)
+        hit[i, j] = np.arccos(np.clip(dot[i, j], -1.0, 1.0)) / np.pi == d0
         own = (rows >= lo) & (rows < lo + p.shape[0])
         hit[np.flatnonzero(own), rows[own] - lo] = False  # self pairs are excluded by index, as in the self-join
         out += hit.sum(axis=1)
