@@ -29,14 +29,26 @@ fit_task = task(cache_policy=NO_CACHE, name="fit-calibration")
 
 
 def _audit_config(result: dict, out: Path, generator: str, seed: int, kernel: str, workers: int) -> AuditConfig:
-    """The original audit's settings, for a fair re-audit of the calibrated sampler."""
-    s, st = result["sizes"], result["settings"]
-    return AuditConfig(out=str(out), generator=generator, descriptor=result["source"]["descriptor"],
-                       descriptor_options=result["source"]["descriptor_options"], m=s["S"], M=s["T"],
+    """The original audit's settings, for a fair re-audit of the calibrated sampler.
+
+    Same sizes, d0, radii, alpha, theta, tests and the same reference (--reference file or
+    --reference-generator with its options) as the audit being calibrated, so the two
+    verdicts answer the same question. A result.json written before `settings` carried the
+    tests and the reference falls back to `source` for the reference and to the default tests.
+    """
+    s, st, src = result["sizes"], result["settings"], result["source"]
+    ref_gen = st.get("reference_generator", (src.get("reference_generator") or {}).get("spec"))
+    ref_gen_opts = st.get("reference_generator_options", (src.get("reference_generator") or {}).get("options"))
+    opt = {k: st[k] for k in ("n_ref", "null_replicates", "selection_m", "selection_t", "modes", "tie_weight")
+           if st.get(k) is not None}
+    return AuditConfig(out=str(out), generator=generator, descriptor=src["descriptor"],
+                       descriptor_options=src["descriptor_options"], m=s["S"], M=s["T"],
                        p=st["p"], q=st["q"], n_a=s["A"], n_c=s["C"], d0=result["d0"], radii=tuple(result["radii"]),
                        alpha=st["alpha"], theta=st["theta"], seed=seed, shard_rows=st["shard_rows"],
                        store_dtype=st["store_dtype"], workers=workers, kernel=kernel, overwrite=True,
-                       tests="paper,erl", efficiency=False)
+                       tests=",".join(st["tests"]) if st.get("tests") else None,
+                       reference=st.get("reference", src.get("reference")), reference_generator=ref_gen,
+                       reference_generator_options=dict(ref_gen_opts or {}), efficiency=False, **opt)
 
 
 def run_calibration(run: str, method: str, variant: str | None, n_modes: int, clusters: int, n_fit: int,
@@ -66,7 +78,8 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
 
     p1, p2 = cs.mode_densities(client, result, store, modes_emb, r0, kernel)
     if method == "cluster":
-        params = fit_task(fit_cluster)(Z, E, modes_emb, r0, p2, K=clusters, seed=src["seed"])
+        params = fit_task(fit_cluster)(Z, E, modes_emb, r0, p2, K=clusters, seed=src["seed"],
+                                       alpha=result["settings"]["alpha"])
     else:
         params = fit_task(fit_rejection)(Z, E, modes_emb, r0, p1, p2, seed=src["seed"])
     meta = {"method": method, "variant": variant, "r0": r0, "modes": mode_idx,
@@ -118,6 +131,9 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
         "fit": {k: (v if isinstance(v, (int, float, str, bool)) else None) for k, v in params.items()
                 if np.ndim(v) == 0},
         "audit_after": str(out / "audit" / "result.json"),
+        # The verdict headlines side by side: the re-audit ran the same tests against the same reference.
+        "verdict_before": (result.get("verdict") or {}).get("headline"),
+        "verdict_after": (after.get("verdict") or {}).get("headline"),
     }
     if inception_weights:
         n_fid = min(fid_rows, T.rows, T2.rows)
