@@ -21,7 +21,7 @@ from modeaudit.tasks import stages
 from modeaudit.tasks.registry import ConfigError
 from modeaudit.tasks.stats import steps as stats
 from modeaudit.tasks.config import AuditConfig, apply_preset, finalize_sizes, tests_for
-from modeaudit.tasks.stats.paper import reference_anchors, top_anchors
+from modeaudit.tasks.stats.paper import ranking_counts, reference_anchors, top_anchors
 from modeaudit.tasks.report.audit import verdict_level, verdict_text, write_report
 from modeaudit.tasks.report.stats import stats_sections
 from modeaudit.tasks.stats.registry import TestContext
@@ -47,6 +47,9 @@ def user_facing(e: BaseException) -> bool:
 
 
 logging.getLogger("prefect.task_runs").addFilter(_OneLineUserErrors())
+
+# Tied worst cases whose MCCS is computed (worst_case.tied_mccs_range): each adds |C| scores.
+TIED_MCCS = 100
 
 
 def _store_source(store, name: str) -> Source:
@@ -107,22 +110,32 @@ def run_audit(cfg: AuditConfig, client) -> dict:
     S_rows = S.read()  # m rows: held once, anchors are picked from it
     with t("self_join"):
         counts = stages.self_join(client, S_rows, S, cfg.d0, cfg.kernel)
-    r_obs = top_anchors(counts, cfg.p)
+    with t("ranking"):
+        rank, at_d0 = ranking_counts(S_rows, counts, cfg.d0, cfg.tie_weight, cfg.p)
+    r_obs = top_anchors(rank, cfg.p)
+    # Rows sharing the top count: the worst case is the lowest index among them (top_anchors),
+    # and their MCCS (up to TIED_MCCS rows, lowest indices first) shows how much that choice matters.
+    tied = np.flatnonzero(rank == rank[r_obs[0]])
     r_ref = reference_anchors(cfg.seed, cfg.m, cfg.q)
     with t("curves"):
         curves = stages.anchor_curves(client, S_rows[np.concatenate([r_obs, r_ref])], T, cfg.radii, cfg.kernel)
     with t("mccs"):
-        mccs = stages.mccs_values(client, S_rows[np.r_[0:cfg.n_a, r_obs[0]]], T, cfg.n_c, cfg.theta, cfg.kernel)
+        extra = tied[tied != r_obs[0]][:TIED_MCCS - 1]
+        mccs = stages.mccs_values(client, S_rows[np.r_[0:cfg.n_a, r_obs[0], extra]], T, cfg.n_c, cfg.theta,
+                                  cfg.kernel)
+    mccs_a, mccs_worst, tied_mccs = mccs[:cfg.n_a], mccs[cfg.n_a], mccs[cfg.n_a:]
     planted = store.read("S", "planted") if cfg.generator and "planted" in {
         a.kind for a in store.layout("S").arrays} else None
     truth = None if planted is None else {
         "worst_case_is_planted": bool(planted[r_obs[0]]), "planted_fraction_S": float(planted.mean()),
         "r_obs_planted": [bool(planted[i]) for i in r_obs]}
     result = steps.assemble_result(cfg, source=source, self_counts=counts, r_obs=r_obs, r_ref=r_ref, curves=curves,
-                                   mccs_a=mccs[:-1], mccs_worst=mccs[-1], scans=scans, truth=truth, timings=t.times)
+                                   mccs_a=mccs_a, mccs_worst=mccs_worst, scans=scans, truth=truth, timings=t.times,
+                                   ranking={"counts": rank, "ties": len(tied), "tied_mccs": tied_mccs,
+                                            "pairs_at_d0": at_d0})
 
     # Beyond the paper: tests with a controlled error rate, distinct modes, sampling efficiency.
-    modes = stats.dense_modes(S_rows, counts, cfg.modes, cfg.d0)
+    modes = stats.dense_modes(S_rows, rank, cfg.modes, cfg.d0)
     result["modes"] = [{"s_index": int(i), "count_d0": int(counts[i]),
                         **({"planted": bool(planted[i])} if planted is not None else {})} for i in modes]
     ctx = TestContext(cfg=cfg, client=client, S_rows=S_rows, T=T, ref=ref, counts=counts, curves=curves,
@@ -134,7 +147,7 @@ def run_audit(cfg: AuditConfig, client) -> dict:
         with t("efficiency"):
             result["sampling_efficiency"] = stages.efficiency(
                 client, S_rows, T, worst=int(r_obs[0]), random_anchor=int(r_ref[0]), self_counts=counts,
-                mccs_a=mccs[:-1], n_c=cfg.n_c, theta=cfg.theta, d0=cfg.d0, kernel=cfg.kernel, planted=planted)
+                mccs_a=mccs_a, n_c=cfg.n_c, theta=cfg.theta, d0=cfg.d0, kernel=cfg.kernel, planted=planted)
     result["settings"]["tests"] = list(tests)
     headline, why = verdict_text(result["tests"])
     # The report's verdict, for programs; level is what `--fail-on` gates on.
@@ -143,8 +156,8 @@ def run_audit(cfg: AuditConfig, client) -> dict:
 
     store.write_array(RunLayout.result_array("self_counts"), counts)
     store.write_array(RunLayout.result_array("curves"), curves)
-    store.write_array(RunLayout.result_array("mccs_A"), mccs[:-1])
-    write_report(out, result, obs_curves=curves[:cfg.p], ref_curves=curves[cfg.p:], mccs_values=mccs[:-1],
+    store.write_array(RunLayout.result_array("mccs_A"), mccs_a)
+    write_report(out, result, obs_curves=curves[:cfg.p], ref_curves=curves[cfg.p:], mccs_values=mccs_a,
                  extra_sections=stats_sections(result))
     store.write_json(RESULT_JSON, result)  # last: its presence means the audit completed
     return result

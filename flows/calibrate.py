@@ -6,7 +6,6 @@ and the audit flow's own steps.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +23,32 @@ from modeaudit.tasks.report.calibration import write_calibration_report
 
 from modeaudit.flows.audit import run_audit
 from modeaudit.flows.cluster import dask_client, plan_execution
-from modeaudit.storage.layout import run_lock
+from modeaudit.storage.layout import RunLayout, atomic_write_json, run_lock
 
 fit_task = task(cache_policy=NO_CACHE, name="fit-calibration")
 
 
 def _audit_config(result: dict, out: Path, generator: str, seed: int, kernel: str, workers: int) -> AuditConfig:
-    """The original audit's settings, for a fair re-audit of the calibrated sampler."""
-    s, st = result["sizes"], result["settings"]
-    return AuditConfig(out=str(out), generator=generator, descriptor=result["source"]["descriptor"],
-                       descriptor_options=result["source"]["descriptor_options"], m=s["S"], M=s["T"],
+    """The original audit's settings, for a fair re-audit of the calibrated sampler.
+
+    Same sizes, d0, radii, alpha, theta, tests and the same reference (--reference file or
+    --reference-generator with its options) as the audit being calibrated, so the two
+    verdicts answer the same question. A result.json written before `settings` carried the
+    tests and the reference falls back to `source` for the reference and to the default tests.
+    """
+    s, st, src = result["sizes"], result["settings"], result["source"]
+    ref_gen = st.get("reference_generator", (src.get("reference_generator") or {}).get("spec"))
+    ref_gen_opts = st.get("reference_generator_options", (src.get("reference_generator") or {}).get("options"))
+    opt = {k: st[k] for k in ("n_ref", "null_replicates", "selection_m", "selection_t", "modes", "tie_weight")
+           if st.get(k) is not None}
+    return AuditConfig(out=str(out), generator=generator, descriptor=src["descriptor"],
+                       descriptor_options=src["descriptor_options"], m=s["S"], M=s["T"],
                        p=st["p"], q=st["q"], n_a=s["A"], n_c=s["C"], d0=result["d0"], radii=tuple(result["radii"]),
                        alpha=st["alpha"], theta=st["theta"], seed=seed, shard_rows=st["shard_rows"],
                        store_dtype=st["store_dtype"], workers=workers, kernel=kernel, overwrite=True,
-                       tests="paper,erl", efficiency=False)
+                       tests=",".join(st["tests"]) if st.get("tests") else None,
+                       reference=st.get("reference", src.get("reference")), reference_generator=ref_gen,
+                       reference_generator_options=dict(ref_gen_opts or {}), efficiency=False, **opt)
 
 
 def run_calibration(run: str, method: str, variant: str | None, n_modes: int, clusters: int, n_fit: int,
@@ -54,8 +65,9 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
     ref_stats = cs.reference_stats(fid_reference) if fid_reference else None
     if ref_stats is not None:
         cs.check_reference_width(ref_stats, store.array("T", "emb").shape[1], fid_reference)
-    out = Path(run) / "calibration" / method
-    (out / "calibration.json").unlink(missing_ok=True)
+    lay = RunLayout(run)
+    out = lay.calibration(method)
+    lay.calibration_json(method).unlink(missing_ok=True)   # a stale calibration must not look like this one
     src = result["source"]
     r0, theta, n_c = result["d0"], result["settings"]["theta"], result["sizes"]["C"]
     mode_idx = [m["s_index"] for m in result["modes"][:n_modes]]
@@ -67,15 +79,16 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
 
     p1, p2 = cs.mode_densities(client, result, store, modes_emb, r0, kernel)
     if method == "cluster":
-        params = fit_task(fit_cluster)(Z, E, modes_emb, r0, p2, K=clusters, seed=src["seed"])
+        params = fit_task(fit_cluster)(Z, E, modes_emb, r0, p2, K=clusters, seed=src["seed"],
+                                       alpha=result["settings"]["alpha"])
     else:
         params = fit_task(fit_rejection)(Z, E, modes_emb, r0, p1, p2, seed=src["seed"])
     meta = {"method": method, "variant": variant, "r0": r0, "modes": mode_idx,
             "base": {"spec": src["generator"], "options": src["generator_options"]},
             "descriptor": {"spec": src["descriptor"], "options": src["descriptor_options"]},
             "run": str(Path(run).resolve())}
-    save_params(out / "sampler", params, meta)
-    spec = f"calibrated:{(out / 'sampler').resolve()}"
+    save_params(lay.calibration_sampler(method), params, meta)
+    spec = f"calibrated:{lay.calibration_sampler(method).resolve()}"
 
     # Acceptance: proposals per accepted sample, measured on a fresh stream in this process.
     gen = build_generator(spec)
@@ -83,9 +96,9 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
     acc = gen.stats()
 
     # The calibrated sampler is a generator: audit it on fresh seeds with the same settings.
-    cfg2 = _audit_config(result, out / "audit", spec, src["seed"] + 1, kernel, workers)
+    cfg2 = _audit_config(result, lay.calibration_audit(method), spec, src["seed"] + 1, kernel, workers)
     after = run_audit(cfg2, client)
-    store2 = cs.load_run(out / "audit")[1]
+    store2 = cs.load_run(lay.calibration_audit(method))[1]
     T2 = cs.store_source(store2, "T")
 
     w_before = S_rows[result["worst_case"]["s_index"]][None]
@@ -118,7 +131,10 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
         "modes_used": mode_idx, "p1": np.asarray(p1).tolist(), "p2": p2,
         "fit": {k: (v if isinstance(v, (int, float, str, bool)) else None) for k, v in params.items()
                 if np.ndim(v) == 0},
-        "audit_after": str(out / "audit" / "result.json"),
+        "audit_after": str(RunLayout(lay.calibration_audit(method)).result_json),
+        # The verdict headlines side by side: the re-audit ran the same tests against the same reference.
+        "verdict_before": (result.get("verdict") or {}).get("headline"),
+        "verdict_after": (after.get("verdict") or {}).get("headline"),
     }
     if inception_weights:
         n_fid = min(fid_rows, T.rows, T2.rows)
@@ -142,11 +158,9 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
             "fd_null_before": cs.fd(st_before, st_null), "fd_null_after": cs.fd(st_after, st_null),
             "new_worst_is_planted": after.get("truth", {}).get("worst_case_is_planted"),
         }
-    write_calibration_report(out, cal, result, after, store.read_array("results/mccs_A"),
-                             store2.read_array("results/mccs_A"))
-    tmp = out / "calibration.json.tmp"
-    tmp.write_text(json.dumps(cal, indent=1))
-    tmp.replace(out / "calibration.json")  # last: its presence means calibration completed
+    mccs_a = RunLayout.result_array("mccs_A")
+    write_calibration_report(out, cal, result, after, store.read_array(mccs_a), store2.read_array(mccs_a))
+    atomic_write_json(lay.calibration_json(method), cal)   # last: its presence means calibration completed
     return cal
 
 

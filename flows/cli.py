@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--selection-t", type=_count, help="rows of T (and of each null replicate) the selection "
                     "test counts in (default min(M, 1e5) with a reference set, min(M, 5e4) against the surrogate)")
     st.add_argument("--modes", type=_count, default=A("modes"), help="top-k distinct dense modes (no two within d0)")
+    st.add_argument("--tie-weight", type=float, default=A("tie_weight"), help="weight of a pair at exactly d0 in "
+                    "the dense-mode ranking: 1 (inclusive count) or 0.5 (seed 000, Eq. 2)")
     st.add_argument("--no-efficiency", dest="efficiency", action="store_false",
                     help="skip the sampling-efficiency curves")
     ex = a.add_argument_group("execution")

@@ -5,9 +5,9 @@ No Prefect here: `tasks/stages.py` wraps these as Prefect tasks and
 """
 from __future__ import annotations
 
+import os
 import time
 
-import os
 
 import numpy as np
 
@@ -216,8 +216,13 @@ def json_safe(obj):
 
 
 def assemble_result(cfg: AuditConfig, *, source: dict, self_counts, r_obs, r_ref, curves, mccs_a, mccs_worst,
-                    scans: dict, truth: dict | None, timings: dict) -> dict:
-    """The result.json document (the public contract keys plus settings and provenance)."""
+                    scans: dict, truth: dict | None, timings: dict, ranking: dict | None = None) -> dict:
+    """The result.json document (the public contract keys plus settings and provenance).
+
+    `ranking` (optional): {counts (what the dense-mode search ranked by), ties (rows sharing
+    the top count), tied_mccs (MCCS of the worst case and of further tied rows),
+    pairs_at_d0 ({row: pairs at exactly d0} for the rows re-checked when tie_weight != 1)}.
+    """
     obs, ref = curves[:len(r_obs)], curves[len(r_obs):]
     paper = paper_test(obs, ref, cfg.alpha)  # every R_obs curve: the test rejects if any leaves the band
     band = paper.pop("band")
@@ -231,7 +236,13 @@ def assemble_result(cfg: AuditConfig, *, source: dict, self_counts, r_obs, r_ref
         "radii": list(cfg.radii),
         "settings": {"p": cfg.p, "q": cfg.q, "alpha": cfg.alpha, "theta": cfg.theta, "seed": cfg.seed,
                      "shard_rows": cfg.shard_rows, "workers": cfg.workers, "kernel": cfg.kernel,
-                     "store_dtype": cfg.store_dtype, "preset": cfg.preset},
+                     "store_dtype": cfg.store_dtype, "preset": cfg.preset, "tie_weight": cfg.tie_weight,
+                     # what a re-audit (calibrate) needs to run the same tests against the same null
+                     "reference": os.path.abspath(cfg.reference) if cfg.reference else None,
+                     "reference_generator": cfg.reference_generator,
+                     "reference_generator_options": cfg.reference_generator_options, "n_ref": cfg.n_ref,
+                     "null_replicates": cfg.null_replicates, "selection_m": cfg.selection_m,
+                     "selection_t": cfg.selection_t, "modes": cfg.modes},
         "worst_case": {"s_index": w, "count_d0": int(self_counts[w]), "mccs": float(mccs_worst)},
         "r_obs": [int(i) for i in r_obs],
         "r_ref": [int(i) for i in r_ref],
@@ -242,6 +253,16 @@ def assemble_result(cfg: AuditConfig, *, source: dict, self_counts, r_obs, r_ref
         "normalization": {k: {"renormalized_rows": v["renormalized"], "rows": v["rows"]} for k, v in scans.items()},
         "timings": timings,
     }
+    wc = result["worst_case"]
+    if ranking is None:
+        wc.update(ties=1, tied_mccs_range=[float(mccs_worst)] * 2, tied_mccs_rows=1)
+    else:
+        tm = np.asarray(ranking["tied_mccs"], np.float64)
+        wc.update(ties=int(ranking["ties"]), tied_mccs_range=[float(tm.min()), float(tm.max())],
+                  tied_mccs_rows=len(tm))
+        if cfg.tie_weight != 1.0:
+            wc["count_d0_weighted"] = float(ranking["counts"][w])
+            wc["pairs_at_d0"] = int(ranking["pairs_at_d0"].get(w, 0))
     if truth is not None:
         result["truth"] = truth
     return result

@@ -109,6 +109,9 @@ class AuditConfig(_Config):
     selection_t: int | None = None     # ... and counts in T[:selection_t] (default min(M, 1e5))
     modes: int = 10                    # top-k distinct dense modes (two-sample test, report)
     efficiency: bool = True            # sampling-efficiency curves
+    # Weight of a pair at exactly d0 in the dense-mode ranking: 1.0 counts it (inclusive,
+    # d <= d0), 0.5 is seed 000's Eq. 2 ((1 + sgn(d0 - d)) / 2); docs/statistics.md.
+    tie_weight: float = 1.0
 
     _radii_tuple = field_validator("radii", mode="before")(_as_tuple)
 
@@ -213,6 +216,10 @@ def validate_settings(c: AuditConfig) -> None:
     _frac("d0", c.d0)
     _frac("alpha", c.alpha)
     _frac("theta", c.theta)
+    if not (isinstance(c.tie_weight, (int, float)) and not isinstance(c.tie_weight, bool)
+            and 0.0 <= c.tie_weight <= 1.0):
+        raise ConfigError(f"tie_weight={c.tie_weight} must be in [0, 1]: 1 counts a pair at exactly d0 (the "
+                          "default), 0.5 counts it half (seed 000, Eq. 2)")
     r = np.asarray(c.radii, np.float64)
     if r.ndim != 1 or len(r) == 0:
         raise ConfigError("radii must be a non-empty list of distances, e.g. --radii 0.1:0.5:0.01")

@@ -55,6 +55,55 @@ def test_rejection_calibration_flattens_the_planted_mode(audited, capsys, schedu
     assert cal["fd_reference"]["after"] <= cal["fd_reference"]["before"]
 
 
+def test_cluster_calibration_keeps_quality(audited):
+    """--method cluster reshapes only the cells with excess density: FD to the collapse-free world must not rise."""
+    assert main(["calibrate", "--run", str(audited), "--method", "cluster"]) == 0
+    cal = json.loads((audited / "calibration" / "cluster" / "calibration.json").read_text())
+    assert cal["method"] == "cluster" and cal["variant"] == "cells"
+    t = cal["truth"]
+    assert t["fd_null_after"] <= t["fd_null_before"]
+    assert t["planted_share_after"] <= 1.5 * t["typical_share"]
+    assert cal["mccs_worst_after"] < cal["mccs_worst_before"]
+    assert cal["fit"]["excess_only"] == 1.0 and 0 < cal["fit"]["n_reshaped"] < 64
+    # The re-audit ran the audit's own tests (paper, erl here), so the verdicts compare like with like.
+    before = json.loads((audited / "result.json").read_text())
+    after = json.loads((audited / "calibration" / "cluster" / "audit" / "result.json").read_text())
+    assert after["settings"]["tests"] == before["settings"]["tests"] == ["paper", "erl"]
+    assert cal["verdict_before"] == before["verdict"]["headline"]
+    assert cal["verdict_after"] == after["verdict"]["headline"]
+    html = (audited / "calibration" / "cluster" / "report.html").read_text()
+    assert f"Verdict: {cal['verdict_before']} &rarr; {cal['verdict_after']}" in html
+
+
+def test_reaudit_config_repeats_the_audits_settings(tmp_path):
+    """The calibrated sampler is re-audited with the tests, reference, alpha, d0, radii, theta and sizes of the audit."""
+    from modeaudit.flows.calibrate import _audit_config
+    result = {
+        "sizes": {"S": 3000, "T": 50000, "A": 700, "C": 40000}, "d0": 0.2, "radii": [0.1, 0.2, 0.3],
+        "settings": {"p": 2, "q": 300, "alpha": 0.01, "theta": 0.35, "seed": 4, "shard_rows": 5000,
+                     "store_dtype": "float32", "tests": ["paper", "erl", "selection", "two_sample"],
+                     "reference": None, "reference_generator": "synthetic:null",
+                     "reference_generator_options": {"identities": 50}, "n_ref": 60000, "null_replicates": 199,
+                     "selection_m": 2500, "selection_t": 45000, "modes": 3, "tie_weight": 0.5},
+        "source": {"descriptor": "identity", "descriptor_options": {}},
+    }
+    cfg = _audit_config(result, tmp_path / "a", "calibrated:x", 5, "fast", 1)
+    assert cfg.tests == "paper,erl,selection,two_sample"
+    assert cfg.reference_generator == "synthetic:null" and cfg.reference_generator_options == {"identities": 50}
+    assert cfg.reference is None
+    assert (cfg.m, cfg.M, cfg.n_a, cfg.n_c, cfg.p, cfg.q) == (3000, 50000, 700, 40000, 2, 300)
+    assert (cfg.alpha, cfg.d0, cfg.radii, cfg.theta) == (0.01, 0.2, (0.1, 0.2, 0.3), 0.35)
+    assert (cfg.n_ref, cfg.null_replicates, cfg.selection_m, cfg.selection_t, cfg.modes, cfg.tie_weight) == (
+        60000, 199, 2500, 45000, 3, 0.5)
+    assert cfg.seed == 5 and cfg.store_dtype == "float32"
+    # A --reference file, and a result.json from before settings carried the reference: taken from source.
+    result["settings"] = {k: v for k, v in result["settings"].items()
+                          if k not in ("reference", "reference_generator", "reference_generator_options")}
+    result["source"]["reference"] = "/data/real.npy"
+    cfg = _audit_config(result, tmp_path / "b", "calibrated:x", 5, "fast", 1)
+    assert cfg.reference == "/data/real.npy" and cfg.reference_generator is None
+
+
 def test_fid_reference_of_another_width_is_refused(audited, capsys, tmp_path):
     np.savez(tmp_path / "bad.npz", mu=np.zeros(7), sigma=np.eye(7))
     assert main(["calibrate", "--run", str(audited), "--fid-reference", str(tmp_path / "bad.npz")]) == 2

@@ -45,15 +45,20 @@ def world(tmp_path_factory):
         modes = ES[[int(np.argmax(counts))]]
         p1 = C.densities(modes, E, R0)
         p2 = float(np.median(C.densities(ES[:200], E, R0)))
-        cluster = C.fit_cluster(Z, E, modes, R0, p2, K=64, seed=0)
+        # The seed's Alg. 1 semantics (every cell with a dense member reshaped), which the
+        # weight tests below pin; the default, reshape="excess", has its own tests.
+        cluster = C.fit_cluster(Z, E, modes, R0, p2, K=64, seed=0, reshape="all")
+        excess = C.fit_cluster(Z, E, modes, R0, p2, K=64, seed=0)
         rejection = C.fit_rejection(Z, E, modes, R0, p1, p2, n_top=100, seed=0)
     root = tmp_path_factory.mktemp("calibration")
     paths = {}
-    for method, params, variant in (("cluster", cluster, "cells"), ("rejection", rejection, "descriptor")):
-        paths[method] = root / method
-        C.save_params(paths[method], params, {"method": method, "variant": variant, "base": GEN,
-                                              "descriptor": DESC, "r0": R0})
-    return {"g": g, "Z": Z, "E": E, "modes": modes, "p1": p1, "p2": p2, "cluster": cluster,
+    for key, method, params, variant in (("cluster", "cluster", cluster, "cells"),
+                                         ("rejection", "rejection", rejection, "descriptor"),
+                                         ("excess", "cluster", excess, "cells")):
+        paths[key] = root / key
+        C.save_params(paths[key], params, {"method": method, "variant": variant, "base": GEN,
+                                           "descriptor": DESC, "r0": R0})
+    return {"g": g, "Z": Z, "E": E, "modes": modes, "p1": p1, "p2": p2, "cluster": cluster, "excess": excess,
             "rejection": rejection, "paths": paths, "truth": g.truth(Z)}
 
 
@@ -102,6 +107,38 @@ def test_cluster_weights_edge_cases(world):
     # every cluster dense (r0 so wide that all rows are near the mode): the target cannot be reached
     pc = C.fit_cluster(Z, E, modes, 0.99, world["p2"], K=8, seed=1, lam_max=1e3)
     assert pc["target_reached"] == 0.0 and pc["lam"] == 1e3 and np.all(np.isfinite(pc["weights"]))
+
+
+def test_excess_cells_only_reshape_what_the_null_cannot_explain(world):
+    """reshape="excess": a cell is reshaped only when its dense count is significantly above
+    |D| p2 per row (binomial, Bonferroni over K); every other cell keeps w = 1."""
+    pe, pa = world["excess"], world["cluster"]
+    w, f, n = pe["weights"], pe["dense_frac"], pe["counts"]
+    flagged = pe["reshaped"].astype(bool)
+    assert pe["excess_only"] == 1.0 and pe["n_reshaped"] == flagged.sum() > 0
+    assert np.all(w[~flagged] == 1.0) and np.all(w[flagged] < 1.0)
+    from scipy.stats import binom
+    p = binom.sf(np.round(f * n) - 1, n, world["p2"])
+    np.testing.assert_array_equal(flagged, (n > 0) & (f > 0) & (p < 0.05 / len(n)))
+    assert pe["target_reached"] == 1.0
+    assert C.cluster_share(pe["lam"], pe["pis"], f, flagged) == pytest.approx(pe["target_share"], rel=1e-9)
+    # Cells fitted to the dense rows: the reshaping cuts into far less clean mass than Alg. 1's.
+    assert pe["clean_tv"] < 0.5 * pa["clean_tv"]
+    assert pe["cells_acceptance"] > pa["cells_acceptance"]
+    with pytest.raises(ValueError, match="reshape"):
+        C.fit_cluster(world["Z"][:500], world["E"][:500], world["modes"], R0, world["p2"], K=4, reshape="some")
+
+
+def test_excess_cells_sampler_flattens_the_mode(world):
+    g = world["g"]
+    cg = build_generator(f"calibrated:{world['paths']['excess']}", {"variant": "cells"})
+    z, att = cg.latents_with_attempts(3, "T", 0, N_CAL)
+    after = cg.truth(z).mean()
+    assert after <= 1.5 * TYPICAL and after >= 0.4 * world["p2"]
+    assert after == pytest.approx(world["excess"]["achieved_share_estimate"], abs=0.002)
+    assert C.acceptance_stats(att)["acceptance_rate"] == pytest.approx(world["excess"]["cells_acceptance"],
+                                                                       abs=0.02)
+    assert g.truth(g.latents(3, "T", 0, N_CAL)).mean() > 0.09
 
 
 # (2) planted share after calibration --------------------------------------------

@@ -24,6 +24,18 @@ equals the target |D| * p2 (each mode brought down to a typical identity's mass)
 The share is non-increasing in lam (a weighted mean of f under weights that fall
 faster for larger f), so bisection is exact; lam = 0 when the share already is at
 or below the target, and lam is capped at `lam_max` (then `target_reached` is 0).
+Which cells are reshaped (`reshape`, default "excess"): only those whose dense
+count is significantly above what the collapse-free model predicts. Under the null
+a row falls into the modes' balls with probability |D| * p2 (a typical ball's mass
+per mode), so cell k's dense count is Binomial(n_k, |D| p2); the cell is reshaped
+when P(X >= c_k) < alpha / K, and lam is solved over those cells only (the others
+keep w = 1, with the natural variation of density across cells). Half of the
+centroids (at most #dense / 20) are fitted to the dense rows' latents and the rest
+to the other rows', so the cells follow the dense region instead of cutting it
+(k-means on all latents puts the planted slab into most cells, each a few percent
+dense). On the demo world this keeps FD to the collapse-free world below its value
+before calibration (docs/calibration.md). reshape="all" is the previous behaviour
+(every cell with a dense member, k-means on all latents).
 Two samplers use these weights:
 
 * "gmm" -- the paper's sampler: a Gaussian mixture whose component k is
@@ -120,6 +132,7 @@ __all__ = [
     "CalibratedGenerator",
     "acceptance_stats",
     "cluster_share",
+    "cluster_weights",
     "dense_mask",
     "densities",
     "fit_cluster",
@@ -191,22 +204,30 @@ def _check_inputs(Z, E, modes, r0):
 # approach 1: cluster reshaping
 
 
-def cluster_share(lam: float, pis, fracs) -> float:
-    """Calibrated dense share sum(pi w f) / sum(pi w) with w = 1 / (1 + lam f)."""
-    w = 1.0 / (1.0 + lam * np.asarray(fracs, np.float64))
-    pw = np.asarray(pis, np.float64) * w
+def cluster_weights(lam: float, fracs, flagged=None) -> np.ndarray:
+    """w_k = 1 / (1 + lam f_k) for the reshaped cells (all, or those `flagged`), 1 for the others."""
+    f = np.asarray(fracs, np.float64)
+    if flagged is not None:
+        f = np.where(np.asarray(flagged, bool), f, 0.0)
+    return 1.0 / (1.0 + lam * f)
+
+
+def cluster_share(lam: float, pis, fracs, flagged=None) -> float:
+    """Calibrated dense share sum(pi w f) / sum(pi w) with w = `cluster_weights` (flagged cells only, if given)."""
+    fracs = np.asarray(fracs, np.float64)
+    pw = np.asarray(pis, np.float64) * cluster_weights(lam, fracs, flagged)
     return float((pw * fracs).sum() / pw.sum())
 
 
-def _solve_lam(pis, fracs, target, lam_max):
-    if cluster_share(0.0, pis, fracs) <= target:
+def _solve_lam(pis, fracs, target, lam_max, flagged=None):
+    if cluster_share(0.0, pis, fracs, flagged) <= target:
         return 0.0, True
-    if cluster_share(lam_max, pis, fracs) > target:
+    if cluster_share(lam_max, pis, fracs, flagged) > target:
         return float(lam_max), False
     lo, hi = 0.0, math.log1p(lam_max)           # bisection on t = log(1 + lam)
     for _ in range(200):
         mid = 0.5 * (lo + hi)
-        if cluster_share(math.expm1(mid), pis, fracs) > target:
+        if cluster_share(math.expm1(mid), pis, fracs, flagged) > target:
             lo = mid
         else:
             hi = mid
@@ -222,9 +243,55 @@ def _nearest(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.argmin(d, axis=1)
 
 
+def _excess_cells(counts, dense_counts, expected: float, alpha: float) -> np.ndarray:
+    """Bool per cell: its dense count is significantly above what the collapse-free model predicts.
+
+    Under the null a row lands in the modes' balls with probability `expected`
+    (|D| typical balls' mass), so a cell of n_k rows holds Binomial(n_k, expected)
+    dense rows; a cell is flagged when P(X >= c_k) < alpha / K (Bonferroni over the K cells).
+    """
+    from scipy.stats import binom
+    n = np.asarray(counts, np.float64)
+    c = np.asarray(dense_counts, np.float64)
+    p = binom.sf(c - 1, n, min(1.0, max(expected, 0.0)))
+    return (n > 0) & (c > 0) & (p < alpha / max(len(n), 1))
+
+
+def _centroids(Z, dense, K: int, seed: int, reshape: str) -> np.ndarray:
+    """k-means centroids of the latents; with reshape="excess" half of them are fitted to the dense rows.
+
+    Cells fitted to all of Z are blind to the dense region: in 16-d latents the planted
+    slab cuts most of 64 cells, each holding a few percent of dense rows next to clean
+    mass (docs/calibration.md), so any cell-wise down-weighting reshapes the clean
+    identities too. Fitting K_d = min(K // 2, #dense // 20) centroids to the dense rows
+    and the rest to the clean rows gives cells that follow the dense region's shape.
+    """
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    from modeaudit.tasks.join.threads import compute_threads
+    n_dense = int(dense.sum())
+    k_dense = min(K // 2, n_dense // 20) if reshape == "excess" else 0
+    with threadpool_limits(limits=compute_threads()):
+        if k_dense < 1 or len(Z) - n_dense < K - k_dense:
+            return KMeans(n_clusters=K, n_init=4, random_state=seed).fit(Z).cluster_centers_.astype(np.float64)
+        cd = KMeans(n_clusters=k_dense, n_init=4, random_state=seed).fit(Z[dense]).cluster_centers_
+        cc = KMeans(n_clusters=K - k_dense, n_init=4, random_state=seed).fit(Z[~dense]).cluster_centers_
+    return np.vstack([cd, cc]).astype(np.float64)
+
+
 def fit_cluster(Z, E, modes, r0: float, p2: float, *, K: int = 64, seed: int = 0,
-                ridge: float = 1e-4, lam_max: float = 1e6) -> dict:
+                ridge: float = 1e-4, lam_max: float = 1e6, reshape: str = "excess",
+                alpha: float = 0.05) -> dict:
     """Cluster reshaping (seed 001 Alg. 1, with finite weights; see the module docstring).
+
+    reshape="excess" (default): reshape only the cells whose dense count is
+    significantly above the collapse-free expectation (|D| p2 per row; binomial,
+    Bonferroni over the K cells at `alpha`); every other cell keeps w = 1, so the
+    world's natural variation of density across cells is left alone, and half of
+    the centroids are fitted to the dense rows (`_centroids`). reshape="all": the
+    seed's Alg. 1 as before, k-means on all latents and every cell with a dense
+    member down-weighted (raises FD to the collapse-free world on synthetic:planted).
 
     Returns numpy arrays and floats: centroids (K, k); pis, dense_frac, weights (K,);
     lam, target_share (= min(1, |D| p2)), share_before (dense share of Z),
@@ -233,21 +300,18 @@ def fit_cluster(Z, E, modes, r0: float, p2: float, *, K: int = 64, seed: int = 0
     covariances), gmm_weights (K,) (pi w normalised); cells_acceptance (expected
     acceptance of the cells sampler = sum pi w / max w); clean_tv (total variation
     between the non-dense mass's distribution over the cells before and after: how
-    much the rest of the latent space is reshaped). k-means runs on at most
+    much the rest of the latent space is reshaped); reshaped (K,) 1/0 and n_reshaped (the
+    cells whose weight may differ from 1), excess_only (1 for reshape="excess"). k-means runs on at most
     compute_threads() threads (oversubscribed OpenMP on busy cores is 5x slower).
     """
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
-
-    from modeaudit.tasks.join.threads import compute_threads
     Z, E, modes = _check_inputs(Z, E, modes, r0)
     N, k = Z.shape
     if not (1 <= K <= N):
         raise ValueError(f"K must be in [1, N={N}], got {K}")
+    if reshape not in ("excess", "all"):
+        raise ValueError(f"reshape must be 'excess' or 'all', got {reshape!r}")
     dense = dense_mask(E, modes, r0)
-    with threadpool_limits(limits=compute_threads()):
-        km = KMeans(n_clusters=K, n_init=4, random_state=seed).fit(Z)
-    centroids = km.cluster_centers_.astype(np.float64)
+    centroids = _centroids(Z, dense, K, seed, reshape)
     # Cells are the Voronoi cells of the centroids (what the sampler uses), so the
     # labels are recomputed rather than taken from the fit.
     labels = _nearest(Z, centroids)
@@ -256,8 +320,9 @@ def fit_cluster(Z, E, modes, r0: float, p2: float, *, K: int = 64, seed: int = 0
     fracs = np.divide(c_k, n_k, out=np.zeros(K), where=n_k > 0)
     pis = n_k / N
     target = min(1.0, len(modes) * float(p2))
-    lam, reached = _solve_lam(pis, fracs, target, lam_max)
-    w = 1.0 / (1.0 + lam * fracs)
+    flagged = _excess_cells(n_k, c_k, target, alpha) if reshape == "excess" else None
+    lam, reached = _solve_lam(pis, fracs, target, lam_max, flagged)
+    w = cluster_weights(lam, fracs, flagged)
 
     # Gaussian mixture: member mean and covariance per cluster; small clusters
     # borrow the pooled within-cluster covariance so every factor exists.
@@ -287,7 +352,9 @@ def fit_cluster(Z, E, modes, r0: float, p2: float, *, K: int = 64, seed: int = 0
     return {
         "centroids": centroids, "pis": pis, "dense_frac": fracs, "weights": w, "counts": n_k,
         "lam": float(lam), "target_share": float(target), "share_before": float(dense.mean()),
-        "achieved_share_estimate": cluster_share(lam, pis, fracs), "target_reached": float(reached),
+        "achieved_share_estimate": cluster_share(lam, pis, fracs, flagged), "target_reached": float(reached),
+        "reshaped": (fracs > 0 if flagged is None else flagged).astype(np.float64),
+        "n_reshaped": float((fracs > 0).sum() if flagged is None else flagged.sum()), "excess_only": float(reshape == "excess"),
         "r0": float(r0), "p2": float(p2), "n_modes": float(len(modes)),
         "gmm_means": means, "gmm_chol": chol, "gmm_weights": gw,
         "cells_acceptance": float((pis * w).sum() / w.max()), "clean_tv": clean_tv,

@@ -404,6 +404,17 @@ def _worst_case_block(result: Mapping) -> str:
         ("MCCS of the worst case", f"<b>{_fmt(wc_m)}</b>{z}"),
         ("Population MCCS over A (mean ± std)", pop),
     ]
+    ties = wc.get("ties")
+    if isinstance(ties, int) and ties > 1:
+        lo_hi = wc.get("tied_mccs_range") or [None, None]
+        items.append(("Ties at the top count",
+                      f"{ties} rows of S share the top count (the lowest index is shown); their MCCS spans "
+                      f"[{_fmt(_finite_or_none(lo_hi[0]))}, {_fmt(_finite_or_none(lo_hi[1]))}] over "
+                      f"{_fmt(wc.get('tied_mccs_rows'))} of them"))
+    if "count_d0_weighted" in wc:
+        items.append((f"Ranked by (pairs at exactly d0 weighted "
+                      f"{_fmt((result.get('settings') or {}).get('tie_weight'))})",
+                      f"{_fmt(wc.get('count_d0_weighted'))} ({_fmt(wc.get('pairs_at_d0'))} pairs at exactly d0)"))
     truth = result.get("truth")
     if isinstance(truth, Mapping):
         planted = truth.get("worst_case_is_planted")

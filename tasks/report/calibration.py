@@ -70,7 +70,14 @@ def write_calibration_report(out_dir, cal: dict, before: dict, after: dict, mccs
     head = (f'<p class="{"ok" if dropped else "bad"}"><b>MCCS of the worst-case mode I_w: '
             f'{cal["mccs_worst_before"]:.4f} before, {cal["mccs_worst_after"]:.4f} after</b> '
             f'(new worst case I\'_w: {cal["mccs_new_worst_after"]:.4f}).</p>')
-    rows = [_row(k, cal[k]) for k in ("method", "variant", "acceptance_rate", "cost_per_accepted",
+    if cal.get("verdict_before") or cal.get("verdict_after"):
+        # Same tests, same reference (flows/calibrate.py): the headlines are comparable.
+        head += (f'<p><b>Verdict: {html.escape(str(cal.get("verdict_before")))} &rarr; '
+                 f'{html.escape(str(cal.get("verdict_after")))}</b> '
+                 f'<span class="note">(before &rarr; after; the re-audit ran the audit\'s tests against '
+                 f'its reference)</span></p>')
+    rows = [_row(k, cal[k]) for k in ("method", "variant", "verdict_before", "verdict_after", "acceptance_rate",
+                                      "cost_per_accepted",
                                       "mccs_worst_before", "mccs_worst_after", "mccs_new_worst_after",
                                       "count_d0_worst_before", "count_d0_new_worst_after", "fd_before_after")]
     rows += [_row(f"MCCS population {k}", f"{v['mean']:.4f} ± {v['std']:.4f}")
