@@ -50,7 +50,11 @@ def _run(cmd, env, timeout=600):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
+LAST_STDERR = [""]
+
+
 def _judge(proc_rc: int, stderr: str, out: Path, ref: dict) -> str:
+    LAST_STDERR[0] = stderr
     res = out / "result.json"
     if proc_rc == 0:
         if not res.exists():
@@ -194,6 +198,8 @@ def main(argv=None) -> int:
             detail, outcome = (fn(rng, run_dir, env, ref, workers, ref_dir) if fault == "corrupt_chunk"
                                else fn(rng, run_dir, env, ref, workers))
             bad += outcome in ("DIFFERENT", "TRACEBACK", "NO-RESULT")
+            if outcome == "TRACEBACK":
+                (run_dir / "stderr.txt").write_text(LAST_STDERR[0])
             rows.append((i, fault, workers, detail, outcome, time.time() - t0))
             print(f"{i:3d} {fault:14s} workers={workers} {detail:32s} -> {outcome} ({time.time() - t0:.0f} s)",
                   flush=True)

@@ -98,10 +98,24 @@ def probe_scheduler(address: str, timeout: float = 5.0) -> None:
                           "--scheduler out for a local cluster") from None
 
 
+def _start_local(plan: ExecutionPlan, attempts: int = 2):
+    """local_cluster, started again if a worker process dies while starting (killed, out of memory)."""
+    from modeaudit.tasks.errors import WorkerLost
+    for i in range(attempts):
+        try:
+            return local_cluster(plan)
+        except RuntimeError as e:
+            if "failed to start" not in str(e):
+                raise
+            last = e
+    raise WorkerLost(f"the local Dask workers failed to start {attempts} times ({last}); out of memory? Rerun "
+                     "with fewer --workers")
+
+
 @contextlib.contextmanager
 def dask_client(plan: ExecutionPlan):
     """Yield a distributed.Client for the run; a cluster started here is torn down afterwards."""
-    cluster = None if plan.cluster == "external" else local_cluster(plan)
+    cluster = None if plan.cluster == "external" else _start_local(plan)
     client = connect(plan.scheduler if cluster is None else cluster, plan)
     try:
         yield client
