@@ -80,7 +80,7 @@ DISTANCES = ("euclidean", "angular")
 _QUERY_TILE = 512
 _POINT_TILE = 2048
 # Width of the branch-free pre-check chunks: most chunks hold no candidate at all.
-_CHUNK = 128
+_CHUNK = 32
 
 _U64 = 2.0 ** -53
 
@@ -285,6 +285,9 @@ def _knn_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, B
     """
     tb = sims.shape[1]
     k = top_key.shape[1]
+    # A view, not nb[col_local + j]: LLVM cannot prove that index non-negative, and
+    # numba's negative-index wraparound then keeps the loops from vectorising.
+    nbt = nb[col_local:col_local + tb]
     for i in range(sims.shape[0]):
         q = row0 + i
         srow = sims[i]
@@ -298,11 +301,11 @@ def _knn_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, B
             j1 = min(j0 + _CHUNK, tb)
             hits = 0
             for j in range(j0, j1):
-                hits += (nq + nb[col_local + j] - 2.0 * np.float64(srow[j])) < kth
+                hits += (nq + nbt[j] - 2.0 * np.float64(srow[j])) < kth
             if hits == 0:
                 continue
             for j in range(j0, j1):
-                key = nq + nb[col_local + j] - 2.0 * np.float64(srow[j])
+                key = nq + nbt[j] - 2.0 * np.float64(srow[j])
                 if key < kth and j != self_col:
                     _insert(tk, key)
                     kth = tk[k - 1]
@@ -315,11 +318,11 @@ def _knn_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, B
             j1 = min(j0 + _CHUNK, tb)
             hits = 0
             for j in range(j0, j1):
-                hits += (nq + nb[col_local + j] - 2.0 * np.float64(srow[j])) <= lim
+                hits += (nq + nbt[j] - 2.0 * np.float64(srow[j])) <= lim
             if hits == 0:
                 continue
             for j in range(j0, j1):
-                key = nq + nb[col_local + j] - 2.0 * np.float64(srow[j])
+                key = nq + nbt[j] - 2.0 * np.float64(srow[j])
                 if key <= lim and j != self_col:
                     d = _exact(A, q, B, col_local + j, angular)
                     if d < td[k - 1]:
@@ -340,6 +343,9 @@ def _ball_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, 
     cnt_a/in_b are indexed by query, in_a/cnt_b by block row (local to the block).
     """
     tb = sims.shape[1]
+    # Views, not x[col_local + j]: see _knn_rows.
+    nbt = nb[col_local:col_local + tb]
+    kbt = key_b[col_local:col_local + tb]
     for i in range(sims.shape[0]):
         q = row0 + i
         srow = sims[i]
@@ -352,8 +358,8 @@ def _ball_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, 
             j1 = min(j0 + _CHUNK, tb)
             hits = 0
             for j in range(j0, j1):
-                key = nq + nb[col_local + j] - 2.0 * np.float64(srow[j])
-                hits += (key < hi_a) | (key < key_b[col_local + j] + tol)
+                key = nq + nbt[j] - 2.0 * np.float64(srow[j])
+                hits += (key < hi_a) | (key < kbt[j] + tol)
             if hits == 0:
                 continue
             for j in range(j0, j1):
