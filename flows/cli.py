@@ -14,6 +14,7 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
+from modeaudit.flows.metrics_cli import add_metrics_parser, run_metrics  # noqa: E402
 from modeaudit.tasks.config import PRESETS, AuditConfig, apply_preset, finalize_sizes, kernel_for, parse_radii  # noqa: E402
 from modeaudit.tasks.registry import ConfigError, parse_kv  # noqa: E402
 
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fid-rows", type=_count, default=10_000, help="images per side for Inception FID")
 
     sub.add_parser("list", help="list generators and descriptors with their options")
+    add_metrics_parser(sub)
     return p
 
 
@@ -180,6 +182,8 @@ def main(argv=None) -> int:
     if args.command == "list":
         _list()
         return 0
+    if args.command == "metrics":
+        return run_metrics(args)
     from prefect.exceptions import FailedRun
     from modeaudit.storage.store import StoreError
     try:
