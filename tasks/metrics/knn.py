@@ -66,6 +66,7 @@ from modeaudit.tasks.join.threads import compute_threads
 __all__ = [
     "DISTANCES",
     "knn_distances",
+    "knn_self",
     "knn_distances_reference",
     "ball_counts",
     "ball_counts_reference",
@@ -79,6 +80,8 @@ DISTANCES = ("euclidean", "angular")
 # query tile for a whole block, so the per-row k-NN lists are never shared.
 _QUERY_TILE = 512
 _POINT_TILE = 2048
+# Square tiles of the symmetric self-join (knn_self): 4 MB of float32 scores.
+_SELF_TILE = 1024
 # Width of the branch-free pre-check chunks: most chunks hold no candidate at all.
 _CHUNK = 32
 
@@ -388,6 +391,77 @@ def _ball_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, 
                         in_b[q] += 1
 
 
+@njit(cache=True, nogil=True)
+def _visit(q, p, key, d, tol, angular, X, top_key, top_d, dkey, lim):
+    """Offer pair (q, p) with float32 key `key` to q's k-NN lists; return its exact
+    distance if it was evaluated (d >= 0 passes one already computed), else d."""
+    tk = top_key[q]
+    k = tk.shape[0]
+    if key < tk[k - 1]:
+        _insert(tk, key)
+    # The single-pass form of _knn_rows' two phases: the running k-th key only
+    # falls, so a pair above kth + 2 tol when seen is above the final one too.
+    lq = min(tk[k - 1] + 2.0 * tol, dkey[q] + tol)
+    if key <= lq:
+        if d < 0.0:
+            d = _exact(X, q, X, p, angular)
+        td = top_d[q]
+        if d < td[k - 1]:
+            _insert(td, d)
+            if td[k - 1] < np.inf:
+                dkey[q] = _key_of(td[k - 1], angular)
+                lq = min(lq, dkey[q] + tol)
+    lim[q] = lq
+    return d
+
+
+@njit(cache=True, nogil=True)
+def _knn_sym_tile(sims, r0, c0, diag, sq, tol, angular, X, top_key, top_d, dkey, lim):
+    """Fold the pairs of one tile of X X^T into the k-NN lists of both its rows and its columns.
+
+    sims[i, j] is the float32 score of rows r0 + i and c0 + j; on a diagonal tile
+    (r0 == c0) only j > i is read, so every unordered pair is seen once and a row is
+    never paired with itself. lim[q] = min(k-th key + 2 tol, dkey[q] + tol): a
+    pair above both its rows' lim cannot enter either list.
+    """
+    ti = sims.shape[0]
+    tj = sims.shape[1]
+    # Views: see _knn_rows.
+    sqc = sq[c0:c0 + tj]
+    limc = lim[c0:c0 + tj]
+    pend = np.empty(tj, dtype=np.int64)
+    for i in range(ti):
+        q = r0 + i
+        srow = sims[i]
+        nq = sq[q]
+        li = lim[q]
+        npend = 0
+        # Chunks start on multiples of _CHUNK even on a diagonal tile (where j > i
+        # is tested below): an arbitrary start made LLVM compile the scan 5x slower.
+        for j0 in range(((i + 1) // _CHUNK) * _CHUNK if diag else 0, tj, _CHUNK):
+            j1 = min(j0 + _CHUNK, tj)
+            hits = 0
+            for j in range(j0, j1):
+                key = nq + sqc[j] - 2.0 * np.float64(srow[j])
+                hits += (key <= li) | (key <= limc[j])
+            if hits == 0:
+                continue
+            for j in range(j0, j1):
+                key = nq + sqc[j] - 2.0 * np.float64(srow[j])
+                pend[npend] = j
+                npend += ((key <= li) | (key <= limc[j])) & (j > i or not diag)
+        # The candidates are offered after the scan: calling _visit (and the exact
+        # distance) from the scan loop made LLVM compile it 6x slower (as in the
+        # join kernels). Offering late only means a looser lim meanwhile.
+        for p in range(npend):
+            j = pend[p]
+            key = nq + sqc[j] - 2.0 * np.float64(srow[j])
+            d = -1.0
+            if key <= lim[q]:
+                d = _visit(q, c0 + j, key, d, tol, angular, X, top_key, top_d, dkey, lim)
+            if key <= limc[j]:
+                _visit(c0 + j, q, key, d, tol, angular, X, top_key, top_d, dkey, lim)
+
 # ----------------------------------------------------------------------------
 # drivers
 
@@ -491,6 +565,59 @@ def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query
 
         _run_tiles(n, b32.shape[0], Q.x, b32, kernel, [])
     return top_d
+
+
+def knn_self(x, k: int, *, distance: str = "euclidean", tile: int = _SELF_TILE) -> np.ndarray:
+    """k-NN distances of every row of x within x, self excluded, (n, k) ascending; equal to
+    knn_distances(x, x, k, query_ids=arange(n)) and to knn_distances_reference.
+
+    Uses the symmetry d(a, b) = d(b, a) (the same float64, see pair_distances_reference):
+    the tiles of the upper triangle of x x^T update the lists of both their rows and
+    their columns, so the GEMM covers each pair once, half of what knn_distances does.
+    x is held in memory and read in tile x tile slabs. Workers keep private lists
+    (every pair is offered to exactly one of them) that are merged at the end: the
+    k smallest of their union are the exact k smallest, on any number of threads.
+    """
+    angular = _check_distance(distance)
+    k = _check_k(k)
+    Q = _Queries(x, angular, None)
+    X = Q.x
+    n = X.shape[0]
+    if tile < 1:
+        raise ValueError(f"tile must be a positive integer, got {tile}")
+    tol = Q.tol(X, Q.sq)
+    starts = list(range(0, n, tile))
+    tiles = [(r0, c0) for r0 in starts for c0 in starts if c0 >= r0]
+    n_workers = max(1, min(compute_threads(), len(tiles)))
+    todo = iter(tiles)
+    lock = threading.Lock()
+    states = [(np.full((n, k), np.inf), np.full((n, k), np.inf), np.full(n, np.inf), np.full(n, np.inf))
+              for _ in range(n_workers)]
+
+    def work(state):
+        top_key, top_d, dkey, lim = state
+        buf = np.empty((min(n, tile), min(n, tile)), dtype=np.float32)
+        while True:
+            with lock:
+                t = next(todo, None)
+            if t is None:
+                return
+            r0, c0 = t
+            at = X[r0:r0 + tile]
+            bt = X[c0:c0 + tile]
+            sims = buf[:at.shape[0], :bt.shape[0]]
+            np.matmul(at, bt.T, out=sims)
+            _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, tol, angular, X, top_key, top_d, dkey, lim)
+
+    if n_workers == 1:
+        work(states[0])
+    else:
+        with _single_threaded_blas(), ThreadPoolExecutor(n_workers) as ex:
+            for f in [ex.submit(work, st) for st in states]:
+                f.result()
+    if n_workers == 1:
+        return states[0][1]
+    return np.sort(np.concatenate([st[1] for st in states], axis=1), axis=1)[:, :k]
 
 
 def _ball_keys(r: np.ndarray | None, n: int, angular: bool):

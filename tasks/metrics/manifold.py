@@ -4,13 +4,15 @@ Precision/recall (Kynkaanniemi et al. 2019) and density/coverage (Naeem et al.
 2020) all read the same three joins, which prdc computes as three in-memory
 distance matrices:
 
-* R x R: the k-NN radius of every real row (`knn_distances`, self excluded);
+* R x R: the k-NN radius of every real row (self excluded; `knn_self`, which
+  forms each pair's inner product once, using d(a, b) = d(b, a));
 * F x F: the k-NN radius of every fake row;
 * R x F, once: for each pair, whether F_j is strictly inside R_i's ball and
   whether R_i is strictly inside F_j's ball (`ball_counts` with both radii).
 
-The point side of each join is streamed in blocks of `block_rows` rows with
-global offsets; the query side is held in memory.
+The R x F join streams the fake rows in blocks of `block_rows` rows with global
+offsets; the real rows (its queries) are held in memory, as are both sets for
+their self-joins.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modeaudit.tasks.metrics.knn import _check_k, _rows32, ball_counts, knn_distances
+from modeaudit.tasks.metrics.knn import _check_k, _rows32, ball_counts, knn_self
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,8 @@ def manifold_counts(real, fake, k: int = 5, distance: str = "euclidean", *,
     """
     r, f, k = check_sets(real, fake, k, distance)
     if real_knn is None:
-        real_knn = knn_distances(r, blocks_of(r, block_rows), k, distance=distance,
-                                 query_ids=np.arange(r.shape[0]))
-    fake_knn = knn_distances(f, blocks_of(f, block_rows), k, distance=distance, query_ids=np.arange(f.shape[0]))
+        real_knn = knn_self(r, k, distance=distance)
+    fake_knn = knn_self(f, k, distance=distance)
     c = ball_counts(r, blocks_of(f, block_rows), real_knn[:, -1], fake_knn[:, -1], distance=distance)
     return Manifolds(k, distance, real_knn, fake_knn, fake_in_real_balls=c.a_balls_containing,
                      real_ball_counts=c.in_a_balls_count, real_in_fake_balls=c.b_balls_containing)
