@@ -12,7 +12,7 @@ from modeaudit.tasks.metrics import compute_metrics
 from modeaudit.tasks.metrics.birthday import birthday_batch, duplicate_threshold, near_duplicate_pairs
 from modeaudit.tasks.metrics.kid import kid
 from modeaudit.tasks.metrics.knn import (
-    ball_counts, ball_counts_reference, knn_distances, knn_distances_reference, pair_distances_reference,
+    ball_counts, ball_counts_reference, knn_distances, knn_distances_reference, knn_self, pair_distances_reference,
 )
 from modeaudit.tasks.metrics.manifold import manifold_counts
 
@@ -61,6 +61,7 @@ def test_knn_and_ball_counts_equal_float64_brute_force(distance):
     ref_a = knn_distances_reference(a, k, distance)
     got_a = knn_distances(a, _blocks(a, 97), k, distance=distance, query_ids=np.arange(len(a)))
     np.testing.assert_array_equal(got_a, ref_a)
+    np.testing.assert_array_equal(knn_self(a, k, distance=distance, tile=256), ref_a)
     # Duplicates are neighbours (at 0, or at arccos of a float32 row's |a|^2 ~ 1 - 1e-9
     # for angular); the row itself is not.
     assert ref_a[5, 0] == ref_a[17, 0] == ref_a[100, 0] == pair_distances_reference(a[5:6], a[5:6], distance)[0, 0]
@@ -81,6 +82,7 @@ def test_points_exactly_on_a_sphere_are_outside(distance):
     ra = knn_distances_reference(a, k, distance)
     np.testing.assert_array_equal(knn_distances(a, _blocks(a, 50), k, distance=distance,
                                                 query_ids=np.arange(len(a))), ra)
+    np.testing.assert_array_equal(knn_self(a, k, distance=distance, tile=128), ra)
     rb = knn_distances_reference(b, k, distance)[:, -1]
     dist = pair_distances_reference(a, b, distance)
     on_a = dist == ra[:, -1:]
@@ -98,8 +100,10 @@ def test_points_exactly_on_a_sphere_are_outside(distance):
 def test_blocked_equals_one_block_on_any_thread_count(monkeypatch):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1300, 40)).astype(np.float32)
+    # 60 copies of one row: more near-ties than knn_self's candidate buffer holds.
+    x[200:260] = x[7]
     y = rng.standard_normal((2600, 40)).astype(np.float32)  # > one 2048-row point tile
-    out = {}
+    out, selfs = {}, {}
     for threads in ("1", "2", "3"):
         monkeypatch.setenv("MODEAUDIT_THREADS", threads)
         for rows in (None, 333, 2048):
@@ -107,12 +111,18 @@ def test_blocked_equals_one_block_on_any_thread_count(monkeypatch):
             kd = knn_distances(x, blocks, 4)
             c = ball_counts(x, blocks, kd[:, -1] * 1.5, 7.0).as_tuple()
             out[threads, rows] = (kd, c)
+        for tile in (1024, 300):
+            selfs[threads, tile] = knn_self(x, 4, tile=tile)
     ref_kd, ref_c = out["1", None]
     assert ref_c[0].sum() > 0 and ref_c[2].sum() > 0
     for kd, c in out.values():
         np.testing.assert_array_equal(kd, ref_kd)
         for g, r in zip(c, ref_c):
             np.testing.assert_array_equal(g, r)
+    ref_self = knn_distances(x, _blocks(x, 500), 4, query_ids=np.arange(len(x)))
+    assert np.all(ref_self[200:260] == 0.0)
+    for v in selfs.values():
+        np.testing.assert_array_equal(v, ref_self)
 
 
 @pytest.mark.parametrize("k", [3, 5])
