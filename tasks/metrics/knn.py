@@ -33,11 +33,17 @@ key = |a|^2 + |b|^2 - 2 s (euclidean, squared norms in float64) or key = -2 s
 (angular), with a known error bound `tol`. Only keys within `tol` of a decision are
 re-evaluated in float64 from the rows:
 
-* k-NN: per row, a running sorted list of the k smallest keys seen (phase A) and
-  of the k smallest exact distances (phase B). A pair is evaluated exactly only if
-  its key is within 2 tol of the running k-th key and within tol of the running
-  k-th exact distance; every pair skipped is provably farther than the final k-th
-  distance. About k ln(N / k) exact evaluations per row in random order.
+* k-NN (`knn_distances`, streamed queries x blocks): per row, a running sorted
+  list of the k smallest keys seen (phase A) and of the k smallest exact distances
+  (phase B). A pair is evaluated exactly only if its key is within 2 tol of the
+  running k-th key and within tol of the running k-th exact distance; every pair
+  skipped is provably farther than the final k-th distance. About k ln(N / k)
+  exact evaluations per row in random order.
+* k-NN within one set (`knn_self`): the same bound in one pass over the upper
+  triangle of X X^T, each tile updating the lists of its rows and of its columns
+  (d(a, b) and d(b, a) are the same float64), so the GEMM covers each pair once.
+  Pairs under the bound are buffered and evaluated exactly at the end, when most
+  of them are far above the final k-th key: ~k exact distances per row.
 * Ball counts: a pair is decided from its key unless the key is within tol of the
   squared radius (or of -2 cos(pi r)); only those are re-evaluated.
 
