@@ -127,7 +127,7 @@ def test_blocked_equals_one_block_on_any_thread_count(monkeypatch):
 
 @pytest.mark.parametrize("k", [3, 5])
 def test_precision_recall_density_coverage_equal_prdc(k, capsys):
-    prdc = pytest.importorskip("prdc")
+    import prdc  # a test dependency (pyproject's test extra): fail, do not skip, without it
     rng = np.random.default_rng(3)
     real = rng.standard_normal((1500, 64)).astype(np.float32)
     fake = (rng.standard_normal((1200, 64)) * 1.2 + 0.15).astype(np.float32)
