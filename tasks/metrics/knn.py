@@ -678,11 +678,11 @@ def _ball_keys(r: np.ndarray | None, n: int, angular: bool):
 def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "euclidean", a_ids=None) -> BallCounts:
     """Strict ball counts between query rows `a` and the streamed set B, in one pass over their pairs.
 
-    radii_a: one radius per row of a (or a scalar, or None: no a-balls); radii_b: a
-    callable (offset, n_rows) -> radii of those rows of B, an array over all of B,
-    a scalar, or None. a_ids[i] is a's row i's global index in B, to skip the pair
-    of a row with itself (None: a is not part of B). Returns BallCounts with the
-    B-indexed arrays over all rows seen (length: largest offset + block rows).
+    radii_a: one radius per row of a (or a scalar, or None: no a-balls); radii_b: an
+    array over all rows of B (indexed by global row), a scalar, or None. a_ids[i]
+    is a's row i's global index in B, to skip the pair of a row with itself (None:
+    a is not part of B). Returns BallCounts with the B-indexed arrays over all rows
+    seen (length: largest offset + block rows).
     Equal to ball_counts_reference.
     """
     angular = _check_distance(distance)
@@ -698,9 +698,7 @@ def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "eucli
     for offset, block in _iter_blocks(blocks):
         b32, sq_b, tol = Q.block(block)
         nb = b32.shape[0]
-        if callable(radii_b):
-            rb = _radii(radii_b(offset, nb), nb, "radii_b")
-        elif radii_b is None or np.ndim(radii_b) == 0:
+        if radii_b is None or np.ndim(radii_b) == 0:
             rb = _radii(radii_b, nb, "radii_b")
         else:
             rb = _radii(np.asarray(radii_b)[offset:offset + nb], nb, "radii_b")
