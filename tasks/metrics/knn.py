@@ -526,7 +526,13 @@ class _Queries:
 
     def tol(self, b, sq_b) -> float:
         """Bound on |key(float32 GEMM) - key(exact float64)|, plus margins for the distance map."""
-        eps = _gemm_eps(self.x.shape[1], self.norm, _max_norm(b))
+        norm_b = _max_norm(b)
+        if self.norm * norm_b > 1e36:
+            # float32 inner products would overflow to inf, which the keys would
+            # read as "surely inside every ball".
+            raise ValueError(f"rows with norms up to {max(self.norm, norm_b):.3g} overflow float32 inner products; "
+                             "rescale the features (every metric here is scale-invariant)")
+        eps = _gemm_eps(self.x.shape[1], self.norm, norm_b)
         if self.angular:
             # 2 eps for key = -2 s; the absolute 1e-11 keeps arccos/cos rounding
             # (~1e-16) from ever deciding a pair the float32 test called sure.
