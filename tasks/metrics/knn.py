@@ -531,7 +531,7 @@ class _Queries:
             # float32 inner products would overflow to inf, which the keys would
             # read as "surely inside every ball".
             raise ValueError(f"rows with norms up to {max(self.norm, norm_b):.3g} overflow float32 inner products; "
-                             "rescale the features (every metric here is scale-invariant)")
+                             "rescale the features (the k-NN metrics do not change under a common scale factor)")
         eps = _gemm_eps(self.x.shape[1], self.norm, norm_b)
         if self.angular:
             # 2 eps for key = -2 s; the absolute 1e-11 keeps arccos/cos rounding
