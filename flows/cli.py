@@ -14,6 +14,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from modeaudit import __version__  # noqa: E402
+from modeaudit.flows.metrics_cli import add_metrics_parser, run_metrics  # noqa: E402
 from modeaudit.storage.layout import RunLayout, check_out_dir  # noqa: E402
 from modeaudit.tasks.config import (PRESETS, AuditConfig, CalibrationConfig, apply_preset, default,  # noqa: E402
                                     finalize_sizes, kernel_for, parse_radii)
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fid-rows", type=_count, default=C("fid_rows"), help="images per side for Inception FID")
 
     sub.add_parser("list", help="list generators and descriptors with their options")
+    add_metrics_parser(sub)
     return p
 
 
@@ -208,6 +210,8 @@ def main(argv=None) -> int:
     if args.command == "list":
         _list()
         return 0
+    if args.command == "metrics":
+        return run_metrics(args)
     from prefect.exceptions import FailedRun
     from modeaudit.storage.store import StoreError
     try:

@@ -343,3 +343,23 @@ def test_empty_inputs():
 def test_kernels_do_not_import_prefect():
     src = open(join.__file__).read()
     assert "import prefect" not in src and "from prefect" not in src
+
+
+def test_tile_threads_give_the_same_counts_and_sums(monkeypatch):
+    # Where BLAS is single-threaded (the audit's Dask workers) the join runs one tile thread
+    # per core; counts and MCCS sums must not depend on how many.
+    from threadpoolctl import threadpool_limits
+    from modeaudit.tasks.join.kernels import _n_workers, mccs_sums, range_counts
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((700, 24)).astype(np.float32)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b = rng.standard_normal((5000, 24)).astype(np.float32)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    out = {}
+    with threadpool_limits(limits=1, user_api="blas"):
+        for n in ("1", "3"):
+            monkeypatch.setenv("MODEAUDIT_THREADS", n)
+            assert _n_workers() == int(n)
+            out[n] = (range_counts(a, [(0, b)], [0.3, 0.4]), mccs_sums(a, [(0, b)], 0.3))
+    np.testing.assert_array_equal(out["1"][0], out["3"][0])
+    np.testing.assert_array_equal(out["1"][1], out["3"][1])

@@ -1,0 +1,144 @@
+"""`modeaudit metrics`: precision, recall, density, coverage, KID and support size of a fake set against a real set.
+
+Kept out of flows/cli.py (which hooks it in with two calls) so that the subcommand
+needs neither Prefect nor Dask: it reads both sets into memory and runs the exact
+k-NN kernels of tasks/metrics/knn.py directly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_metrics_parser(sub) -> argparse.ArgumentParser:
+    """Add the `metrics` subcommand to the CLI's subparsers."""
+    # kid.py is numpy only: building the CLI's parser must not load numba.
+    from modeaudit.tasks.metrics.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS
+    m = sub.add_parser("metrics", help="precision/recall, density/coverage, KID and birthday-paradox support size "
+                       "of fake samples against real ones (exact k-NN, streamed)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("--real", required=True, metavar="PATH", help="real (reference) feature rows: .npy, Zarr array, "
+                   "or an audit run folder (its store's T embeddings)")
+    m.add_argument("--fake", required=True, metavar="PATH", help="generated feature rows, same formats")
+    m.add_argument("--k", type=int, default=5, help="nearest neighbour defining each sample's ball (prdc's nearest_k)")
+    m.add_argument("--distance", default="euclidean", choices=["euclidean", "angular"],
+                   help="euclidean on the rows as given (as prdc), or arccos(<a,b>)/pi on unit-normalised rows")
+    m.add_argument("--out", required=True, metavar="DIR", help="directory for metrics.json")
+    m.add_argument("--kid-subsets", type=int, default=KID_SUBSETS, help="KID: random subsets averaged")
+    m.add_argument("--kid-subset-size", type=int, default=KID_SUBSET_SIZE, help="KID: rows per subset")
+    m.add_argument("--kid-seed", type=int, default=KID_SEED, help="KID: RandomState seed (torch-fidelity's)")
+    m.add_argument("--dup-quantile", type=float, default=None, help="support size: near-duplicate threshold = "
+                   "this quantile of the real nearest-neighbour distances (default 0.01)")
+    m.add_argument("--block-rows", type=int, default=65536, help="rows per streamed block of the point side")
+    return m
+
+
+class _Bad(Exception):
+    """A user error: printed as one line, exit 2."""
+
+
+def _run_folder_rows(p: Path, what: str):
+    from modeaudit.storage.store import RunStore, StoreError
+    try:
+        store = RunStore.open(p)
+    except StoreError as e:
+        raise _Bad(f"{what} {p}: {e}") from None
+    if "T" not in store.set_names:
+        src = store.fingerprint.get("embeddings", {}).get("T", {}).get("path")
+        hint = f"pass that file ({src}) instead" if src else "pass a .npy or Zarr array of features instead"
+        raise _Bad(f"{what} {p} is an audit of embedding files and stores no T embeddings; {hint}")
+    try:
+        store.shard_checksums("T")  # raises when the run is unfinished
+    except StoreError as e:
+        raise _Bad(f"{what} {p}: {e}") from None
+    return store.read("T", "emb")
+
+
+def load_rows(path: str, what: str, distance: str):
+    """Feature rows as float32 from a .npy file, a Zarr array, or an audit run folder; _Bad on bad input."""
+    import dataclasses
+
+    import numpy as np
+    from modeaudit.tasks.errors import InputError
+    from modeaudit.tasks.join.sources import open_embeddings, row_norms
+    p = Path(path)
+    if p.is_dir() and (p / "store.zarr").is_dir():
+        x = np.asarray(_run_folder_rows(p, what), dtype=np.float32)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise _Bad(f"{what} {p}: its T embeddings are empty (shape {x.shape}); finish the audit first")
+    else:
+        try:
+            src = open_embeddings(p, what)
+        except InputError as e:
+            raise _Bad(str(e)) from None
+        # stored_unit: the rows exactly as stored (a Source renormalises otherwise).
+        x = dataclasses.replace(src, stored_unit=True, dtype="float32").read()
+    norms = row_norms(x)
+    bad = np.flatnonzero(~np.isfinite(norms))
+    if bad.size:
+        raise _Bad(f"{what} {path} has {bad.size} row(s) with NaN or Inf (first: row {bad[0]}), or values too "
+                   "large for float32; remove or re-embed those samples")
+    if distance == "angular":
+        zero = np.flatnonzero(norms == 0)
+        if zero.size:
+            raise _Bad(f"{what} {path} has {zero.size} all-zero row(s) (first: row {zero[0]}); they have no "
+                       "direction for --distance angular: remove them or use --distance euclidean")
+    return x
+
+
+def _check_args(args) -> None:
+    if args.k < 1:
+        raise _Bad(f"--k must be a positive integer, got {args.k}")
+    if args.kid_subsets < 1 or args.kid_subset_size < 2:
+        raise _Bad("--kid-subsets must be >= 1 and --kid-subset-size >= 2")
+    if args.dup_quantile is not None and not (0.0 < args.dup_quantile < 1.0):
+        raise _Bad(f"--dup-quantile must lie in (0, 1), got {args.dup_quantile}")
+    if args.block_rows < 1:
+        raise _Bad(f"--block-rows must be a positive integer, got {args.block_rows}")
+
+
+def run_metrics(args) -> int:
+    """Run `modeaudit metrics`: write DIR/metrics.json, print it; user errors -> one line on stderr, exit 2."""
+    try:
+        _check_args(args)
+        out = Path(args.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _Bad(f"cannot create --out {args.out} ({e.strerror or e}); choose a writable directory") from None
+        real = load_rows(args.real, "--real", args.distance)
+        fake = load_rows(args.fake, "--fake", args.distance)
+        if real.shape[1] != fake.shape[1]:
+            raise _Bad(f"--real rows have width {real.shape[1]} but --fake rows have width {fake.shape[1]}; "
+                       "extract both with the same feature extractor")
+        for what, x in (("--real", real), ("--fake", fake)):
+            if x.shape[0] <= args.k:
+                raise _Bad(f"{what} has {x.shape[0]} rows; --k {args.k} needs at least {args.k + 1} (a row is not "
+                           "its own neighbour): pass more samples or a smaller --k")
+        from modeaudit.tasks.metrics.suite import compute_metrics
+        # This command's own process, nothing else computing yet: one BLAS thread, so the
+        # kernels run one tile thread per core (tasks/join/threads.py), as in Dask workers.
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=1, user_api="blas")
+        extra = {} if args.dup_quantile is None else {"dup_quantile": args.dup_quantile}
+        try:
+            result = compute_metrics(real, fake, args.k, args.distance, block_rows=args.block_rows,
+                                     kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                                     kid_seed=args.kid_seed, **extra)
+        except ValueError as e:
+            raise _Bad(str(e)) from None
+        result["real"] = str(args.real)
+        result["fake"] = str(args.fake)
+        path = out / "metrics.json"
+        try:
+            path.write_text(json.dumps(result, indent=1) + "\n")
+        except OSError as e:
+            raise _Bad(f"cannot write {path} ({e.strerror or e}); choose a writable --out") from None
+    except _Bad as e:
+        print(f"modeaudit: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: result[k] for k in ("precision", "recall", "density", "coverage", "kid", "support_size")},
+                     indent=1))
+    return 0

@@ -1,0 +1,732 @@
+"""Exact k-NN radii and strict ball counts, streamed over row blocks (numba).
+
+The sample-based diversity metrics (precision/recall, density/coverage, the
+birthday-paradox support size) need two things, and peers (prdc, torch-fidelity)
+get both from an O(N^2) in-memory distance matrix:
+
+* the k-th nearest-neighbour distance of every row of a set within itself, the
+  row itself excluded (by global row index, not by value: a duplicate elsewhere
+  in the set is a neighbour at distance 0, as in prdc's "k + 1-th including self");
+* for two sets A and B with a ball around each row, how many rows of the other
+  set lie strictly inside each ball and how many balls contain each row. Strict,
+  as in prdc (``distance < radius``): a point exactly on a k-NN sphere is outside.
+
+Distances
+---------
+``euclidean``: d(a, b) = sqrt(sum_k (a_k - b_k)^2), the distance peers use on raw
+feature rows. ``angular``: d(a, b) = arccos(clip(<a, b>, -1, 1)) / pi on unit rows
+(this project's distance; the rows are used as given, normalise them first).
+
+Exactness
+---------
+Both are defined on the float32 rows, evaluated in float64 in one fixed order
+(`_exact_sqdist`, and `_exact_dist` of the join kernels for angular: four strided
+accumulators, then (s0 + s1) + (s2 + s3)); `knn_distances_reference` and
+`ball_counts_reference` evaluate the same expression with numpy, so constructed
+ties (duplicated or mirrored rows, rows on a grid) are ties in both and the fast
+path returns exactly the reference's radii and counts.
+
+The fast path works like `tasks/join/kernels.py`: a float32 GEMM gives every score
+s = <a, b>, whose error is bounded by `_gemm_eps` (the join kernels' bound). The
+score becomes a key that orders pairs like the distance does:
+key = |a|^2 + |b|^2 - 2 s (euclidean, squared norms in float64) or key = -2 s
+(angular), with a known error bound `tol`. Only keys within `tol` of a decision are
+re-evaluated in float64 from the rows:
+
+* k-NN (`knn_distances`, streamed queries x blocks): per row, a running sorted
+  list of the k smallest keys seen (phase A) and of the k smallest exact distances
+  (phase B). A pair is evaluated exactly only if its key is within 2 tol of the
+  running k-th key and within tol of the running k-th exact distance; every pair
+  skipped is provably farther than the final k-th distance. About k ln(N / k)
+  exact evaluations per row in random order.
+* k-NN within one set (`knn_self`): the same bound in one pass over the upper
+  triangle of X X^T, each tile updating the lists of its rows and of its columns
+  (d(a, b) and d(b, a) are the same float64), so the GEMM covers each pair once.
+  Pairs under the bound are buffered and evaluated exactly at the end, when most
+  of them are far above the final k-th key: ~k exact distances per row.
+* Ball counts: a pair is decided from its key unless the key is within tol of the
+  squared radius (or of -2 cos(pi r)); only those are re-evaluated.
+
+Results are exact values or integer counts, so they do not depend on the number of
+threads, the tile order, or how the points were split into blocks.
+
+Streaming protocol (faiss contrib/exhaustive_search.py's): `blocks` is an iterable
+of (offset, block) with block a (b, d) array whose global row indices start at
+`offset` (a bare array is one block at offset 0). The query rows are held in
+memory; memory beyond them is O(queries x k + tile).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numba import njit
+
+from modeaudit.tasks.join.kernels import (
+    _check_ids, _check_matrix, _exact_dist, _gemm_eps, _iter_blocks, _max_norm, _n_workers,
+)
+
+__all__ = [
+    "DISTANCES",
+    "knn_distances",
+    "knn_self",
+    "knn_distances_reference",
+    "ball_counts",
+    "ball_counts_reference",
+    "pair_distances_reference",
+    "BallCounts",
+]
+
+DISTANCES = ("euclidean", "angular")
+
+# Tile shape (query rows x point rows), as in the join kernels. A worker owns a
+# query tile for a whole block, so the per-row k-NN lists are never shared.
+_QUERY_TILE = 512
+_POINT_TILE = 2048
+# Square tiles of the symmetric self-join (knn_self): 4 MB of float32 scores.
+_SELF_TILE = 1024
+# Width of the branch-free pre-check chunks: most chunks hold no candidate at all.
+_CHUNK = 32
+
+_U64 = 2.0 ** -53
+
+
+def _check_distance(distance: str) -> bool:
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {', '.join(DISTANCES)}; got {distance!r}")
+    return distance == "angular"
+
+
+def _check_k(k, n_points: int | None = None) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if n_points is not None and k >= n_points:
+        raise ValueError(f"k={k} needs at least k + 1 = {k + 1} rows (a row is not its own neighbour); "
+                         f"the set has {n_points}")
+    return int(k)
+
+
+def _rows32(x, name: str) -> np.ndarray:
+    """The rows as C-contiguous float32: the metrics are defined on float32 rows."""
+    x = _check_matrix(x, name)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _sq_norms(x32: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", x32, x32, dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------
+# float64 references (numpy; memory O(a * b * d) per chunk, for tests and small sets)
+
+
+def pair_distances_reference(a, b, distance: str = "euclidean") -> np.ndarray:
+    """All pairwise distances of float32 rows in float64, (len(a), len(b)).
+
+    The sums run in the fixed order of the fast path's exact re-check (four strided
+    running sums, then (s0 + s1) + (s2 + s3), the tail into s0), written with
+    numpy's sequential cumsum, so every pair gets bit-for-bit the value the kernels use.
+    """
+    angular = _check_distance(distance)
+    a = _rows32(a, "a").astype(np.float64)
+    b = _rows32(b, "b").astype(np.float64)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a has width {a.shape[1]} but b has width {b.shape[1]}")
+    out = np.empty((a.shape[0], b.shape[0]))
+    d = a.shape[1]
+    d4 = d - d % 4
+    step = max(1, (1 << 22) // max(1, b.shape[0] * d))
+    for i0 in range(0, a.shape[0], step):
+        ai = a[i0:i0 + step, None, :]
+        terms = ai * b[None, :, :] if angular else (ai - b[None, :, :]) ** 2
+        if d4:
+            lanes = terms[..., :d4].reshape(terms.shape[0], terms.shape[1], d4 // 4, 4)
+            s = np.cumsum(lanes, axis=2)[:, :, -1, :]
+            s0, s1, s2, s3 = s[..., 0].copy(), s[..., 1], s[..., 2], s[..., 3]
+        else:
+            s0 = np.zeros(terms.shape[:2])
+            s1 = s2 = s3 = np.zeros(terms.shape[:2])
+        for t in range(d4, d):
+            s0 = s0 + terms[..., t]
+        tot = (s0 + s1) + (s2 + s3)
+        out[i0:i0 + step] = np.arccos(np.clip(tot, -1.0, 1.0)) / np.pi if angular else np.sqrt(tot)
+    return out
+
+
+def knn_distances_reference(x, k: int, distance: str = "euclidean") -> np.ndarray:
+    """Brute-force k nearest-neighbour distances of every row within x, self excluded, (n, k) ascending."""
+    x = _rows32(x, "x")
+    k = _check_k(k, x.shape[0])
+    dist = pair_distances_reference(x, x, distance)
+    np.fill_diagonal(dist, np.inf)
+    return np.sort(dist, axis=1)[:, :k]
+
+
+class BallCounts:
+    """Strict ball counts between sets A (rows i) and B (rows j), int64 arrays.
+
+    in_a_balls_count[i] = #{j : d(A_i, B_j) < radii_a[i]}   (B rows inside A_i's ball)
+    a_balls_containing[j] = #{i : d(A_i, B_j) < radii_a[i]} (A balls holding B_j)
+    in_b_balls_count[j] = #{i : d(A_i, B_j) < radii_b[j]}   (A rows inside B_j's ball)
+    b_balls_containing[i] = #{j : d(A_i, B_j) < radii_b[j]} (B balls holding A_i)
+    Arrays for a side without radii are all zero.
+    """
+
+    __slots__ = ("in_a_balls_count", "a_balls_containing", "in_b_balls_count", "b_balls_containing")
+
+    def __init__(self, in_a_balls_count, a_balls_containing, in_b_balls_count, b_balls_containing):
+        self.in_a_balls_count = in_a_balls_count
+        self.a_balls_containing = a_balls_containing
+        self.in_b_balls_count = in_b_balls_count
+        self.b_balls_containing = b_balls_containing
+
+    def as_tuple(self):
+        """The four arrays in the order of the constructor."""
+        return (self.in_a_balls_count, self.a_balls_containing, self.in_b_balls_count, self.b_balls_containing)
+
+
+def _radii(r, n: int, name: str) -> np.ndarray | None:
+    if r is None:
+        return None
+    r = np.asarray(r, dtype=np.float64)
+    if r.ndim == 0:
+        r = np.full(n, float(r))
+    if r.shape != (n,):
+        raise ValueError(f"{name} must be a scalar or one radius per row ({n}), got shape {r.shape}")
+    if np.any(np.isnan(r)):
+        raise ValueError(f"{name} contains NaN")
+    return r
+
+
+def ball_counts_reference(a, b, radii_a=None, radii_b=None, distance: str = "euclidean",
+                          *, a_ids=None, b_offset: int = 0) -> BallCounts:
+    """Brute-force strict ball counts (see BallCounts), from `pair_distances_reference`.
+
+    The pair a_ids[i] == b_offset + j is skipped (a row is not in its own ball).
+    """
+    a = _rows32(a, "a")
+    b = _rows32(b, "b")
+    ra = _radii(radii_a, a.shape[0], "radii_a")
+    rb = _radii(radii_b, b.shape[0], "radii_b")
+    ids = _check_ids(a_ids, a.shape[0])
+    dist = pair_distances_reference(a, b, distance)
+    local = ids - int(b_offset)
+    rows = np.nonzero((local >= 0) & (local < b.shape[0]))[0]
+    dist[rows, local[rows]] = np.inf
+    z_a, z_b = np.zeros(a.shape[0], np.int64), np.zeros(b.shape[0], np.int64)
+    ina = dist < ra[:, None] if ra is not None else None
+    inb = dist < rb[None, :] if rb is not None else None
+    return BallCounts(
+        ina.sum(axis=1).astype(np.int64) if ina is not None else z_a,
+        ina.sum(axis=0).astype(np.int64) if ina is not None else z_b.copy(),
+        inb.sum(axis=0).astype(np.int64) if inb is not None else z_b,
+        inb.sum(axis=1).astype(np.int64) if inb is not None else z_a.copy(),
+    )
+
+
+# ----------------------------------------------------------------------------
+# numba kernels (serial, nogil; run from the drivers' worker threads)
+
+
+@njit(cache=True, nogil=True)
+def _exact_sqdist(A, i, B, j):
+    """||A[i] - B[j]||^2 in float64, four strided accumulators (see pair_distances_reference)."""
+    n = A.shape[1]
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    k = 0
+    while k + 4 <= n:
+        t0 = np.float64(A[i, k]) - np.float64(B[j, k])
+        t1 = np.float64(A[i, k + 1]) - np.float64(B[j, k + 1])
+        t2 = np.float64(A[i, k + 2]) - np.float64(B[j, k + 2])
+        t3 = np.float64(A[i, k + 3]) - np.float64(B[j, k + 3])
+        s0 += t0 * t0
+        s1 += t1 * t1
+        s2 += t2 * t2
+        s3 += t3 * t3
+        k += 4
+    while k < n:
+        t0 = np.float64(A[i, k]) - np.float64(B[j, k])
+        s0 += t0 * t0
+        k += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True, nogil=True)
+def _exact(A, i, B, j, angular):
+    if angular:
+        return _exact_dist(A, i, B, j)
+    return np.sqrt(_exact_sqdist(A, i, B, j))
+
+
+@njit(cache=True, nogil=True)
+def _key_of(r, angular):
+    """The key a pair at exactly distance r would have (key = |a|^2 + |b|^2 - 2<a,b> or -2<a,b>)."""
+    if angular:
+        return -2.0 * math.cos(math.pi * r)
+    return r * r
+
+
+@njit(cache=True, nogil=True)
+def _insert(row, v):
+    # row is sorted ascending and v < row[-1]: shift the tail, drop the largest.
+    p = row.shape[0] - 1
+    while p > 0 and row[p - 1] > v:
+        row[p] = row[p - 1]
+        p -= 1
+    row[p] = v
+
+
+@njit(cache=True, nogil=True)
+def _knn_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, B, top_key, top_d, dkey):
+    """Fold one score tile into the per-row k-NN lists.
+
+    sims[i, j]: float32 score of query row0 + i and block row col_local + j (global
+    row col_global + j). top_key[q]: the k smallest keys seen for query q (sorted),
+    top_d[q]: the k smallest exact distances among the pairs evaluated, dkey[q]:
+    the key of distance top_d[q, k-1]. tol must be the largest key error of all
+    blocks seen so far: the lists carry keys from earlier blocks.
+    """
+    tb = sims.shape[1]
+    k = top_key.shape[1]
+    # A view, not nb[col_local + j]: LLVM cannot prove that index non-negative, and
+    # numba's negative-index wraparound then keeps the loops from vectorising.
+    nbt = nb[col_local:col_local + tb]
+    for i in range(sims.shape[0]):
+        q = row0 + i
+        srow = sims[i]
+        nq = na[q]
+        self_col = ids[q] - col_global
+        tk = top_key[q]
+        # Phase A: the running k-th smallest key (self excluded: with it the k-th
+        # key would be the (k-1)-th neighbour's and the bound below too tight).
+        kth = tk[k - 1]
+        for j0 in range(0, tb, _CHUNK):
+            j1 = min(j0 + _CHUNK, tb)
+            hits = 0
+            for j in range(j0, j1):
+                hits += (nq + nbt[j] - 2.0 * np.float64(srow[j])) < kth
+            if hits == 0:
+                continue
+            for j in range(j0, j1):
+                key = nq + nbt[j] - 2.0 * np.float64(srow[j])
+                if key < kth and j != self_col:
+                    _insert(tk, key)
+                    kth = tk[k - 1]
+        # Phase B: k pairs seen have exact keys <= kth + tol, so the final k-th
+        # distance has key <= kth + tol and any pair that can reach the list has a
+        # float32 key <= kth + 2 tol; one above dkey[q] + tol cannot lower top_d[q, k-1].
+        lim = min(kth + 2.0 * tol, dkey[q] + tol)
+        td = top_d[q]
+        for j0 in range(0, tb, _CHUNK):
+            j1 = min(j0 + _CHUNK, tb)
+            hits = 0
+            for j in range(j0, j1):
+                hits += (nq + nbt[j] - 2.0 * np.float64(srow[j])) <= lim
+            if hits == 0:
+                continue
+            for j in range(j0, j1):
+                key = nq + nbt[j] - 2.0 * np.float64(srow[j])
+                if key <= lim and j != self_col:
+                    d = _exact(A, q, B, col_local + j, angular)
+                    if d < td[k - 1]:
+                        _insert(td, d)
+                        if td[k - 1] < np.inf:
+                            dkey[q] = _key_of(td[k - 1], angular)
+                            lim = min(lim, dkey[q] + tol)
+
+
+@njit(cache=True, nogil=True)
+def _ball_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, B,
+               key_a, rad_a, key_b, rad_b, cnt_a, in_a, cnt_b, in_b):
+    """Add the strict ball memberships of one score tile into the four counters.
+
+    key_a[q] is the key of query q's ball radius rad_a[q] (-inf: no ball), key_b[j]
+    likewise for block row j. A pair whose key is below key - tol is surely inside,
+    at or above key + tol surely outside; in between its exact distance decides.
+    cnt_a/in_b are indexed by query, in_a/cnt_b by block row (local to the block).
+    """
+    tb = sims.shape[1]
+    # Views, not x[col_local + j]: see _knn_rows.
+    nbt = nb[col_local:col_local + tb]
+    kbt = key_b[col_local:col_local + tb]
+    for i in range(sims.shape[0]):
+        q = row0 + i
+        srow = sims[i]
+        nq = na[q]
+        hi_a = key_a[q] + tol
+        lo_a = key_a[q] - tol
+        ra = rad_a[q]
+        self_col = ids[q] - col_global
+        for j0 in range(0, tb, _CHUNK):
+            j1 = min(j0 + _CHUNK, tb)
+            hits = 0
+            for j in range(j0, j1):
+                key = nq + nbt[j] - 2.0 * np.float64(srow[j])
+                hits += (key < hi_a) | (key < kbt[j] + tol)
+            if hits == 0:
+                continue
+            for j in range(j0, j1):
+                if j == self_col:
+                    continue
+                c = col_local + j
+                key = nq + nb[c] - 2.0 * np.float64(srow[j])
+                d = -1.0
+                if key < hi_a:
+                    inside = key < lo_a
+                    if not inside:
+                        d = _exact(A, q, B, c, angular)
+                        inside = d < ra
+                    if inside:
+                        cnt_a[q] += 1
+                        in_a[c] += 1
+                kb = key_b[c]
+                if key < kb + tol:
+                    inside = key < kb - tol
+                    if not inside:
+                        if d < 0.0:
+                            d = _exact(A, q, B, c, angular)
+                        inside = d < rad_b[c]
+                    if inside:
+                        cnt_b[c] += 1
+                        in_b[q] += 1
+
+
+@njit(cache=True, nogil=True)
+def _settle(q, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn):
+    """Evaluate q's buffered candidates that can still reach its list exactly; empty the buffer."""
+    k = top_key.shape[1]
+    td = top_d[q]
+    for c in range(bn[q]):
+        if bkey[q, c] <= min(top_key[q, k - 1] + 2.0 * tol, dkey[q] + tol):
+            d = _exact(X, q, X, bidx[q, c], angular)
+            if d < td[k - 1]:
+                _insert(td, d)
+                if td[k - 1] < np.inf:
+                    dkey[q] = _key_of(td[k - 1], angular)
+    bn[q] = 0
+
+
+@njit(cache=True, nogil=True)
+def _visit(q, p, key, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn):
+    """Offer pair (q, p) with float32 key `key` to q's lists.
+
+    The single-pass form of _knn_rows' two phases: the running k-th key only falls,
+    so a pair above kth + 2 tol when seen is above the final one too. A pair below
+    goes into q's candidate buffer; its exact distance waits for _settle, by when
+    most candidates are far above the final k-th key. Evaluating at once cost
+    ~k ln(N / k) exact distances per row, as much as the GEMM at N = 1e4.
+    """
+    tk = top_key[q]
+    k = tk.shape[0]
+    if key < tk[k - 1]:
+        _insert(tk, key)
+    lq = min(tk[k - 1] + 2.0 * tol, dkey[q] + tol)
+    if key <= lq:
+        m = bn[q]
+        cap = bkey.shape[1]
+        if m == cap:
+            # Drop the candidates the falling bound has passed; if all are still
+            # within it (many near-ties), settle them exactly to make room.
+            keep = 0
+            for c in range(m):
+                if bkey[q, c] <= lq:
+                    bkey[q, keep] = bkey[q, c]
+                    bidx[q, keep] = bidx[q, c]
+                    keep += 1
+            bn[q] = keep
+            if keep == cap:
+                _settle(q, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
+                lq = min(tk[k - 1] + 2.0 * tol, dkey[q] + tol)
+            m = bn[q]
+        bkey[q, m] = key
+        bidx[q, m] = p
+        bn[q] = m + 1
+    lim[q] = lq
+
+
+@njit(cache=True, nogil=True)
+def _settle_all(tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn):
+    for q in range(top_key.shape[0]):
+        _settle(q, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
+
+
+@njit(cache=True, nogil=True)
+def _knn_sym_tile(sims, r0, c0, diag, sq, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn):
+    """Fold the pairs of one tile of X X^T into the k-NN lists of both its rows and its columns.
+
+    sims[i, j] is the float32 score of rows r0 + i and c0 + j; on a diagonal tile
+    (r0 == c0) only j > i is read, so every unordered pair is seen once and a row is
+    never paired with itself. lim[q] = min(k-th key + 2 tol, dkey[q] + tol): a
+    pair above both its rows' lim cannot enter either list.
+    """
+    ti = sims.shape[0]
+    tj = sims.shape[1]
+    # Views: see _knn_rows.
+    sqc = sq[c0:c0 + tj]
+    limc = lim[c0:c0 + tj]
+    pend = np.empty(tj, dtype=np.int64)
+    for i in range(ti):
+        q = r0 + i
+        srow = sims[i]
+        nq = sq[q]
+        li = lim[q]
+        npend = 0
+        # Chunks start on multiples of _CHUNK even on a diagonal tile (where j > i
+        # is tested below): an arbitrary start made LLVM compile the scan 5x slower.
+        for j0 in range(((i + 1) // _CHUNK) * _CHUNK if diag else 0, tj, _CHUNK):
+            j1 = min(j0 + _CHUNK, tj)
+            hits = 0
+            for j in range(j0, j1):
+                key = nq + sqc[j] - 2.0 * np.float64(srow[j])
+                hits += (key <= li) | (key <= limc[j])
+            if hits == 0:
+                continue
+            for j in range(j0, j1):
+                key = nq + sqc[j] - 2.0 * np.float64(srow[j])
+                pend[npend] = j
+                npend += ((key <= li) | (key <= limc[j])) & (j > i or not diag)
+        # The candidates are offered after the scan: calling _visit (and the exact
+        # distance) from the scan loop made LLVM compile it 6x slower (as in the
+        # join kernels). Offering late only means a looser lim meanwhile.
+        for p in range(npend):
+            j = pend[p]
+            key = nq + sqc[j] - 2.0 * np.float64(srow[j])
+            if key <= lim[q]:
+                _visit(q, c0 + j, key, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn)
+            if key <= limc[j]:
+                _visit(c0 + j, q, key, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn)
+
+# ----------------------------------------------------------------------------
+# drivers
+
+
+class _Queries:
+    """Query rows in float32 with what every block needs from them."""
+
+    def __init__(self, x, angular: bool, ids):
+        self.x = _rows32(x, "queries")
+        self.angular = angular
+        # Angular keys are -2 s: zero norms make the euclidean key formula give them.
+        self.sq = np.zeros(self.x.shape[0]) if angular else _sq_norms(self.x)
+        self.norm = _max_norm(self.x)
+        self.ids = _check_ids(ids, self.x.shape[0])
+
+    def block(self, block):
+        b = _rows32(block, "block")
+        if b.shape[1] != self.x.shape[1]:
+            raise ValueError(f"queries have width {self.x.shape[1]} but a block has width {b.shape[1]}")
+        sq = np.zeros(b.shape[0]) if self.angular else _sq_norms(b)
+        return b, sq, self.tol(b, sq)
+
+    def tol(self, b, sq_b) -> float:
+        """Bound on |key(float32 GEMM) - key(exact float64)|, plus margins for the distance map."""
+        norm_b = _max_norm(b)
+        if self.norm * norm_b > 1e36:
+            # float32 inner products would overflow to inf, which the keys would
+            # read as "surely inside every ball".
+            raise ValueError(f"rows with norms up to {max(self.norm, norm_b):.3g} overflow float32 inner products; "
+                             "rescale the features (the k-NN metrics do not change under a common scale factor)")
+        eps = _gemm_eps(self.x.shape[1], self.norm, norm_b)
+        if self.angular:
+            # 2 eps for key = -2 s; the absolute 1e-11 keeps arccos/cos rounding
+            # (~1e-16) from ever deciding a pair the float32 test called sure.
+            return 2.0 * eps + 1e-11
+        # 2 eps from the score; the float64 norms, the key's own rounding, the
+        # exact sum's rounding and sqrt's are each < (d + 8) u64 (|a|^2 + |b|^2).
+        big = (float(self.sq.max()) if self.sq.size else 0.0) + (float(sq_b.max()) if sq_b.size else 0.0)
+        return 2.0 * eps + 16.0 * (self.x.shape[1] + 8) * _U64 * big + 1e-300
+
+
+def _run_tiles(nq: int, nb: int, q32, b32, kernel, col_parts):
+    """Call kernel(sims, r0, c0, parts) over query tiles x point tiles of one block.
+
+    Each worker takes whole query tiles (so per-query state has one writer) and does
+    its own GEMMs with single-threaded BLAS (see the join kernels' "Threads"). Arrays
+    indexed by block row get one copy per worker, summed at the end (integers, so
+    the order does not matter). `col_parts` is a list of such arrays.
+    """
+    tiles = list(range(0, nq, _QUERY_TILE))
+    n = min(_n_workers(), len(tiles))   # tile threads only where BLAS is single-threaded
+    todo = iter(tiles)
+    lock = threading.Lock()
+
+    def work(parts):
+        buf = np.empty((min(nq, _QUERY_TILE), min(nb, _POINT_TILE)), dtype=np.float32)
+        while True:
+            with lock:
+                r0 = next(todo, None)
+            if r0 is None:
+                return
+            at = q32[r0:r0 + _QUERY_TILE]
+            for c0 in range(0, nb, _POINT_TILE):
+                bt = b32[c0:c0 + _POINT_TILE]
+                sims = buf[:at.shape[0], :bt.shape[0]]
+                np.matmul(at, bt.T, out=sims)
+                kernel(sims, r0, c0, parts)
+
+    if n <= 1:
+        work(col_parts)
+        return
+    copies = [col_parts] + [[np.zeros_like(p) for p in col_parts] for _ in range(n - 1)]
+    with ThreadPoolExecutor(n) as ex:
+        for f in [ex.submit(work, c) for c in copies]:
+            f.result()
+    for c in copies[1:]:
+        for dst, src in zip(col_parts, c):
+            dst += src
+
+
+def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query_ids=None) -> np.ndarray:
+    """Exact distances from each query row to its k nearest rows of the streamed set, (q, k) float64 ascending.
+
+    `blocks` yields (offset, block) pairs (or is one array); query_ids[i] is query
+    i's global row index in that set (that one pair is skipped: the row itself),
+    None when the queries are not part of it. Column k-1 is the k-NN radius used
+    by precision/recall and density/coverage. Rows with fewer than k neighbours
+    get inf. Equal to knn_distances_reference bit for bit.
+    """
+    angular = _check_distance(distance)
+    k = _check_k(k)
+    Q = _Queries(queries, angular, query_ids)
+    n = Q.x.shape[0]
+    top_key = np.full((n, k), np.inf)
+    top_d = np.full((n, k), np.inf)
+    dkey = np.full(n, np.inf)
+    tol_max = 0.0
+    for offset, block in _iter_blocks(blocks):
+        b32, sq_b, tol = Q.block(block)
+        if b32.shape[0] == 0 or n == 0:
+            continue
+        tol_max = tol = max(tol_max, tol)
+
+        def kernel(sims, r0, c0, _parts, b32=b32, sq_b=sq_b, tol=tol, offset=offset):
+            _knn_rows(sims, r0, c0, offset + c0, Q.ids, Q.sq, sq_b, tol, angular, Q.x, b32,
+                      top_key, top_d, dkey)
+
+        _run_tiles(n, b32.shape[0], Q.x, b32, kernel, [])
+    return top_d
+
+
+def knn_self(x, k: int, *, distance: str = "euclidean", tile: int = _SELF_TILE) -> np.ndarray:
+    """k-NN distances of every row of x within x, self excluded, (n, k) ascending; equal to
+    knn_distances(x, x, k, query_ids=arange(n)) and to knn_distances_reference.
+
+    Uses the symmetry d(a, b) = d(b, a) (the same float64, see pair_distances_reference):
+    the tiles of the upper triangle of x x^T update the lists of both their rows and
+    their columns, so the GEMM covers each pair once, half of what knn_distances does.
+    x is held in memory and read in tile x tile slabs. Workers keep private lists
+    (every pair is offered to exactly one of them) that are merged at the end: the
+    k smallest of their union are the exact k smallest, on any number of threads.
+    """
+    angular = _check_distance(distance)
+    k = _check_k(k)
+    Q = _Queries(x, angular, None)
+    X = Q.x
+    n = X.shape[0]
+    if tile < 1:
+        raise ValueError(f"tile must be a positive integer, got {tile}")
+    tol = Q.tol(X, Q.sq)
+    starts = list(range(0, n, tile))
+    tiles = [(r0, c0) for r0 in starts for c0 in starts if c0 >= r0]
+    n_workers = max(1, min(_n_workers(), len(tiles)))
+    todo = iter(tiles)
+    lock = threading.Lock()
+    cap = 3 * k + 8
+    states = [(np.full((n, k), np.inf), np.full((n, k), np.inf), np.full(n, np.inf), np.full(n, np.inf),
+               np.empty((n, cap)), np.empty((n, cap), np.int64), np.zeros(n, np.int64))
+              for _ in range(n_workers)]
+
+    def work(state):
+        top_key, top_d, dkey, lim, bkey, bidx, bn = state
+        buf = np.empty((min(n, tile), min(n, tile)), dtype=np.float32)
+        while True:
+            with lock:
+                t = next(todo, None)
+            if t is None:
+                _settle_all(tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
+                return
+            r0, c0 = t
+            at = X[r0:r0 + tile]
+            bt = X[c0:c0 + tile]
+            sims = buf[:at.shape[0], :bt.shape[0]]
+            np.matmul(at, bt.T, out=sims)
+            _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn)
+
+    if n_workers == 1:
+        work(states[0])
+    else:
+        with ThreadPoolExecutor(n_workers) as ex:
+            for f in [ex.submit(work, st) for st in states]:
+                f.result()
+    if n_workers == 1:
+        return states[0][1]
+    return np.sort(np.concatenate([st[1] for st in states], axis=1), axis=1)[:, :k]
+
+
+def _ball_keys(r: np.ndarray | None, n: int, angular: bool):
+    if r is None:
+        return np.full(n, -np.inf), np.full(n, -np.inf)
+    with np.errstate(invalid="ignore", over="ignore"):
+        keys = -2.0 * np.cos(np.pi * np.minimum(r, 1.0)) if angular else r * r
+    # No distance is < a radius <= 0; every angular distance is < a radius > 1.
+    keys = np.where(r > 0, keys, -np.inf)
+    if angular:
+        keys = np.where(r > 1, np.inf, keys)
+    return keys, r
+
+
+def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "euclidean", a_ids=None) -> BallCounts:
+    """Strict ball counts between query rows `a` and the streamed set B, in one pass over their pairs.
+
+    radii_a: one radius per row of a (or a scalar, or None: no a-balls); radii_b: an
+    array over all rows of B (indexed by global row), a scalar, or None. a_ids[i]
+    is a's row i's global index in B, to skip the pair of a row with itself (None:
+    a is not part of B). Returns BallCounts with the B-indexed arrays over all rows
+    seen (length: largest offset + block rows).
+    Equal to ball_counts_reference.
+    """
+    angular = _check_distance(distance)
+    Q = _Queries(a, angular, a_ids)
+    n = Q.x.shape[0]
+    ra = _radii(radii_a, n, "radii_a")
+    key_a, rad_a = _ball_keys(ra, n, angular)
+    if ra is None:
+        rad_a = np.full(n, -np.inf)
+    cnt_a = np.zeros(n, np.int64)
+    in_b = np.zeros(n, np.int64)
+    in_a_parts, cnt_b_parts = [], []
+    for offset, block in _iter_blocks(blocks):
+        b32, sq_b, tol = Q.block(block)
+        nb = b32.shape[0]
+        if radii_b is None or np.ndim(radii_b) == 0:
+            rb = _radii(radii_b, nb, "radii_b")
+        else:
+            rb = _radii(np.asarray(radii_b)[offset:offset + nb], nb, "radii_b")
+        key_b, rad_b = _ball_keys(rb, nb, angular)
+        if rb is None:
+            rad_b = np.full(nb, -np.inf)
+        in_a = np.zeros(nb, np.int64)
+        cnt_b = np.zeros(nb, np.int64)
+        in_a_parts.append((offset, in_a))
+        cnt_b_parts.append((offset, cnt_b))
+        if nb == 0 or n == 0:
+            continue
+
+        def kernel(sims, r0, c0, parts, b32=b32, sq_b=sq_b, tol=tol, offset=offset, key_b=key_b, rad_b=rad_b):
+            # cnt_a/in_b are per query: one writer per query tile, no copies needed.
+            _ball_rows(sims, r0, c0, offset + c0, Q.ids, Q.sq, sq_b, tol, angular, Q.x, b32,
+                       key_a, rad_a, key_b, rad_b, cnt_a, parts[0], parts[1], in_b)
+
+        _run_tiles(n, nb, Q.x, b32, kernel, [in_a, cnt_b])
+    total = max((o + p.shape[0] for o, p in in_a_parts), default=0)
+    in_a_all = np.zeros(total, np.int64)
+    cnt_b_all = np.zeros(total, np.int64)
+    for (o, p), (_, c) in zip(in_a_parts, cnt_b_parts):
+        in_a_all[o:o + p.shape[0]] += p
+        cnt_b_all[o:o + c.shape[0]] += c
+    return BallCounts(cnt_a, in_a_all, cnt_b_all, in_b)

@@ -1,0 +1,56 @@
+"""All the sample-based metrics of a fake set against a real set, sharing the exact joins.
+
+`compute_metrics` runs the k-NN passes once (R x R, F x F, R x F; see
+tasks/metrics/manifold.py) and derives precision/recall, density/coverage and the
+birthday-paradox support size from them; KID uses its own random subsets.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from modeaudit.tasks.metrics.birthday import DUP_QUANTILE, birthday_support
+from modeaudit.tasks.metrics.density_coverage import density_coverage_from_counts
+from modeaudit.tasks.metrics.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, kid
+from modeaudit.tasks.metrics.knn import _check_distance
+from modeaudit.tasks.metrics.manifold import blocks_of, check_sets, manifold_counts
+from modeaudit.tasks.metrics.precision_recall import precision_recall_from_counts
+
+__all__ = ["compute_metrics", "unit_rows"]
+
+
+def unit_rows(x) -> np.ndarray:
+    """Rows scaled to unit length in float32 (as the audit's embedding sources read them)."""
+    x = np.array(x, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    if x.ndim == 2 and np.any(norms == 0):
+        raise ValueError(f"row {int(np.flatnonzero(norms == 0)[0])} is all zeros: it has no direction for the "
+                         "angular distance; remove it or use euclidean")
+    x /= norms.astype(np.float32)[:, None]
+    return x
+
+
+def compute_metrics(real, fake, k: int = 5, distance: str = "euclidean", *, block_rows: int | None = 65536,
+                    kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
+                    kid_seed: int = KID_SEED, dup_quantile: float = DUP_QUANTILE) -> dict:
+    """Precision, recall, density, coverage, KID and support size of `fake` against `real`.
+
+    real, fake: (n, d) feature rows (used as float32). distance="euclidean" uses the
+    rows as given (what prdc and torch-fidelity do); "angular" scales them to unit
+    length first and uses arccos(<a, b>) / pi. KID is computed on the same rows.
+    Returns a JSON-ready dict: precision, recall, density, coverage, kid, kid_std,
+    support_size, and the settings and sizes behind them (docs/metrics.md).
+    """
+    _check_distance(distance)
+    if distance == "angular":
+        real, fake = unit_rows(real), unit_rows(fake)
+    r, f, k = check_sets(real, fake, k, distance)
+    m = manifold_counts(r, f, k, distance, block_rows=block_rows)
+    precision, recall = precision_recall_from_counts(m.fake_in_real_balls, m.real_in_fake_balls)
+    density, coverage = density_coverage_from_counts(m.fake_in_real_balls, m.real_ball_counts, k)
+    out = {"precision": precision, "recall": recall, "density": density, "coverage": coverage}
+    out.update(kid(r, f, subsets=kid_subsets, subset_size=kid_subset_size, seed=kid_seed))
+    out.update(birthday_support(r, f, m.real_knn, m.fake_knn, distance, quantile=dup_quantile,
+                                real_blocks=blocks_of(r, block_rows), fake_blocks=blocks_of(f, block_rows)))
+    out.update({"k": k, "distance": distance, "n_real": int(r.shape[0]), "n_fake": int(f.shape[0]),
+                "dim": int(r.shape[1]), "kid_seed": int(kid_seed)})
+    return out

@@ -1,0 +1,246 @@
+"""Exact k-NN kernels and the sample-based metrics (tasks/metrics/): against float64 brute force,
+the prdc package, an independent KID implementation, and through the CLI."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from modeaudit.tasks.metrics import compute_metrics
+from modeaudit.tasks.metrics.birthday import birthday_batch, duplicate_threshold, near_duplicate_pairs
+from modeaudit.tasks.metrics.kid import kid
+from modeaudit.tasks.metrics.knn import (
+    ball_counts, ball_counts_reference, knn_distances, knn_distances_reference, knn_self, pair_distances_reference,
+)
+from modeaudit.tasks.metrics.manifold import manifold_counts
+
+
+def _blocks(x, rows):
+    return [(o, x[o:o + rows]) for o in range(0, len(x), rows)]
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _random_sets(seed, n=700, m=600, d=19):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, d)).astype(np.float32)
+    b = (rng.standard_normal((m, d)) * 0.9 + 0.1).astype(np.float32)
+    # Duplicates inside a set and across sets: distance 0 pairs, shared radii.
+    a[5] = a[17]
+    a[100] = a[17]
+    b[3] = a[40]
+    return a, b
+
+
+def _grid_sets(seed, distance):
+    """Rows whose float64 distances are exact, so that many pairs lie exactly on k-NN spheres."""
+    rng = np.random.default_rng(seed)
+    if distance == "euclidean":
+        return (rng.integers(-2, 3, (400, 6)).astype(np.float32),
+                rng.integers(-2, 3, (300, 6)).astype(np.float32))
+
+    def rows(n):
+        # Four entries of +-1/2: unit norm, and every dot product a multiple of 1/4.
+        z = np.zeros((n, 8), np.float32)
+        for i in range(n):
+            z[i, rng.choice(8, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+        return z
+    return rows(400), rows(300)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "angular"])
+def test_knn_and_ball_counts_equal_float64_brute_force(distance):
+    a, b = _random_sets(0)
+    if distance == "angular":
+        a, b = _unit(a), _unit(b)
+    k = 5
+    ref_a = knn_distances_reference(a, k, distance)
+    got_a = knn_distances(a, _blocks(a, 97), k, distance=distance, query_ids=np.arange(len(a)))
+    np.testing.assert_array_equal(got_a, ref_a)
+    np.testing.assert_array_equal(knn_self(a, k, distance=distance, tile=256), ref_a)
+    # Duplicates are neighbours (at 0, or at arccos of a float32 row's |a|^2 ~ 1 - 1e-9
+    # for angular); the row itself is not.
+    assert ref_a[5, 0] == ref_a[17, 0] == ref_a[100, 0] == pair_distances_reference(a[5:6], a[5:6], distance)[0, 0]
+    # Rows 5, 17 and 100 are copies: two neighbours at that distance each, not three.
+    assert ref_a[5, 0] < 1e-4 and ref_a[5, 1] == ref_a[5, 0] and ref_a[5, 2] > ref_a[5, 0]
+    rb = knn_distances_reference(b, k, distance)[:, -1]
+    ref = ball_counts_reference(a, b, ref_a[:, -1], rb, distance).as_tuple()
+    got = ball_counts(a, _blocks(b, 128), ref_a[:, -1], rb, distance=distance).as_tuple()
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
+    assert all(r.sum() > 0 for r in ref)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "angular"])
+def test_points_exactly_on_a_sphere_are_outside(distance):
+    a, b = _grid_sets(1, distance)
+    k = 3
+    ra = knn_distances_reference(a, k, distance)
+    np.testing.assert_array_equal(knn_distances(a, _blocks(a, 50), k, distance=distance,
+                                                query_ids=np.arange(len(a))), ra)
+    np.testing.assert_array_equal(knn_self(a, k, distance=distance, tile=128), ra)
+    rb = knn_distances_reference(b, k, distance)[:, -1]
+    dist = pair_distances_reference(a, b, distance)
+    on_a = dist == ra[:, -1:]
+    on_b = dist == rb[None, :]
+    assert on_a.sum() > 100 and on_b.sum() > 100  # the data really puts points on the spheres
+    got = ball_counts(a, _blocks(b, 64), ra[:, -1], rb, distance=distance)
+    np.testing.assert_array_equal(got.in_a_balls_count, (dist < ra[:, -1:]).sum(axis=1))
+    np.testing.assert_array_equal(got.a_balls_containing, (dist < ra[:, -1:]).sum(axis=0))
+    np.testing.assert_array_equal(got.in_b_balls_count, (dist < rb[None, :]).sum(axis=0))
+    np.testing.assert_array_equal(got.b_balls_containing, (dist < rb[None, :]).sum(axis=1))
+    # and "<=" would have counted differently
+    assert not np.array_equal(got.in_a_balls_count, (dist <= ra[:, -1:]).sum(axis=1))
+
+
+def test_blocked_equals_one_block_on_any_thread_count(monkeypatch):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1300, 40)).astype(np.float32)
+    # 60 copies of one row: more near-ties than knn_self's candidate buffer holds.
+    x[200:260] = x[7]
+    y = rng.standard_normal((2600, 40)).astype(np.float32)  # > one 2048-row point tile
+    out, selfs = {}, {}
+    # Tile threads run only where BLAS is single-threaded (as in the audit's Dask workers).
+    from threadpoolctl import threadpool_limits
+    limit = threadpool_limits(limits=1, user_api="blas")
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("MODEAUDIT_THREADS", threads)
+        for rows in (None, 333, 2048):
+            blocks = [(0, y)] if rows is None else _blocks(y, rows)
+            kd = knn_distances(x, blocks, 4)
+            c = ball_counts(x, blocks, kd[:, -1] * 1.5, 7.0).as_tuple()
+            out[threads, rows] = (kd, c)
+        for tile in (1024, 300):
+            selfs[threads, tile] = knn_self(x, 4, tile=tile)
+    limit.restore_original_limits()
+    ref_kd, ref_c = out["1", None]
+    assert ref_c[0].sum() > 0 and ref_c[2].sum() > 0
+    for kd, c in out.values():
+        np.testing.assert_array_equal(kd, ref_kd)
+        for g, r in zip(c, ref_c):
+            np.testing.assert_array_equal(g, r)
+    ref_self = knn_distances(x, _blocks(x, 500), 4, query_ids=np.arange(len(x)))
+    assert np.all(ref_self[200:260] == 0.0)
+    for v in selfs.values():
+        np.testing.assert_array_equal(v, ref_self)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_precision_recall_density_coverage_equal_prdc(k, capsys):
+    import prdc  # a test dependency (pyproject's test extra): fail, do not skip, without it
+    rng = np.random.default_rng(3)
+    real = rng.standard_normal((1500, 64)).astype(np.float32)
+    fake = (rng.standard_normal((1200, 64)) * 1.2 + 0.15).astype(np.float32)
+    ref = prdc.compute_prdc(real, fake, k)
+    got = compute_metrics(real, fake, k, block_rows=500, kid_subsets=2)
+    for key in ("precision", "recall", "density", "coverage"):
+        assert abs(got[key] - ref[key]) <= 1e-6, (key, got[key], ref[key])
+    # The sets differ, so the metrics are not all 1: the comparison has something to compare.
+    assert got["precision"] < 0.99 and got["coverage"] < 0.99
+
+
+def _kid_independent(real, fake, subsets, size, seed):
+    """torch-fidelity's KID (metric_kid.py) written out afresh: subsets drawn with one
+    RandomState (real then fake, without replacement), kernel (x.y/d + 1)^3, unbiased
+    MMD^2 with the cross term's diagonal kept, mean and population std."""
+    rng = np.random.RandomState(seed)
+    d = real.shape[1]
+    vals = []
+    for _ in range(subsets):
+        x = real[rng.choice(len(real), size, replace=False)].astype(np.float64)
+        y = fake[rng.choice(len(fake), size, replace=False)].astype(np.float64)
+        kxx = (np.einsum("id,jd->ij", x, x) / d + 1.0) ** 3
+        kyy = (np.einsum("id,jd->ij", y, y) / d + 1.0) ** 3
+        kxy = (np.einsum("id,jd->ij", x, y) / d + 1.0) ** 3
+        off = kxx[~np.eye(size, dtype=bool)].sum() + kyy[~np.eye(size, dtype=bool)].sum()
+        vals.append(off / (size * (size - 1)) - 2.0 * kxy.mean())
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def test_kid_equals_independent_implementation():
+    rng = np.random.default_rng(4)
+    real = rng.standard_normal((500, 16)).astype(np.float32)
+    fake = (rng.standard_normal((450, 16)) + 0.3).astype(np.float32)
+    got = kid(real, fake, subsets=7, subset_size=200, seed=2020)
+    mean, std = _kid_independent(real, fake, 7, 200, 2020)
+    assert got["kid"] == pytest.approx(mean, rel=1e-10)
+    assert got["kid_std"] == pytest.approx(std, rel=1e-8)
+    assert got["kid"] > 10 * got["kid_std"] / math.sqrt(7)  # shifted sets: clearly positive
+    # Fewer rows than the subset size: the subset shrinks to the smaller set.
+    assert kid(real, fake, subsets=2, subset_size=1000)["kid_subset_size"] == 450
+
+
+def test_birthday_support_counts_near_duplicates_exactly():
+    rng = np.random.default_rng(5)
+    real = rng.standard_normal((800, 12)).astype(np.float32)
+    fake = rng.standard_normal((700, 12)).astype(np.float32)
+    # 60 fake rows are near-copies of 6 rows: each such row has 9 neighbours closer than
+    # tau, more than k, so they take the full-count path.
+    fake[100:160] = np.repeat(fake[:6], 10, axis=0) + 1e-4 * rng.standard_normal((60, 12)).astype(np.float32)
+    k = 5
+    m = manifold_counts(real, fake, k)
+    tau = duplicate_threshold(m.real_knn, 0.01)
+    assert tau == np.sort(knn_distances_reference(real, 1)[:, 0])[int(0.01 * 799)]
+    dist = pair_distances_reference(fake, fake)
+    np.fill_diagonal(dist, np.inf)
+    brute = int((dist < tau).sum()) // 2
+    assert brute >= 6 * 45
+    assert near_duplicate_pairs(fake, m.fake_knn, tau, blocks=_blocks(fake, 128)) == brute
+    s = birthday_batch(brute, len(fake))
+    p = brute / (len(fake) * (len(fake) - 1) / 2)
+    assert p * s * (s - 1) / 2 >= math.log(2) > p * (s - 1) * (s - 2) / 2
+    out = compute_metrics(real, fake, k, kid_subsets=2)
+    assert out["dup_pairs_fake"] == brute and out["support_size"] == s * s
+    assert out["support_size"] < out["support_size_real"]  # the repeated fake rows shrink the support
+    assert birthday_batch(0, 10) is None
+
+
+def _write_run_folder(root, emb):
+    from modeaudit.storage.store import ArraySpec, RunStore, SetLayout
+    lay = SetLayout("T", len(emb), 256, (ArraySpec("emb", "float16", emb.shape[1]),))
+    store = RunStore.create_or_open(root, {"test": 1}, [lay])
+    for i, a, b in lay.shards():
+        store.write_shard("T", i, {"emb": emb[a:b]})
+
+
+def test_cli_writes_metrics_json(tmp_path, capsys):
+    from modeaudit.flows.cli import main
+    rng = np.random.default_rng(6)
+    real = _unit(rng.standard_normal((600, 24)))
+    fake = _unit(rng.standard_normal((500, 24)) + 0.2)
+    np.save(tmp_path / "real.npy", real)
+    _write_run_folder(tmp_path / "run", fake)
+    rc = main(["metrics", "--real", str(tmp_path / "real.npy"), "--fake", str(tmp_path / "run"), "--k", "4",
+               "--distance", "angular", "--out", str(tmp_path / "out"), "--kid-subsets", "3",
+               "--block-rows", "200"])
+    assert rc == 0
+    got = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for key in ("precision", "recall", "density", "coverage", "kid", "support_size"):
+        assert key in got
+    # The run folder's T rows are the float16 rows as stored.
+    want = compute_metrics(real, fake.astype(np.float16).astype(np.float32), 4, "angular", kid_subsets=3)
+    for key in ("precision", "recall", "density", "coverage", "kid", "kid_std", "support_size"):
+        assert got[key] == want[key], key
+    assert got["k"] == 4 and got["distance"] == "angular" and got["n_fake"] == 500
+
+
+@pytest.mark.parametrize("case", ["width", "missing", "few_rows", "nan"])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
+    from modeaudit.flows.cli import main
+    rng = np.random.default_rng(7)
+    np.save(tmp_path / "real.npy", rng.standard_normal((50, 8)).astype(np.float32))
+    fake = {"width": rng.standard_normal((50, 9)), "few_rows": rng.standard_normal((3, 8)),
+            "nan": np.full((20, 8), np.nan)}.get(case)
+    if fake is not None:
+        np.save(tmp_path / "fake.npy", fake)
+    rc = main(["metrics", "--real", str(tmp_path / "real.npy"), "--fake", str(tmp_path / "fake.npy"),
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("modeaudit: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
