@@ -12,7 +12,7 @@ import numpy as np
 from modeaudit.tasks.models.generators import file_sha256
 from modeaudit.tasks.registry import ConfigError, Option, Registry
 
-DESCRIPTORS = Registry("descriptor")
+DESCRIPTORS = Registry("descriptor", plugins=("modeaudit.tasks.toy.rff",))
 _pos = dict(check=lambda v: v > 0, check_msg="must be > 0")
 
 
