@@ -16,6 +16,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from modeaudit.tasks.config import PRESETS, AuditConfig, apply_preset, finalize_sizes, kernel_for, parse_radii  # noqa: E402
 from modeaudit.tasks.registry import ConfigError, parse_kv  # noqa: E402
+from modeaudit.flows.toy_cli import add_toy_parser, run_toy  # noqa: E402
 
 
 def _count(text: str) -> int:
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image-range", default="-1:1", help="the generator's pixel range LOW:HIGH, mapped to [0, 1]")
     c.add_argument("--fid-rows", type=_count, default=10_000, help="images per side for Inception FID")
 
+    add_toy_parser(sub)
     sub.add_parser("list", help="list generators and descriptors with their options")
     return p
 
@@ -180,6 +182,8 @@ def main(argv=None) -> int:
     if args.command == "list":
         _list()
         return 0
+    if args.command == "toy":
+        return run_toy(args)
     from prefect.exceptions import FailedRun
     from modeaudit.storage.store import StoreError
     try:
