@@ -1,0 +1,199 @@
+"""Toy-world table: train reference GANs, score them against the truth, audit their checkpoints.
+
+For every (world, method, seed): `modeaudit toy train` (in-process, 1 torch thread), ground-truth
+scores of the final checkpoint (`score_generator`, 50,000 samples), and `modeaudit audit
+--generator torchscript:CKPT --descriptor rff --reference-generator toy:WORLD --preset demo`
+(in-process through the CLI's `main`, so one Prefect server serves every audit; smaller T and
+selection sizes than the preset, `AUDIT_SIZES`). Controls: the
+true world audited against itself (no collapse: the audit should stay quiet).
+
+Scores are reported twice: at the seed's mode sd (seed 003's rule, literal: 3 sd = 0.003 on the
+ring) and at the "classic" widths of Metz et al. / VEEGAN (ring sd 0.02, grid sd 0.05), because
+short CPU training does not bring samples within 0.003 of a mode (see docs/toy-benchmarks.md).
+Training data is always the seed's world.
+
+    .venv/bin/python benchmarks/toy_table.py --steps 2000 --out runs/toy-table \
+        --json benchmarks/toy_table.json --md docs/toy-benchmarks.md
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+# The demo preset with T, C, A, the selection test and the reference draw cut down, and no
+# efficiency curves: about 35 s of audit work per checkpoint here instead of ~4 minutes.
+AUDIT_SIZES = ["--M", "50000", "--mccs-set", "20000", "--anchors", "1000", "--selection-m", "2000",
+               "--selection-t", "20000", "--n-ref", "50000", "--no-efficiency"]
+WIDE_SD = {"ring8": 0.02, "grid25": 0.05, "ring8-imbalanced": 0.02}
+
+
+def _audit(spec_args: list[str], out: Path, world: str, preset: str) -> dict:
+    from modeaudit.flows.cli import main
+    argv = ["audit", *spec_args, "--descriptor", "rff", "--reference-generator", f"toy:{world}",
+            "--preset", preset, *AUDIT_SIZES, "--out", str(out), "--overwrite"]
+    t0 = time.perf_counter()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(argv)
+    if rc != 0:
+        return {"rc": rc, "argv": argv}
+    r = json.loads((out / "result.json").read_text())
+    two = r["tests"].get("two_sample", [])
+    return {"rc": 0, "seconds": round(time.perf_counter() - t0, 1), "headline": r["verdict"]["headline"],
+            "reject": {k: (any(b["reject"] for b in v) if isinstance(v, list) else bool(v["reject"]))
+                       for k, v in r["tests"].items()},
+            "mccs_worst": r["mccs"]["worst_case"], "mccs_mean": r["mccs"]["mean"],
+            "worst_s_index": r["worst_case"]["s_index"], "worst_count_d0": r["worst_case"]["count_d0"],
+            "two_sample": [{k: b[k] for k in ("s_index", "ratio", "p_adj", "reject")} for b in two],
+            "selection_p": r["tests"]["selection"]["p"], "argv": ["modeaudit", *argv]}
+
+
+def _worst_mode(run_dir: Path, ckpt: Path | None, world, s_indices: list[int], latent_dim: int) -> list[int]:
+    """Ground-truth mode (-1: between modes) of S rows, regenerated from their stored latents."""
+    from modeaudit.storage.store import RunStore
+    z = np.asarray(RunStore.open(run_dir).array("S", "latents")[:])[s_indices]
+    if ckpt is None:
+        x = world.from_latents(z)
+    else:
+        import torch
+        m = torch.jit.load(str(ckpt)).eval()
+        with torch.inference_mode():
+            x = m(torch.from_numpy(np.ascontiguousarray(z[:, :latent_dim], np.float32))).numpy()
+    return [int(i) for i in world.assign(x)]
+
+
+def _fmt(vals, nd=2, pct=False):
+    a = np.asarray(vals, float) * (100 if pct else 1)
+    return f"{a.mean():.{nd}f} ± {a.std(ddof=1) if len(a) > 1 else 0:.{nd}f}"
+
+
+def main() -> int:
+    """Run the table (see the module docstring)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worlds", default="ring8,grid25")
+    ap.add_argument("--methods", default="gan,invertgan,lol2")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--n-score", type=int, default=50_000)
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--out", default="runs/toy-table")
+    ap.add_argument("--json", default="benchmarks/toy_table.json")
+    ap.add_argument("--md", default=None, help="also write the markdown tables here")
+    ap.add_argument("--no-audit", action="store_true")
+    a = ap.parse_args()
+
+    from modeaudit.flows.toy_cli import score_generator
+    from modeaudit.tasks.toy.trainers import TrainConfig, torch_threads, train
+    from modeaudit.tasks.toy.worlds import get_world
+
+    out = Path(a.out)
+    rows, controls, t_all = [], [], time.perf_counter()
+    worlds, methods, seeds = a.worlds.split(","), a.methods.split(","), [int(s) for s in a.seeds.split(",")]
+    if not a.no_audit:
+        for w in worlds:
+            au = _audit(["--generator", f"toy:{w}"], out / w / "truth-audit", w, a.preset)
+            if au["rc"] == 0:
+                au["worst_mode"] = _worst_mode(out / w / "truth-audit", None, get_world(w), [au["worst_s_index"]],
+                                               3)[0]
+            controls.append({"world": w, "generator": f"toy:{w}", "audit": au})
+            print(json.dumps(controls[-1]), flush=True)
+    for w in worlds:
+        for m in methods:
+            for s in seeds:
+                run = out / w / m / f"seed{s}"
+                t0 = time.perf_counter()
+                with torch_threads(1):
+                    summ = train(TrainConfig(w, m, a.steps, seed=s, every=a.steps), run)
+                t_train = time.perf_counter() - t0
+                ckpt = run / summ["final"]
+                spec, gopt = f"torchscript:{ckpt}", {"latent_dim": str(summ["latent_dim"])}
+                _, lit = score_generator(w, spec, gopt, a.n_score, seed=0)
+                _, wide = score_generator(w, spec, gopt, a.n_score, seed=0, sd=WIDE_SD[w])
+                keep = ("modes_covered", "quality", "reverse_kl", "mode_shares")
+                row = {"world": w, "method": m, "seed": s, "steps": a.steps, "train_seconds": round(t_train, 1),
+                       "checkpoint": str(ckpt), "truth": {k: lit[k] for k in keep},
+                       "truth_wide": {k: wide[k] for k in keep} | {"sd": WIDE_SD[w]},
+                       "commands": [f"modeaudit toy train --world {w} --method {m} --steps {a.steps} --seed {s} "
+                                    f"--out {run} --every {a.steps}",
+                                    f"modeaudit toy score --world {w} --generator {spec} -G latent_dim="
+                                    f"{summ['latent_dim']} --n {a.n_score} --out {run}/score"]}
+                if not a.no_audit:
+                    au = _audit(["--generator", spec, "-G", f"latent_dim={summ['latent_dim']}"], run / "audit", w,
+                                a.preset)
+                    if au["rc"] == 0:
+                        idx = [au["worst_s_index"]] + [b["s_index"] for b in au["two_sample"]]
+                        modes = _worst_mode(run / "audit", ckpt, get_world(w, WIDE_SD[w]), idx, summ["latent_dim"])
+                        au["worst_mode_wide"] = modes[0]
+                        for b, md in zip(au["two_sample"], modes[1:]):
+                            b["mode_wide"] = md
+                    row["audit"] = au
+                rows.append(row)
+                print(json.dumps({k: row[k] for k in ("world", "method", "seed", "train_seconds")}
+                                 | {"truth": {k: row["truth"][k] for k in keep[:3]},
+                                    "wide": {k: row["truth_wide"][k] for k in keep[:3]},
+                                    "audit": {k: row.get("audit", {}).get(k) for k in ("headline", "mccs_worst",
+                                                                                         "reject", "seconds")}}),
+                      flush=True)
+                _write(a, rows, controls, time.perf_counter() - t_all)
+    _write(a, rows, controls, time.perf_counter() - t_all)
+    return 0
+
+
+def _write(a, rows, controls, seconds):
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    doc = {"args": vars(a), "seconds": round(seconds, 1), "controls": controls, "runs": rows,
+           "command": " ".join(["python", *sys.argv])}
+    tmp = Path(a.json + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, a.json)
+    if a.md:
+        Path(a.md + ".tables").write_text(tables(doc))
+
+
+def tables(doc: dict) -> str:
+    """Markdown: per-run table and seed 003's Table 1 shape (mean ± sd over seeds)."""
+    lines = ["| world | method | seed | verdict | worst MCCS | two-sample balls rejected | modes covered "
+             "(seed sd / wide) | quality % (seed sd / wide) | reverse KL (seed sd / wide) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in doc["controls"]:
+        au = c["audit"]
+        lines.append(f"| {c['world']} | *true world* | - | {au.get('headline')} | {au.get('mccs_worst', 0):.3f} | "
+                     f"{sum(b['reject'] for b in au.get('two_sample', []))}/{len(au.get('two_sample', []))} | "
+                     "all | ~98.9 | ~0 |")
+    for r in doc["runs"]:
+        au, t, tw = r.get("audit", {}), r["truth"], r["truth_wide"]
+        two = au.get("two_sample", [])
+        lines.append(f"| {r['world']} | {r['method']} | {r['seed']} | {au.get('headline', '-')} | "
+                     f"{au.get('mccs_worst', float('nan')):.3f} | {sum(b['reject'] for b in two)}/{len(two)} | "
+                     f"{t['modes_covered']} / {tw['modes_covered']} | {100 * t['quality']:.1f} / "
+                     f"{100 * tw['quality']:.1f} | {t['reverse_kl']:.2f} / {tw['reverse_kl']:.2f} |")
+    out = ["\n".join(lines), ""]
+    worlds = list(dict.fromkeys(r["world"] for r in doc["runs"]))
+    methods = list(dict.fromkeys(r["method"] for r in doc["runs"]))
+    for key, title in (("truth", "seed sd (seed 003's rule, literal)"), ("truth_wide", "wide sd (ring 0.02, grid 0.05)")):
+        head = "| method | " + " | ".join(f"{w}: modes | {w}: quality % | {w}: RKL" for w in worlds) + " |"
+        lines = [f"Scored at the {title}, mean ± sd over seeds:", "", head,
+                 "|---|" + "---|" * (3 * len(worlds))]
+        for m in methods:
+            cells = []
+            for w in worlds:
+                rs = [r[key] for r in doc["runs"] if r["world"] == w and r["method"] == m]
+                cells += [_fmt([x["modes_covered"] for x in rs], 1), _fmt([x["quality"] for x in rs], 1, pct=True),
+                          _fmt([x["reverse_kl"] for x in rs], 2)]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        out += ["\n".join(lines), ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
