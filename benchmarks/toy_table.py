@@ -28,7 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+import tempfile  # noqa: E402
+
+# A private Prefect home and one temporary server for all audits (as the test suite does):
+# the shared ~/.prefect database and an ephemeral server per call were seen dying mid-table here.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="modeaudit-toy-prefect-")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # The demo preset with T, C, A, the selection test and the reference draw cut down, and no
 # efficiency curves: about 35 s of audit work per checkpoint here instead of ~4 minutes.
@@ -43,8 +49,11 @@ def _audit(spec_args: list[str], out: Path, world: str, preset: str) -> dict:
             "--preset", preset, *AUDIT_SIZES, "--out", str(out), "--overwrite"]
     t0 = time.perf_counter()
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main(argv)
+    try:
+        with contextlib.redirect_stdout(buf):
+            rc = main(argv)
+    except Exception as e:  # one failed audit (e.g. the Prefect server going away) must not lose the table
+        return {"rc": -1, "error": f"{type(e).__name__}: {e}"[:300], "argv": argv}
     if rc != 0:
         return {"rc": rc, "argv": argv}
     r = json.loads((out / "result.json").read_text())
@@ -91,7 +100,12 @@ def main() -> int:
     ap.add_argument("--md", default=None, help="also write the markdown tables here")
     ap.add_argument("--no-audit", action="store_true")
     a = ap.parse_args()
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=180):
+        return _run(a)
 
+
+def _run(a) -> int:
     from modeaudit.flows.toy_cli import score_generator
     from modeaudit.tasks.toy.trainers import TrainConfig, torch_threads, train
     from modeaudit.tasks.toy.worlds import get_world

@@ -48,7 +48,7 @@ def add_toy_parser(sub) -> None:
     tr.add_argument("--latent-dim", type=_count, default=2, help="latent dimension")
     tr.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate")
     tr.add_argument("--batch", type=_count, default=128, help="batch size")
-    tr.add_argument("--sd", type=float, default=None, help="mode sd of the world (default: the seed's)")
+    tr.add_argument("--sd", type=float, default=None, help="mode sd of the world (None: the seed's value)")
     tr.add_argument("--threads", type=_count, default=1, help="torch threads while training")
     sc = ts.add_parser("score", formatter_class=fmt, help="ground-truth scores of a generator on a toy world: "
                        "metrics.json and samples.npy in DIR")
@@ -59,7 +59,7 @@ def add_toy_parser(sub) -> None:
     sc.add_argument("--n", type=_count, default=50_000, help="samples to draw (seed 003 scores 50K on Ring)")
     sc.add_argument("--seed", type=int, default=0, help="latent seed")
     sc.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json and samples.npy")
-    sc.add_argument("--sd", type=float, default=None, help="mode sd of the world (default: the seed's)")
+    sc.add_argument("--sd", type=float, default=None, help="mode sd of the world (None: the seed's value)")
     sc.add_argument("--min-share", type=float, default=None,
                     help="share of the samples a mode needs within 3 sd to count as covered (default 0.008)")
 
