@@ -43,9 +43,10 @@ AUDIT_SIZES = ["--M", "50000", "--mccs-set", "20000", "--anchors", "1000", "--se
 WIDE_SD = {"ring8": 0.02, "grid25": 0.05, "ring8-imbalanced": 0.02}
 
 
-def _audit(spec_args: list[str], out: Path, world: str, preset: str) -> dict:
+def _audit(spec_args: list[str], out: Path, world: str, preset: str, bandwidth: float = 1.0) -> dict:
     from modeaudit.flows.cli import main
-    argv = ["audit", *spec_args, "--descriptor", "rff", "--reference-generator", f"toy:{world}",
+    argv = ["audit", *spec_args, "--descriptor", "rff", "-D", f"bandwidth={bandwidth}",
+            "--reference-generator", f"toy:{world}",
             "--preset", preset, *AUDIT_SIZES, "--out", str(out), "--overwrite"]
     t0 = time.perf_counter()
     buf = io.StringIO()
@@ -58,13 +59,17 @@ def _audit(spec_args: list[str], out: Path, world: str, preset: str) -> dict:
         return {"rc": rc, "argv": argv}
     r = json.loads((out / "result.json").read_text())
     two = r["tests"].get("two_sample", [])
-    return {"rc": 0, "seconds": round(time.perf_counter() - t0, 1), "headline": r["verdict"]["headline"],
+    return {"rc": 0, "dir": str(out), "seconds": round(time.perf_counter() - t0, 1), "headline": r["verdict"]["headline"],
             "reject": {k: (any(b["reject"] for b in v) if isinstance(v, list) else bool(v["reject"]))
                        for k, v in r["tests"].items()},
             "mccs_worst": r["mccs"]["worst_case"], "mccs_mean": r["mccs"]["mean"],
             "worst_s_index": r["worst_case"]["s_index"], "worst_count_d0": r["worst_case"]["count_d0"],
             "two_sample": [{k: b[k] for k in ("s_index", "ratio", "p_adj", "reject")} for b in two],
             "selection_p": r["tests"]["selection"]["p"], "argv": ["modeaudit", *argv]}
+
+
+def _adir(name: str, a) -> str:
+    return name if a.bandwidth == 1.0 else f"{name}-h{a.bandwidth:g}"
 
 
 def _worst_mode(run_dir: Path, ckpt: Path | None, world, s_indices: list[int], latent_dim: int) -> list[int]:
@@ -79,6 +84,32 @@ def _worst_mode(run_dir: Path, ckpt: Path | None, world, s_indices: list[int], l
         with torch.inference_mode():
             x = m(torch.from_numpy(np.ascontiguousarray(z[:, :latent_dim], np.float32))).numpy()
     return [int(i) for i in world.assign(x)]
+
+
+def annotate(doc: dict) -> dict:
+    """Add, per audited run, where the audit's balls are in truth: nearest mode, distance, share/weight."""
+    import torch
+    from modeaudit.storage.store import RunStore
+    from modeaudit.tasks.toy.worlds import get_world
+    for r in doc["runs"]:
+        au = r.get("audit", {})
+        if au.get("rc") != 0:
+            continue
+        w = get_world(r["world"])
+        idx = [au["worst_s_index"]] + [b["s_index"] for b in au["two_sample"]]
+        adir = Path(au.get("dir", Path(r["checkpoint"]).parent / "audit"))
+        z = np.asarray(RunStore.open(adir).array("S", "latents")[:])[idx]
+        with torch.inference_mode():
+            x = torch.jit.load(r["checkpoint"]).eval()(torch.from_numpy(np.ascontiguousarray(z, np.float32))).numpy()
+        dist = np.sqrt(((x[:, None, :] - w.means[None]) ** 2).sum(-1))
+        near, dmin = dist.argmin(1), dist.min(1)
+        shares = np.array(r["truth_wide"]["mode_shares"])
+        balls = [{"nearest_mode": int(k), "distance": round(float(d), 4),
+                  "share_over_weight": round(float(shares[k] / w.weights[k]), 3)} for k, d in zip(near, dmin)]
+        au["worst_truth"] = balls[0]
+        for b, t in zip(au["two_sample"], balls[1:]):
+            b["truth"] = t
+    return doc
 
 
 def _fmt(vals, nd=2, pct=False):
@@ -99,7 +130,15 @@ def main() -> int:
     ap.add_argument("--json", default="benchmarks/toy_table.json")
     ap.add_argument("--md", default=None, help="also write the markdown tables here")
     ap.add_argument("--no-audit", action="store_true")
+    ap.add_argument("--bandwidth", type=float, default=1.0, help="rff bandwidth h of the audits")
+    ap.add_argument("--reuse", action="store_true", help="reuse a finished training (train.json) in --out")
+    ap.add_argument("--tables-only", action="store_true", help="only rewrite --md tables from an existing --json")
     a = ap.parse_args()
+    if a.tables_only:
+        doc = annotate(json.loads(Path(a.json).read_text()))
+        Path(a.json).write_text(json.dumps(doc, indent=1))
+        print(tables(doc))
+        return 0
     from prefect.testing.utilities import prefect_test_harness
     with prefect_test_harness(server_startup_timeout=180):
         return _run(a)
@@ -115,9 +154,9 @@ def _run(a) -> int:
     worlds, methods, seeds = a.worlds.split(","), a.methods.split(","), [int(s) for s in a.seeds.split(",")]
     if not a.no_audit:
         for w in worlds:
-            au = _audit(["--generator", f"toy:{w}"], out / w / "truth-audit", w, a.preset)
+            au = _audit(["--generator", f"toy:{w}"], out / w / _adir("truth-audit", a), w, a.preset, a.bandwidth)
             if au["rc"] == 0:
-                au["worst_mode"] = _worst_mode(out / w / "truth-audit", None, get_world(w), [au["worst_s_index"]],
+                au["worst_mode"] = _worst_mode(Path(au["dir"]), None, get_world(w), [au["worst_s_index"]],
                                                3)[0]
             controls.append({"world": w, "generator": f"toy:{w}", "audit": au})
             print(json.dumps(controls[-1]), flush=True)
@@ -126,9 +165,13 @@ def _run(a) -> int:
             for s in seeds:
                 run = out / w / m / f"seed{s}"
                 t0 = time.perf_counter()
-                with torch_threads(1):
-                    summ = train(TrainConfig(w, m, a.steps, seed=s, every=a.steps), run)
-                t_train = time.perf_counter() - t0
+                if a.reuse and (run / "train.json").exists():
+                    summ = json.loads((run / "train.json").read_text())
+                    t_train = summ["seconds"]
+                else:
+                    with torch_threads(1):
+                        summ = train(TrainConfig(w, m, a.steps, seed=s, every=a.steps), run)
+                    t_train = time.perf_counter() - t0
                 ckpt = run / summ["final"]
                 spec, gopt = f"torchscript:{ckpt}", {"latent_dim": str(summ["latent_dim"])}
                 _, lit = score_generator(w, spec, gopt, a.n_score, seed=0)
@@ -142,11 +185,11 @@ def _run(a) -> int:
                                     f"modeaudit toy score --world {w} --generator {spec} -G latent_dim="
                                     f"{summ['latent_dim']} --n {a.n_score} --out {run}/score"]}
                 if not a.no_audit:
-                    au = _audit(["--generator", spec, "-G", f"latent_dim={summ['latent_dim']}"], run / "audit", w,
-                                a.preset)
+                    au = _audit(["--generator", spec, "-G", f"latent_dim={summ['latent_dim']}"], run / _adir("audit", a),
+                                w, a.preset, a.bandwidth)
                     if au["rc"] == 0:
                         idx = [au["worst_s_index"]] + [b["s_index"] for b in au["two_sample"]]
-                        modes = _worst_mode(run / "audit", ckpt, get_world(w, WIDE_SD[w]), idx, summ["latent_dim"])
+                        modes = _worst_mode(Path(au["dir"]), ckpt, get_world(w, WIDE_SD[w]), idx, summ["latent_dim"])
                         au["worst_mode_wide"] = modes[0]
                         for b, md in zip(au["two_sample"], modes[1:]):
                             b["mode_wide"] = md
@@ -176,19 +219,24 @@ def _write(a, rows, controls, seconds):
 
 def tables(doc: dict) -> str:
     """Markdown: per-run table and seed 003's Table 1 shape (mean ± sd over seeds)."""
-    lines = ["| world | method | seed | verdict | worst MCCS | two-sample balls rejected | modes covered "
-             "(seed sd / wide) | quality % (seed sd / wide) | reverse KL (seed sd / wide) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| world | method | seed | verdict (tests rejecting) | worst MCCS | two-sample balls rejected | worst "
+             "anchor: nearest mode at distance, its share / weight (wide sd) | modes covered (seed sd / wide) | quality % (seed sd / wide) | reverse KL "
+             "(seed sd / wide) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in doc["controls"]:
         au = c["audit"]
-        lines.append(f"| {c['world']} | *true world* | - | {au.get('headline')} | {au.get('mccs_worst', 0):.3f} | "
+        tests = "".join(k[0].upper() for k, v in au.get("reject", {}).items() if v) or "none"
+        lines.append(f"| {c['world']} | *true world* | - | {au.get('headline')} ({tests}) | {au.get('mccs_worst', 0):.3f} | "
                      f"{sum(b['reject'] for b in au.get('two_sample', []))}/{len(au.get('two_sample', []))} | "
-                     "all | ~98.9 | ~0 |")
+                     f"{au.get('worst_mode', '-')} | all | ~98.9 | ~0 |")
     for r in doc["runs"]:
         au, t, tw = r.get("audit", {}), r["truth"], r["truth_wide"]
         two = au.get("two_sample", [])
-        lines.append(f"| {r['world']} | {r['method']} | {r['seed']} | {au.get('headline', '-')} | "
+        wt = au.get("worst_truth")
+        wcell = "-" if wt is None else f"{wt['nearest_mode']} at {wt['distance']:.2f}, {wt['share_over_weight']:.2f}"
+        tests = "".join(k[0].upper() for k, v in au.get("reject", {}).items() if v) or "none"
+        lines.append(f"| {r['world']} | {r['method']} | {r['seed']} | {au.get('headline', '-')} ({tests}) | "
                      f"{au.get('mccs_worst', float('nan')):.3f} | {sum(b['reject'] for b in two)}/{len(two)} | "
+                     f"{wcell} | "
                      f"{t['modes_covered']} / {tw['modes_covered']} | {100 * t['quality']:.1f} / "
                      f"{100 * tw['quality']:.1f} | {t['reverse_kl']:.2f} / {tw['reverse_kl']:.2f} |")
     out = ["\n".join(lines), ""]
