@@ -51,6 +51,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/toy-dropped")
     ap.add_argument("--json", default="benchmarks/toy_dropped_mode.json")
+    ap.add_argument("--bandwidths", default="1.0,0.5", help="rff bandwidths to audit with")
     a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from toy_table import _audit
@@ -63,10 +64,12 @@ def main() -> int:
             ckpt = out / f"{name}.pt"
             torch.jit.save(torch.jit.script(DroppedMode(junk)), str(ckpt))
             _, m = score_generator("ring8", f"torchscript:{ckpt}", {"latent_dim": "3"}, 50_000)
-            au = _audit(["--generator", f"torchscript:{ckpt}", "-G", "latent_dim=3"], out / name, "ring8", "demo")
-            rows.append({"generator": name, "truth": {k: m[k] for k in ("modes_covered", "quality", "reverse_kl",
-                                                                        "mode_shares")}, "audit": au})
-            print(json.dumps(rows[-1]), flush=True)
+            for h in (float(b) for b in a.bandwidths.split(",")):
+                au = _audit(["--generator", f"torchscript:{ckpt}", "-G", "latent_dim=3"], out / f"{name}-h{h:g}",
+                            "ring8", "demo", h)
+                rows.append({"generator": name, "bandwidth": h, "truth": {k: m[k] for k in (
+                    "modes_covered", "quality", "reverse_kl", "mode_shares")}, "audit": au})
+                print(json.dumps(rows[-1]), flush=True)
     Path(a.json).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "runs": rows}, indent=1))
     return 0
 
