@@ -139,6 +139,8 @@ def main() -> int:
     ap.add_argument("--md", default=None, help="also write the markdown tables here")
     ap.add_argument("--no-audit", action="store_true")
     ap.add_argument("--bandwidth", type=float, default=1.0, help="rff bandwidth h of the audits")
+    ap.add_argument("--control-seeds", default="0", help="audit seeds of the true-world controls")
+    ap.add_argument("--controls-only", action="store_true", help="audit only the true worlds (no training)")
     ap.add_argument("--reuse", action="store_true", help="reuse a finished training (train.json) in --out")
     ap.add_argument("--tables-only", action="store_true", help="only rewrite --md tables from an existing --json")
     a = ap.parse_args()
@@ -162,12 +164,18 @@ def _run(a) -> int:
     worlds, methods, seeds = a.worlds.split(","), a.methods.split(","), [int(s) for s in a.seeds.split(",")]
     if not a.no_audit:
         for w in worlds:
-            au = _audit(["--generator", f"toy:{w}"], out / w / _adir("truth-audit", a), w, a.preset, a.bandwidth)
-            if au["rc"] == 0:
-                au["worst_mode"] = _worst_mode(Path(au["dir"]), None, get_world(w), [au["worst_s_index"]],
-                                               3)[0]
-            controls.append({"world": w, "generator": f"toy:{w}", "audit": au})
-            print(json.dumps(controls[-1]), flush=True)
+            for cs in (int(c) for c in a.control_seeds.split(",")):
+                name = "truth-audit" if cs == 0 else f"truth-audit-seed{cs}"
+                au = _audit(["--generator", f"toy:{w}", "--seed", str(cs)], out / w / _adir(name, a), w, a.preset,
+                            a.bandwidth)
+                if au["rc"] == 0:
+                    au["worst_mode"] = _worst_mode(Path(au["dir"]), None, get_world(w), [au["worst_s_index"]],
+                                                   3)[0]
+                controls.append({"world": w, "generator": f"toy:{w}", "audit_seed": cs, "audit": au})
+                print(json.dumps(controls[-1]), flush=True)
+    if a.controls_only:
+        _write(a, rows, controls, time.perf_counter() - t_all)
+        return 0
     for w in worlds:
         for m in methods:
             for s in seeds:
@@ -233,7 +241,7 @@ def tables(doc: dict) -> str:
     for c in doc["controls"]:
         au = c["audit"]
         tests = "".join(k[0].upper() for k, v in au.get("reject", {}).items() if v) or "none"
-        lines.append(f"| {c['world']} | *true world* | - | {au.get('headline')} ({tests}) | {au.get('mccs_worst', 0):.3f} | "
+        lines.append(f"| {c['world']} | *true world* | audit seed {c.get('audit_seed', 0)} | {au.get('headline')} ({tests}) | {au.get('mccs_worst', 0):.3f} | "
                      f"{sum(b['reject'] for b in au.get('two_sample', []))}/{len(au.get('two_sample', []))} | "
                      f"{au.get('worst_mode', '-')} | all | ~98.9 | ~0 |")
     for r in doc["runs"]:
