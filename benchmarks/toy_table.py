@@ -115,6 +115,8 @@ def annotate(doc: dict) -> dict:
                   "share_over_weight": round(float(shares[k] / w.weights[k]), 3),
                   "ball_share_over_weight": round(float(ball[k] / w.weights[k]), 3)} for k, d in zip(near, dmin)]
         au["worst_truth"] = balls[0]
+        au["ball_share_over_weight_per_mode"] = [round(float(v), 3) for v in ball / w.weights]
+        au["outside_all_balls"] = round(float(1 - ball.sum()), 4)
         for b, t in zip(au["two_sample"], balls[1:]):
             b["truth"] = t
     return doc
@@ -258,6 +260,20 @@ def tables(doc: dict) -> str:
                      f"{t['modes_covered']} / {tw['modes_covered']} | {100 * t['quality']:.1f} / "
                      f"{100 * tw['quality']:.1f} | {t['reverse_kl']:.2f} / {tw['reverse_kl']:.2f} |")
     out = ["\n".join(lines), ""]
+    per = [r for r in doc["runs"] if "ball_share_over_weight_per_mode" in r.get("audit", {})]
+    if per:
+        pl = ["Ground truth at the audit's own scale: each mode's share within r(d0) of its mean, over its true "
+              "weight (50,000 samples of the checkpoint), and the two-sample test's rejected balls:", "",
+              "| world | method | seed | share / weight per mode | outside every ball | two-sample rejects (nearest "
+              "mode: ratio) |", "|---|---|---|---|---|---|"]
+        for r in per:
+            au = r["audit"]
+            rej = ", ".join(f"{b['truth']['nearest_mode']}: {b['ratio']:.2f}" for b in au["two_sample"]
+                            if b["reject"] and "truth" in b) or "none"
+            pl.append(f"| {r['world']} | {r['method']} | {r['seed']} | "
+                      f"{' '.join(f'{v:.2f}' for v in au['ball_share_over_weight_per_mode'])} | "
+                      f"{100 * au['outside_all_balls']:.1f} % | {rej} |")
+        out += ["\n".join(pl), ""]
     worlds = list(dict.fromkeys(r["world"] for r in doc["runs"]))
     methods = list(dict.fromkeys(r["method"] for r in doc["runs"]))
     for key, title in (("truth", "seed sd (seed 003's rule, literal)"), ("truth_wide", "wide sd (ring 0.02, grid 0.05)")):
