@@ -122,6 +122,11 @@ def annotate(doc: dict) -> dict:
     return doc
 
 
+def _r(ratio) -> str:
+    # result.json writes an infinite ratio (no reference row in the ball) as null.
+    return "inf" if ratio is None else f"{ratio:.2f}"
+
+
 def _fmt(vals, nd=2, pct=False):
     a = np.asarray(vals, float) * (100 if pct else 1)
     return f"{a.mean():.{nd}f} ± {a.std(ddof=1) if len(a) > 1 else 0:.{nd}f}"
@@ -250,7 +255,7 @@ def tables(doc: dict) -> str:
         au, t, tw = r.get("audit", {}), r["truth"], r["truth_wide"]
         two = au.get("two_sample", [])
         wt = au.get("worst_truth")
-        ratio = next((f"{b['ratio']:.2f}" for b in two if b["s_index"] == au.get("worst_s_index")), "-")
+        ratio = next((_r(b["ratio"]) for b in two if b["s_index"] == au.get("worst_s_index")), "-")
         wcell = "-" if wt is None else (f"{wt['nearest_mode']} at {wt['distance']:.2f}: {wt['share_over_weight']:.2f}"
                                         f" / {wt['ball_share_over_weight']:.2f} (audit ratio {ratio})")
         tests = "".join(k[0].upper() for k, v in au.get("reject", {}).items() if v) or "none"
@@ -268,7 +273,7 @@ def tables(doc: dict) -> str:
               "mode: ratio) |", "|---|---|---|---|---|---|"]
         for r in per:
             au = r["audit"]
-            rej = ", ".join(f"{b['truth']['nearest_mode']}: {b['ratio']:.2f}" for b in au["two_sample"]
+            rej = ", ".join(f"{b['truth']['nearest_mode']}: {_r(b['ratio'])}" for b in au["two_sample"]
                             if b["reject"] and "truth" in b) or "none"
             pl.append(f"| {r['world']} | {r['method']} | {r['seed']} | "
                       f"{' '.join(f'{v:.2f}' for v in au['ball_share_over_weight_per_mode'])} | "
