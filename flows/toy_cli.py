@@ -18,6 +18,7 @@ class _OneLineParser(argparse.ArgumentParser):
     """argparse errors as the CLI's one-line error (no usage block), exit code 2."""
 
     def error(self, message):
+        """Print `modeaudit: error: MESSAGE; see ... --help` and exit 2."""
         print(f"modeaudit: error: {message}; see `{self.prog} --help`", file=sys.stderr)
         sys.exit(2)
 

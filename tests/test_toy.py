@@ -146,7 +146,7 @@ def test_audit_path_embeds_checkpoint_and_reference(tmp_path):
     (["toy", "train", "--world", "ring8", "--method", "gan", "--steps", "1.5"], "not a whole number"),
     (["toy", "train", "--world", "ring8", "--steps", "5"], "required: --method"),
     (["toy", "score", "--world", "ring8", "--generator", "torchscript:/no/such.pt"], "no such file"),
-    (["toy", "score", "--world", "ring8", "--generator", "torch:tiny"], "not 2-D points"),
+    (["toy", "score", "--world", "ring8", "--generator", "torch:tiny", "--n", "8"], "not 2-D points"),
     (["toy", "score", "--world", "ring8", "--generator", "toy:ring8", "--n", "0"], "--n 0"),
     (["toy", "score", "--world", "ring8", "--generator", "toy:nope"], "unknown world"),
     (["toy"], "needs a subcommand"),
