@@ -157,3 +157,18 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, argv, match):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("modeaudit: error: ") and match in lines[0], err
     assert "Traceback" not in err
+
+
+def test_cli_train_writes_checkpoints_and_scores_them(tmp_path, capsys):
+    rc, out, err = cli(["toy", "train", "--world", "grid25", "--method", "lol1", "--steps", "4", "--every", "2",
+                        "--seed", "1", "--out", str(tmp_path / "run")], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "run").glob("ckpt_*.pt")) == ["ckpt_000002.pt", "ckpt_000004.pt"]
+    summary = json.loads(out[out.index("{"):])
+    assert summary["final"].endswith("ckpt_000004.pt") and "--reference-generator toy:grid25" in summary["audit_with"]
+    rc, out, err = cli(["toy", "score", "--world", "grid25", "--generator", f"torchscript:{summary['final']}",
+                        "-G", "latent_dim=2", "--n", "1000", "--out", str(tmp_path / "score")], capsys)
+    assert rc == 0, err
+    m = json.loads((tmp_path / "score" / "metrics.json").read_text())
+    # Four steps from random weights: nowhere near the grid's 0.0075-wide modes.
+    assert m["quality"] < 0.05 and len(m["mode_shares"]) == 25
