@@ -16,10 +16,12 @@ r = |x - y|:
 
 d grows monotonically with r, from 0 at r = 0 to 0.5 as r -> infinity (the kernel never goes
 negative), so balls in d are balls in Euclidean distance. Examples: d = 0.10 <-> r = 0.32 h,
-d0 = 0.25 <-> r = 0.83 h, d = 0.40 <-> r = 1.53 h, d = 0.45 <-> r = 1.93 h. With h = 1 the
-default dense-mode search radius (d0 = 0.25) is r = 0.83, inside the spacing of ring8's modes
-(1.53) and grid25's (2): one dense ball holds one mode. Because of the O(1/sqrt(F)) noise,
-distances near d = 0.5 (r >> h) are not resolved: choose h near the scale you want to see.
+d0 = 0.25 <-> r = 0.83 h, d = 0.40 <-> r = 1.53 h, d = 0.45 <-> r = 1.93 h. Because of the
+O(1/sqrt(F)) noise, distances near d = 0.5 (r >> h) are not resolved: choose h near the scale
+you want to see. For separated modes keep the dense-mode ball r(d0) = 0.83 h below half the
+spacing of the modes, else a ball centred between two modes holds both and reads as a dense mode
+(measured in docs/toy-benchmarks.md): grid25 (spacing 2) is fine at the default h = 1, ring8
+(spacing 1.53) needs h < 0.92, e.g. -D bandwidth=0.5.
 """
 from __future__ import annotations
 
