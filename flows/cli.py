@@ -19,6 +19,7 @@ from modeaudit.storage.layout import RunLayout, check_out_dir  # noqa: E402
 from modeaudit.tasks.config import (PRESETS, AuditConfig, CalibrationConfig, apply_preset, default,  # noqa: E402
                                     finalize_sizes, kernel_for, parse_radii)
 from modeaudit.tasks.registry import ConfigError, parse_kv  # noqa: E402
+from modeaudit.flows.toy_cli import add_toy_parser, run_toy  # noqa: E402
 
 
 def _count(text: str) -> int:
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image-range", default=C("image_range"), help="the generator's pixel range LOW:HIGH, mapped to [0, 1]")
     c.add_argument("--fid-rows", type=_count, default=C("fid_rows"), help="images per side for Inception FID")
 
+    add_toy_parser(sub)
     sub.add_parser("list", help="list generators and descriptors with their options")
     add_metrics_parser(sub)
     return p
@@ -212,6 +214,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "metrics":
         return run_metrics(args)
+    if args.command == "toy":
+        return run_toy(args)
     from prefect.exceptions import FailedRun
     from modeaudit.storage.store import StoreError
     try:

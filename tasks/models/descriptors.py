@@ -12,7 +12,7 @@ import numpy as np
 from modeaudit.tasks.models.generators import file_sha256, load_torchscript, torch_device
 from modeaudit.tasks.registry import ConfigError, Option, Registry, require_torch
 
-DESCRIPTORS = Registry("descriptor", plugins=("modeaudit.tasks.models.python_models",))
+DESCRIPTORS = Registry("descriptor", plugins=("modeaudit.tasks.models.python_models", "modeaudit.tasks.toy.rff"))
 _pos = dict(check=lambda v: v > 0, check_msg="must be > 0")
 
 

@@ -20,7 +20,7 @@ from modeaudit.tasks.models.rng import latent_rows
 # "calibrated:PATH" lives with the calibration code, which builds on this module:
 # it is imported when the registry is first read, so neither module imports the other at load.
 GENERATORS = Registry("generator", plugins=("modeaudit.tasks.calibration.samplers",
-                                             "modeaudit.tasks.models.python_models"))
+                                             "modeaudit.tasks.models.python_models", "modeaudit.tasks.toy.generators"))
 
 _pos = dict(check=lambda v: v > 0, check_msg="must be > 0")
 _prob = dict(check=lambda v: 0 <= v < 1, check_msg="must be in [0, 1)")
