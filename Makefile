@@ -21,7 +21,7 @@ setup-test: $(BIN)/python
 	$(BIN)/pip install -q -e ".[test]"
 
 demo: setup
-	$(BIN)/modeaudit audit --generator synthetic:planted --preset demo --out demo-run
+	$(BIN)/modeaudit audit --generator synthetic:planted --reference-generator synthetic:null --preset demo --out demo-run --overwrite
 	@echo "open demo-run/report.html"
 
 test: setup-test
