@@ -13,6 +13,7 @@ import sys
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
+from modeaudit.flows.args import count as _count  # noqa: E402
 from modeaudit import __version__  # noqa: E402
 from modeaudit.flows.metrics_cli import add_metrics_parser, run_metrics  # noqa: E402
 from modeaudit.storage.layout import RunLayout, check_out_dir  # noqa: E402
@@ -20,17 +21,6 @@ from modeaudit.tasks.config import (PRESETS, AuditConfig, CalibrationConfig, app
                                     finalize_sizes, kernel_for, parse_radii)
 from modeaudit.tasks.registry import ConfigError, parse_kv  # noqa: E402
 from modeaudit.flows.toy_cli import add_toy_parser, run_toy  # noqa: E402
-
-
-def _count(text: str) -> int:
-    """Whole numbers that may be written 1e5."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if v != int(v):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    return int(v)
 
 
 def _radii(text: str) -> tuple:

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from modeaudit.flows.args import count as _count  # noqa: E402
 from modeaudit.tasks.registry import ConfigError, parse_kv
 
 
@@ -21,16 +22,6 @@ class _OneLineParser(argparse.ArgumentParser):
         """Print `modeaudit: error: MESSAGE; see ... --help` and exit 2."""
         print(f"modeaudit: error: {message}; see `{self.prog} --help`", file=sys.stderr)
         sys.exit(2)
-
-
-def _count(text: str) -> int:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if v != int(v):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    return int(v)
 
 
 def add_toy_parser(sub) -> None:
