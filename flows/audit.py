@@ -143,6 +143,9 @@ def run_audit(cfg: AuditConfig, client) -> dict:
     for name in tests:
         with t(name):
             result["tests"][name] = stages.stat_test(name, ctx)
+    if ref is not None and cfg.diversity_rows:
+        with t("diversity"):
+            result["diversity"] = stages.diversity(client, ref, T, cfg.diversity_rows)
     if cfg.efficiency:
         with t("efficiency"):
             result["sampling_efficiency"] = stages.efficiency(

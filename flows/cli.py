@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--modes", type=_count, default=A("modes"), help="top-k distinct dense modes (no two within d0)")
     st.add_argument("--tie-weight", type=float, default=A("tie_weight"), help="weight of a pair at exactly d0 in "
                     "the dense-mode ranking: 1 (inclusive count) or 0.5 (seed 000, Eq. 2)")
+    st.add_argument("--diversity-rows", type=_count, default=A("diversity_rows"), help="rows of T and of the "
+                    "reference for precision/recall, density/coverage, KID, support size (0: skip)")
     st.add_argument("--no-efficiency", dest="efficiency", action="store_false",
                     help="skip the sampling-efficiency curves")
     ex = a.add_argument_group("execution")

@@ -108,6 +108,7 @@ class AuditConfig(_Config):
     selection_m: int | None = None     # the selection test re-selects on S[:selection_m] (default min(m, 1e4))
     selection_t: int | None = None     # ... and counts in T[:selection_t] (default min(M, 1e5))
     modes: int = 10                    # top-k distinct dense modes (two-sample test, report)
+    diversity_rows: int = 10_000       # rows of T and of the reference for the peers' metrics (0: skip them)
     efficiency: bool = True            # sampling-efficiency curves
     # Weight of a pair at exactly d0 in the dense-mode ranking: 1.0 counts it (inclusive,
     # d <= d0), 0.5 is seed 000's Eq. 2 ((1 + sgn(d0 - d)) / 2); docs/statistics.md.
@@ -233,6 +234,8 @@ def validate_settings(c: AuditConfig) -> None:
     if c.threads_per_worker is not None and c.threads_per_worker < 1:
         raise ConfigError(f"threads_per_worker={c.threads_per_worker}; give at least 1, or leave it unset "
                           "(cores / workers)")
+    if not isinstance(c.diversity_rows, int) or c.diversity_rows < 0:
+        raise ConfigError(f"diversity_rows={c.diversity_rows}; give a whole number >= 0 (0 skips the diversity metrics)")
     if c.workers < 1:
         raise ConfigError(f"workers={c.workers}; give at least 1")
     if c.scheduler is not None:

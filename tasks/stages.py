@@ -41,3 +41,4 @@ def _stat_test(name: str, ctx):
 # One task for every registered test; the run is named after the test in Prefect's UI.
 stat_test = compute_task(_stat_test, name="stat-test", task_run_name="{name}-test")
 efficiency = compute_task(stats.sampling_efficiency, name="sampling-efficiency")
+diversity = compute_task(stats.diversity, name="diversity-metrics")

@@ -32,7 +32,7 @@ def planted_and_null(tmp_path_factory, prefect_harness):
     # The reference generator is the collapse-free world with the same identities ("real data").
     tmp = tmp_path_factory.mktemp("pn")
     # 39 null replicates resolve p to 1/40: enough for the assertions at alpha = 0.05, 2.5x cheaper than 99.
-    return (run(tmp, "planted", reference_generator="synthetic:null", null_replicates=39),
+    return (run(tmp, "planted", reference_generator="synthetic:null", null_replicates=39, diversity_rows=3000),
             run(tmp, "null", generator="synthetic:null", reference_generator="synthetic:null", null_replicates=39),
             tmp)
 
@@ -86,7 +86,11 @@ def test_result_contract_and_report(planted_and_null):
     assert on_disk["normalization"]["S"]["renormalized_rows"] == 2000
     html = (tmp / "planted" / "report.html").read_text()
     assert "data:image/png;base64" in html and str(on_disk["worst_case"]["s_index"]) in html
-    for section in ("Global envelope test (ERL)", "Selection-aware test", "Distinct dense modes", "Sampling efficiency"):
+    d = on_disk["diversity"]
+    assert set(d["metrics"]) == {"precision", "recall", "density", "coverage", "kid", "support_size"}
+    assert d["rows_T"] == d["rows_reference"] == 3000 and 0 < d["metrics"]["recall"] <= 1
+    for section in ("Global envelope test (ERL)", "Selection-aware test", "Distinct dense modes", "Sampling efficiency",
+                    "Diversity metrics"):
         assert section in html
     # Strict JSON: no Infinity/NaN tokens (one-sided envelopes are -inf below).
     json.loads((tmp / "planted" / "result.json").read_text(), parse_constant=lambda c: pytest.fail(c))

@@ -143,9 +143,23 @@ def efficiency_section(result) -> tuple[str, str] | None:
     return "Sampling efficiency", _img(fig, "sampling efficiency") + _table(header, rows)
 
 
+def diversity_section(result) -> tuple[str, str] | None:
+    """The peers' metrics of T against the reference set (precision/recall, density/coverage, KID, support)."""
+    d = result.get("diversity")
+    if not d or "metrics" not in d:
+        return None
+    m = d["metrics"]
+    rows = [[html.escape(k), _f(m.get(k))] for k in ("precision", "recall", "density", "coverage", "kid")]
+    rows.append(["support size (birthday)", "—" if m.get("support_size") is None else f"{m['support_size']:.3g}"])
+    note = (f"<p class=\"note\">T against the reference set, first {d['rows_T']:,} and {d['rows_reference']:,} rows, "
+            "k = 5, Euclidean on the unit embeddings (as prdc and torch-fidelity compute them); formulas and "
+            "sources: docs/metrics.md. These describe fidelity and coverage; they are not collapse tests.</p>")
+    return "Diversity metrics", note + _table(["metric", "value"], rows)
+
+
 def stats_sections(result) -> list[tuple[str, str]]:
     """Every section that applies to this result: each run test's own (from the registry), then modes and efficiency."""
     from modeaudit.tasks.stats.registry import STAT_TESTS
     out = [STAT_TESTS[n].report_section(result) for n in result.get("tests", {}) if n in STAT_TESTS]
-    out += [f(result) for f in (modes_section, efficiency_section)]
+    out += [f(result) for f in (modes_section, diversity_section, efficiency_section)]
     return [s for s in out if s]

@@ -163,3 +163,23 @@ def sampling_efficiency(client, S_rows, T, *, worst: int, random_anchor: int, se
         "mccs_std_vs_A": [population_mccs(mccs_a[:a])[1] for a in a_grid],
         "worst_case_vs_S": ws,
     }
+
+
+def diversity(client, ref, T, rows: int, k: int = 5) -> dict:
+    """The peers' diversity metrics of T against the reference set, on the first `rows` rows of each.
+
+    Precision/recall, density/coverage, KID and the birthday support size (tasks/metrics/),
+    Euclidean on the unit rows as the peers compute them; run as one task on the cluster
+    (a worker's single-threaded BLAS, its tile threads). k-NN radii cost rows^2 scores, so
+    the audit uses a sample, as the peers do (their default is 1e4 to 5e4 rows).
+    """
+    n_r, n_t = min(rows, ref.rows), min(rows, T.rows)
+    if min(n_r, n_t) <= k:
+        return {"skipped": f"fewer than {k + 1} rows in T or in the reference", "rows_reference": n_r, "rows_T": n_t}
+
+    def run(ref_, T_):
+        from modeaudit.tasks.metrics.suite import compute_metrics
+        return compute_metrics(ref_.read(0, n_r), T_.read(0, n_t), k, "euclidean")
+    m = run(ref, T) if client is None else client.submit(run, ref, T, pure=False).result()
+    keys = ("precision", "recall", "density", "coverage", "kid", "support_size")
+    return {"metrics": {key: m.get(key) for key in keys}, "details": m, "rows_reference": n_r, "rows_T": n_t}
