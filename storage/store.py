@@ -486,6 +486,11 @@ class RunStore:
 
     # ----- layout and arrays ---------------------------------------------- #
 
+    @property
+    def set_names(self) -> list[str]:
+        """Names of the sample sets in this run."""
+        return list(self._layouts)
+
     def layout(self, set_name: str) -> SetLayout:
         """The SetLayout of ``set_name``; StoreError naming the known sets otherwise."""
         try:

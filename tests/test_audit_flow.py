@@ -11,7 +11,7 @@ from modeaudit.tasks.config import AuditConfig
 SMALL = dict(m=2000, M=24000, q=200, n_a=500, n_c=24000)
 # Determinism runs: every default test; 19 surrogate replicates (the fewest alpha = 0.05 allows) exercise
 # the same code as 39, at half the cost.
-DET = dict(null_replicates=19)
+DET = dict(null_replicates=19, m=1000, M=8000, q=100, n_a=200, n_c=8000)
 
 
 def run(tmp, name, **kw):
@@ -32,8 +32,9 @@ def planted_and_null(tmp_path_factory, prefect_harness):
     # The reference generator is the collapse-free world with the same identities ("real data").
     tmp = tmp_path_factory.mktemp("pn")
     # 39 null replicates resolve p to 1/40: enough for the assertions at alpha = 0.05, 2.5x cheaper than 99.
-    return (run(tmp, "planted", reference_generator="synthetic:null", null_replicates=39, diversity_rows=3000),
-            run(tmp, "null", generator="synthetic:null", reference_generator="synthetic:null", null_replicates=39),
+    fast = dict(null_replicates=39, selection_t=8000)
+    return (run(tmp, "planted", reference_generator="synthetic:null", diversity_rows=3000, **fast),
+            run(tmp, "null", generator="synthetic:null", reference_generator="synthetic:null", diversity_rows=0, **fast),
             tmp)
 
 
@@ -100,14 +101,14 @@ def test_result_contract_and_report(planted_and_null):
 def base_run(tmp_path_factory, prefect_harness):
     """A generator run with every default test on its own 1-worker cluster: the reference for determinism."""
     tmp = tmp_path_factory.mktemp("base")
-    return run(tmp, "a", workers=1, shard_rows=5000, **DET), tmp
+    return run(tmp, "a", workers=1, shard_rows=2000, **DET), tmp
 
 
 def test_same_numbers_on_1_or_2_workers_and_any_shard_size(base_run, tmp_path, prefect_harness):
     base, base_dir = base_run
     assert set(base["tests"]) == {"paper", "erl", "selection"}   # every default test of a generator run
-    two = run(tmp_path, "b", workers=2, shard_rows=5000, **DET)
-    other = run(tmp_path, "c", workers=2, shard_rows=3001, **DET)
+    two = run(tmp_path, "b", workers=2, shard_rows=2000, **DET)
+    other = run(tmp_path, "c", workers=2, shard_rows=1501, **DET)
     assert _strip(base) == _strip(two) == _strip(other)
     arrays = [RunStore.open(base_dir / "a"), RunStore.open(tmp_path / "b"), RunStore.open(tmp_path / "c")]
     for name in ("results/curves", "results/mccs_A", "results/self_counts"):
@@ -169,7 +170,7 @@ def test_external_scheduler_gives_the_same_numbers(base_run, tmp_path, prefect_h
         from distributed import Client
         with Client(addr, timeout="30s") as c:
             c.wait_for_workers(2, timeout=60)
-        ext = run(tmp_path, "ext", scheduler=addr, shard_rows=7000, **DET)
+        ext = run(tmp_path, "ext", scheduler=addr, shard_rows=3000, **DET)
         assert _strip(ext) == _strip(base_run[0])
     finally:
         for p in reversed(procs):

@@ -176,9 +176,10 @@ class TorchGenerator(Generator):
                 except RuntimeError as e:   # a wrong latent_dim, mostly
                     raise ConfigError(f"generator {self.spec} failed on latents of shape {tuple(zb.shape)} "
                                       f"({str(e).splitlines()[0]}); check -G latent_dim") from None
-                if not hasattr(out, "dim") or out.dim() != 4 or out.shape[0] != zb.shape[0]:
+                if not hasattr(out, "dim") or out.dim() not in (2, 4) or out.shape[0] != zb.shape[0]:
                     raise ConfigError(f"generator {self.spec} returned {getattr(out, 'shape', type(out).__name__)} "
-                                      f"for {zb.shape[0]} latents; it must return images (n, C, H, W)")
+                                      f"for {zb.shape[0]} latents; it must return images (n, C, H, W) or "
+                                      "rows (n, D)")
                 outs.append(out.float().cpu().numpy())
         return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
