@@ -118,7 +118,7 @@ def test_embeddings_and_reference_runs_are_bit_identical_on_1_and_2_workers(tmp_
     outs = []
     for w in (1, 2):
         argv = ["audit", "--embeddings-s", str(p["s"]), "--embeddings-t", str(p["t"]), "--reference", str(p["r"]),
-                "--q", "100", "--selection-t", "2000", "--null-replicates", "19", "--no-efficiency",
+                "--q", "100", "--selection-t", "2000", "--null-replicates", "19", "--no-efficiency", "--diversity-rows", "1000",
                 "--workers", str(w), "--out", str(tmp_path / f"w{w}")]
         assert main(argv) == 0
         outs.append((tmp_path / f"w{w}" / "result.json").read_text())
