@@ -431,8 +431,8 @@ def _worst_case_block(result: Mapping) -> str:
 
 _KNOWN_TOP = {"modeaudit_version", "source", "sizes", "d0", "radii", "settings", "worst_case",
               "r_obs", "r_ref", "curves", "tests", "mccs", "truth", "normalization", "timings",
-              # drawn in their own sections (tasks/report_stats.py)
-              "modes", "sampling_efficiency"}
+              # drawn in their own sections (tasks/report/stats.py), or the verdict at the top
+              "modes", "sampling_efficiency", "diversity", "verdict"}
 
 
 def _settings_block(result: Mapping) -> str:
