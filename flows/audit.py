@@ -195,12 +195,12 @@ def audit_flow(config: AuditConfig) -> dict:
     except (ConfigError, StoreError) as e:
         # A Failed state (not a raise) keeps the traceback out of the log; callers get FailedRun(message).
         return Failed(message=str(e))
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        return Failed(message=f"no space left on the device of {config_out(config)} ({e.strerror}); free some space "
-                              "and rerun with the same --out (finished shards are kept), or choose another --out")
     except Exception as e:
+        # (Dask's CommClosedError is an OSError too: worker loss is tested first.)
+        if isinstance(e, OSError) and not worker_lost(e) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return Failed(message=f"no space left on the device of {config_out(config)} ({e.strerror}); free some "
+                                  "space and rerun with the same --out (finished shards are kept), or choose another "
+                                  "--out")
         if not worker_lost(e):
             raise
         return Failed(message=f"Dask workers died during the run ({type(e).__name__}); out of memory? Rerun with "

@@ -79,7 +79,17 @@ def connect(cluster_or_address, plan: ExecutionPlan):
                               "leave --scheduler out for a local cluster") from None
     client = Client(cluster_or_address)
     if plan.cluster == "local":
-        client.register_plugin(SingleThreadedBLAS(), name="modeaudit-blas")
+        # The scheduler keeps the plugin for workers that start later (a restarted one too);
+        # a worker dying during the registration itself is waited out and registered again.
+        from modeaudit.tasks.join.parallel import worker_lost
+        for attempt in range(3):
+            try:
+                client.register_plugin(SingleThreadedBLAS(), name="modeaudit-blas")
+                break
+            except Exception as e:
+                if not worker_lost(e) or attempt == 2:
+                    raise
+                client.wait_for_workers(1, timeout=120)
     return client
 
 
