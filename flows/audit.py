@@ -4,7 +4,6 @@ Composition only: every number is computed in tasks/.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from pathlib import Path
@@ -28,7 +27,9 @@ from modeaudit.tasks.stats.registry import TestContext
 from modeaudit.tasks.join.parallel import worker_lost
 from modeaudit.tasks.join.sources import Source
 
-from modeaudit.flows.cluster import dask_client, plan_execution
+from modeaudit.flows.cluster import dask_client
+from modeaudit.tasks.errors import disk_full
+from modeaudit.tasks.plan import plan_execution
 
 
 class _OneLineUserErrors(logging.Filter):
@@ -43,7 +44,7 @@ class _OneLineUserErrors(logging.Filter):
 def user_facing(e: BaseException) -> bool:
     """Errors the run reports as one line (bad input, a full disk, lost workers), never as a traceback."""
     return (isinstance(e, (ConfigError, StoreError)) or worker_lost(e)
-            or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)))
+            or disk_full(e))
 
 
 logging.getLogger("prefect.task_runs").addFilter(_OneLineUserErrors())
@@ -197,7 +198,7 @@ def audit_flow(config: AuditConfig) -> dict:
         return Failed(message=str(e))
     except Exception as e:
         # (Dask's CommClosedError is an OSError too: worker loss is tested first.)
-        if isinstance(e, OSError) and not worker_lost(e) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(e) and not worker_lost(e):
             return Failed(message=f"no space left on the device of {config_out(config)} ({e.strerror}); free some "
                                   "space and rerun with the same --out (finished shards are kept), or choose another "
                                   "--out")

@@ -22,7 +22,8 @@ from modeaudit.tasks.registry import ConfigError
 from modeaudit.tasks.report.calibration import write_calibration_report
 
 from modeaudit.flows.audit import run_audit
-from modeaudit.flows.cluster import dask_client, plan_execution
+from modeaudit.flows.cluster import dask_client
+from modeaudit.tasks.plan import plan_execution
 from modeaudit.storage.layout import RunLayout, atomic_write_json, run_lock
 
 fit_task = task(cache_policy=NO_CACHE, name="fit-calibration")

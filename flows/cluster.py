@@ -14,7 +14,7 @@ import logging
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from modeaudit.tasks.config import check_scheduler_address
-from modeaudit.tasks.plan import ExecutionPlan, plan_execution  # noqa: F401  (re-exported for flows, deploy)
+from modeaudit.tasks.plan import ExecutionPlan
 from modeaudit.tasks.registry import ConfigError
 
 

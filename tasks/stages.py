@@ -7,10 +7,10 @@ generator fingerprint, seed and shard), which survives across flow runs.
 """
 from __future__ import annotations
 
-import errno
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from modeaudit.tasks.errors import disk_full
 
 from modeaudit.tasks import audit_steps as steps
 from modeaudit.tasks.stats import steps as stats
@@ -19,7 +19,7 @@ from modeaudit.tasks.stats import steps as stats
 def _io_only(task, task_run, state) -> bool:
     # A flaky disk or object store, yes; a full disk, no (retrying only fills it again).
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, OSError) and not disk_full(exc)
 
 
 io_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_io_only)
