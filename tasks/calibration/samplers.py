@@ -125,6 +125,7 @@ from modeaudit.storage.layout import atomic_write_bytes, atomic_write_json
 
 from modeaudit.tasks.models.generators import GENERATORS, Generator, build_generator
 from modeaudit.tasks.registry import ConfigError, Option
+from modeaudit.tasks.join.kernels import arccos_over_pi
 from modeaudit.tasks.models.rng import latent_rows, uniform_rows
 
 __all__ = [
@@ -161,7 +162,7 @@ def mode_hits(E, modes, r0: float) -> np.ndarray:
     if E.ndim != 2:
         raise ValueError(f"embeddings must be 2-d, got shape {E.shape}")
     M = np.asarray(modes, np.float64).reshape(-1, E.shape[1])
-    return np.arccos(np.clip(E @ M.T, -1.0, 1.0)) / np.pi <= r0
+    return arccos_over_pi(E @ M.T) <= r0
 
 
 def dense_mask(E, modes, r0: float) -> np.ndarray:

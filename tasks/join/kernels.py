@@ -226,7 +226,7 @@ def range_counts_reference(anchors, points, radii, *, anchor_ids=None, point_off
     out = np.zeros((a.shape[0], radii.size), dtype=np.int64)
     if a.shape[0] == 0 or p.shape[0] == 0:
         return out
-    dist = np.arccos(np.clip(a.astype(np.float64) @ p.astype(np.float64).T, -1.0, 1.0)) / np.pi
+    dist = arccos_over_pi(a.astype(np.float64) @ p.astype(np.float64).T)
     local = ids - int(point_offset)
     rows = np.nonzero((local >= 0) & (local < p.shape[0]))[0]
     dist[rows, local[rows]] = np.inf
@@ -253,7 +253,7 @@ def mccs_sums_reference(anchors, points, theta, *, anchor_ids=None, point_offset
     out = np.zeros(a.shape[0], dtype=np.float64)
     if a.shape[0] == 0 or p.shape[0] == 0:
         return out
-    dist = np.arccos(np.clip(a.astype(np.float64) @ p.astype(np.float64).T, -1.0, 1.0)) / np.pi
+    dist = arccos_over_pi(a.astype(np.float64) @ p.astype(np.float64).T)
     local = ids - int(point_offset)
     rows = np.nonzero((local >= 0) & (local < p.shape[0]))[0]
     dist[rows, local[rows]] = np.inf
@@ -287,6 +287,32 @@ def mccs_from_sums(sums, n) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def _acos_over_pi_flat(x, out):
+    for i in range(x.size):
+        v = x[i]
+        if v > 1.0:
+            v = 1.0
+        elif v < -1.0:
+            v = -1.0
+        out[i] = math.acos(v) / math.pi
+
+
+def arccos_over_pi(dots) -> np.ndarray:
+    """arccos(clip(dots, -1, 1)) / pi in float64 with the scalar libm acos.
+
+    Every angular distance this package computes from a float64 inner product goes
+    through libm's acos (here, in the join kernels' `_exact_dist` and in the tie
+    rules of `stats.modes`): numpy's vectorised arccos differs from it in the last
+    bit for ~10% of inputs, by CPU, so a reference or a decision made with it would
+    disagree with the kernels on exact ties.
+    """
+    d = np.ascontiguousarray(dots, dtype=np.float64)
+    out = np.empty_like(d)
+    _acos_over_pi_flat(d.reshape(-1), out.reshape(-1))
+    return out
+
+
+@njit(cache=True, nogil=True)
 def _exact_dist(A, i, B, j):
     """d(A[i], B[j]) in float64, by the same expression as the reference."""
     # Four accumulators: without fastmath LLVM keeps one dependency chain
@@ -311,7 +337,7 @@ def _exact_dist(A, i, B, j):
         dot = 1.0
     elif dot < -1.0:
         dot = -1.0
-    return np.arccos(dot) / np.pi
+    return math.acos(dot) / math.pi
 
 
 @njit(cache=True, nogil=True)

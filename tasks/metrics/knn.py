@@ -65,6 +65,7 @@ import numpy as np
 from numba import njit
 
 from modeaudit.tasks.join.kernels import (
+    arccos_over_pi,
     _check_ids, _check_matrix, _exact_dist, _gemm_eps, _iter_blocks, _max_norm, _n_workers,
 )
 
@@ -151,7 +152,7 @@ def pair_distances_reference(a, b, distance: str = "euclidean") -> np.ndarray:
         for t in range(d4, d):
             s0 = s0 + terms[..., t]
         tot = (s0 + s1) + (s2 + s3)
-        out[i0:i0 + step] = np.arccos(np.clip(tot, -1.0, 1.0)) / np.pi if angular else np.sqrt(tot)
+        out[i0:i0 + step] = arccos_over_pi(tot) if angular else np.sqrt(tot)
     return out
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from modeaudit.tasks.join.kernels import arccos_over_pi
+
 
 def top_anchors(counts: np.ndarray, p: int) -> np.ndarray:
     """Indices of the p largest counts; ties go to the lower index so the choice is deterministic."""
@@ -73,7 +75,7 @@ def pairs_at_d0(S_rows: np.ndarray, rows: np.ndarray, d0: float, block: int = 81
         # of cos(pi d0) can map to exactly d0, so only those are evaluated.
         hit = np.abs(dot - c0) <= 1e-9
         i, j = np.nonzero(hit)
-        hit[i, j] = np.arccos(np.clip(dot[i, j], -1.0, 1.0)) / np.pi == d0
+        hit[i, j] = arccos_over_pi(dot[i, j]) == d0
         own = (rows >= lo) & (rows < lo + p.shape[0])
         hit[np.flatnonzero(own), rows[own] - lo] = False  # self pairs are excluded by index, as in the self-join
         out += hit.sum(axis=1)

@@ -15,7 +15,7 @@ from modeaudit.tasks.join import backend
 from modeaudit.tasks.join import parallel
 from modeaudit.tasks.join.threads import blas_threads, compute_threads, thread_budget
 from modeaudit.tasks.stats.envelope import erl_test
-from modeaudit.tasks.join.kernels import mccs_from_sums
+from modeaudit.tasks.join.kernels import mccs_from_sums, arccos_over_pi
 from modeaudit.tasks.stats.modes import distinct_modes
 from modeaudit.tasks.stats.paper import population_mccs, top_anchors
 from modeaudit.tasks.stats.selection import (NullSampler, pool_sampler, replicate_curves, selection_test,
@@ -150,7 +150,7 @@ def sampling_efficiency(client, S_rows, T, *, worst: int, random_anchor: int, se
             S_rows[:k], [(0, S_rows[:k])], [d0], anchor_ids=np.arange(k), kernel=kernel)[:, 0]
         w = int(top_anchors(cnt, 1)[0])
         dot = float(np.dot(S_rows[w].astype(np.float64), S_rows[worst].astype(np.float64)))
-        dist = float(np.arccos(np.clip(dot, -1, 1)) / np.pi)
+        dist = float(arccos_over_pi(dot))
         ws.append({"S_size": k, "s_index": w, "distance_to_final": dist, "same_identity": dist <= d0,
                    **({"planted": bool(planted[w])} if planted is not None else {})})
     return {
