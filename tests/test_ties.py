@@ -101,3 +101,4 @@ def test_every_angular_distance_uses_libm_acos():
     got = arccos_over_pi(x.reshape(-1, 5)).reshape(-1)
     assert got.dtype == np.float64
     np.testing.assert_array_equal(got, want)
+    assert arccos_over_pi(0.5).shape == () and float(arccos_over_pi(0.5)) == math.acos(0.5) / math.pi

@@ -306,10 +306,11 @@ def arccos_over_pi(dots) -> np.ndarray:
     bit for ~10% of inputs, by CPU, so a reference or a decision made with it would
     disagree with the kernels on exact ties.
     """
-    d = np.ascontiguousarray(dots, dtype=np.float64)
-    out = np.empty_like(d)
-    _acos_over_pi_flat(d.reshape(-1), out.reshape(-1))
-    return out
+    d = np.asarray(dots, dtype=np.float64)
+    flat = np.ascontiguousarray(d.reshape(-1))
+    out = np.empty_like(flat)
+    _acos_over_pi_flat(flat, out)
+    return out.reshape(d.shape)
 
 
 @njit(cache=True, nogil=True)
