@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-from modeaudit.flows.args import count as _count  # noqa: E402
+from modeaudit.flows.args import OneLineParser, count as _count  # noqa: E402
 from modeaudit import __version__  # noqa: E402
 from modeaudit.flows.metrics_cli import add_metrics_parser, run_metrics  # noqa: E402
 from modeaudit.storage.layout import RunLayout, check_out_dir  # noqa: E402
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser (also documents every option)."""
     A = functools.partial(default, AuditConfig)        # defaults come from the config models
     C = functools.partial(default, CalibrationConfig)
-    p = argparse.ArgumentParser(prog="modeaudit", description="Black-box audit of generative models for "
+    p = OneLineParser(prog="modeaudit", description="Black-box audit of generative models for "
                                 "intra-mode collapse (and calibration of their samplers).")
     p.add_argument("--version", action="version", version=f"modeaudit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
