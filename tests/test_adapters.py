@@ -103,6 +103,12 @@ def test_onnx_python_and_torchscript_give_the_same_audit(model_files, tmp_path, 
     ox = _run(tmp_path, "onnx", f"onnx:{d / 'g.onnx'}", gb, f"onnx:{d / 'd.onnx'}", PRE, scheduler)
     # python: runs the very torch modules TorchScript traced, on the same aligned batches: identical bits.
     assert _numbers(py) == _numbers(ts)
+    # Callables handed to the Python API (closures: they run on worker threads of this process).
+    import modeaudit
+    api = modeaudit.audit(generator=gen_factory(), descriptor=desc_factory(), out=tmp_path / "api",
+                          latent_dim=LATENT, generator_options={**gb, "kind": "image"},
+                          descriptor_options={**PRE, "batch_size": 256}, **SIZES)
+    assert _numbers(api.data) == _numbers(ts)
     # onnxruntime's kernels round differently from torch's (last bits of a float32 image or
     # embedding; measured below), so floats derived from distances may differ in the last
     # digits; the counts, curves, worst case and verdict must not.
@@ -213,6 +219,35 @@ def test_dlib_face_refuses_and_counts_faceless_images(dlib_face):
     from modeaudit.tasks.errors import InputError
     with pytest.raises(InputError, match="found no face in 2 of 3 image"):
         dlib_face.embed(batch)
+
+
+_FACE = None
+
+
+def face_or_flat(z):
+    """python:test_adapters:face_or_flat -- a 160 px crop around the astronaut's face, moved by z[1:3]
+    pixels, when z[0] >= 0; a flat grey image (no face) otherwise."""
+    global _FACE
+    if _FACE is None:
+        _FACE = _canonical(_skimage_image("astronaut.png"))[0, :, 40:240, 140:340]
+    out = np.zeros((len(z), 3, 160, 160), np.float32)
+    for i, zi in enumerate(z):
+        if zi[0] >= 0:
+            dy, dx = (np.clip(np.rint(zi[1:3] * 4), -15, 15) + 20).astype(int)
+            out[i] = _FACE[:, dy:dy + 160, dx:dx + 160]
+    return out
+
+
+def test_dlib_face_in_the_generation_path():
+    """Real dlib on generated images: faceless samples are redrawn, counted, and the stored latents make faces."""
+    from modeaudit.tasks.models.shards import embed_rows
+    gen = {"spec": "python:test_adapters:face_or_flat",
+           "options": {"latent_dim": 4, "kind": "image", "batch_size": 8, "factory": False}}
+    desc = {"spec": "dlib:face", "options": {"upsample": 0}}
+    z, emb, _, scan = embed_rows(gen, desc, 3, "S", 0, 6)
+    assert (z[:, 0] >= 0).all() and emb.shape == (6, 128)
+    assert scan["rejected_by_descriptor"] >= 1
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
 def test_faceless_samples_are_redrawn_and_counted(monkeypatch):
