@@ -3,7 +3,9 @@
 A generator owns its latent sampler (`latents`), maps a batch of latents to a
 batch of samples (`generate`: embeddings or images), and may know the ground truth
 (`truth`: which rows came from a planted mode). Real networks plug in through
-`torchscript:PATH` (any TorchScript module, latents -> images, CPU or GPU, batched).
+`torchscript:PATH` (any TorchScript module, latents -> images, CPU or GPU, batched),
+`onnx:PATH` and `python:MODULE:CALLABLE`. Images are the canonical batch: float32
+(n, C, H, W), RGB, values in [-1, 1] (docs/models.md).
 """
 from __future__ import annotations
 

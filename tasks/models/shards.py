@@ -49,6 +49,8 @@ def embed_rows(gen: dict, desc: dict, seed: int, set_name: str, start: int, stop
     bs = generator.batch_size
     lo, hi = start // bs * bs, -(-stop // bs) * bs
     z_all = generator.latents(seed, set_name, lo, hi)
+    if not z_all.flags.writeable:     # redraws replace refused rows in place
+        z_all = z_all.copy()
     embs, draws = [], np.ones(hi - lo, np.int64)
     for i in range(0, hi - lo, bs):
         e, draws[i:i + bs] = _embed_block(generator, descriptor, seed, set_name, lo + i, z_all[i:i + bs])
