@@ -150,27 +150,31 @@ def test_onnx_models_match_torch_closely_in_process(model_files):
     assert np.array_equal(f_ox.embed(x_ts), e_ox)
     with pytest.raises(ConfigError, match="not -G latent_dim=5"):
         build_generator(f"onnx:{d / 'g.onnx'}", {"latent_dim": 5})
+    with pytest.raises(ConfigError, match="an image descriptor takes images"):
+        build_descriptor(f"onnx:{d / 'g.onnx'}", {})                # a generator file given as descriptor
     with pytest.raises(ConfigError, match="pass -D resize=24"):
         build_descriptor(f"onnx:{d / 'd.onnx'}", {}).embed(x_ts)    # a 16 px image into the 24 px network
 
 
-def _cli(args, tmp_path):
-    exe = Path(sys.executable).parent / "modeaudit"
-    return subprocess.run([str(exe), "audit", *args, "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                          timeout=300)
+_LOAD_ERRORS = {"rank3": "has shape (2, 2, 4); a generator takes latents (n, latent_dim)",
+                "missing": "no such file", "junk": "is not a loadable ONNX model"}
 
 
-@pytest.mark.parametrize("case", ["rank3", "missing", "junk"])
-def test_onnx_load_errors_are_one_line(case, model_files, tmp_path):
+@pytest.mark.parametrize("case", sorted(_LOAD_ERRORS))
+def test_onnx_load_errors_are_one_line(case, model_files, tmp_path, capsys):
+    from modeaudit.flows.cli import main
     d = model_files
     gen = {"rank3": d / "rank3.onnx", "missing": d / "nope.onnx", "junk": d / "junk.onnx"}[case]
-    want = {"rank3": "has shape (2, 2, 4); a generator takes latents (n, latent_dim)", "missing": "no such file",
-            "junk": "is not a loadable ONNX model"}[case]
-    p = _cli(["--generator", f"onnx:{gen}", "--descriptor", f"onnx:{d / 'd.onnx'}"], tmp_path)
-    assert p.returncode == 2, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert lines[-1].startswith("modeaudit: error: ") and want in lines[-1], p.stderr
-    assert "Traceback" not in p.stderr and not (tmp_path / "o" / "result.json").exists()
+    argv = ["audit", "--generator", f"onnx:{gen}", "--descriptor", f"onnx:{d / 'd.onnx'}", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("modeaudit: error: ") and _LOAD_ERRORS[case] in err, err
+    assert "Traceback" not in err and not (tmp_path / "o" / "result.json").exists()
+    if case == "junk":       # and as a process: exit code 2, one line, no traceback
+        exe = Path(sys.executable).parent / "modeaudit"
+        p = subprocess.run([str(exe), *argv], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.strip().splitlines()[-1].startswith("modeaudit: error: ") and _LOAD_ERRORS[case] in p.stderr
 
 
 # ---------------------------------------------------------------- dlib:face
@@ -349,8 +353,13 @@ def test_pickled_checkpoints_are_refused_unless_trusted(tmp_path):
         build_descriptor(f"torchscript:{full}", {})
     with pytest.raises(ConfigError, match="state_dict, no network"):
         build_generator(f"torchscript:{weights}", {"latent_dim": LATENT, "trust_pickle": True})
-    trusted = build_generator(f"torchscript:{full}", {"latent_dim": LATENT, "trust_pickle": True})
+    legacy = tmp_path / "legacy.pt"                       # torch's pre-1.6 (non-zip) pickle format
+    torch.save(g, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(ConfigError, match="is not a TorchScript file but a pickled torch checkpoint"):
+        build_generator(f"torchscript:{legacy}", {"latent_dim": LATENT})
     ref = build_generator("torch:tiny", {})
     z = ref.latents(0, "S", 0, 10)
-    assert np.array_equal(trusted.generate(z), ref.generate(z))
-    assert trusted.fingerprint()["options"]["trust_pickle"] is True
+    for path in (full, legacy):
+        trusted = build_generator(f"torchscript:{path}", {"latent_dim": LATENT, "trust_pickle": True})
+        assert np.array_equal(trusted.generate(z), ref.generate(z))
+        assert trusted.fingerprint()["options"]["trust_pickle"] is True

@@ -300,9 +300,10 @@ def load_torchscript(torch, path: str, device: str, what: str, trust_pickle: boo
     try:
         obj = torch.load(path, map_location=dev, weights_only=False)
     except Exception as e:  # noqa: BLE001 -- a missing class, a corrupt file
-        raise ConfigError(f"{what} torchscript:{path}: trust_pickle=true but the pickle does not load "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); the classes it "
-                          "names must be importable here, or save the model as TorchScript") from None
+        raise ConfigError(f"{what} torchscript:{path}: trust_pickle=true but torch.load cannot read it "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); save the model "
+                          "with torch.save(model, path) with its classes importable here, or better as TorchScript") \
+            from None
     if not isinstance(obj, torch.nn.Module):
         raise ConfigError(f"{what} torchscript:{path}: trust_pickle=true but the pickle holds "
                           f"{type(obj).__name__}, not a torch.nn.Module; torch.save the whole model "
