@@ -250,7 +250,9 @@ def assemble_result(cfg: AuditConfig, *, source: dict, self_counts, r_obs, r_ref
                    "ref_median": band["median"]},
         "tests": {"paper": paper},
         "mccs": {"theta": cfg.theta, "mean": mean, "std": std, "worst_case": float(mccs_worst)},
-        "normalization": {k: {"renormalized_rows": v["renormalized"], "rows": v["rows"]} for k, v in scans.items()},
+        "normalization": {k: {"renormalized_rows": v["renormalized"], "rows": v["rows"],
+                              **({"rejected_by_descriptor": v["rejected_by_descriptor"]}
+                                 if "rejected_by_descriptor" in v else {})} for k, v in scans.items()},
         "timings": timings,
     }
     wc = result["worst_case"]
