@@ -29,6 +29,11 @@ class Descriptor:
         """Embedding rows for a batch of samples."""
         raise NotImplementedError
 
+    def embed_masked(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, ok): embedding rows and a bool per sample, False where the descriptor refuses the sample (e.g. a
+        face descriptor that finds no face); refused rows are skipped by the caller, whatever their values."""
+        return self.embed(samples), np.ones(len(samples), bool)
+
     def fingerprint(self) -> dict:
         """What identifies this descriptor (part of the run's fingerprint)."""
         return {"spec": self.spec, "options": self.options}
