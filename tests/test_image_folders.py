@@ -271,3 +271,45 @@ def test_cli_errors(data, tmp_path, capsys, monkeypatch):
         assert match in err, (k, err)
         assert not (tmp_path / f"out_{k}").exists(), k        # refused before anything was written
     assert not (tmp_path / "cache").exists()
+
+
+def test_decoding_conversion_and_declared_size(data, tmp_path):
+    """Grayscale -> three equal channels, alpha dropped, [-1, 1]; a declared input size resizes; a JPEG cut short
+    is an error naming the file when it is decoded."""
+    listing = imf.list_images(data / "ref", "--reference")
+    rels = [f.rel for f in listing.files]
+    assert rels == sorted(rels) and rels[:4] == [f"class_b/img000{i}.JPG" for i in range(4)]
+    assert "gray.png" in rels and "rgba.png" in rels and ".hidden.png" not in rels and listing.ignored == 1
+    by = {f.rel: f for f in listing.files}
+    x = imf.load_images(listing.root, [(r, by[r].sha256) for r in ("gray.png", "rgba.png")], (16, 16), "x")
+    assert x.dtype == np.float32 and x.shape == (2, 3, 16, 16) and -1 <= x.min() and x.max() <= 1
+    assert np.array_equal(x[0, 0], x[0, 1]) and np.array_equal(x[0, 0], x[0, 2])
+    rgba = np.asarray(Image.open(data / "ref" / "rgba.png"))
+    np.testing.assert_array_equal(x[1], rgba[..., :3].transpose(2, 0, 1) / np.float32(127.5) - 1)
+
+    class Declares:
+        input_size = 8
+    assert imf.target_size(listing, Declares(), "d", "x") == (8, 8)
+    y = imf.load_images(listing.root, [("gray.png", by["gray.png"].sha256)], (8, 8), "x")
+    assert y.shape == (1, 3, 8, 8)
+    jpg = tmp_path / "cut"
+    jpg.mkdir()
+    whole = (data / "ref" / "class_b" / "img0000.JPG").read_bytes()
+    (jpg / "a.jpg").write_bytes(whole[:-20])
+    cut = imf.list_images(jpg, "--images-s")          # a JPEG's header is fine: found when decoded
+    with pytest.raises(InputError, match="a.jpg cannot be decoded"):
+        imf.load_images(cut.root, [(f.rel, f.sha256) for f in cut.files], (16, 16), "--images-s")
+
+
+def test_an_embeddings_run_is_refused_as_reference_run(tmp_path):
+    from modeaudit.storage.store import RunStore
+    np.save(tmp_path / "t.npy", np.ones((200, 4), np.float32))
+    RunStore.create_or_open(tmp_path / "emb_run", {"embeddings": {"T": {"path": str(tmp_path / "t.npy")}},
+                                                   "modeaudit_store": 1}, [])
+    cfg = AuditConfig(out=str(tmp_path / "o"), generator="torch:tiny", **CNN, reference=str(tmp_path / "emb_run"))
+    assert inputs.reference_kind(cfg.reference) == "run"
+    with pytest.raises(InputError, match=f"stores no embeddings of its own to reuse; pass its T embeddings file "
+                                         f"\\({tmp_path / 't.npy'}\\)"):
+        inputs.reference_run(cfg, {"spec": "torch:tiny-cnn", "options": {}})
+    with pytest.raises(InputError, match="this run's own --out"):
+        inputs.reference_run(cfg.replace(out=cfg.reference), None)
