@@ -107,7 +107,8 @@ class FeatureCache:
                 if (d / "meta.json").exists():      # another run published the same entry first
                     shutil.rmtree(tmp, ignore_errors=True)
                     return d
-                raise
+                self._discard(d)                    # a folder without meta.json is no entry: replace it
+                os.rename(tmp, d)
         except OSError as e:
             log.warning("modeaudit: cannot write the feature cache at %s (%s); continuing without caching",
                         self.root, e.strerror or e)

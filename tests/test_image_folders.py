@@ -313,3 +313,19 @@ def test_an_embeddings_run_is_refused_as_reference_run(tmp_path):
         inputs.reference_run(cfg, {"spec": "torch:tiny-cnn", "options": {}})
     with pytest.raises(InputError, match="this run's own --out"):
         inputs.reference_run(cfg.replace(out=cfg.reference), None)
+
+
+def test_cache_entries_are_published_whole(tmp_path):
+    """A second writer of the same entry keeps the first; a folder without meta.json is no entry and is replaced."""
+    cache = FeatureCache(tmp_path)
+    key = "ab" * 32
+    junk = cache.entry(key)
+    junk.mkdir(parents=True)
+    (junk / "emb.npy").write_bytes(b"half an entry")
+    assert cache.get(key) is None
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert cache.put(key, rows, {"files": []}) == junk and cache.put(key, rows + 1, {"files": []}) == junk
+    got, meta = cache.get(key)
+    np.testing.assert_array_equal(got, rows)
+    assert meta["rows"] == 3 and meta["key"] == key
+    assert sorted(p.name for p in junk.parent.iterdir()) == [key]        # no temporary folder left behind
