@@ -16,7 +16,6 @@ are in the feature cache, so passing it costs no embedding).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,7 +167,8 @@ def reference_run(cfg: AuditConfig, desc: dict | None) -> ReferenceRun:
     theirs = json.loads(json.dumps(fp["descriptor"]))
     if _meaning(json.loads(json.dumps(mine, default=str))) != _meaning(theirs):
         raise InputError(f"--reference {path} was embedded with descriptor {theirs.get('spec')!r} "
-                         f"{_meaning(theirs)['options']} but this run uses {mine.get('spec')!r} {_meaning(mine)['options']}"
+                         f"{_meaning(theirs)['options']} but this run uses {mine.get('spec')!r} "
+                         f"{_meaning(mine)['options']}"
                          "; embeddings of different descriptors are not comparable: use the same --descriptor and -D "
                          "options, or another reference")
     try:
@@ -298,10 +298,3 @@ def check_width(src_dim: int, S_dim: int, what: str) -> None:
         raise InputError(f"{what} rows have width {src_dim} but S rows have width {S_dim}; embed it with the same "
                          "descriptor")
 
-
-def same_path(a: str, b: str) -> bool:
-    """Whether two paths name the same file or folder."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
