@@ -13,9 +13,10 @@ from prefect import flow
 from prefect.states import Failed
 
 from modeaudit.storage.layout import RESULT_JSON, RunLayout, clear_derived, run_lock
-from modeaudit.storage.store import StoreError
+from modeaudit.storage.store import RunStore, StoreError
 
 from modeaudit.tasks import audit_steps as steps
+from modeaudit.tasks import inputs
 from modeaudit.tasks import stages
 from modeaudit.tasks.registry import ConfigError
 from modeaudit.tasks.stats import steps as stats
@@ -60,15 +61,19 @@ def _store_source(store, name: str) -> Source:
 
 
 def prepare(cfg: AuditConfig, client, t):
-    """Samples in place: generated into the store (resuming), or user embeddings validated. Returns the sources."""
+    """Samples in place: generated into the store (resuming), or user embeddings / image folders validated and
+    embedded (image folders through the feature cache). Returns the sources."""
     ref = None
+    cache = {}
     if cfg.generator:
         cfg = apply_preset(cfg)
         cfg = finalize_sizes(cfg, cfg.m, cfg.M)
         gen, desc = steps.model_specs(cfg)
         ref_gen = steps.reference_spec(cfg)
+        inp = inputs.plan_inputs(cfg, desc)
+        folders, cache = _embed_folders(cfg, client, inp, t)
         with t("open_store"):
-            store = stages.open_store(cfg, gen, desc, ref_gen)
+            store = stages.open_store(cfg, gen, desc, ref_gen, inp.fingerprint())
         with t("generate"):
             shards = {s: stages.generate_set(client, store, s, gen, desc, cfg.seed) for s in ("S", "T")}
             if ref_gen:
@@ -81,20 +86,63 @@ def prepare(cfg: AuditConfig, client, t):
                   "embeddings_s": None, "embeddings_t": None, "shards": shards,
                   "reference_generator": ref_gen}
     else:
-        S, T = steps.embedding_sources(cfg)
+        inp = inputs.plan_inputs(cfg)
+        cfg = finalize_sizes(cfg, inp.rows("S"), inp.rows("T"))     # checked again with the rows embedded
+        folders, cache = _embed_folders(cfg, client, inp, t)
+        store = steps.open_result_store(cfg, inp.files.get("S"), inp.files.get("T"), inp.fingerprint())
+        sides = {n: inp.files[n] if n in inp.files else inputs.store_folder(store, n, folders[n][0]) for n in "ST"}
+        S, T = steps.embedding_sources(cfg, sides["S"], sides["T"])
         cfg = finalize_sizes(cfg, S.rows, T.rows)
-        store = steps.open_result_store(cfg, S, T)
+        scans = {}
         with t("validate"):
-            scans = {"S": stages.validate_source(client, S, "--embeddings-s"),
-                     "T": stages.validate_source(client, T, "--embeddings-t")}
-        source = {"kind": "embeddings", "generator": None, "descriptor": None, "seed": cfg.seed,
-                  "embeddings_s": os.path.abspath(cfg.embeddings_s), "embeddings_t": os.path.abspath(cfg.embeddings_t)}
+            for n, what in (("S", "--embeddings-s"), ("T", "--embeddings-t")):
+                scans[n] = (inputs.folder_scan(folders[n][0]) if n in folders else
+                            stages.validate_source(client, sides[n], what))
+        kind = "embeddings" if not (cfg.images_s or cfg.images_t) else "images"
+        source = {"kind": kind, "generator": None, "descriptor": inp.desc["spec"] if inp.desc else None,
+                  "seed": cfg.seed,
+                  "embeddings_s": os.path.abspath(cfg.embeddings_s) if cfg.embeddings_s else None,
+                  "embeddings_t": os.path.abspath(cfg.embeddings_t) if cfg.embeddings_t else None}
+        if inp.desc:
+            source["descriptor_options"] = inp.desc["options"]
+        for side in ("s", "t"):
+            if getattr(cfg, f"images_{side}"):
+                source[f"images_{side}"] = os.path.abspath(getattr(cfg, f"images_{side}"))
     if cfg.reference:
-        ref = steps.reference_source(cfg, S)
-        with t("validate"):
-            scans["reference"] = stages.validate_source(client, ref, "--reference")
+        if inp.ref_run is not None:
+            with t("validate"):
+                inputs.verify_reference_run(client, inp.ref_run)
+            ref = inp.ref_run.source
+            scans["reference"] = steps.set_scan(RunStore.open(inp.ref_run.root), "T")
+        elif "reference" in folders:
+            ref = inputs.store_folder(store, "reference", folders["reference"][0])
+            scans["reference"] = inputs.folder_scan(folders["reference"][0])
+        else:
+            ref = steps.reference_source(cfg, S)
+            with t("validate"):
+                scans["reference"] = stages.validate_source(client, ref, "--reference")
+        inputs.check_width(ref.dim, S.dim, "--reference")
         source["reference"] = os.path.abspath(cfg.reference)
+    details = {n: f[1] for n, f in folders.items()}
+    if inp.ref_run is not None:
+        details["reference"] = inp.ref_run.info
+    if details:
+        # What each folder or earlier run contributed (deterministic); `cache` (hit/miss/off) is the run's
+        # history, like `shards`, and is left out when two runs' numbers are compared.
+        source["inputs"] = details
+        source["cache"] = cache
     return cfg, store, S, T, ref, scans, source
+
+
+def _embed_folders(cfg: AuditConfig, client, inp, t) -> tuple[dict, dict]:
+    """Embed (or take from the feature cache) every image folder of the run: ({name: (rows, info)}, {name: status})."""
+    folders, cache = {}, {}
+    if inp.folders:
+        with t("embed_images"):
+            for name, plan in inp.folders.items():
+                rows, info, status = inputs.embed_folder(client, plan, cfg)
+                folders[name], cache[name] = (rows, info), status
+    return folders, cache
 
 
 def run_audit(cfg: AuditConfig, client) -> dict:
