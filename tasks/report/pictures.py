@@ -37,7 +37,7 @@ from modeaudit.tasks.report import style
 
 log = logging.getLogger("modeaudit.pictures")
 
-__all__ = ["N_NEIGHBOURS", "MODES_SHOWN", "MODE_MEMBERS", "Pictures", "nearest_rows", "to_rgb",
+__all__ = ["N_NEIGHBOURS", "MODES_SHOWN", "MODE_MEMBERS", "Pictures", "nearest_rows", "to_rgb", "regenerate",
            "make_pictures", "pictures_html", "no_images_reason", "EMBEDDINGS_ONLY"]
 
 N_NEIGHBOURS = 8      # neighbours of the worst-case and the random anchor
@@ -126,6 +126,18 @@ def to_rgb(images: np.ndarray) -> np.ndarray:
 
 def _latents(store, set_name: str, rows) -> np.ndarray:
     return np.concatenate([store.read(set_name, "latents", int(r), int(r) + 1) for r in rows])
+
+
+def regenerate(generator, z: np.ndarray) -> np.ndarray:
+    """The generator's samples for latent rows, one row per call.
+
+    A network may give a row different bits in a different batch (BLAS blocking), so each
+    picture is generate(z[j:j+1]): a function of its own latent only, the same whichever
+    other rows a report happens to show. A few dozen rows: cheap even for large models.
+    """
+    if len(z) == 0:
+        return np.zeros((0,), np.float32)
+    return np.concatenate([np.asarray(generator.generate(z[j:j + 1])) for j in range(len(z))])
 
 
 def no_images_reason(result: Mapping, generator=None) -> str | None:
@@ -232,11 +244,11 @@ def make_pictures(out_dir, result: Mapping, store, generator=None, *, S_rows: np
     kk = min(max(k, members), T.rows)
     idx, dist = nearest_rows(a_emb, T.blocks(), kk)
 
-    # Regenerate every image shown in one call per set (a few dozen rows).
+    # Regenerate every image shown from its stored latent (a few dozen rows).
     t_rows = sorted({int(j) for j in idx.ravel() if j >= 0})
     s_rows = sorted(set(anchors))
-    s_raw = np.asarray(generator.generate(_latents(store, "S", s_rows)))
-    t_raw = np.asarray(generator.generate(_latents(store, "T", t_rows)))
+    s_raw = regenerate(generator, _latents(store, "S", s_rows))
+    t_raw = regenerate(generator, _latents(store, "T", t_rows))
     if s_raw.ndim != 4:
         return Pictures("none", f"The generator returns arrays of shape {s_raw.shape[1:]}, not images "
                                 "(C, H, W), so there are no pictures to show.")
