@@ -154,14 +154,52 @@ def no_images_reason(result: Mapping, generator=None) -> str | None:
 
 # ---------------------------------------------------------------------------- figures
 
-def _frame(ax, color: str | None) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for sp in ax.spines.values():
-        sp.set_visible(color is not None)
-        if color is not None:
-            sp.set_color(color)
-            sp.set_linewidth(2.5)
+_TILE = 1.3      # inches per picture
+_GAP = 0.14      # inches between pictures
+_LINE = 0.16     # inches per line of text above or below a picture
+
+
+def grid_figure(title: str, rows: list[list[dict]], *, top_lines: int = 1, bottom_lines: int = 2):
+    """Pictures in a grid on ONE axes (fast: no axes per picture, no layout engine).
+
+    rows: lists of cells {img (H, W, 3) in [0, 1], top, bottom (text), frame (colour or None),
+    bottom_color (optional)}; each picture keeps its aspect ratio in a square tile.
+    """
+    from matplotlib.patches import Rectangle
+    ncols, nrows = max(len(r) for r in rows), len(rows)
+    cell_w = _TILE + _GAP
+    cell_h = _TILE + (top_lines + bottom_lines) * _LINE + _GAP
+    width = ncols * cell_w + _GAP
+    wrapped = style.wrap_title(title, width)
+    title_h = 0.22 * (wrapped.count("\n") + 1) + 0.2
+    height = nrows * cell_h + title_h
+    fig = style.new_figure(width, height, title, layout=None)
+    ax = fig.add_axes((0, 0, 1, 1 - title_h / height))
+    ax.set_xlim(0, width)
+    ax.set_ylim(nrows * cell_h, 0)
+    ax.axis("off")
+    fs = style.TICK_SIZE
+    for r, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            if cell is None:      # a spacer
+                continue
+            x0 = _GAP + c * cell_w
+            y0 = r * cell_h + top_lines * _LINE + _GAP / 2
+            img = cell["img"]
+            h, w = img.shape[:2]
+            sw, sh = (_TILE, _TILE * h / w) if w >= h else (_TILE * w / h, _TILE)
+            xi, yi = x0 + (_TILE - sw) / 2, y0 + (_TILE - sh) / 2
+            ax.imshow(img, extent=(xi, xi + sw, yi + sh, yi), interpolation="nearest", zorder=1)
+            if cell.get("frame"):
+                ax.add_patch(Rectangle((xi, yi), sw, sh, fill=False, ec=cell["frame"], lw=2.5, zorder=2))
+            if cell.get("top"):
+                ax.text(x0 + _TILE / 2, y0 - 0.04, cell["top"], ha="center", va="bottom", fontsize=fs,
+                        color=cell.get("top_color", "black"), fontweight="bold" if cell.get("frame") else "normal")
+            if cell.get("bottom"):
+                ax.text(x0 + _TILE / 2, y0 + _TILE + 0.04, cell["bottom"], ha="center", va="top", fontsize=fs,
+                        color=cell.get("bottom_color", "black"), linespacing=1.15)
+    ax.set_aspect("equal", adjustable="datalim")
+    return fig
 
 
 def _dist_label(d: float, d0: float) -> str:
@@ -169,43 +207,39 @@ def _dist_label(d: float, d0: float) -> str:
 
 
 def neighbours_figure(title: str, anchor_img, anchor_label: str, imgs, t_index, dist, d0: float, color: str):
-    """One row: the anchor, then its neighbours in T (ascending distance), each titled with its distance."""
-    k = len(imgs)
-    fig = style.new_figure(1.45 * (k + 1) + 0.3, 2.55, title)
-    axes = np.atleast_1d(fig.subplots(1, k + 1))
-    axes[0].imshow(anchor_img, interpolation="nearest")
-    axes[0].set_title(anchor_label, fontsize=style.TICK_SIZE, color=color, fontweight="bold")
-    _frame(axes[0], color)
-    for j, ax in enumerate(axes[1:]):
-        ax.imshow(imgs[j], interpolation="nearest")
-        ax.set_title(f"#{j + 1}, T {int(t_index[j]):,}", fontsize=style.TICK_SIZE)
-        ax.set_xlabel(_dist_label(float(dist[j]), d0), fontsize=style.TICK_SIZE,
-                      color=style.COLORS["worst"] if d0 and dist[j] <= d0 else "black")
-        _frame(ax, None)
-    return fig
+    """One row: the anchor, then its neighbours in T (ascending distance), each titled with its distance
+    (red when within d0)."""
+    cells = [{"img": anchor_img, "top": anchor_label.split("\n")[0], "bottom": anchor_label.split("\n")[1],
+              "frame": color, "top_color": color, "bottom_color": color}]
+    for j, img in enumerate(imgs):
+        cells.append({"img": img, "top": f"#{j + 1}: T {int(t_index[j]):,}", "bottom": _dist_label(float(dist[j]), d0),
+                      "bottom_color": style.COLORS["worst"] if d0 and dist[j] <= d0 else "black"})
+    return grid_figure(title, [cells])
 
 
 def modes_figure(title: str, rows: list[dict], d0: float):
     """A row per distinct dense mode: its anchor (count within d0) and its nearest neighbours in T."""
-    n, k = len(rows), max(len(r["imgs"]) for r in rows)
-    fig = style.new_figure(1.45 * (k + 1) + 0.6, 1.75 * n + 0.7, title)
-    axes = np.asarray(fig.subplots(n, k + 1)).reshape(n, k + 1)
+    grid = []
     for r, row in enumerate(rows):
-        ax = axes[r, 0]
-        ax.imshow(row["anchor_img"], interpolation="nearest")
-        _frame(ax, style.COLORS["worst"] if r == 0 else style.COLORS["median"])
-        ax.set_title(f"mode {r + 1}: S {row['s_index']:,}", fontsize=style.TICK_SIZE, fontweight="bold")
-        ax.set_xlabel(f"{row['count_d0']:,} in S within d0", fontsize=style.TICK_SIZE)
-        for j in range(k):
-            ax = axes[r, j + 1]
-            if j < len(row["imgs"]):
-                ax.imshow(row["imgs"][j], interpolation="nearest")
-                ax.set_xlabel(f"d = {row['dist'][j]:.3f}" + (f" ({row['dist'][j] / d0:.2f} d0)" if d0 else ""),
-                              fontsize=style.TICK_SIZE - 0.5)
-            _frame(ax, None)
-            if j < len(row["imgs"]) and r == 0:
-                ax.set_title(f"neighbour {j + 1} in T", fontsize=style.TICK_SIZE)
-    return fig
+        color = style.COLORS["worst"] if r == 0 else style.COLORS["median"]
+        cells = [{"img": row["anchor_img"], "top": f"mode {r + 1}: S {row['s_index']:,}",
+                  "bottom": f"{row['count_d0']:,} in S\nwithin d0", "frame": color, "top_color": color}]
+        for j, img in enumerate(row["imgs"]):
+            d = row["dist"][j]
+            cells.append({"img": img, "top": f"neighbour {j + 1} in T" if r == 0 else "",
+                          "bottom": _dist_label(d, d0),
+                          "bottom_color": style.COLORS["worst"] if d0 and d <= d0 else "black"})
+        grid.append(cells)
+    if len(grid) > 4:
+        # Two modes side by side (a spacer between): the grid stays about as wide as the page, as in seed 001's Fig. 7.
+        half = (len(grid) + 1) // 2
+        width = max(len(g) for g in grid)
+        grid = [grid[i] + [None] * (width - len(grid[i]) + 1) + (grid[i + half] if i + half < len(grid) else [])
+                for i in range(half)]
+        if len(grid) > 0 and len(rows) > half:
+            for c, cell in enumerate(grid[0][width + 2:], start=1):
+                cell["top"] = f"neighbour {c} in T"
+    return grid_figure(title, grid)
 
 
 # ------------------------------------------------------------------------------ stage

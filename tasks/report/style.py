@@ -33,13 +33,17 @@ COLORS = {
 }
 
 
-def new_figure(width: float, height: float, title: str | None = None) -> Figure:
-    """A constrained-layout figure in the reports' style, with its title."""
-    fig = Figure(figsize=(width, height), layout="constrained", facecolor="white")
+def wrap_title(title: str, width: float) -> str:
+    """The title wrapped to the figure's width (about 9 characters an inch at TITLE_SIZE): never cut off."""
+    import textwrap
+    return textwrap.fill(title, max(30, int(width * 9)))
+
+
+def new_figure(width: float, height: float, title: str | None = None, layout: str | None = "constrained") -> Figure:
+    """A figure in the reports' style (constrained layout unless layout=None), with its title."""
+    fig = Figure(figsize=(width, height), layout=layout, facecolor="white")
     if title:
-        import textwrap
-        # Wrapped to the figure's width (about 9 characters an inch at this size): a title is never cut off.
-        fig.suptitle(textwrap.fill(title, max(30, int(width * 9))), fontsize=TITLE_SIZE)
+        fig.suptitle(wrap_title(title, width), fontsize=TITLE_SIZE, **({} if layout else {"y": 0.985, "va": "top"}))
     return fig
 
 
