@@ -750,6 +750,9 @@ d0 = {_fmt(d0)}; its curve over d is compared with the curves of random anchors 
 &theta; = {_fmt(theta)}, MCCS(I) = 1 / (1 &minus; log(mean<sub>c&isin;C</sub> s(I, c))), and 0 when that mean is 0.
 It lies in [0, 1]; larger means more mass close to I. The population mean &plusmn; std over A
 describes a typical sample.</p>
+<p><b>Pictures.</b> The images are regenerated from the latents kept in the run store (the generator is
+deterministic; no image is stored). Under each neighbour: its distance d to the anchor and d as a multiple of
+d0, in red when within d0. A collapsed mode shows near-copies; a random anchor's neighbours look more varied.</p>
 <p><b>Tests.</b> A test "rejects" when it finds the worst case denser than chance allows.
 <code>paper</code> (worst-case curve outside the pointwise band) and <code>erl</code> (outside the global
 envelope) compare a selected maximum with random anchors, so their error rate is not controlled.
