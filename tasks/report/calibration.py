@@ -24,7 +24,9 @@ _PICTURE_TITLES = {"neighbours_worst": "The worst-case dense mode and its neares
                    "modes": "The top distinct dense modes"}
 
 _EXTRA_CSS = """
-.pair{display:grid;grid-template-columns:1fr 1fr;gap:12px;align-items:start}
+.pair{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:12px;align-items:start}
+.pair>div{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:8px;min-width:0}
+.pair img,figure img{display:block;width:100%;height:auto}
 .pair h4{margin:0 0 4px;font-size:13px;color:var(--muted);font-weight:600}
 .headline{font-size:18px;margin:4px 0}
 .ok-text{color:var(--ok)}.bad-text{color:var(--bad)}
@@ -110,8 +112,9 @@ def pictures_before_after(run_dir, after_dir, result_before: dict, rel_before: s
         cells = []
         for label, path, rel in (("before: the audited model", b, rel_before), ("after: the calibrated sampler", a,
                                                                                  rel_after)):
-            body = (_embed(path.read_bytes(), f"{name} {label}") if path.is_file()
-                    else '<p class="muted">not drawn for this run (see its report)</p>')
+            # Click for the full-size picture (the run's own plots/ file).
+            body = (f'<a href="{rel}/plots/{name}.png">{_embed(path.read_bytes(), f"{name} {label}")}</a>'
+                    if path.is_file() else '<p class="muted">not drawn for this run (see its report)</p>')
             cells.append(f'<div><h4>{html.escape(label)} (<a href="{rel}/report.html">report</a>)</h4>{body}</div>')
         parts.append(f"<h3>{html.escape(_PICTURE_TITLES[name])}</h3><div class=\"pair\">{''.join(cells)}</div>")
     if parts:
@@ -138,9 +141,9 @@ def write_calibration_report(out_dir, cal: dict, before: dict, after: dict, mccs
     """
     out = Path(out_dir)
     run_dir = Path(run_dir) if run_dir is not None else out.parent.parent
-    after_dir = Path(after_dir) if after_dir is not None else out / "audit"
+    after_dir = Path(after_dir) if after_dir is not None else RunLayout(run_dir).calibration_audit(out.name)
     rel_before, rel_after = "../..", "audit"
-    plots = out / "plots"
+    plots = RunLayout(out).plots       # DIR/calibration/<method>/plots
     dropped = cal["mccs_worst_after"] < cal["mccs_worst_before"]
     head = (f'<p class="headline {"ok-text" if dropped else "bad-text"}"><b>MCCS of the worst-case mode I_w: '
             f'{cal["mccs_worst_before"]:.4f} before, {cal["mccs_worst_after"]:.4f} after</b> '
