@@ -169,3 +169,16 @@ def test_calibration_report_has_grids_before_and_after_and_links(image_run, sche
     assert 'href="../../report.html"' in page and 'href="audit/report.html"' in page
     assert 'href="calibration/rejection/report.html"' in lay.report_html.read_text()
     assert 'href="../report.html"' in after.report_html.read_text()
+
+
+def test_run_info_has_the_model_files_sha256(tmp_path):
+    torch = pytest.importorskip("torch")
+    import hashlib
+    from modeaudit.tasks.audit_steps import run_info
+    from modeaudit.tasks.models.generators import tiny_image_module
+    path = tmp_path / "g.pt"
+    torch.jit.trace(tiny_image_module(8, 16, 0), torch.zeros(2, 8)).save(str(path))
+    info = run_info({"kind": "generator", "generator": f"torchscript:{path}",
+                     "generator_options": {"latent_dim": 8, "batch_size": 16, "device": "cpu"},
+                     "descriptor": "torch:tiny-cnn", "descriptor_options": {}})
+    assert info["model_sha256"] == {"generator": hashlib.sha256(path.read_bytes()).hexdigest(), "descriptor": None}
