@@ -668,6 +668,7 @@ border-radius:10px}
 .note-box{background:#eef0f4;border-radius:8px;padding:10px 14px;margin:0}
 table.sub th,table.sub td{padding:1px 6px 1px 0;border:0;font-size:13px}
 table.sub th{font-weight:500;color:var(--muted)}
+.pictures{margin-bottom:16px}
 .pictures figure{margin-bottom:12px}
 .pictures figure img{width:auto;max-width:100%;margin:0 auto}
 @media (max-width:900px){.two{grid-template-columns:1fr}}
