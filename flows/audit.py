@@ -23,7 +23,9 @@ from modeaudit.tasks.stats import steps as stats
 from modeaudit.tasks.config import AuditConfig, apply_preset, finalize_sizes, tests_for
 from modeaudit.tasks.stats.paper import ranking_counts, reference_anchors, top_anchors
 from modeaudit.tasks.report.audit import verdict_level, verdict_text, write_report
+from modeaudit.tasks.report.pictures import safe_pictures
 from modeaudit.tasks.report.stats import stats_sections
+from modeaudit.tasks.report.style import plots_to
 from modeaudit.tasks.stats.registry import TestContext
 from modeaudit.tasks.join.parallel import worker_lost
 from modeaudit.tasks.join.sources import Source
@@ -204,15 +206,34 @@ def run_audit(cfg: AuditConfig, client) -> dict:
     headline, why = verdict_text(result["tests"])
     # The report's verdict, for programs; level is what `--fail-on` gates on.
     result["verdict"] = {"headline": headline, "explanation": why, "level": verdict_level(result["tests"])}
+    # Pictures (a report stage: reads the result, never changes it; a failure is reported, not raised).
+    with t("pictures"):
+        generator = models_of(source)
+        pictures = safe_pictures(out, result, store, generator, S_rows=S_rows)
+    result["run_info"] = steps.run_info(source)
     result = steps.json_safe(result)
 
     store.write_array(RunLayout.result_array("self_counts"), counts)
     store.write_array(RunLayout.result_array("curves"), curves)
     store.write_array(RunLayout.result_array("mccs_A"), mccs_a)
+    with plots_to(RunLayout(out).plots):   # the sections' figures are saved as plots/*.png and *.svg too
+        sections = stats_sections(result)
     write_report(out, result, obs_curves=curves[:cfg.p], ref_curves=curves[cfg.p:], mccs_values=mccs_a,
-                 extra_sections=stats_sections(result))
+                 extra_sections=sections, pictures=pictures)
     store.write_json(RESULT_JSON, result)  # last: its presence means the audit completed
     return result
+
+
+def models_of(source: dict):
+    """The run's generator, built in this process (cached), or None for embedding runs or when it cannot be built."""
+    if source.get("kind") != "generator":
+        return None
+    try:
+        from modeaudit.tasks.models.shards import models
+        return models({"spec": source["generator"], "options": source["generator_options"]},
+                      {"spec": source["descriptor"], "options": source["descriptor_options"]})[0]
+    except Exception:  # noqa: BLE001 - the pictures stage reports it
+        return None
 
 
 def config_out(config) -> str:

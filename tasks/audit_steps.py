@@ -282,6 +282,28 @@ def assemble_result(cfg: AuditConfig, *, source: dict, self_counts, r_obs, r_ref
     return result
 
 
+def _sha_of(fp: dict | None) -> str | None:
+    """The weights file's sha256 in a model fingerprint (torchscript:), or in the base model's (calibrated:)."""
+    if not isinstance(fp, dict):
+        return None
+    return fp.get("sha256") or _sha_of(fp.get("base"))
+
+
+def run_info(source: dict) -> dict:
+    """Provenance that is not part of the result's numbers: when and where the audit finished, and the sha256 of
+    the model files (None for built-in models and embedding files). Not byte-identical across runs by design:
+    comparisons of result.json leave `run_info` out, as they leave out `timings`."""
+    import datetime
+    import socket
+    shas = {"generator": None, "descriptor": None}
+    if source.get("kind") == "generator":
+        generator, descriptor = models({"spec": source["generator"], "options": source["generator_options"]},
+                                       {"spec": source["descriptor"], "options": source["descriptor_options"]})
+        shas = {"generator": _sha_of(generator.fingerprint()), "descriptor": _sha_of(descriptor.fingerprint())}
+    return {"finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": socket.gethostname(), "model_sha256": shas}
+
+
 class Timer:
     """Collects wall-clock seconds per named step."""
 
