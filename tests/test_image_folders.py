@@ -62,6 +62,7 @@ def strip(result):
     """result.json without what depends on the run's history (timings, shard reuse, cache hit/miss)."""
     r = json.loads(json.dumps(result))
     r.pop("timings")
+    r.pop("run_info", None)
     r["source"].pop("shards", None)
     r["source"].pop("cache", None)
     return r
