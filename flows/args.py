@@ -10,8 +10,10 @@ def count(text: str) -> int:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if v != int(v):
+    if v != v or v in (float("inf"), float("-inf")) or v != int(v):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; give a whole number >= 0")
     return int(v)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from prefect import flow
 from prefect.states import Failed
 
-from modeaudit.storage.layout import RESULT_JSON, RunLayout, clear_derived, run_lock
+from modeaudit.storage.layout import RESULT_JSON, RunLayout, clear_derived, discard_unstarted_run, run_lock
 from modeaudit.storage.store import RunStore, StoreError
 
 from modeaudit.tasks import audit_steps as steps
@@ -255,13 +255,21 @@ def audit_flow(config: AuditConfig) -> dict:
     fields; a wrong type or an unknown key ends the run with a one-line error naming it.
     Prefect's own parameter validation is off so that error is ours, not a traceback.
     """
+    fresh = not Path(config_out(config)).exists()
     try:
         cfg = AuditConfig.parse(config)
         plan = plan_execution(cfg.kernel, cfg.workers, cfg.threads_per_worker, cfg.scheduler,
                               in_process=in_process_models(cfg))
         cfg.kernel = plan.kernel
-        with run_lock(cfg.out), dask_client(plan) as client:
-            return run_audit(cfg, client)
+        with run_lock(cfg.out):
+            try:
+                with dask_client(plan) as client:
+                    return run_audit(cfg, client)
+            except BaseException:
+                # Under the lock, so no other run's directory can be taken for ours.
+                if fresh:
+                    discard_unstarted_run(cfg.out)
+                raise
     except (ConfigError, StoreError) as e:
         # A Failed state (not a raise) keeps the traceback out of the log; callers get FailedRun(message).
         return Failed(message=str(e))

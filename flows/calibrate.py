@@ -16,7 +16,7 @@ from prefect.states import Failed
 from modeaudit.storage.store import StoreError
 from modeaudit.tasks.calibration import steps as cs
 from modeaudit.tasks.calibration.samplers import fit_cluster, fit_rejection, save_params
-from modeaudit.tasks.config import AuditConfig, CalibrationConfig
+from modeaudit.tasks.config import AuditConfig, CalibrationConfig, validate_calibration
 from modeaudit.tasks.models.generators import build_generator
 from modeaudit.tasks.registry import ConfigError
 from modeaudit.tasks.report.audit import refresh_calibration_links
@@ -179,6 +179,7 @@ def calibrate_flow(config: CalibrationConfig) -> dict:
     """
     try:
         c = CalibrationConfig.parse(config)
+        validate_calibration(c)
         plan = plan_execution(c.kernel, c.workers, None, c.scheduler)
         with run_lock(c.run), dask_client(plan) as client:
             return run_calibration(c.run, c.method, c.variant, c.modes, c.clusters, c.n_fit, client, plan.kernel,

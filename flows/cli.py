@@ -173,16 +173,27 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
     if cfg.scheduler:
         from modeaudit.flows.cluster import probe_scheduler
         probe_scheduler(cfg.scheduler)
-    from modeaudit.tasks.inputs import plan_inputs
+    from modeaudit.tasks.inputs import check_width, plan_inputs, reference_kind
     if cfg.generator:
         cfg = apply_preset(cfg)
         cfg = finalize_sizes(cfg, cfg.m, cfg.M)
-        _, desc = steps.model_specs(cfg)
-        plan_inputs(cfg, desc)          # a reference folder or run: listed, hashed, checked (not embedded)
+        gen, desc = steps.model_specs(cfg)
+        steps.check_reference_generator(cfg, gen, desc)
+        plan_inputs(cfg, desc)
+        if cfg.reference and reference_kind(cfg.reference) == "embeddings":
+            from modeaudit.tasks.join.sources import open_embeddings
+            check_width(open_embeddings(cfg.reference, "--reference").dim,
+                        steps.trial_embedding(gen, desc, cfg.seed, "generator").shape[1], "--reference")          # a reference folder or run: listed, hashed, checked (not embedded)
     else:
         inp = plan_inputs(cfg)
         if not (cfg.images_s or cfg.images_t):
-            steps.embedding_sources(cfg, inp.files["S"], inp.files["T"])
+            S, _ = steps.embedding_sources(cfg, inp.files["S"], inp.files["T"])
+            if cfg.reference and reference_kind(cfg.reference) == "embeddings":
+                steps.reference_source(cfg, S)
+        for flag, given, rows in (("--m", cfg.m, inp.rows("S")), ("--M", cfg.M, inp.rows("T"))):
+            if given is not None and given != rows:
+                raise ConfigError(f"{flag} {given}, but the {'S' if flag == '--m' else 'T'} input has {rows} rows: "
+                                  f"with embedding files or image folders the sizes are the inputs' (leave {flag} out)")
         finalize_sizes(cfg, inp.rows("S"), inp.rows("T"))
     return cfg
 
@@ -190,6 +201,8 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
 def check_calibration_inputs(cfg: CalibrationConfig) -> None:
     """Fail in a second, before Prefect starts: not an audit run, a bad FID reference or Inception inputs."""
     from modeaudit.tasks.calibration.steps import load_run
+    from modeaudit.tasks.config import validate_calibration
+    validate_calibration(cfg)
     run_result, run_store = load_run(cfg.run)
     if cfg.fid_reference:
         from modeaudit.tasks.calibration.steps import check_reference_width, reference_stats

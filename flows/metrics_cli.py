@@ -104,10 +104,8 @@ def run_metrics(args) -> int:
     try:
         _check_args(args)
         out = Path(args.out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise _Bad(f"cannot create --out {args.out} ({e.strerror or e}); choose a writable directory") from None
+        if out.exists() and not out.is_dir():
+            raise _Bad(f"--out {args.out} is a file; choose a directory")
         real = load_rows(args.real, "--real", args.distance)
         fake = load_rows(args.fake, "--fake", args.distance)
         if real.shape[1] != fake.shape[1]:
@@ -117,6 +115,12 @@ def run_metrics(args) -> int:
             if x.shape[0] <= args.k:
                 raise _Bad(f"{what} has {x.shape[0]} rows; --k {args.k} needs at least {args.k + 1} (a row is not "
                            "its own neighbour): pass more samples or a smaller --k")
+        # Every input checked: only now is anything created.
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _Bad(f"cannot create --out {args.out} ({e.strerror or e}); choose a writable directory") from None
+        from modeaudit.storage.layout import atomic_write_text
         from modeaudit.tasks.metrics.suite import compute_metrics
         # This command's own process, nothing else computing yet: one BLAS thread, so the
         # kernels run one tile thread per core (tasks/join/threads.py), as in Dask workers.
@@ -133,7 +137,7 @@ def run_metrics(args) -> int:
         result["fake"] = str(args.fake)
         path = out / "metrics.json"
         try:
-            path.write_text(json.dumps(result, indent=1) + "\n")
+            atomic_write_text(path, json.dumps(result, indent=1) + "\n")
         except OSError as e:
             raise _Bad(f"cannot write {path} ({e.strerror or e}); choose a writable --out") from None
     except _Bad as e:

@@ -180,7 +180,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = Fa
 
 
 def check_out_dir(out: str | os.PathLike) -> Path:
-    """Make the run directory, or say why it cannot be one: not writable, or holding files named like a
+    """Check that the run directory can be made and written, or say why it cannot be one: not writable, or holding files named like a
     run's outputs that no modeaudit run wrote (a user's own report.html or plots/ are never overwritten)."""
     from modeaudit.tasks.registry import ConfigError
     text = os.fspath(out)
@@ -190,6 +190,10 @@ def check_out_dir(out: str | os.PathLike) -> Path:
         raise ConfigError(f"--out {text}: only local (or mounted) directories are supported, not URLs; "
                           "mount the bucket or write locally and copy")
     path = Path(text)
+    # The first folder of the path that does not exist yet: made for the write probe and
+    # removed again, so the run itself finds no directory and knows it is new (a run that
+    # fails before its first shard removes what it made: discard_unstarted_run).
+    top = next((p for p in [*reversed(path.absolute().parents), path.absolute()] if not p.exists()), None)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".modeaudit-write-test.{os.getpid()}.{uuid.uuid4().hex}"
@@ -197,6 +201,12 @@ def check_out_dir(out: str | os.PathLike) -> Path:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"cannot write to --out {text} ({e.strerror or e}); choose a writable directory") from None
+    finally:
+        if top is not None:
+            import shutil
+            shutil.rmtree(top, ignore_errors=True)
+    if top is not None:
+        return path
     lay = RunLayout(path)
     if not lay.run_json.exists():
         foreign = [p.name for p in lay.owned_entries()]
@@ -219,6 +229,23 @@ def clear_derived(out: str | os.PathLike) -> None:
         p.unlink(missing_ok=True)
     for d in (lay.plots, lay.root / CALIBRATION):
         shutil.rmtree(d, ignore_errors=True)
+
+
+def discard_unstarted_run(out: str | os.PathLike) -> bool:
+    """Remove a run directory that this run created and that holds no finished shard.
+
+    Called when a run that found no directory at `out` fails (bad input found on the
+    cluster, a full disk before the first shard): nothing in it is worth a resume, and a
+    refused run leaves no half result behind. A directory with a recorded shard is kept
+    (a rerun resumes it). Returns whether it was removed.
+    """
+    import shutil
+    root = Path(out)
+    manifest = root / MANIFEST
+    if not root.is_dir() or any(p.name != RUN_JSON for p in manifest.rglob("*.json")):
+        return False
+    shutil.rmtree(root, ignore_errors=True)
+    return True
 
 
 @contextlib.contextmanager

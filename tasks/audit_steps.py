@@ -49,8 +49,24 @@ def model_specs(cfg: AuditConfig) -> tuple[dict, dict]:
         dspec, _with_device(DESCRIPTORS, dspec, cfg.descriptor_options, device))}
     # Build both and embed one trial row now: a broken model, a wrong latent_dim or a wrong
     # output shape fails in seconds, before any cluster or shard starts.
-    embed_rows(gen, desc, cfg.seed, "probe", 0, 1)
+    trial_embedding(gen, desc, cfg.seed, "generator")
     return gen, desc
+
+
+def trial_embedding(gen: dict, desc: dict, seed: int, what: str) -> np.ndarray:
+    """One row through the generator and descriptor; a model that raises becomes a one-line InputError."""
+    from modeaudit.tasks.registry import ConfigError
+    try:
+        return embed_rows(gen, desc, seed, "probe", 0, 1)[1]
+    except (ConfigError, InputError):
+        raise
+    except MemoryError:
+        raise InputError(f"the {what} {gen['spec']!r} ran out of memory on its first sample; check its options "
+                         "(-G/-R) or free memory") from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise InputError(f"the {what} {gen['spec']!r} or descriptor {desc['spec']!r} failed on a first trial sample "
+                         f"({type(e).__name__}: {first}); fix the model or its options") from None
 
 
 def _arrays(cfg: AuditConfig, gen: dict, desc: dict):
@@ -81,6 +97,18 @@ def reference_spec(cfg: AuditConfig) -> dict | None:
     from modeaudit.tasks.models.generators import GENERATORS
     return {"spec": cfg.reference_generator,
             "options": GENERATORS.resolve_options(cfg.reference_generator, cfg.reference_generator_options)}
+
+
+def check_reference_generator(cfg: AuditConfig, gen: dict, desc: dict) -> None:
+    """Build --reference-generator and embed one trial row with the audited descriptor: same width or an error."""
+    ref = reference_spec(cfg)
+    if ref is None:
+        return
+    want = trial_embedding(gen, desc, cfg.seed, "generator").shape[1]
+    got = trial_embedding(ref, desc, cfg.seed, "reference generator").shape[1]
+    if got != want:
+        raise InputError(f"--reference-generator {cfg.reference_generator!r} gives embeddings of width {got}, the "
+                         f"audited generator {want}: they must live in one descriptor space (same -R/-G dim)")
 
 
 def open_store(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = None, inputs_fp: dict | None = None):

@@ -166,15 +166,26 @@ def apply_preset(cfg: AuditConfig) -> AuditConfig:
     return c
 
 
+# The CLI flag of each size, for messages (the config's names are not what users type).
+SIZE_FLAGS = {"p": "--p", "q": "--q", "n_a": "--anchors", "n_c": "--mccs-set", "shard_rows": "--shard-rows",
+              "workers": "--workers", "selection_m": "--selection-m", "selection_t": "--selection-t",
+              "n_ref": "--n-ref", "null_replicates": "--null-replicates", "modes": "--modes"}
+
+# Far beyond any audit's need (the paper's is 1e7 rows): a size above it is a typo, not a plan.
+MAX_ROWS = 10 ** 11
+
+
 def finalize_sizes(cfg: AuditConfig, m: int, M: int) -> AuditConfig:
     """Set the actual sizes (from the preset or from the embedding files) and validate everything."""
     pre = PRESETS.get(cfg.preset, PRESETS["standard"])
     c = cfg.replace(m=m, M=M)
     if m < 1 or M < 1:
         raise InputError(f"empty sample set (|S|={m}, |T|={M}); both need at least one row")
+    if max(m, M) > MAX_ROWS:
+        raise InputError(f"|S|={m:.3g} / |T|={M:.3g} rows: this tool handles at most {MAX_ROWS:.0e} rows per set "
+                         "(a store of 1e11 rows of 128-d float16 is 25 TB); choose smaller --m / --M")
     if m < 2:
         raise InputError("S needs at least 2 rows: the dense-mode search counts each row's neighbours among the others")
-    explicit_q = c.q is not None
     c.q = min(pre["q"], m) if c.q is None else c.q
     c.n_a = min(pre["n_a"], m) if c.n_a is None else c.n_a
     c.n_c = min(pre["n_c"], M) if c.n_c is None else c.n_c
@@ -196,11 +207,11 @@ def finalize_sizes(cfg: AuditConfig, m: int, M: int) -> AuditConfig:
                  "null_replicates", "modes"):
         v = getattr(c, name)
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{name}={v} must be a positive whole number")
+            raise ConfigError(f"{SIZE_FLAGS.get(name, name)} {v}: must be a positive whole number")
     if c.p > m:
-        raise ConfigError(f"p={c.p} is larger than m=|S|={m}; choose p <= m")
+        raise ConfigError(f"--p {c.p} is larger than m=|S|={m}; choose --p <= m")
     if c.q > m:
-        raise ConfigError(f"q={c.q} is larger than m=|S|={m}; choose q <= m" + ("" if explicit_q else ""))
+        raise ConfigError(f"--q {c.q} is larger than m=|S|={m}; choose --q <= m")
     if c.n_a > m:
         raise ConfigError(f"|A|={c.n_a} is larger than m=|S|={m}; A is taken from S, choose --anchors <= m")
     if c.n_c > M:
@@ -216,6 +227,21 @@ def finalize_sizes(cfg: AuditConfig, m: int, M: int) -> AuditConfig:
                           f"(q + 1) * alpha >= 1; use --q {int(np.ceil(1 / c.alpha)) - 1} or more, or leave erl out "
                           "of --tests")
     return c
+
+
+def validate_calibration(c: "CalibrationConfig") -> None:
+    """A calibration's settings, checked before its run folder is read."""
+    for name, flag in (("modes", "--modes"), ("clusters", "--clusters"), ("n_fit", "--n-fit"),
+                       ("fid_rows", "--fid-rows"), ("workers", "--workers")):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{flag} {v}: must be a positive whole number")
+    if c.method not in ("cluster", "rejection"):
+        raise ConfigError(f"method={c.method!r}; choose cluster or rejection")
+    from modeaudit.tasks.calibration.steps import _image_range
+    _image_range(c.image_range)
+    if c.scheduler is not None:
+        check_scheduler_address(c.scheduler)
 
 
 def validate_settings(c: AuditConfig) -> None:
@@ -237,6 +263,11 @@ def validate_settings(c: AuditConfig) -> None:
         raise ConfigError("radii must be strictly increasing (e.g. --radii 0.1:0.5:0.01)")
     if not isinstance(c.seed, int) or c.seed < 0:
         raise ConfigError(f"seed={c.seed} is negative; seeds are whole numbers >= 0 (e.g. --seed 0)")
+    if c.seed >= 2 ** 63:
+        raise ConfigError(f"seed={c.seed} is too large; seeds are whole numbers below 2**63 (stored as int64)")
+    if c.tests is not None and not str(c.tests).strip(" ,"):
+        raise ConfigError("--tests is empty; give a comma list of tests (paper, erl, selection, two_sample) or leave "
+                          "it out for the defaults")
     if c.threads_per_worker is not None and c.threads_per_worker < 1:
         raise ConfigError(f"threads_per_worker={c.threads_per_worker}; give at least 1, or leave it unset "
                           "(cores / workers)")

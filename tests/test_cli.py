@@ -53,8 +53,8 @@ def test_nonfinite_and_zero_rows(files, capsys, bad, match, prefect_harness, sch
     ([], lambda f: np.save(f / "t.npy", np.zeros((0, 8), np.float32)), "is empty"),
     (["--d0", "1.5"], None, "d0=1.5 is outside (0, 1)"),
     (["--radii", "0.1:1.2:0.1"], None, "outside (0, 1)"),
-    (["--q", "301"], None, "q=301 is larger than m=|S|=300"),
-    (["--p", "400"], None, "p=400 is larger than m=|S|=300"),
+    (["--q", "301"], None, "--q 301 is larger than m=|S|=300"),
+    (["--p", "400"], None, "--p 400 is larger than m=|S|=300"),
 ])
 def test_bad_embeddings_and_settings(files, capsys, argv_extra, files_fn, match):
     if files_fn:

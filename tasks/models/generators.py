@@ -283,7 +283,12 @@ def load_torchscript(torch, path: str, device: str, what: str, trust_pickle: boo
     if not _looks_pickled(path):
         raise ConfigError(f"{what} torchscript:{path} is not a TorchScript file ({reason}); "
                           "save the model with torch.jit.script(...).save() or torch.jit.trace(...).save()")
+    import zipfile
     try:   # safe: the restricted unpickler runs no code from the file
+        if not zipfile.is_zipfile(path):
+            # A bare pickle (legacy torch.save or pickle.dump): torch's weights-only probe of it
+            # only warns about the protocol; it is refused below either way.
+            raise ValueError("not a zip archive")
         torch.load(path, map_location="cpu", weights_only=True)
         raise ConfigError(f"{what} torchscript:{path} is not a TorchScript file but torch.save'd weights (a "
                           "state_dict, no network); build the model, load the weights, and save it with "
