@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup setup-test setup-torch demo demo-control demo-synthetic test bench clean
+.PHONY: setup setup-test setup-torch demo demo-control demo-synthetic demo-reference.npy test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,19 +24,22 @@ setup-test: $(BIN)/python
 # tasks/toy/digits_models/, reproduced by `python -m modeaudit.tasks.toy.digits --out DIR`),
 # audited against the real digits embedded with the committed descriptor. torch (CPU) is needed.
 DIGITS := tasks/toy/digits_models
-DIGITS_AUDIT = --descriptor torchscript:$(DIGITS)/D.pt --preset demo --M 50000 --d0 0.1 --radii 0.04:0.24:0.005
+# The reference: the real digits, written both as PNGs (demo-reference/) and embedded with D
+# (demo-reference.npy). Once `--reference DIR` (an image folder) exists, set DIGITS_REF to demo-reference.
+DIGITS_REF := demo-reference.npy
+DIGITS_AUDIT = --descriptor torchscript:$(DIGITS)/D.pt --reference $(DIGITS_REF) \
+	--preset demo --M 50000 --d0 0.1 --radii 0.04:0.24:0.005
 
-demo: setup-torch
-	$(BIN)/python -m modeaudit.tasks.toy.digits --write-reference-embeddings demo-reference.npy
-	$(BIN)/modeaudit audit --generator torchscript:$(DIGITS)/G.pt -G latent_dim=16 $(DIGITS_AUDIT) \
-		--reference demo-reference.npy --out demo-run --overwrite
+demo-reference.npy: setup-torch
+	$(BIN)/python -m modeaudit.tasks.toy.digits --write-reference demo-reference --write-reference-embeddings demo-reference.npy
+
+demo: demo-reference.npy
+	$(BIN)/modeaudit audit --generator torchscript:$(DIGITS)/G.pt -G latent_dim=16 $(DIGITS_AUDIT) --out demo-run --overwrite
 	@echo "open demo-run/report.html"
 
 # The same audit of the control (the same recipe, no planted collapse).
-demo-control: setup-torch
-	$(BIN)/python -m modeaudit.tasks.toy.digits --write-reference-embeddings demo-reference.npy
-	$(BIN)/modeaudit audit --generator torchscript:$(DIGITS)/G_control.pt -G latent_dim=16 $(DIGITS_AUDIT) \
-		--reference demo-reference.npy --out demo-run-control --overwrite
+demo-control: demo-reference.npy
+	$(BIN)/modeaudit audit --generator torchscript:$(DIGITS)/G_control.pt -G latent_dim=16 $(DIGITS_AUDIT) --out demo-run-control --overwrite
 
 # The synthetic demo (no torch): a planted identity world against its collapse-free twin.
 demo-synthetic: setup
@@ -54,4 +57,4 @@ bench: setup-test
 	$(BIN)/python benchmarks/bench_join.py
 
 clean:
-	rm -rf demo-run demo-run-control demo-reference.npy .pytest_cache
+	rm -rf demo-run demo-run-control demo-reference demo-reference.npy .pytest_cache
