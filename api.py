@@ -101,7 +101,8 @@ def audit(generator=None, *, out: str | os.PathLike, descriptor=None, reference_
     """Audit a generator (spec or callable) or embeddings; returns an AuditResult.
 
     Every other keyword is an AuditConfig field (`modeaudit audit --help` lists them under
-    their CLI names): m, M, preset, d0, tests, reference, embeddings_s, embeddings_t,
+    their CLI names): m, M, preset, d0, tests, reference (embeddings, a folder of images or
+    an earlier run), embeddings_s, embeddings_t, images_s, images_t, cache_dir, cache,
     workers, overwrite, generator_options, ... `latent_dim` is a shorthand for the
     generator option of that name (needed by callables and TorchScript files).
     A callable that a fresh process cannot import by name (defined in a notebook or in

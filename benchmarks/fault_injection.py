@@ -36,6 +36,7 @@ BIN = Path(sys.executable).parent
 def _strip(text: str) -> dict:
     r = json.loads(text)
     r.pop("timings", None)
+    r.pop("run_info", None)      # when and where it ran: not part of the numbers
     r["settings"].pop("workers", None)
     r["source"].pop("shards", None)
     return r

@@ -13,3 +13,10 @@ def count(text: str) -> int:
     if v != int(v):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
     return int(v)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the product's error style: one line `modeaudit: error: ...` (no usage block), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"modeaudit: error: {message}; `{self.prog} --help` lists the options\n")

@@ -13,16 +13,19 @@ from prefect import flow
 from prefect.states import Failed
 
 from modeaudit.storage.layout import RESULT_JSON, RunLayout, clear_derived, run_lock
-from modeaudit.storage.store import StoreError
+from modeaudit.storage.store import RunStore, StoreError
 
 from modeaudit.tasks import audit_steps as steps
+from modeaudit.tasks import inputs
 from modeaudit.tasks import stages
 from modeaudit.tasks.registry import ConfigError
 from modeaudit.tasks.stats import steps as stats
 from modeaudit.tasks.config import AuditConfig, apply_preset, finalize_sizes, tests_for
 from modeaudit.tasks.stats.paper import ranking_counts, reference_anchors, top_anchors
 from modeaudit.tasks.report.audit import verdict_level, verdict_text, write_report
+from modeaudit.tasks.report.pictures import safe_pictures
 from modeaudit.tasks.report.stats import stats_sections
+from modeaudit.tasks.report.style import plots_to
 from modeaudit.tasks.stats.registry import TestContext
 from modeaudit.tasks.join.parallel import worker_lost
 from modeaudit.tasks.join.sources import Source
@@ -60,15 +63,19 @@ def _store_source(store, name: str) -> Source:
 
 
 def prepare(cfg: AuditConfig, client, t):
-    """Samples in place: generated into the store (resuming), or user embeddings validated. Returns the sources."""
+    """Samples in place: generated into the store (resuming), or user embeddings / image folders validated and
+    embedded (image folders through the feature cache). Returns the sources."""
     ref = None
+    cache = {}
     if cfg.generator:
         cfg = apply_preset(cfg)
         cfg = finalize_sizes(cfg, cfg.m, cfg.M)
         gen, desc = steps.model_specs(cfg)
         ref_gen = steps.reference_spec(cfg)
+        inp = inputs.plan_inputs(cfg, desc)
+        folders, cache = _embed_folders(cfg, client, inp, t)
         with t("open_store"):
-            store = stages.open_store(cfg, gen, desc, ref_gen)
+            store = stages.open_store(cfg, gen, desc, ref_gen, inp.fingerprint())
         with t("generate"):
             shards = {s: stages.generate_set(client, store, s, gen, desc, cfg.seed) for s in ("S", "T")}
             if ref_gen:
@@ -81,20 +88,63 @@ def prepare(cfg: AuditConfig, client, t):
                   "embeddings_s": None, "embeddings_t": None, "shards": shards,
                   "reference_generator": ref_gen}
     else:
-        S, T = steps.embedding_sources(cfg)
+        inp = inputs.plan_inputs(cfg)
+        cfg = finalize_sizes(cfg, inp.rows("S"), inp.rows("T"))     # checked again with the rows embedded
+        folders, cache = _embed_folders(cfg, client, inp, t)
+        store = steps.open_result_store(cfg, inp.files.get("S"), inp.files.get("T"), inp.fingerprint())
+        sides = {n: inp.files[n] if n in inp.files else inputs.store_folder(store, n, folders[n][0]) for n in "ST"}
+        S, T = steps.embedding_sources(cfg, sides["S"], sides["T"])
         cfg = finalize_sizes(cfg, S.rows, T.rows)
-        store = steps.open_result_store(cfg, S, T)
+        scans = {}
         with t("validate"):
-            scans = {"S": stages.validate_source(client, S, "--embeddings-s"),
-                     "T": stages.validate_source(client, T, "--embeddings-t")}
-        source = {"kind": "embeddings", "generator": None, "descriptor": None, "seed": cfg.seed,
-                  "embeddings_s": os.path.abspath(cfg.embeddings_s), "embeddings_t": os.path.abspath(cfg.embeddings_t)}
+            for n, what in (("S", "--embeddings-s"), ("T", "--embeddings-t")):
+                scans[n] = (inputs.folder_scan(folders[n][0]) if n in folders else
+                            stages.validate_source(client, sides[n], what))
+        kind = "embeddings" if not (cfg.images_s or cfg.images_t) else "images"
+        source = {"kind": kind, "generator": None, "descriptor": inp.desc["spec"] if inp.desc else None,
+                  "seed": cfg.seed,
+                  "embeddings_s": os.path.abspath(cfg.embeddings_s) if cfg.embeddings_s else None,
+                  "embeddings_t": os.path.abspath(cfg.embeddings_t) if cfg.embeddings_t else None}
+        if inp.desc:
+            source["descriptor_options"] = inp.desc["options"]
+        for side in ("s", "t"):
+            if getattr(cfg, f"images_{side}"):
+                source[f"images_{side}"] = os.path.abspath(getattr(cfg, f"images_{side}"))
     if cfg.reference:
-        ref = steps.reference_source(cfg, S)
-        with t("validate"):
-            scans["reference"] = stages.validate_source(client, ref, "--reference")
+        if inp.ref_run is not None:
+            with t("validate"):
+                inputs.verify_reference_run(client, inp.ref_run)
+            ref = inp.ref_run.source
+            scans["reference"] = steps.set_scan(RunStore.open(inp.ref_run.root), "T")
+        elif "reference" in folders:
+            ref = inputs.store_folder(store, "reference", folders["reference"][0])
+            scans["reference"] = inputs.folder_scan(folders["reference"][0])
+        else:
+            ref = steps.reference_source(cfg, S)
+            with t("validate"):
+                scans["reference"] = stages.validate_source(client, ref, "--reference")
+        inputs.check_width(ref.dim, S.dim, "--reference")
         source["reference"] = os.path.abspath(cfg.reference)
+    details = {n: f[1] for n, f in folders.items()}
+    if inp.ref_run is not None:
+        details["reference"] = inp.ref_run.info
+    if details:
+        # What each folder or earlier run contributed (deterministic); `cache` (hit/miss/off) is the run's
+        # history, like `shards`, and is left out when two runs' numbers are compared.
+        source["inputs"] = details
+        source["cache"] = cache
     return cfg, store, S, T, ref, scans, source
+
+
+def _embed_folders(cfg: AuditConfig, client, inp, t) -> tuple[dict, dict]:
+    """Embed (or take from the feature cache) every image folder of the run: ({name: (rows, info)}, {name: status})."""
+    folders, cache = {}, {}
+    if inp.folders:
+        with t("embed_images"):
+            for name, plan in inp.folders.items():
+                rows, info, status = inputs.embed_folder(client, plan, cfg)
+                folders[name], cache[name] = (rows, info), status
+    return folders, cache
 
 
 def run_audit(cfg: AuditConfig, client) -> dict:
@@ -156,15 +206,34 @@ def run_audit(cfg: AuditConfig, client) -> dict:
     headline, why = verdict_text(result["tests"])
     # The report's verdict, for programs; level is what `--fail-on` gates on.
     result["verdict"] = {"headline": headline, "explanation": why, "level": verdict_level(result["tests"])}
+    # Pictures (a report stage: reads the result, never changes it; a failure is reported, not raised).
+    with t("pictures"):
+        generator = models_of(source)
+        pictures = safe_pictures(out, result, store, generator, S_rows=S_rows)
+    result["run_info"] = steps.run_info(source)
     result = steps.json_safe(result)
 
     store.write_array(RunLayout.result_array("self_counts"), counts)
     store.write_array(RunLayout.result_array("curves"), curves)
     store.write_array(RunLayout.result_array("mccs_A"), mccs_a)
+    with plots_to(RunLayout(out).plots):   # the sections' figures are saved as plots/*.png and *.svg too
+        sections = stats_sections(result)
     write_report(out, result, obs_curves=curves[:cfg.p], ref_curves=curves[cfg.p:], mccs_values=mccs_a,
-                 extra_sections=stats_sections(result))
+                 extra_sections=sections, pictures=pictures)
     store.write_json(RESULT_JSON, result)  # last: its presence means the audit completed
     return result
+
+
+def models_of(source: dict):
+    """The run's generator, built in this process (cached), or None for embedding runs or when it cannot be built."""
+    if source.get("kind") != "generator":
+        return None
+    try:
+        from modeaudit.tasks.models.shards import models
+        return models({"spec": source["generator"], "options": source["generator_options"]},
+                      {"spec": source["descriptor"], "options": source["descriptor_options"]})[0]
+    except Exception:  # noqa: BLE001 - the pictures stage reports it
+        return None
 
 
 def config_out(config) -> str:

@@ -19,6 +19,7 @@ from modeaudit.tasks.calibration.samplers import fit_cluster, fit_rejection, sav
 from modeaudit.tasks.config import AuditConfig, CalibrationConfig
 from modeaudit.tasks.models.generators import build_generator
 from modeaudit.tasks.registry import ConfigError
+from modeaudit.tasks.report.audit import refresh_calibration_links
 from modeaudit.tasks.report.calibration import write_calibration_report
 
 from modeaudit.flows.audit import run_audit
@@ -160,8 +161,12 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
             "new_worst_is_planted": after.get("truth", {}).get("worst_case_is_planted"),
         }
     mccs_a = RunLayout.result_array("mccs_A")
-    write_calibration_report(out, cal, result, after, store.read_array(mccs_a), store2.read_array(mccs_a))
+    write_calibration_report(out, cal, result, after, store.read_array(mccs_a), store2.read_array(mccs_a),
+                             run_dir=run, after_dir=lay.calibration_audit(method))
     atomic_write_json(lay.calibration_json(method), cal)   # last: its presence means calibration completed
+    # Links both ways: the audit's report and the re-audit's report now point to this calibration.
+    for report_dir in (run, lay.calibration_audit(method)):
+        refresh_calibration_links(report_dir)
     return cal
 
 

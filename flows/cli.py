@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-from modeaudit.flows.args import count as _count  # noqa: E402
+from modeaudit.flows.args import OneLineParser, count as _count  # noqa: E402
 from modeaudit import __version__  # noqa: E402
 from modeaudit.flows.metrics_cli import add_metrics_parser, run_metrics  # noqa: E402
 from modeaudit.storage.layout import RunLayout, check_out_dir  # noqa: E402
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser (also documents every option)."""
     A = functools.partial(default, AuditConfig)        # defaults come from the config models
     C = functools.partial(default, CalibrationConfig)
-    p = argparse.ArgumentParser(prog="modeaudit", description="Black-box audit of generative models for "
+    p = OneLineParser(prog="modeaudit", description="Black-box audit of generative models for "
                                 "intra-mode collapse (and calibration of their samplers).")
     p.add_argument("--version", action="version", version=f"modeaudit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("-D", "--descriptor-option", action="append", metavar="KEY=VALUE", help="descriptor option")
     src.add_argument("--embeddings-s", metavar="PATH", help="S embeddings (.npy or Zarr array), one row a sample")
     src.add_argument("--embeddings-t", metavar="PATH", help="T embeddings (.npy or Zarr array), one row a sample")
+    src.add_argument("--images-s", metavar="DIR", help="S as a folder of PNG/JPEG images (recursive), embedded with "
+                     "--descriptor; instead of --embeddings-s")
+    src.add_argument("--images-t", metavar="DIR", help="T as a folder of PNG/JPEG images, embedded with "
+                     "--descriptor; instead of --embeddings-t")
     a.add_argument("--out", required=True, metavar="DIR", help="run directory (store, report.html, result.json)")
     a.add_argument("--overwrite", action="store_true", help="replace a different run already in DIR")
     a.add_argument("--fail-on", choices=["collapse", "warning", "never"], default="never",
@@ -73,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=A("seed"), help="root seed (latent row j depends only on seed and j)")
     st.add_argument("--tests", help="comma list of paper, erl, selection, two_sample "
                     "(default: paper,erl,selection, and two_sample when a reference is given)")
-    st.add_argument("--reference", metavar="EMBEDDINGS", help="reference embeddings (.npy/Zarr): real data or a "
-                    "baseline checkpoint's samples; the null of the selection test and the two-sample test")
+    st.add_argument("--reference", metavar="EMBEDDINGS|DIR|RUN_DIR", help="the reference set (real data or a "
+                    "baseline checkpoint's samples; the null of the selection test and the two-sample test): "
+                    "embeddings (.npy/Zarr), a folder of PNG/JPEG images (embedded with the run's descriptor, "
+                    "cached), or an earlier generator run's directory (its T embeddings, same descriptor)")
     st.add_argument("--reference-generator", metavar="SPEC", help="reference generator (e.g. an earlier "
                     "checkpoint); its samples play the role of --reference")
     st.add_argument("-R", "--reference-generator-option", action="append", metavar="KEY=VALUE")
@@ -103,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="embedding storage dtype (statistics are computed in float32/float64)")
     ex.add_argument("--kernel", default=A("kernel"), choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda"],
                     help="range-join kernel: auto = torch-cuda on a GPU machine, else fast (numba)")
+    ex.add_argument("--cache-dir", metavar="DIR", help="feature cache of image-folder embeddings, kept across "
+                    "runs (default: $MODEAUDIT_CACHE, else $XDG_CACHE_HOME/modeaudit, else ~/.cache/modeaudit)")
+    ex.add_argument("--no-cache", dest="cache", action="store_false", default=A("cache"),
+                    help="neither read nor write the feature cache (image folders are embedded anew)")
 
     c = sub.add_parser("calibrate", help="reshape the latent sampler of an audited generator and audit the result",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -163,13 +173,17 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
     if cfg.scheduler:
         from modeaudit.flows.cluster import probe_scheduler
         probe_scheduler(cfg.scheduler)
+    from modeaudit.tasks.inputs import plan_inputs
     if cfg.generator:
         cfg = apply_preset(cfg)
         cfg = finalize_sizes(cfg, cfg.m, cfg.M)
-        steps.model_specs(cfg)
+        _, desc = steps.model_specs(cfg)
+        plan_inputs(cfg, desc)          # a reference folder or run: listed, hashed, checked (not embedded)
     else:
-        s, t = steps.embedding_sources(cfg)
-        finalize_sizes(cfg, s.rows, t.rows)
+        inp = plan_inputs(cfg)
+        if not (cfg.images_s or cfg.images_t):
+            steps.embedding_sources(cfg, inp.files["S"], inp.files["T"])
+        finalize_sizes(cfg, inp.rows("S"), inp.rows("T"))
     return cfg
 
 

@@ -11,23 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-from modeaudit.flows.args import count as _count  # noqa: E402
+from modeaudit.flows.args import OneLineParser, count as _count  # noqa: E402
 from modeaudit.tasks.registry import ConfigError, parse_kv
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse errors as the CLI's one-line error (no usage block), exit code 2."""
-
-    def error(self, message):
-        """Print `modeaudit: error: MESSAGE; see ... --help` and exit 2."""
-        print(f"modeaudit: error: {message}; see `{self.prog} --help`", file=sys.stderr)
-        sys.exit(2)
 
 
 def add_toy_parser(sub) -> None:
     """Add `toy train` and `toy score` under the main parser's subcommands."""
     t = sub.add_parser("toy", help="toy worlds with ground truth: train reference GANs, score generators")
-    ts = t.add_subparsers(dest="toy_command", parser_class=_OneLineParser)
+    ts = t.add_subparsers(dest="toy_command", parser_class=OneLineParser)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     tr = ts.add_parser("train", formatter_class=fmt, help="train a reference GAN on a toy world; TorchScript "
                        "checkpoints of the generator every --every steps")

@@ -28,6 +28,10 @@ RUN_JSON = "run.json"          # inside manifest/: the store's fingerprint and l
 SCANS = "scans"
 CALIBRATION = "calibration"
 LOCK = ".modeaudit.lock"
+# Figures under plots/ are saved in both formats (PNG embedded in the reports, SVG for print).
+PLOT_FORMATS = ("png", "svg")
+# The pictures regenerated from stored latents (tasks/report/pictures.py), as plots/<name>.png/.svg.
+PICTURES = ("neighbours_worst", "neighbours_random", "modes")
 # What a run writes at the top of its directory (and so what --overwrite may remove).
 OWNED = (RESULT_JSON, REPORT_HTML, PLOTS, STORE_ZARR, MANIFEST, SCANS, CALIBRATION)
 
@@ -53,6 +57,17 @@ class RunLayout:
         """Figures of the report, as files."""
         return self.root / PLOTS
 
+    def plot(self, name: str, fmt: str = "png") -> Path:
+        """One figure of the report under plots/ (name without extension; fmt png or svg)."""
+        return self.plot_in(self.plots, name, fmt)
+
+    @staticmethod
+    def plot_in(plots_dir: Path, name: str, fmt: str = "png") -> Path:
+        """plots_dir/<name>.<fmt>; names are plain file stems (no folders)."""
+        if not name or "/" in name or "\\" in name or name.startswith(".") or fmt not in PLOT_FORMATS:
+            raise ValueError(f"bad plot name {name!r}.{fmt}: a plain file stem, format one of {PLOT_FORMATS}")
+        return Path(plots_dir) / f"{name}.{fmt}"
+
     @property
     def run_json(self) -> Path:
         """The store's record (fingerprint, layouts): a directory with it is a modeaudit run."""
@@ -70,6 +85,10 @@ class RunLayout:
     def calibration_json(self, method: str) -> Path:
         """calibration.json of a method: written last."""
         return self.calibration(method) / "calibration.json"
+
+    def calibration_report(self, method: str) -> Path:
+        """The before/after report of a calibration method."""
+        return self.calibration(method) / REPORT_HTML
 
     def calibration_sampler(self, method: str) -> Path:
         """The calibrated sampler (params.npz + meta.json): the generator calibrated:PATH."""

@@ -83,8 +83,11 @@ def reference_spec(cfg: AuditConfig) -> dict | None:
             "options": GENERATORS.resolve_options(cfg.reference_generator, cfg.reference_generator_options)}
 
 
-def open_store(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = None):
-    """Create or resume the run store; its fingerprint is what decides whether shards can be reused."""
+def open_store(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = None, inputs_fp: dict | None = None):
+    """Create or resume the run store; its fingerprint is what decides whether shards can be reused.
+
+    `inputs_fp` (Inputs.fingerprint()): content keys of an image-folder reference or an earlier
+    run used as the reference; absent (not empty) otherwise, so older runs keep their fingerprint."""
     from modeaudit.storage.store import RunStore
     from modeaudit.tasks.models.shards import models as _m
     generator, descriptor = _m(gen, desc)
@@ -92,19 +95,27 @@ def open_store(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = N
           "store_dtype": cfg.store_dtype, "modeaudit_store": 1}
     if ref_gen is not None:
         fp["reference_generator"] = _m(ref_gen, desc)[0].fingerprint()
+    if inputs_fp:
+        fp["inputs"] = inputs_fp
     return RunStore.create_or_open(cfg.out, fp, store_layouts(cfg, gen, desc, ref_gen), overwrite=cfg.overwrite)
 
 
-def open_result_store(cfg: AuditConfig, S: Source, T: Source):
-    """Run store for an audit of user embeddings: it only holds results, keyed on the input files."""
+def open_result_store(cfg: AuditConfig, S: Source | None, T: Source | None, inputs_fp: dict | None = None):
+    """Run store for an audit of user embeddings (files, or image folders whose rows it stores under inputs/):
+    keyed on the input files (path, size, mtime) and on the folders' content keys."""
     import os
     from modeaudit.storage.store import RunStore
     files = {}
     for name, src in (("S", S), ("T", T)):
+        if src is None:        # an image folder: keyed by content in inputs_fp
+            continue
         st = os.stat(src.path)
         files[name] = {"path": os.path.abspath(src.path), "rows": src.rows, "dim": src.dim,
                        "mtime_ns": st.st_mtime_ns, "size": st.st_size}
-    return RunStore.create_or_open(cfg.out, {"embeddings": files, "modeaudit_store": 1}, [], overwrite=cfg.overwrite)
+    fp = {"embeddings": files, "modeaudit_store": 1}
+    if inputs_fp:
+        fp["inputs"] = inputs_fp
+    return RunStore.create_or_open(cfg.out, fp, [], overwrite=cfg.overwrite)
 
 
 def _shard_intact(root: str, set_name: str, index: int) -> bool:
@@ -139,10 +150,11 @@ def set_scan(store, set_name: str) -> dict:
 MIN_T_ROWS = 100
 
 
-def embedding_sources(cfg: AuditConfig) -> tuple[Source, Source]:
-    """Sources for user embeddings, with widths checked against each other."""
-    s = open_embeddings(cfg.embeddings_s, "--embeddings-s")
-    t = open_embeddings(cfg.embeddings_t, "--embeddings-t")
+def embedding_sources(cfg: AuditConfig, s: Source | None = None, t: Source | None = None) -> tuple[Source, Source]:
+    """Sources for user embeddings (the files of --embeddings-s/-t, or given sources: an image folder's rows),
+    with widths checked against each other."""
+    s = s if s is not None else open_embeddings(cfg.embeddings_s, "--embeddings-s")
+    t = t if t is not None else open_embeddings(cfg.embeddings_t, "--embeddings-t")
     if os.path.samefile(s.path, t.path):
         raise InputError(f"--embeddings-s and --embeddings-t are the same file ({t.path}); S and T must be "
                          "independent samples (a row would count itself): split the samples or draw T anew")
@@ -250,7 +262,9 @@ def assemble_result(cfg: AuditConfig, *, source: dict, self_counts, r_obs, r_ref
                    "ref_median": band["median"]},
         "tests": {"paper": paper},
         "mccs": {"theta": cfg.theta, "mean": mean, "std": std, "worst_case": float(mccs_worst)},
-        "normalization": {k: {"renormalized_rows": v["renormalized"], "rows": v["rows"]} for k, v in scans.items()},
+        "normalization": {k: {"renormalized_rows": v["renormalized"], "rows": v["rows"],
+                              **({"rejected_by_descriptor": v["rejected_by_descriptor"]}
+                                 if "rejected_by_descriptor" in v else {})} for k, v in scans.items()},
         "timings": timings,
     }
     wc = result["worst_case"]
@@ -266,6 +280,28 @@ def assemble_result(cfg: AuditConfig, *, source: dict, self_counts, r_obs, r_ref
     if truth is not None:
         result["truth"] = truth
     return result
+
+
+def _sha_of(fp: dict | None) -> str | None:
+    """The weights file's sha256 in a model fingerprint (torchscript:), or in the base model's (calibrated:)."""
+    if not isinstance(fp, dict):
+        return None
+    return fp.get("sha256") or _sha_of(fp.get("base"))
+
+
+def run_info(source: dict) -> dict:
+    """Provenance that is not part of the result's numbers: when and where the audit finished, and the sha256 of
+    the model files (None for built-in models and embedding files). Not byte-identical across runs by design:
+    comparisons of result.json leave `run_info` out, as they leave out `timings`."""
+    import datetime
+    import socket
+    shas = {"generator": None, "descriptor": None}
+    if source.get("kind") == "generator":
+        generator, descriptor = models({"spec": source["generator"], "options": source["generator_options"]},
+                                       {"spec": source["descriptor"], "options": source["descriptor_options"]})
+        shas = {"generator": _sha_of(generator.fingerprint()), "descriptor": _sha_of(descriptor.fingerprint())}
+    return {"finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": socket.gethostname(), "model_sha256": shas}
 
 
 class Timer:

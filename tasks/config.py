@@ -79,6 +79,8 @@ class AuditConfig(_Config):
     descriptor_options: dict[str, Any] = Field(default_factory=dict)
     embeddings_s: str | None = None
     embeddings_t: str | None = None
+    images_s: str | None = None        # a folder of images for S, embedded with --descriptor
+    images_t: str | None = None        # ... for T
     preset: str = "standard"
     m: int | None = None
     M: int | None = None
@@ -100,7 +102,7 @@ class AuditConfig(_Config):
     overwrite: bool = False
     # Statistics beyond the paper (docs/statistics.md).
     tests: str | None = None           # default: paper,erl,selection (+ two_sample with a reference)
-    reference: str | None = None       # reference embeddings (real data or a baseline checkpoint)
+    reference: str | None = None       # reference: embeddings (.npy/Zarr), a folder of images, or an earlier run
     reference_generator: str | None = None
     reference_generator_options: dict[str, Any] = Field(default_factory=dict)
     n_ref: int | None = None           # rows drawn from --reference-generator (default min(M, 1e6))
@@ -113,6 +115,10 @@ class AuditConfig(_Config):
     # Weight of a pair at exactly d0 in the dense-mode ranking: 1.0 counts it (inclusive,
     # d <= d0), 0.5 is seed 000's Eq. 2 ((1 + sgn(d0 - d)) / 2); docs/statistics.md.
     tie_weight: float = 1.0
+    # Embeddings of image folders are cached here across runs (None: $MODEAUDIT_CACHE, else
+    # $XDG_CACHE_HOME/modeaudit, else ~/.cache/modeaudit); cache=False neither reads nor writes it.
+    cache_dir: str | None = None
+    cache: bool = True
 
     _radii_tuple = field_validator("radii", mode="before")(_as_tuple)
 
@@ -245,8 +251,14 @@ def validate_settings(c: AuditConfig) -> None:
         raise ConfigError(f"kernel={c.kernel!r}; choose one of: {', '.join(KERNELS)}")
     if c.store_dtype not in ("float16", "float32"):
         raise ConfigError(f"store dtype {c.store_dtype!r}; choose float16 or float32")
-    if (c.generator is None) == (c.embeddings_s is None and c.embeddings_t is None):
-        raise ConfigError("give either --generator SPEC or both --embeddings-s and --embeddings-t")
+    for side in ("s", "t"):
+        if getattr(c, f"embeddings_{side}") is not None and getattr(c, f"images_{side}") is not None:
+            raise ConfigError(f"give --embeddings-{side} or --images-{side}, not both")
+    s_in = c.embeddings_s if c.embeddings_s is not None else c.images_s
+    t_in = c.embeddings_t if c.embeddings_t is not None else c.images_t
+    if (c.generator is None) == (s_in is None and t_in is None):
+        raise ConfigError("give either --generator SPEC or both --embeddings-s and --embeddings-t "
+                          "(or --images-s and --images-t)")
     from modeaudit.tasks.stats.registry import STAT_TESTS, has_reference, parse_tests
     tests = parse_tests(c.tests) if c.tests else ()
     needs = [t for t in tests if STAT_TESTS[t].needs_reference]
@@ -258,8 +270,14 @@ def validate_settings(c: AuditConfig) -> None:
                           "model's descriptor); with --embeddings-s/-t pass reference embeddings with --reference")
     if c.reference and c.reference_generator:
         raise ConfigError("give --reference or --reference-generator, not both")
-    if c.generator is None and (c.embeddings_s is None or c.embeddings_t is None):
-        raise ConfigError("--embeddings-s and --embeddings-t go together; give both files")
+    if c.generator is None and (s_in is None or t_in is None):
+        raise ConfigError("--embeddings-s and --embeddings-t go together; give both files"
+                          if c.images_s is None and c.images_t is None else
+                          "S and T both need an input: give --images-s (or --embeddings-s) and --images-t (or "
+                          "--embeddings-t)")
+    if (c.images_s or c.images_t) and c.generator is None and not c.descriptor:
+        raise ConfigError("--images-s/--images-t need --descriptor SPEC (an image descriptor, e.g. torch:tiny-cnn "
+                          "or torchscript:PATH) to embed the images")
 
 
 def check_scheduler_address(address: str) -> None:

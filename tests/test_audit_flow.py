@@ -21,7 +21,7 @@ def run(tmp, name, **kw):
 
 def _strip(result):
     r = json.loads(json.dumps(result))
-    for k in ("timings", "settings"):
+    for k in ("timings", "run_info", "settings"):
         r.pop(k)
     r["source"].pop("shards")
     return r

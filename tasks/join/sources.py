@@ -188,6 +188,8 @@ def merge_scans(parts: list[dict]) -> dict:
     for p in parts:
         for k in ("rows", "nonfinite", "zero", "renormalized"):
             out[k] += p[k]
+        if "rejected_by_descriptor" in p:    # generated sets: samples the descriptor refused and redrew
+            out["rejected_by_descriptor"] = out.get("rejected_by_descriptor", 0) + p["rejected_by_descriptor"]
         for k in ("first_nonfinite", "first_zero"):
             if out[k] is None:
                 out[k] = p[k]

@@ -1,7 +1,11 @@
 """Identity descriptors: map a batch of samples to embedding rows.
 
 Rows need not come out unit length: the caller normalises (and records how many
-rows it had to). Real networks plug in through `torchscript:PATH`.
+rows it had to). Real networks plug in through `torchscript:PATH`, `onnx:PATH`
+(tasks/models/onnx_models.py), `python:MODULE:CALLABLE` (python_models.py) and
+`dlib:face` (dlib_face.py). Every image descriptor declares its preprocessing of the
+canonical image batch (float32 (n, C, H, W), RGB, [-1, 1]) with the options of
+tasks/models/preprocess.py; docs/models.md.
 """
 from __future__ import annotations
 
@@ -10,9 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from modeaudit.tasks.models.generators import file_sha256, load_torchscript, torch_device
+from modeaudit.tasks.models.preprocess import Preprocess, combine_flip, flip_horizontal, preprocess_options
 from modeaudit.tasks.registry import ConfigError, Option, Registry, require_torch
 
-DESCRIPTORS = Registry("descriptor", plugins=("modeaudit.tasks.models.python_models", "modeaudit.tasks.toy.rff"))
+DESCRIPTORS = Registry("descriptor", plugins=("modeaudit.tasks.models.python_models", "modeaudit.tasks.toy.rff",
+                                               "modeaudit.tasks.models.onnx_models",
+                                               "modeaudit.tasks.models.dlib_face"))
 _pos = dict(check=lambda v: v > 0, check_msg="must be > 0")
 
 
@@ -21,6 +28,9 @@ class Descriptor:
 
     spec = ""
     accepts = ("embedding", "image")
+    # The declared resize of an image descriptor (None when not declared): readers of
+    # image files resize to it.
+    input_size: int | None = None
 
     def __init__(self, spec: str, options: dict):
         self.spec, self.options = spec, dict(options)
@@ -28,6 +38,14 @@ class Descriptor:
     def embed(self, samples: np.ndarray) -> np.ndarray:
         """Embedding rows for a batch of samples."""
         raise NotImplementedError
+
+    def embed_masked(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, ok): rows for a batch, and per row whether the descriptor could embed it.
+
+        Rows with ok=False (dlib:face: no face found) hold no embedding and must not be
+        used. The default embeds every sample (all True)."""
+        rows = self.embed(samples)
+        return rows, np.ones(len(rows), bool)
 
     def fingerprint(self) -> dict:
         """What identifies this descriptor (part of the run's fingerprint)."""
@@ -51,22 +69,48 @@ def _identity():
     return IdentityDescriptor("identity", {})
 
 
-class TorchDescriptor(Descriptor):
-    """Wraps a torch module mapping images (n, C, H, W) to rows (n, dim), batched on a device."""
+class ImageDescriptor(Descriptor):
+    """A network on images: the declared preprocessing (tasks/models/preprocess.py), then `forward`.
+
+    Subclasses implement `forward(x)`: the preprocessed float32 (n, C, H, W) batch -> rows
+    (n, D). With flip_average the mirrored batch is embedded too and the two unit rows are
+    summed (preprocess.combine_flip)."""
 
     accepts = ("image",)
 
-    def __init__(self, spec, options, module, batch_size, device, flip_average=False, extra_fp=None):
+    def __init__(self, spec: str, options: dict):
+        super().__init__(spec, options)
+        self.preprocess = Preprocess.from_options(options)
+        self.input_size = self.preprocess.input_size
+
+    @property
+    def flip_average(self) -> bool:
+        return self.preprocess.flip_average
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed(self, samples):
+        x = self.preprocess(samples, f"descriptor {self.spec!r}")
+        e = self.forward(x)
+        if self.preprocess.flip_average:
+            # As the seed paper's code does: average with the mirrored image's embedding.
+            e = combine_flip(e, self.forward(flip_horizontal(x)))
+        return e
+
+
+class TorchDescriptor(ImageDescriptor):
+    """Wraps a torch module mapping images (n, C, H, W) to rows (n, dim), batched on a device."""
+
+    def __init__(self, spec, options, module, batch_size, device, extra_fp=None):
         super().__init__(spec, options)
         torch = require_torch("this descriptor")
         self.torch, self.device = torch, torch_device(torch, device, f"descriptor {spec}")
         self.module, self.batch_size = module.to(self.device).eval(), batch_size
-        self.flip_average, self._extra_fp = flip_average, extra_fp or {}
+        self._extra_fp = extra_fp or {}
 
-    def embed(self, samples):
+    def forward(self, samples):
         torch = self.torch
-        if samples.ndim != 4:
-            raise ConfigError(f"descriptor {self.spec!r} needs images (n, C, H, W); got shape {samples.shape}")
         outs = []
         with torch.inference_mode():
             for i in range(0, len(samples), self.batch_size):
@@ -75,14 +119,11 @@ class TorchDescriptor(Descriptor):
                     e = self.module(x).float()
                 except RuntimeError as err:
                     raise ConfigError(f"descriptor {self.spec} failed on images of shape {tuple(x.shape)} "
-                                      f"({str(err).splitlines()[0]})") from None
+                                      f"({str(err).splitlines()[0]}); check its preprocessing options "
+                                      "(-D resize=..., `modeaudit list`)") from None
                 if e.dim() != 2 or e.shape[0] != x.shape[0]:
                     raise ConfigError(f"descriptor {self.spec} returned shape {tuple(e.shape)} for {x.shape[0]} "
                                       "images; it must return one row per image, (n, D)")
-                if self.flip_average:
-                    # As the seed paper's code does: average with the mirrored image's embedding.
-                    e = torch.nn.functional.normalize(e, dim=1) + torch.nn.functional.normalize(
-                        self.module(torch.flip(x, dims=[3])).float(), dim=1)
                 outs.append(e.cpu().numpy())
         return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
@@ -106,27 +147,29 @@ def tiny_cnn_module(dim: int = 32, world_seed: int = 1):
 _torch_opts = {
     "batch_size": Option(int, 256, "images per forward pass", **_pos),
     "device": Option(str, "cpu", "torch device"),
-    "flip_average": Option(bool, False, "average with the horizontally flipped image's embedding"),
+    **preprocess_options(),
 }
 
 
 @DESCRIPTORS.register("torch:tiny-cnn", {**_torch_opts, "dim": Option(int, 32, "embedding dim", **_pos),
                                          "world_seed": Option(int, 1, "weight seed")},
                       help="small fixed-weight CNN descriptor (tests, demos)")
-def _tiny_cnn(*, batch_size, device, flip_average, dim, world_seed):
-    opts = dict(batch_size=batch_size, device=device, flip_average=flip_average, dim=dim, world_seed=world_seed)
-    return TorchDescriptor("torch:tiny-cnn", opts, tiny_cnn_module(dim, world_seed), batch_size, device, flip_average)
+def _tiny_cnn(*, batch_size, device, dim, world_seed, **pre):
+    opts = dict(batch_size=batch_size, device=device, dim=dim, world_seed=world_seed, **pre)
+    return TorchDescriptor("torch:tiny-cnn", opts, tiny_cnn_module(dim, world_seed), batch_size, device)
 
 
-@DESCRIPTORS.register("torchscript", _torch_opts, prefix=True,
-                      help="any TorchScript module file: images -> embedding rows")
-def _torchscript(path, *, batch_size, device, flip_average):
+@DESCRIPTORS.register("torchscript", {**_torch_opts, "trust_pickle": Option(
+    bool, False, "also load a pickled torch.save'd nn.Module (runs the file's code: only for files you trust)")},
+                      prefix=True, help="any TorchScript module file: images -> embedding rows")
+def _torchscript(path, *, batch_size, device, trust_pickle, **pre):
     torch = require_torch(f"descriptor torchscript:{path}")
     if not Path(path).is_file():
         raise ConfigError(f"descriptor torchscript:{path}: no such file; give the path of a torch.jit.save'd module")
-    module = load_torchscript(torch, path, device, "descriptor")
-    return TorchDescriptor(f"torchscript:{path}", dict(batch_size=batch_size, device=device, flip_average=flip_average),
-                           module, batch_size, device, flip_average, extra_fp={"sha256": file_sha256(path)})
+    module = load_torchscript(torch, path, device, "descriptor", trust_pickle=trust_pickle)
+    opts = dict(batch_size=batch_size, device=device, trust_pickle=trust_pickle, **pre)
+    return TorchDescriptor(f"torchscript:{path}", opts, module, batch_size, device,
+                           extra_fp={"sha256": file_sha256(path)})
 
 
 def build_descriptor(spec: str, options: dict | None = None) -> Descriptor:

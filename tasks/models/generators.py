@@ -3,7 +3,9 @@
 A generator owns its latent sampler (`latents`), maps a batch of latents to a
 batch of samples (`generate`: embeddings or images), and may know the ground truth
 (`truth`: which rows came from a planted mode). Real networks plug in through
-`torchscript:PATH` (any TorchScript module, latents -> images, CPU or GPU, batched).
+`torchscript:PATH` (any TorchScript module, latents -> images, CPU or GPU, batched),
+`onnx:PATH` and `python:MODULE:CALLABLE`. Images are the canonical batch: float32
+(n, C, H, W), RGB, values in [-1, 1] (docs/models.md).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from modeaudit.tasks.models.rng import latent_rows
 # "calibrated:PATH" lives with the calibration code, which builds on this module:
 # it is imported when the registry is first read, so neither module imports the other at load.
 GENERATORS = Registry("generator", plugins=("modeaudit.tasks.calibration.samplers",
-                                             "modeaudit.tasks.models.python_models", "modeaudit.tasks.toy.generators"))
+                                             "modeaudit.tasks.models.python_models", "modeaudit.tasks.toy.generators",
+                                             "modeaudit.tasks.models.onnx_models"))
 
 _pos = dict(check=lambda v: v > 0, check_msg="must be > 0")
 _prob = dict(check=lambda v: 0 <= v < 1, check_msg="must be in [0, 1)")
@@ -224,14 +227,18 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-@GENERATORS.register("torchscript", {**_torch_opts, "latent_dim": Option(int, 512, "latent dimension", **_pos)},
+@GENERATORS.register("torchscript", {
+    **_torch_opts, "latent_dim": Option(int, 512, "latent dimension", **_pos),
+    "trust_pickle": Option(bool, False, "also load a pickled torch.save'd nn.Module (runs the file's code: only "
+                                        "for files you trust)")},
                      prefix=True, help="any TorchScript module file: latents (n, latent_dim) -> images")
-def _torchscript(path, *, batch_size, device, latent_dim):
+def _torchscript(path, *, batch_size, device, latent_dim, trust_pickle):
     torch = require_torch(f"generator torchscript:{path}")
     if not Path(path).is_file():
         raise ConfigError(f"generator torchscript:{path}: no such file; give the path of a torch.jit.save'd module")
-    module = load_torchscript(torch, path, device, "generator")
-    return TorchGenerator(f"torchscript:{path}", dict(batch_size=batch_size, device=device, latent_dim=latent_dim),
+    module = load_torchscript(torch, path, device, "generator", trust_pickle=trust_pickle)
+    return TorchGenerator(f"torchscript:{path}", dict(batch_size=batch_size, device=device, latent_dim=latent_dim,
+                                                      trust_pickle=trust_pickle),
                           module, latent_dim, batch_size, device, extra_fp={"sha256": file_sha256(path)})
 
 
@@ -246,14 +253,62 @@ def torch_device(torch, device: str, what: str):
     return dev
 
 
-def load_torchscript(torch, path: str, device: str, what: str):
-    """torch.jit.load of a TorchScript file (never a pickle), with a one-line error for anything else."""
+def _looks_pickled(path: str) -> bool:
+    """A torch.save file: a zip archive holding data.pkl but no TorchScript code, or a bare pickle."""
+    import zipfile
+    try:
+        if zipfile.is_zipfile(path):
+            names = zipfile.ZipFile(path).namelist()
+            return any(n.endswith("/data.pkl") or n == "data.pkl" for n in names) and \
+                not any("/code/" in n or n.endswith("constants.pkl") for n in names)
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x80"        # pickle protocol >= 2 opcode
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def load_torchscript(torch, path: str, device: str, what: str, trust_pickle: bool = False):
+    """torch.jit.load of a TorchScript file, with a one-line error for anything else.
+
+    A pickled checkpoint (torch.save of a module) is refused: unpickling runs code
+    from the file. With trust_pickle=True it is loaded with torch.load(weights_only=False)
+    and must hold a whole nn.Module. A weights-only file (a state_dict) is refused either
+    way: it has no network in it."""
     dev = torch_device(torch, device, f"{what} torchscript:{path}")
+    opt = "-G" if what == "generator" else "-D"
     try:
         return torch.jit.load(path, map_location=dev)
     except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"{what} torchscript:{path} is not a TorchScript file ({str(e).splitlines()[0][:120]}); "
-                          "save the model with torch.jit.script(...).save() or torch.jit.trace(...).save()") from None
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+    if not _looks_pickled(path):
+        raise ConfigError(f"{what} torchscript:{path} is not a TorchScript file ({reason}); "
+                          "save the model with torch.jit.script(...).save() or torch.jit.trace(...).save()")
+    try:   # safe: the restricted unpickler runs no code from the file
+        torch.load(path, map_location="cpu", weights_only=True)
+        raise ConfigError(f"{what} torchscript:{path} is not a TorchScript file but torch.save'd weights (a "
+                          "state_dict, no network); build the model, load the weights, and save it with "
+                          "torch.jit.script(model).save(path)")
+    except ConfigError:
+        raise
+    except Exception:   # noqa: BLE001 -- needs the full unpickler: a pickled module
+        pass
+    if not trust_pickle:
+        raise ConfigError(f"{what} torchscript:{path} is not a TorchScript file but a pickled torch checkpoint; "
+                          "loading a pickle runs arbitrary code from the file, so it is refused (torch weights_only "
+                          "rules): save it as TorchScript (torch.jit.script(model).save(path)), or pass "
+                          f"{opt} trust_pickle=true if you trust the file")
+    try:
+        obj = torch.load(path, map_location=dev, weights_only=False)
+    except Exception as e:  # noqa: BLE001 -- a missing class, a corrupt file
+        raise ConfigError(f"{what} torchscript:{path}: trust_pickle=true but torch.load cannot read it "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); save the model "
+                          "with torch.save(model, path) with its classes importable here, or better as TorchScript") \
+            from None
+    if not isinstance(obj, torch.nn.Module):
+        raise ConfigError(f"{what} torchscript:{path}: trust_pickle=true but the pickle holds "
+                          f"{type(obj).__name__}, not a torch.nn.Module; torch.save the whole model "
+                          "(or better, torch.jit.script(model).save(path))")
+    return obj
 
 
 def build_generator(spec: str, options: dict | None = None) -> Generator:

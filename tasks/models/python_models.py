@@ -8,7 +8,9 @@
   lives in this process, so such an audit runs its Dask workers as threads here.
 
 A generator function maps latents (n, latent_dim) float32 to samples: embedding rows
-(n, D) or images (n, C, H, W); a descriptor function maps samples to rows (n, D).
+(n, D) or images (n, C, H, W) (canonical: float32 RGB in [-1, 1], docs/models.md); a
+descriptor function maps samples to rows (n, D). On images, a descriptor applies its
+declared preprocessing (input_range, resize, crop, channels, flip_average) first.
 The fingerprint (run store key) holds the name and a hash of the function's source,
 so an edited function is a different run.
 """
@@ -22,8 +24,9 @@ import threading
 
 import numpy as np
 
-from modeaudit.tasks.models.descriptors import DESCRIPTORS, Descriptor
+from modeaudit.tasks.models.descriptors import DESCRIPTORS, ImageDescriptor
 from modeaudit.tasks.models.generators import GENERATORS, Generator
+from modeaudit.tasks.models.preprocess import preprocess_options
 from modeaudit.tasks.registry import ConfigError, Option
 
 _OBJECTS: dict[str, object] = {}
@@ -130,14 +133,24 @@ class PythonGenerator(Generator):
         return {**super().fingerprint(), **self._fp}
 
 
-class PythonDescriptor(Descriptor):
-    """A Python function samples -> embedding rows."""
+class PythonDescriptor(ImageDescriptor):
+    """A Python function samples -> embedding rows (images get the declared preprocessing first)."""
+
+    accepts = ("embedding", "image")
 
     def __init__(self, spec, options, fn, fp):
         super().__init__(spec, options)
         self.fn, self._fp, self.batch_size = fn, fp, options["batch_size"]
 
     def embed(self, samples):
+        if np.ndim(samples) == 4:
+            return super().embed(samples)
+        if not self.preprocess.identity or self.preprocess.flip_average:
+            raise ConfigError(f"descriptor {self.spec}: image preprocessing options are set but the samples are "
+                              f"{np.ndim(samples)}-d embeddings, not images (n, C, H, W); drop those options")
+        return self.forward(samples)
+
+    def forward(self, samples):
         outs = []
         for i in range(0, len(samples), self.batch_size):
             part = samples[i:i + self.batch_size]
@@ -162,6 +175,7 @@ _gen_opts = {
 _desc_opts = {
     "batch_size": Option(int, 1024, "samples per call", **_pos),
     "factory": Option(bool, False, "call it once per worker to get the function (load weights there)"),
+    **preprocess_options(),
 }
 
 
@@ -175,10 +189,10 @@ def _gen(scheme):
 
 
 def _desc(scheme):
-    def build(target, *, batch_size, factory):
+    def build(target, *, batch_size, factory, **pre):
         spec = f"{scheme}:{target}"
         fn, fp = _resolve(spec, factory)
-        return PythonDescriptor(spec, dict(batch_size=batch_size, factory=factory), fn, fp)
+        return PythonDescriptor(spec, dict(batch_size=batch_size, factory=factory, **pre), fn, fp)
     return build
 
 

@@ -19,6 +19,12 @@ from modeaudit.tasks.join.sources import row_norms, scan_block, unit_rows
 from modeaudit.tasks.join.threads import compute_threads
 
 
+# A sample the descriptor cannot embed (dlib:face: no face in it) is redrawn: row j's
+# k-th redraw uses latent row j of stream f"{set}/redraw{k}", so it is a pure function of
+# (seed, set, j, k). After this many draws in a row the shard fails with an InputError.
+MAX_DRAWS = 64
+
+
 @functools.lru_cache(maxsize=4)
 def _models(gen_json: str, desc_json: str):
     g, d = json.loads(gen_json), json.loads(desc_json)
@@ -43,11 +49,18 @@ def embed_rows(gen: dict, desc: dict, seed: int, set_name: str, start: int, stop
     bs = generator.batch_size
     lo, hi = start // bs * bs, -(-stop // bs) * bs
     z_all = generator.latents(seed, set_name, lo, hi)
-    emb = np.concatenate([descriptor.embed(generator.generate(z_all[i:i + bs]))
-                          for i in range(0, hi - lo, bs)])[start - lo:stop - lo]
+    if not z_all.flags.writeable:     # redraws replace refused rows in place
+        z_all = z_all.copy()
+    embs, draws = [], np.ones(hi - lo, np.int64)
+    for i in range(0, hi - lo, bs):
+        e, draws[i:i + bs] = _embed_block(generator, descriptor, seed, set_name, lo + i, z_all[i:i + bs])
+        embs.append(e)
+    emb = np.concatenate(embs)[start - lo:stop - lo]
     z = z_all[start - lo:stop - lo]
     norms = row_norms(emb)
     scan = scan_block(emb, start, norms)
+    # Samples the descriptor refused (no face) and that were redrawn: counted, never embedded.
+    scan["rejected_by_descriptor"] = int(draws[start - lo:stop - lo].sum() - (stop - start))
     if scan["nonfinite"] or scan["zero"]:
         row = scan["first_nonfinite"] if scan["nonfinite"] else scan["first_zero"]
         where = "a trial sample" if set_name == "probe" else f"set {set_name}, row {row}"
@@ -56,6 +69,35 @@ def embed_rows(gen: dict, desc: dict, seed: int, set_name: str, start: int, stop
     emb = unit_rows(emb, norms)
     truth = generator.truth(z)
     return z.astype(np.float32), emb, truth, scan
+
+
+def _embed_block(generator, descriptor, seed: int, set_name: str, b0: int, z: np.ndarray):
+    """Embeddings of one aligned batch starting at global row b0, and draws per row.
+
+    Rows the descriptor refuses (embed_masked ok=False) are redrawn in place in `z`:
+    attempt k of row j takes latent row j of stream f"{set_name}/redraw{k}". The
+    pending rows of a batch depend on the batch alone, so each retry's batch (and its
+    bits) is the same whatever the shard."""
+    emb, ok = descriptor.embed_masked(generator.generate(z))
+    draws = np.ones(len(z), np.int64)
+    pending = np.flatnonzero(~ok)
+    for k in range(1, MAX_DRAWS):
+        if not len(pending):
+            return emb, draws
+        p0 = int(pending[0])
+        zk = generator.latents(seed, f"{set_name}/redraw{k}", b0 + p0, b0 + int(pending[-1]) + 1)[pending - p0]
+        ek, okk = descriptor.embed_masked(generator.generate(zk))
+        draws[pending] += 1
+        got = pending[okk]
+        z[got], emb[got] = zk[okk], ek[okk]
+        pending = pending[~okk]
+    if not len(pending):
+        return emb, draws
+    where = "a trial sample" if set_name == "probe" else f"set {set_name}, row {b0 + int(pending[0])}"
+    raise InputError(f"descriptor {descriptor.spec!r} refused {MAX_DRAWS} draws in a row at {where} ({len(pending)} "
+                     f"row(s) of its batch; e.g. no face found): the generator rarely makes samples it can embed; "
+                     "check the generator's output (images float32 RGB in [-1, 1]) and the descriptor's "
+                     "preprocessing options")
 
 
 def generate_shard(root: str, set_name: str, index: int, start: int, stop: int,

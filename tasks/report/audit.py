@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
-import json
 import math
 import pathlib
 import re
@@ -28,7 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from modeaudit.storage.layout import RunLayout, atomic_write_bytes
+from modeaudit.storage.layout import CALIBRATION, RunLayout, atomic_write_bytes
+from modeaudit.tasks.report import style
 from modeaudit.tasks.stats.registry import STAT_TESTS, uncontrolled
 
 __all__ = ["write_report", "figure_to_base64_png", "render_report_html",
@@ -37,13 +36,8 @@ __all__ = ["write_report", "figure_to_base64_png", "render_report_html",
 # How many individual reference curves to draw behind the band: enough to show the
 # spread, few enough that the band and the red curve stay readable.
 _N_CONTEXT_CURVES = 30
-_PNG_DPI = 110
-
-_COLORS = {
-    "band": "#9ecae1", "median": "#08519c", "ref": "#b5b5b5",
-    "worst": "#d62728", "obs": "#ff7f0e", "d0": "#444444", "hist": "#6baed6",
-    "mean": "#08306b",
-}
+# One style for every figure (tasks/report/style.py).
+_COLORS = style.COLORS
 
 
 # --------------------------------------------------------------------------- figures
@@ -58,9 +52,7 @@ def figure_to_base64_png(fig: Figure) -> str:
 
 
 def _figure_png_bytes(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_PNG_DPI, metadata={"Software": None})
-    return buf.getvalue()
+    return style.png_bytes(fig)
 
 
 def _as_curves(a: Any, name: str) -> np.ndarray:
@@ -292,11 +284,21 @@ def _fmt(v: Any) -> str:
         if not math.isfinite(f):
             return _e(f)
         return _e(f"{f:.4g}") if f != 0 else "0"
-    if isinstance(v, (dict, list, tuple)):
-        s = json.dumps(v, default=str, separators=(", ", ": "))
-        if len(s) > 300:  # e.g. r_ref has q indices; the table is not the place for them
-            s = s[:300] + f" … ({len(v)} items)"
-        return f"<code>{_e(s)}</code>"
+    if isinstance(v, Mapping):
+        if not v:
+            return '<span class="muted">none</span>'
+        # A nested table, never raw JSON.
+        return '<table class="sub">' + "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(x)}</td></tr>"
+                                                for k, x in v.items()) + "</table>"
+    if isinstance(v, (list, tuple)):
+        if not v:
+            return '<span class="muted">none</span>'
+        if all(isinstance(x, Mapping) for x in v):
+            return "".join(_fmt(x) for x in v[:5]) + (f'<span class="muted">… {len(v)} entries</span>'
+                                                      if len(v) > 5 else "")
+        # e.g. r_ref has q indices: the table is not the place for all of them
+        shown = ", ".join(_fmt(x) for x in v[:12])
+        return shown + (f' <span class="muted">… ({len(v):,} items)</span>' if len(v) > 12 else "")
     return _e(v)
 
 
@@ -375,8 +377,8 @@ def _tests_table(tests: Mapping, n_radii: int) -> str:
         badge = ('<span class="badge bad">reject</span>' if rej
                  else '<span class="badge ok">no reject</span>')
         # Curves and envelopes are drawn in their own sections; the table keeps the scalars.
-        details = ", ".join(f"{_e(k)} = {_fmt(v)}" for k, v in t.items()
-                            if k != "reject" and not isinstance(v, (list, tuple, Mapping)))
+        details = _fmt({_label(k): v for k, v in t.items()
+                        if k != "reject" and not isinstance(v, (list, tuple, Mapping))})
         note = STAT_TESTS[name].note.format(n_radii=n_radii) if name in STAT_TESTS else ""
         kind = ('<span class="badge warn">error rate not controlled</span>'
                 if name in uncontrolled() else "")
@@ -386,6 +388,16 @@ def _tests_table(tests: Mapping, n_radii: int) -> str:
             + f"</td><td>{badge}</td><td class=\"small\">{details}</td></tr>")
     return ("<table class=\"tests\"><thead><tr><th>test</th><th>result</th><th>details</th>"
             "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+_LABELS = {"p": "p-value", "p_low": "p-value, low end", "p_high": "p-value, high end", "alpha": "alpha",
+           "radii_above": "radii above the band", "radii_below": "radii below the band", "balls": "balls tested",
+           "rejected_balls": "balls rejected", "replicates": "null replicates", "null_kind": "null",
+           "s_index": "worst case (S row)", "n_ref": "reference curves", "statistic": "statistic"}
+
+
+def _label(key: str) -> str:
+    return _LABELS.get(key, key.replace("_", " "))
 
 
 def _worst_case_block(result: Mapping) -> str:
@@ -430,7 +442,7 @@ def _worst_case_block(result: Mapping) -> str:
 
 
 _KNOWN_TOP = {"modeaudit_version", "source", "sizes", "d0", "radii", "settings", "worst_case",
-              "r_obs", "r_ref", "curves", "tests", "mccs", "truth", "normalization", "timings",
+              "r_obs", "r_ref", "curves", "tests", "mccs", "truth", "normalization", "timings", "run_info",
               # drawn in their own sections (tasks/report/stats.py), or the verdict at the top
               "modes", "sampling_efficiency", "diversity", "verdict"}
 
@@ -503,6 +515,113 @@ def _settings_block(result: Mapping) -> str:
     return '<div class="grid">' + "".join(cards) + "</div>"
 
 
+def effect_size(result: Mapping) -> dict | None:
+    """The worst case's effect in counts a person can read, from result.json's numbers.
+
+    In T when d0 is one of the curve radii (the worst case's curve and the reference
+    median at d0: an independent sample, so not inflated by the selection in S); else in S
+    from worst_case.count_d0 (no typical count there). None when the numbers are missing.
+    """
+    d0, radii = result.get("d0"), result.get("radii") or []
+    curves, sizes, wc = result.get("curves") or {}, result.get("sizes") or {}, result.get("worst_case") or {}
+    try:
+        i = next((j for j, r in enumerate(radii) if math.isclose(float(r), float(d0), abs_tol=1e-12)), None)
+        if i is not None and curves.get("obs") and curves.get("ref_median") and sizes.get("T"):
+            n_w, n_t = float(curves["obs"][0][i]), float(sizes["T"])
+            typ = _finite_or_none(curves["ref_median"][i])
+            q = len(result.get("r_ref") or [])
+            return {"set": "T", "n": int(n_t), "count": n_w, "fraction": n_w / n_t,
+                    "typical_count": typ, "typical_fraction": None if typ is None else typ / n_t,
+                    "ratio": None if not typ else n_w / typ, "typical_anchors": q, "d0": float(d0)}
+        if wc.get("count_d0") is not None and sizes.get("S", 0) > 1:
+            n = int(sizes["S"]) - 1
+            return {"set": "S", "n": n, "count": float(wc["count_d0"]), "fraction": wc["count_d0"] / n,
+                    "typical_count": None, "typical_fraction": None, "ratio": None, "typical_anchors": 0,
+                    "d0": float(d0)}
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    return None
+
+
+def _pct(f: float) -> str:
+    return f"{100 * f:.2g}%" if f < 0.1 else f"{100 * f:.1f}%"
+
+
+def effect_sentence(result: Mapping) -> str:
+    """One sentence in plain words (HTML): what share of the samples crowd around the worst case."""
+    e = effect_size(result)
+    if e is None:
+        return ""
+    wc = (result.get("worst_case") or {}).get("s_index")
+    s = (f"<b>{_pct(e['fraction'])}</b> of the {e['n']:,} samples of {e['set']} lie within "
+         f"d0 = {e['d0']:g} of one sample (the worst case, S row {_fmt_int(wc)})")
+    if e["ratio"] is not None:
+        s += (f": <b>{e['ratio']:.3g} times</b> as many as around a typical sample "
+              f"({_pct(e['typical_fraction'])}, the median of {e['typical_anchors']:,} random anchors).")
+    elif e["typical_count"] == 0:
+        s += f", while a typical sample (the median of {e['typical_anchors']:,} random anchors) has none that close."
+    else:
+        s += "."
+    return s
+
+
+def _run_meta(result: Mapping) -> str:
+    """Provenance for the header: when, where, which model files (sha256)."""
+    info = result.get("run_info") or {}
+    parts = []
+    if info.get("finished_at"):
+        parts.append(f"finished {_e(info['finished_at'])}")
+    if info.get("host"):
+        parts.append(f"on {_e(info['host'])}")
+    for role in ("generator", "descriptor"):
+        sha = (info.get("model_sha256") or {}).get(role)
+        if sha:
+            parts.append(f'{role} file sha256 <code title="{_e(sha)}">{_e(sha[:16])}…</code>')
+    if info and not any((info.get("model_sha256") or {}).values()):
+        parts.append("no model file (built-in model or embedding files)")
+    return " · ".join(parts)
+
+
+CAL_START, CAL_END = "<!--modeaudit:calibrations-->", "<!--/modeaudit:calibrations-->"
+
+
+def calibration_links_html(out_dir) -> str:
+    """Links from an audit report to its calibration reports (relative), or how to make one.
+
+    Also, for the re-audit of a calibrated sampler (DIR/calibration/<method>/audit), the link back
+    to that calibration's report.
+    """
+    out = pathlib.Path(out_dir)
+    items = []
+    if out.name == "audit" and out.parent.parent.name == CALIBRATION:
+        if (out.parent / "report.html").exists():
+            items.append(f'<p>This audit is the re-audit of a calibrated sampler: see the '
+                         f'<a href="../report.html">calibration report ({_e(out.parent.name)})</a> '
+                         f'and the <a href="../../../report.html">audit before calibration</a>.</p>')
+    cal = out / CALIBRATION
+    found = sorted(p.parent.name for p in cal.glob("*/calibration.json")) if cal.is_dir() else []
+    for m in found:
+        items.append(f'<p>Calibration <b>{_e(m)}</b>: <a href="{CALIBRATION}/{_e(m)}/report.html">calibration '
+                     f'report (before and after)</a> · <a href="{CALIBRATION}/{_e(m)}/audit/report.html">audit of '
+                     f'the calibrated sampler</a></p>')
+    if not items:
+        items.append('<p class="muted">No calibration of this run yet. <code>modeaudit calibrate --run DIR</code> '
+                     "reshapes the latent sampler and audits it again; its report is linked here.</p>")
+    return CAL_START + "".join(items) + CAL_END
+
+
+def refresh_calibration_links(out_dir) -> None:
+    """Rewrite the calibration links of DIR/report.html in place (atomically), e.g. after a calibration."""
+    report = RunLayout(out_dir).report_html
+    if not report.is_file():
+        return
+    page = report.read_text("utf-8")
+    a, b = page.find(CAL_START), page.find(CAL_END)
+    if a < 0 or b < a:
+        return  # a report from an older version: leave it as it is
+    atomic_write_bytes(report, (page[:a] + calibration_links_html(out_dir) + page[b + len(CAL_END):]).encode())
+
+
 _CSS = """
 :root{--fg:#1d2330;--muted:#6b7280;--line:#e3e6ec;--bg:#f6f7f9;--card:#fff;
 --bad:#b42318;--badbg:#fee4e2;--ok:#067647;--okbg:#dcfae6;--warn:#93370d;--warnbg:#fef0c7}
@@ -544,12 +663,21 @@ figure{margin:0;background:var(--card);border:1px solid var(--line);border-radiu
 figure img{display:block;width:100%;height:auto}
 figcaption{font-size:13px;color:var(--muted);padding:6px 6px 0}
 .howto p{margin:6px 0}
+.effect{font-size:16px;margin:0 0 14px;padding:12px 16px;background:var(--card);border:1px solid var(--line);
+border-radius:10px}
+.note-box{background:#eef0f4;border-radius:8px;padding:10px 14px;margin:0}
+table.sub th,table.sub td{padding:1px 6px 1px 0;border:0;font-size:13px}
+table.sub th{font-weight:500;color:var(--muted)}
+.pictures{margin-bottom:16px}
+.pictures figure{margin-bottom:12px}
+.pictures figure img{width:auto;max-width:100%;margin:0 auto}
 @media (max-width:900px){.two{grid-template-columns:1fr}}
 """
 
 
 def render_report_html(result: Mapping, *, curves_png_b64: str, mccs_png_b64: str,
-                       extra_sections: Sequence[tuple[str, str]] = ()) -> str:
+                       extra_sections: Sequence[tuple[str, str]] = (), pictures_fragment: str | None = None,
+                       calibrations_fragment: str = "") -> str:
     """Build the full HTML page from the result dict and two base64 PNGs.
 
     Every string taken from ``result`` is escaped. ``extra_sections`` are
@@ -567,6 +695,13 @@ def render_report_html(result: Mapping, *, curves_png_b64: str, mccs_png_b64: st
     theta = (result.get("mccs") or {}).get("theta", settings.get("theta"))
 
     extras = "".join(f"<section><h2>{_e(t)}</h2>{frag}</section>" for t, frag in extra_sections)
+    effect = effect_sentence(result)
+    meta = _run_meta(result)
+    pictures = ("" if pictures_fragment is None else
+                f'<section class="pictures"><h2>Pictures: the worst case, a random anchor and the densest '
+                f'modes</h2>{pictures_fragment}</section>')
+    calib = (f'<section id="calibration"><h2>Calibration</h2><div class="card">{calibrations_fragment}</div>'
+             f'</section>' if calibrations_fragment else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -575,10 +710,12 @@ def render_report_html(result: Mapping, *, curves_png_b64: str, mccs_png_b64: st
 <body><main>
 <header class="top"><h1>modeaudit: intra-mode collapse audit</h1>
 <div class="meta">source <code>{_e(src_name)}</code> · seed {_fmt(source.get("seed"))} ·
-modeaudit {_e(result.get("modeaudit_version", "?"))}</div></header>
+modeaudit {_e(result.get("modeaudit_version", "?"))}{('<br>' + meta) if meta else ''}</div></header>
 
 <div class="verdict {cls}"><div class="head">{_e(head)}</div>
 {f'<div class="sub">{sub}</div>' if sub else ''}</div>
+{f'<p class="effect">{effect}</p>' if effect else ''}
+{pictures}
 
 <div class="two">
 <div class="card"><h3>Tests</h3>{_tests_table(tests, len(result.get("radii") or [])) if tests else '<span class="muted">none</span>'}</div>
@@ -614,6 +751,9 @@ d0 = {_fmt(d0)}; its curve over d is compared with the curves of random anchors 
 &theta; = {_fmt(theta)}, MCCS(I) = 1 / (1 &minus; log(mean<sub>c&isin;C</sub> s(I, c))), and 0 when that mean is 0.
 It lies in [0, 1]; larger means more mass close to I. The population mean &plusmn; std over A
 describes a typical sample.</p>
+<p><b>Pictures.</b> The images are regenerated from the latents kept in the run store (the generator is
+deterministic; no image is stored). Under each neighbour: its distance d to the anchor and d as a multiple of
+d0, in red when within d0. A collapsed mode shows near-copies; a random anchor's neighbours look more varied.</p>
 <p><b>Tests.</b> A test "rejects" when it finds the worst case denser than chance allows.
 <code>paper</code> (worst-case curve outside the pointwise band) and <code>erl</code> (outside the global
 envelope) compare a selected maximum with random anchors, so their error rate is not controlled.
@@ -621,6 +761,7 @@ envelope) compare a selected maximum with random anchors, so their error rate is
 <code>two_sample</code> (dense balls against a reference set) control it; see docs/statistics.md.</p>
 </div></section>
 {extras}
+{calib}
 </main></body></html>
 """
 
@@ -628,7 +769,7 @@ envelope) compare a selected maximum with random anchors, so their error rate is
 # ----------------------------------------------------------------------------- writing
 
 def write_report(out_dir, result: dict, *, obs_curves, ref_curves, mccs_values,
-                 extra_sections=()) -> pathlib.Path:
+                 extra_sections=(), pictures=None) -> pathlib.Path:
     """Render ``out_dir/report.html`` and the plots under ``out_dir/plots/``.
 
     Parameters
@@ -640,6 +781,8 @@ def write_report(out_dir, result: dict, *, obs_curves, ref_curves, mccs_values,
     ref_curves : int array (q, R) for the q random reference anchors.
     mccs_values : float array (|A|,), MCCS of every anchor in A.
     extra_sections : sequence of (title, html_fragment); fragments are inserted verbatim.
+    pictures : the pictures stage's outcome (tasks/report/pictures.py: Pictures), or None
+        for no pictures section. Its grids are embedded, or its reason is shown.
 
     Returns the path of report.html. The page is self-contained (figures embedded as
     base64 PNG); ``plots/neighbour_curves.png`` and ``plots/mccs_histogram.png`` hold the
@@ -649,16 +792,17 @@ def write_report(out_dir, result: dict, *, obs_curves, ref_curves, mccs_values,
     plots = RunLayout(out).plots
     plots.mkdir(parents=True, exist_ok=True)
 
-    curves_png = _figure_png_bytes(neighbour_curves_figure(result, obs_curves, ref_curves))
-    mccs_png = _figure_png_bytes(mccs_histogram_figure(result, mccs_values))
-    atomic_write_bytes(plots / "neighbour_curves.png", curves_png)
-    atomic_write_bytes(plots / "mccs_histogram.png", mccs_png)
+    curves_png = style.save_figure(neighbour_curves_figure(result, obs_curves, ref_curves), plots, "neighbour_curves")
+    mccs_png = style.save_figure(mccs_histogram_figure(result, mccs_values), plots, "mccs_histogram")
+    from modeaudit.tasks.report.pictures import pictures_html
 
     page = render_report_html(
         result,
         curves_png_b64=base64.b64encode(curves_png).decode("ascii"),
         mccs_png_b64=base64.b64encode(mccs_png).decode("ascii"),
         extra_sections=[(str(t), str(f)) for t, f in extra_sections],
+        pictures_fragment=None if pictures is None else pictures_html(pictures, result),
+        calibrations_fragment=calibration_links_html(out),
     )
     report = RunLayout(out).report_html
     atomic_write_bytes(report, page.encode("utf-8"))

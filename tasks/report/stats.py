@@ -8,13 +8,12 @@ from __future__ import annotations
 import html
 
 import numpy as np
-from matplotlib.figure import Figure
-
-from modeaudit.tasks.report.audit import figure_to_base64_png
+from modeaudit.tasks.report.style import COLORS, figure_img, new_figure, style_axes
 
 
-def _img(fig: Figure, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" style="max-width:100%" src="data:image/png;base64,{figure_to_base64_png(fig)}">'
+def _img(fig, alt: str, name: str) -> str:
+    # Embedded as PNG; inside style.plots_to(DIR/plots) also saved as plots/<name>.png and .svg.
+    return figure_img(fig, alt, name)
 
 
 def _table(header, rows) -> str:
@@ -39,20 +38,21 @@ def envelope_section(result) -> tuple[str, str] | None:
     if not erl:
         return None
     r = np.asarray(result["radii"])
-    fig = Figure(figsize=(7.5, 3.4), layout="constrained")
+    fig = new_figure(7.5, 3.6, "Worst-case curve against the global (ERL) envelope of the reference anchors")
     ax = fig.add_subplot()
+    style_axes(ax)
     hi = np.array([np.nan if v is None else v for v in erl["envelope_high"]], np.float64)
     ax.fill_between(r, 0, _log(hi), color="#c6dbef", label=f"{1 - erl['alpha']:.0%} global envelope (ERL)")
     ax.plot(r, _log(result["curves"]["ref_high"]), "--", color="#6baed6", lw=1, label="pointwise band top")
     ax.plot(r, _log(result["curves"]["obs"][0]), color="#cb181d", lw=2, label="worst-case curve")
     ax.set_xlabel("radius d")
-    ax.set_ylabel("log10(max(N, 1))")
+    ax.set_ylabel("log10(max(N(anchor, T, d), 1))")
     ax.legend(fontsize=8, loc="upper left")
     text = (f"<p>ERL p-value interval [{_f(erl['p_low'])}, {_f(erl['p_high'])}] with {erl['n_ref']} reference "
             "curves; the test decides on the conservative end. The envelope holds across all radii at once, unlike "
             "the pointwise band, but the worst case is still a selected maximum, so a rejection here is not by "
             "itself evidence of collapse: see the selection-aware test.</p>")
-    return "Global envelope test (ERL)", _img(fig, "global envelope") + text
+    return "Global envelope test (ERL)", _img(fig, "global envelope", "erl_envelope") + text
 
 
 def selection_section(result) -> tuple[str, str] | None:
@@ -61,8 +61,9 @@ def selection_section(result) -> tuple[str, str] | None:
     if not sel:
         return None
     r = np.asarray(result["radii"])
-    fig = Figure(figsize=(7.5, 3.4), layout="constrained")
+    fig = new_figure(7.5, 3.6, "Selection-aware test: the observed worst case against worst cases under the null")
     ax = fig.add_subplot()
+    style_axes(ax)
     hi = np.array([np.nan if v is None else v for v in sel["envelope_high"]], np.float64)
     if "obs_excess" not in sel:
         ax.fill_between(r, 0, hi, color="#c7e9c0", label=f"{1 - sel['alpha']:.0%} global envelope of null worst cases")
@@ -88,12 +89,13 @@ def selection_section(result) -> tuple[str, str] | None:
             f"(interval [{_f(sel['p_low'])}, {_f(sel['p_high'])}]): {'reject' if sel['reject'] else 'no reject'} "
             f"at alpha = {sel['alpha']}.</p>")
     if "obs_excess" in sel:
-        fit = ", ".join(f"{k} = {_f(v) if isinstance(v, float) else v}"
-                        for k, v in (sel.get("surrogate_fit") or {}).items())
+        fit = [[k.replace("_", " "), _f(v) if isinstance(v, float) else v]
+               for k, v in (sel.get("surrogate_fit") or {}).items()]
         text += ("<p>Against a surrogate each curve (observed and null alike) is compared with what a projected "
                  "normal refitted to <i>its own</i> S predicts for the selected anchor (in Poisson standard "
-                 "deviations), so the estimation error of the fit cancels. Fit: " + html.escape(fit) + ".</p>")
-    return "Selection-aware test", _img(fig, "selection test") + text
+                 "deviations), so the estimation error of the fit cancels. The fit:</p>"
+                 + (_table(["surrogate parameter", "value"], fit) if fit else ""))
+    return "Selection-aware test", _img(fig, "selection test", "selection_test") + text
 
 
 def modes_section(result) -> tuple[str, str] | None:
@@ -124,9 +126,14 @@ def efficiency_section(result) -> tuple[str, str] | None:
     e = result.get("sampling_efficiency")
     if not e:
         return None
-    fig = Figure(figsize=(10, 3.2), layout="constrained")
+    fig = new_figure(10, 3.5, "Sampling efficiency: MCCS as |C| and |A| grow")
     a1, a2, a3 = fig.subplots(1, 3)
-    a1.plot(e["C_sizes"], e["mccs_worst_vs_C"], "o-", color="#cb181d", label="worst case")
+    for ax in (a1, a2, a3):
+        style_axes(ax)
+    a1.set_title("worst case and a random anchor")
+    a2.set_title("population over A, vs |C|")
+    a3.set_title("population over A, vs |A|")
+    a1.plot(e["C_sizes"], e["mccs_worst_vs_C"], "o-", color=COLORS["worst"], label="worst case")
     a1.plot(e["C_sizes"], e["mccs_random_vs_C"], "o-", color="#636363", label="random anchor")
     a1.set_xscale("log"), a1.set_xlabel("|C|"), a1.set_ylabel("MCCS"), a1.legend(fontsize=8)
     for ax, x, mu, sd, lab in ((a2, e["C_sizes"], e["mccs_mean_vs_C"], e["mccs_std_vs_C"], f"|C| (|A| = {e['A_for_C_curve']})"),
@@ -140,7 +147,7 @@ def efficiency_section(result) -> tuple[str, str] | None:
     header = ["|S|", "worst case (S index)", "distance to final worst case", "same identity (<= d0)"]
     if e["worst_case_vs_S"] and "planted" in e["worst_case_vs_S"][0]:
         header.append("planted")
-    return "Sampling efficiency", _img(fig, "sampling efficiency") + _table(header, rows)
+    return "Sampling efficiency", _img(fig, "sampling efficiency", "sampling_efficiency") + _table(header, rows)
 
 
 def diversity_section(result) -> tuple[str, str] | None:
