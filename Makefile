@@ -24,9 +24,9 @@ setup-test: $(BIN)/python
 # tasks/toy/digits_models/, reproduced by `python -m modeaudit.tasks.toy.digits --out DIR`),
 # audited against the real digits embedded with the committed descriptor. torch (CPU) is needed.
 DIGITS := tasks/toy/digits_models
-# The reference: the real digits, written both as PNGs (demo-reference/) and embedded with D
-# (demo-reference.npy). Once `--reference DIR` (an image folder) exists, set DIGITS_REF to demo-reference.
-DIGITS_REF := demo-reference.npy
+# The reference: the real digits as 32x32 RGB PNGs (demo-reference/, an image folder the audit
+# embeds with D and caches), also written embedded with D (`make demo DIGITS_REF=demo-reference.npy`).
+DIGITS_REF := demo-reference
 DIGITS_AUDIT = --descriptor torchscript:$(DIGITS)/D.pt --reference $(DIGITS_REF) \
 	--preset demo --M 50000 --d0 0.1 --radii 0.04:0.24:0.005
 
