@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # torch is needed only by the torch generators/descriptors and the tests. On this
 # machine 2.13.0 is a CPU wheel on local disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# The suite waits on Prefect, process starts and I/O more than it computes: two pytest
+# workers (whole files each, so module fixtures run once) keep both cores busy.
+TEST_WORKERS ?= 2
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: setup setup-test setup-torch demo demo-control demo-synthetic demo-reference.npy test bench clean
@@ -51,7 +54,7 @@ setup-torch: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
 test: setup-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup-test
 	$(BIN)/python benchmarks/bench_join.py

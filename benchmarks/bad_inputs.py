@@ -43,7 +43,7 @@ def main() -> int:
         ok = (p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr and fragment in errors[0]
               and not out.exists())
         failed += not ok
-        line = (errors[0] if errors else p.stderr.strip().splitlines()[-1:] or [""])[0]
+        line = errors[0] if errors else (p.stderr.strip().splitlines() or [""])[-1]
         line = line.replace(str(tmp) + "/", "").replace("modeaudit: error: ", "")
         shown = " ".join(a if a != "{out}" else "DIR" for a in argv).replace("{", "").replace("}", "")
         rows.append((cid, shown, p.returncode, line, ok))
