@@ -37,7 +37,6 @@ folder a ``--reference DIR`` audit embeds) and ``--write-reference-embeddings FI
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -48,6 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from modeaudit.tasks.models.generators import file_sha256 as sha256
 
 MODELS_DIR = Path(__file__).resolve().parent / "digits_models"
 SIZE = 32          # the images' side in pixels
@@ -269,12 +270,6 @@ def planted_share(G: DigitsGenerator, cfg: DigitsConfig, seed: int = 12345) -> d
 
 # ----------------------------------------------------------------------------- export
 
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export(module: nn.Module, example: torch.Tensor, out: Path, name: str, in_name: str, out_name: str) -> dict:
