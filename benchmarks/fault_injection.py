@@ -34,11 +34,9 @@ BIN = Path(sys.executable).parent
 
 
 def _strip(text: str) -> dict:
-    r = json.loads(text)
-    r.pop("timings", None)
-    r.pop("run_info", None)      # when and where it ran: not part of the numbers
-    r["settings"].pop("workers", None)
-    r["source"].pop("shards", None)
+    from modeaudit.storage.layout import comparable_result
+    r = comparable_result(json.loads(text))
+    r.get("settings", {}).pop("workers", None)   # runs are drawn on 1 or 2 workers
     return r
 
 

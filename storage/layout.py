@@ -113,6 +113,24 @@ class RunLayout:
         return [self.root / n for n in OWNED if (self.root / n).exists()]
 
 
+# What a result.json records about how a run went rather than what it computed: two runs of
+# the same audit (a resume, a cache hit, another machine, another hour) differ only here.
+RUN_HISTORY = ("timings", "run_info", "source.shards", "source.cache")
+
+
+def comparable_result(result: dict) -> dict:
+    """A copy of a result.json dict without its run history (RUN_HISTORY): equal for two runs of one audit."""
+    r = json.loads(json.dumps(result, default=json_default))
+    for key in RUN_HISTORY:
+        *parents, last = key.split(".")
+        node = r
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return r
+
+
 def json_default(obj: Any) -> Any:
     """JSON for numpy scalars/arrays, paths and sets: the plain value they stand for (np.int64(5) -> 5)."""
     if isinstance(obj, np.bool_):

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from modeaudit.flows.audit import audit_flow
+from modeaudit.storage.layout import comparable_result
 from modeaudit.storage.cache import FeatureCache
 from modeaudit.tasks import inputs
 from modeaudit.tasks.config import AuditConfig
@@ -60,12 +61,7 @@ def flow(tmp, name, **kw):
 
 def strip(result):
     """result.json without what depends on the run's history (timings, shard reuse, cache hit/miss)."""
-    r = json.loads(json.dumps(result))
-    r.pop("timings")
-    r.pop("run_info", None)
-    r["source"].pop("shards", None)
-    r["source"].pop("cache", None)
-    return r
+    return comparable_result(result)
 
 
 class SyncClient:

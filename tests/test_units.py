@@ -46,7 +46,7 @@ def _cfg(**kw):
 @pytest.mark.parametrize("kw, msg", [
     (dict(d0=1.2), "d0=1.2 is outside"), (dict(d0=0.0), "d0=0.0 is outside"),
     (dict(radii=(0.1, 1.0)), "radius 1.0 is outside"), (dict(radii=(0.3, 0.2)), "strictly increasing"),
-    (dict(p=11), "p=11 is larger than m"), (dict(q=11), "q=11 is larger than m"),
+    (dict(p=11), "--p 11 is larger than m"), (dict(q=11), "--q 11 is larger than m"),
     (dict(theta=2.0), "theta=2.0"), (dict(alpha=0), "alpha=0"),
 ])
 def test_bad_settings(kw, msg):
