@@ -19,15 +19,29 @@ def runs(tmp_path_factory, prefect_harness, scheduler):
     root = tmp_path_factory.mktemp("cmp")
     made = {}
     for name, gen, seed, opts in (("null1", "synthetic:null", 1, {}), ("null2", "synthetic:null", 2, {}),
-                                  ("planted", "synthetic:planted", 3, {}),
-                                  ("narrow", "synthetic:null", 1, {"dim": 32})):
-        sizes = SMALL if name != "narrow" else {**SMALL, "m": 200, "M": 500, "n_c": 500, "n_a": 50}
+                                  ("planted", "synthetic:planted", 3, {})):
         cfg = AuditConfig(out=str(root / name), generator=gen, seed=seed, generator_options=opts,
-                          scheduler=scheduler, **sizes)
+                          scheduler=scheduler, **SMALL)
         audit_flow(cfg.to_dict())
         made[name] = root / name
+    made["narrow"] = _narrow_embeddings_run(root / "narrow", made["null1"])
     made["root"] = root
     return made
+
+
+def _narrow_embeddings_run(out, like):
+    """An embeddings audit's directory with 32-d files (its result.json: null1's, re-pointed at the files; an
+    audit proper would cost the suite seconds, and compare reads only these keys)."""
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    res = json.loads((like / "result.json").read_text())
+    for key, rows in (("embeddings_s", 1000), ("embeddings_t", 2000)):
+        x = rng.normal(size=(rows, 32)).astype(np.float32)
+        np.save(out / f"{key}.npy", x / np.linalg.norm(x, axis=1, keepdims=True))
+        res["source"][key] = str(out / f"{key}.npy")
+    res["source"].update(kind="embeddings", generator=None)
+    (out / "result.json").write_text(json.dumps(res))
+    return out
 
 
 def _cmp(runs, a, b, out, *extra):
