@@ -126,6 +126,8 @@ def _check_args(args) -> None:
         raise _Bad(f"--alpha must lie in (0, 1), got {args.alpha}")
     if args.replicates < 1 or args.fd_rows < 2:
         raise _Bad("--replicates must be >= 1 and --fd-rows >= 2")
+    if not 0 <= args.seed < 2 ** 63:
+        raise _Bad(f"--seed must lie in [0, 2**63), got {args.seed}")
 
 
 def _validate(args) -> tuple[_Run, _Run, Path]:

@@ -9,7 +9,7 @@ from modeaudit.flows.cli import main
 from modeaudit.storage.layout import comparable_result
 from modeaudit.storage.store import RunStore
 from modeaudit.tasks.config import AuditConfig
-from modeaudit.tasks.stats.compare import decide, fd_subsample, mccs_terms
+from modeaudit.tasks.stats.compare import compare_runs, decide, fd_subsample, mccs_terms
 
 SMALL = dict(m=800, M=8000, q=50, n_a=100, n_c=8000, tests="paper", efficiency=False, diversity_rows=0)
 
@@ -130,20 +130,40 @@ def test_bad_inputs_one_line_exit_2(runs, tmp_path, capsys):
     assert main(["compare", str(runs["null1"]), str(runs["null2"]), "--out", str(afile)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a file" in err and afile.read_text() == "x"
-    assert main(["compare", str(runs["null1"]), str(runs["null2"]), "--out", str(tmp_path / "o2"),
-                 "--alpha", "1.5"]) == 2
-    assert not (tmp_path / "o2").exists()
+    for flag, value in (("--alpha", "1.5"), ("--alpha", "nan"), ("--seed", "-1")):
+        assert main(["compare", str(runs["null1"]), str(runs["null2"]), "--out", str(tmp_path / "o2"),
+                     flag, value]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+        assert not (tmp_path / "o2").exists()
 
 
 def test_decide_and_helpers():
     t = lambda r, d: {"reject": r, "direction": d}  # noqa: E731
-    assert decide([t(True, "B"), t(False, "A")], 1, 1) == ("B", False)
-    assert decide([t(True, "A")], 1, 1) == ("A", False)
-    assert decide([t(True, "A"), t(True, "B")], 1, 1) == (None, True)
-    assert decide([t(False, "B")], 1, 1) == (None, False)
+    assert decide([t(True, "B"), t(False, "A")]) == ("B", False)
+    assert decide([t(True, "A")]) == ("A", False)
+    assert decide([t(True, "A"), t(True, "B")]) == (None, True)
+    assert decide([t(False, "B")]) == (None, False)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 8))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     terms = mccs_terms(x[0], x, 300, 0.3)
     assert terms[0] == pytest.approx(1.0) and np.all((terms >= 0) & (terms <= 1))
     assert fd_subsample(x, x, 1000, 0)["value"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_balls_differing_both_ways_are_a_warning():
+    """A has extra mass on ball 1, B on ball 2: rejections both ways -> null, conflicting, level warning."""
+    rng = np.random.default_rng(1)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    e = np.eye(16)
+    base = lambda n: unit(rng.normal(size=(n, 16)))  # noqa: E731
+    near = lambda c, n: unit(c + 0.05 * rng.normal(size=(n, 16)))  # noqa: E731
+    T_A = np.concatenate([base(3000), near(e[0], 300), near(e[1], 30)])
+    T_B = np.concatenate([base(3000), near(e[0], 30), near(e[1], 300)])
+    r = compare_runs(unit(e[:1]), unit(e[1:2]), T_A, T_B, d0=0.1, alpha=0.05, worst_a=e[0], worst_b=e[1],
+                     n_c_a=len(T_A), n_c_b=len(T_B), theta=0.3, replicates=100, fd_rows=500)
+    assert [b["direction"] for b in r["test"]["balls"]] == ["A", "B"] and all(b["reject"] for b in r["test"]["balls"])
+    assert r["more_collapsed"] is None and r["conflicting"] and r["verdict"]["level"] == "warning"

@@ -83,7 +83,7 @@ def ball_counts_two(anchors, T_A, T_B, radius: float, *, kernel: str = "fast") -
     return x_a, x_b
 
 
-def decide(tests: list[dict], n_a: int, n_b: int) -> tuple[str | None, bool]:
+def decide(tests: list[dict]) -> tuple[str | None, bool]:
     """(more_collapsed, conflicting) from the per-ball Holm decisions (module docstring)."""
     dirs = {t["direction"] for t in tests if t["reject"]}
     if dirs == {"B"}:
@@ -184,7 +184,7 @@ def compare_runs(modes_a, modes_b, T_A, T_B, *, d0: float, alpha: float, worst_a
                       "s_index": int(ids[i]), "x_a": int(x_a[i]), "x_b": int(x_b[i]), "share_a": float(share_a),
                       "share_b": float(share_b), "ratio_b_over_a": t["ratio"], "ci": t["ci"], "p": t["p"],
                       "p_adj": t["p_adj"], "reject": t["reject"], "direction": direction})
-    more, conflicting = decide(balls, n_a, n_b)
+    more, conflicting = decide(balls)
     terms_a = mccs_terms(worst_a, T_A, n_c_a, theta)
     terms_b = mccs_terms(worst_b, T_B, n_c_b, theta)
     mccs = bootstrap_mccs_difference(terms_a, terms_b, alpha=alpha, replicates=replicates, seed=seed)
