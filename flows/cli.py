@@ -16,6 +16,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 from modeaudit.flows.args import OneLineParser, count as _count  # noqa: E402
 from modeaudit import __version__  # noqa: E402
 from modeaudit.flows.metrics_cli import add_metrics_parser, run_metrics  # noqa: E402
+from modeaudit.flows.compare_cli import add_compare_parser, run_compare  # noqa: E402
 from modeaudit.storage.layout import RunLayout, check_out_dir  # noqa: E402
 from modeaudit.tasks.config import (PRESETS, AuditConfig, CalibrationConfig, apply_preset, default,  # noqa: E402
                                     finalize_sizes, kernel_for, parse_radii)
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_toy_parser(sub)
     sub.add_parser("list", help="list generators and descriptors with their options")
     add_metrics_parser(sub)
+    add_compare_parser(sub)
     return p
 
 
@@ -233,6 +235,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "metrics":
         return run_metrics(args)
+    if args.command == "compare":
+        return run_compare(args)
     if args.command == "toy":
         return run_toy(args)
     from prefect.exceptions import FailedRun
