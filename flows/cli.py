@@ -22,6 +22,7 @@ from modeaudit.tasks.config import (PRESETS, AuditConfig, CalibrationConfig, app
                                     finalize_sizes, kernel_for, parse_radii)
 from modeaudit.tasks.registry import ConfigError, parse_kv  # noqa: E402
 from modeaudit.flows.toy_cli import add_toy_parser, run_toy  # noqa: E402
+from modeaudit.flows.watch_cli import add_watch_parser, run_watch  # noqa: E402
 
 
 def _radii(text: str) -> tuple:
@@ -31,34 +32,23 @@ def _radii(text: str) -> tuple:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI's argument parser (also documents every option)."""
+def add_audit_arguments(a, *, inputs: bool = True) -> None:
+    """The audit's options on parser `a` (`audit`; `watch` passes inputs=False: its generators are the checkpoints)."""
     A = functools.partial(default, AuditConfig)        # defaults come from the config models
-    C = functools.partial(default, CalibrationConfig)
-    p = OneLineParser(prog="modeaudit", description="Black-box audit of generative models for "
-                                "intra-mode collapse (and calibration of their samplers).")
-    p.add_argument("--version", action="version", version=f"modeaudit {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    a = sub.add_parser("audit", help="audit a generator, or embeddings you already have",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = a.add_argument_group("what to audit (a generator, or two embedding files)")
-    src.add_argument("--generator", help="generator spec, e.g. synthetic:planted, synthetic:null, torch:tiny, "
-                     "torchscript:PATH (see `modeaudit list`)")
+    src = a.add_argument_group("what to audit (a generator, or two embedding files)" if inputs else "models")
+    if inputs:
+        src.add_argument("--generator", help="generator spec, e.g. synthetic:planted, synthetic:null, torch:tiny, "
+                         "torchscript:PATH (see `modeaudit list`)")
     src.add_argument("-G", "--generator-option", action="append", metavar="KEY=VALUE", help="generator option")
     src.add_argument("--descriptor", help="identity descriptor spec (default: the generator's own)")
     src.add_argument("-D", "--descriptor-option", action="append", metavar="KEY=VALUE", help="descriptor option")
-    src.add_argument("--embeddings-s", metavar="PATH", help="S embeddings (.npy or Zarr array), one row a sample")
-    src.add_argument("--embeddings-t", metavar="PATH", help="T embeddings (.npy or Zarr array), one row a sample")
-    src.add_argument("--images-s", metavar="DIR", help="S as a folder of PNG/JPEG images (recursive), embedded with "
-                     "--descriptor; instead of --embeddings-s")
-    src.add_argument("--images-t", metavar="DIR", help="T as a folder of PNG/JPEG images, embedded with "
-                     "--descriptor; instead of --embeddings-t")
-    a.add_argument("--out", required=True, metavar="DIR", help="run directory (store, report.html, result.json)")
-    a.add_argument("--overwrite", action="store_true", help="replace a different run already in DIR")
-    a.add_argument("--fail-on", choices=["collapse", "warning", "never"], default="never",
-                   help="exit code 3 when the verdict reaches this level (CI gating): collapse = 'Collapse "
-                   "detected'; warning = that or any amber verdict")
+    if inputs:
+        src.add_argument("--embeddings-s", metavar="PATH", help="S embeddings (.npy or Zarr array), one row a sample")
+        src.add_argument("--embeddings-t", metavar="PATH", help="T embeddings (.npy or Zarr array), one row a sample")
+        src.add_argument("--images-s", metavar="DIR", help="S as a folder of PNG/JPEG images (recursive), embedded "
+                         "with --descriptor; instead of --embeddings-s")
+        src.add_argument("--images-t", metavar="DIR", help="T as a folder of PNG/JPEG images, embedded with "
+                         "--descriptor; instead of --embeddings-t")
     s = a.add_argument_group("sizes (defaults from --preset)")
     s.add_argument("--preset", default=A("preset"), choices=sorted(PRESETS), help="size preset")
     s.add_argument("--m", type=_count, help="|S|: samples searched for the dense mode")
@@ -115,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--no-cache", dest="cache", action="store_false", default=A("cache"),
                     help="neither read nor write the feature cache (image folders are embedded anew)")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser (also documents every option)."""
+    C = functools.partial(default, CalibrationConfig)  # defaults come from the config models
+    p = OneLineParser(prog="modeaudit", description="Black-box audit of generative models for "
+                                "intra-mode collapse (and calibration of their samplers).")
+    p.add_argument("--version", action="version", version=f"modeaudit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("audit", help="audit a generator, or embeddings you already have",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--out", required=True, metavar="DIR", help="run directory (store, report.html, result.json)")
+    a.add_argument("--overwrite", action="store_true", help="replace a different run already in DIR")
+    a.add_argument("--fail-on", choices=["collapse", "warning", "never"], default="never",
+                   help="exit code 3 when the verdict reaches this level (CI gating): collapse = 'Collapse "
+                   "detected'; warning = that or any amber verdict")
+    add_audit_arguments(a)
+
     c = sub.add_parser("calibrate", help="reshape the latent sampler of an audited generator and audit the result",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--run", required=True, metavar="DIR", help="a finished `modeaudit audit --generator` run")
@@ -138,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fid-rows", type=_count, default=C("fid_rows"), help="images per side for Inception FID")
 
     add_toy_parser(sub)
+    add_watch_parser(sub)
     sub.add_parser("list", help="list generators and descriptors with their options")
     add_metrics_parser(sub)
     add_compare_parser(sub)
@@ -254,7 +263,9 @@ def main(argv=None) -> int:
 
 
 def _run_command(args, FailedRun, StoreError) -> int:
-    """audit or calibrate, with user errors as one line and exit code 2."""
+    """audit, calibrate or watch, with user errors as one line and exit code 2."""
+    if args.command == "watch":
+        return run_watch(args)
     if args.command == "calibrate":
         try:
             cfg = CalibrationConfig.parse({k: v for k, v in vars(args).items() if k in CalibrationConfig.model_fields})
