@@ -40,6 +40,7 @@ def add_watch_parser(sub) -> None:
 def check_watch_settings(base) -> None:
     """The checks of flows/cli.preflight that need no generator: settings, kernel, scheduler, sizes."""
     from modeaudit.tasks.config import apply_preset, finalize_sizes, kernel_for, validate_settings
+    base = base.replace(generator="torchscript:CHECKPOINT")     # each checkpoint is the generator
     validate_settings(base)
     kernel_for(base.kernel)
     if base.scheduler:
