@@ -194,3 +194,32 @@ def test_scan_order_identity_and_names(tmp_path):
     assert [c.path.name for c in found] == ["a.ONNX", "b.pt"]        # same mtime: by name
     assert found[0].spec.startswith("onnx:") and found[1].spec.startswith("torchscript:")
     assert found[1].run_name == "b-" + found[1].sha256[:12]
+
+
+def test_deployments_are_valid_prefect_3():
+    """deploy/prefect.yaml through Prefect's own prefect.yaml model and schedule parser (no server: `prefect deploy`
+    itself is not run here); the watch deployments' entrypoint is a module path whose parameters bind."""
+    import importlib
+    import inspect
+
+    import yaml
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+
+    import modeaudit.deploy
+    doc = yaml.safe_load(open(os.path.join(os.path.dirname(modeaudit.deploy.__file__), "prefect.yaml")))
+    model = PrefectYamlModel.model_validate(doc)
+    kinds = set()
+    for dep, raw in zip(model.deployments, doc["deployments"]):
+        module, _, name = dep.entrypoint.partition(":")
+        assert "/" not in module and not module.endswith(".py")
+        fl = getattr(importlib.import_module(module), name)
+        inspect.signature(fl.fn).bind(**dep.parameters)
+        for s in raw["schedules"]:
+            kinds.add(type(_schedule_config_to_deployment_schedule(s)["schedule"]).__name__)
+        if name == "watch_flow":
+            from modeaudit.flows.watch import base_config
+            base_config("/tmp/x", dep.parameters["audit"])
+    assert {"CronSchedule", "IntervalSchedule"} <= kinds
+    assert [d.name for d in model.deployments if d.entrypoint == "modeaudit.flows.watch:watch_flow"] == [
+        "checkpoint-watch-nightly", "checkpoint-watch-polling"]
