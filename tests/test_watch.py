@@ -223,3 +223,32 @@ def test_deployments_are_valid_prefect_3():
     assert {"CronSchedule", "IntervalSchedule"} <= kinds
     assert [d.name for d in model.deployments if d.entrypoint == "modeaudit.flows.watch:watch_flow"] == [
         "checkpoint-watch-nightly", "checkpoint-watch-polling"]
+
+
+def test_one_watcher_per_runs_dir_and_polling(tmp_path, capsys, monkeypatch, prefect_harness):
+    from modeaudit.flows import watch as wf
+    from modeaudit.storage.layout import run_lock
+    ckpt, runs = tmp_path / "ckpt", tmp_path / "runs"
+    ckpt.mkdir()
+    with run_lock(runs):
+        assert main(["watch", str(ckpt), "--out", str(runs), "--once", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "another modeaudit run" in err and err.count("\n") == 1
+
+    class Stop(Exception):
+        pass
+
+    passes, sleeps = [], []
+    monkeypatch.setattr(wf, "watch_pass", lambda *a: passes.append(a) or {"audited": [], "failed": [], "skipped": 0})
+
+    def sleep(s):
+        sleeps.append(s)
+        if len(sleeps) == 2:
+            raise Stop
+    monkeypatch.setattr(wf, "_sleep", sleep)
+    with pytest.raises(Stop):
+        wf.watch_flow(str(ckpt), str(runs), {}, once=False, interval=7.5)
+    assert len(passes) == 2 and sleeps == [7.5, 7.5]
+    from prefect.exceptions import FailedRun
+    with pytest.raises(FailedRun, match="cannot set out"):
+        wf.watch_flow(str(ckpt), str(runs), {"out": "x"})
