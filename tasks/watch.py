@@ -223,7 +223,8 @@ def write_index(runs_dir: str | os.PathLike, history: dict) -> Path:
     img = ""
     if ok:
         x = np.arange(len(ok))
-        labels = [Path(e["checkpoint"]).name for e in ok]
+        names = [Path(e["checkpoint"]).name for e in ok]
+        labels = [f"{n} ({e['sha256'][:7]})" if names.count(n) > 1 else n for n, e in zip(names, ok)]  # rewritten
         fig = new_figure(11, 6.5, title=f"Audits across checkpoints ({len(ok)} audited, oldest first)")
         axs = fig.subplots(2, 2, sharex=True)
         ax = axs[0, 0]
