@@ -197,6 +197,18 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = Fa
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=json_default) + "\n")
 
 
+def make_writable_dir(path: Path, what: str) -> None:
+    """Create `path` (and parents) and prove a file can be written there, or a one-line ConfigError."""
+    from modeaudit.tasks.registry import ConfigError
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".modeaudit-write-test.{os.getpid()}.{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to {what} ({e.strerror or e}); choose a writable directory") from None
+
+
 def check_out_dir(out: str | os.PathLike) -> Path:
     """Check that the run directory can be made and written, or say why it cannot be one: not writable, or holding files named like a
     run's outputs that no modeaudit run wrote (a user's own report.html or plots/ are never overwritten)."""
@@ -213,12 +225,7 @@ def check_out_dir(out: str | os.PathLike) -> Path:
     # fails before its first shard removes what it made: discard_unstarted_run).
     top = next((p for p in [*reversed(path.absolute().parents), path.absolute()] if not p.exists()), None)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".modeaudit-write-test.{os.getpid()}.{uuid.uuid4().hex}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to --out {text} ({e.strerror or e}); choose a writable directory") from None
+        make_writable_dir(path, f"--out {text}")
     finally:
         if top is not None:
             import shutil

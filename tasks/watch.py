@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from modeaudit.storage.layout import RESULT_JSON, REPORT_HTML, atomic_write_json, atomic_write_text
+from modeaudit.storage.layout import (RESULT_JSON, REPORT_HTML, atomic_write_json, atomic_write_text,
+                                      make_writable_dir)
 from modeaudit.tasks.registry import ConfigError
 
 # Checkpoint suffix -> generator registry prefix.
@@ -72,13 +73,7 @@ def check_dirs(ckpt_dir: str | os.PathLike, runs_dir: str | os.PathLike) -> tupl
         raise ConfigError(f"--out {runs} is a file; give a folder for the runs (one run folder per checkpoint)")
     if (runs / "manifest" / "run.json").exists():
         raise ConfigError(f"--out {runs} is an audit run folder; give a folder of its own for the runs of a watch")
-    try:
-        runs.mkdir(parents=True, exist_ok=True)
-        probe = runs / f".modeaudit-write-test.{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to --out {runs} ({e.strerror or e}); choose a writable folder") from None
+    make_writable_dir(runs, f"--out {runs}")
     return ck, runs
 
 
