@@ -294,6 +294,14 @@ CASES: list[tuple[str, list[str], str]] = [
                               "--out", "{out}"], "steps"),
     ("toy score: unknown generator", ["toy", "score", "--world", "ring8", "--generator", "bogus",
                                       "--out", "{out}"], "unknown generator"),
+    ("compare: missing run A", ["compare", "{missing}", "{corrupt_run}", "--out", "{out}"], "no_such_file"),
+    ("compare: a corrupt result.json as run A", ["compare", "{corrupt_run}", "{users_folder}", "--out", "{out}"],
+     "not a complete modeaudit result"),
+    ("compare: --alpha 2", ["compare", "{corrupt_run}", "{unfinished_run}", "--out", "{out}", "--alpha", "2"], "alpha"),
+    ("watch: missing checkpoint folder", ["watch", "{missing}", "--out", "{out}", "--once"], "no_such_file"),
+    ("watch: checkpoint folder is a file", ["watch", "{a_file}", "--out", "{out}", "--once"], "a_file.txt"),
+    ("watch: --out a file", ["watch", "{dir}", "--out", "{a_file}", "--once"], "a_file.txt"),
+    ("watch: --out an audit run", ["watch", "{dir}", "--out", "{unfinished_run}", "--once"], "unfinished_run"),
     ("unknown command", ["bogus"], "invalid choice"),
 ]
 
