@@ -189,21 +189,22 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
         cfg = apply_preset(cfg)
         cfg = finalize_sizes(cfg, cfg.m, cfg.M)
         gen, desc = steps.model_specs(cfg)
-        steps.check_reference_generator(cfg, gen, desc)
-        plan_inputs(cfg, desc)
+        width = steps.trial_embedding(gen, desc, cfg.seed, "generator").shape[1]
+        steps.check_reference_generator(cfg, desc, width)
+        plan_inputs(cfg, desc)          # a reference folder or run: listed, hashed, checked (not embedded)
         if cfg.reference and reference_kind(cfg.reference) == "embeddings":
             from modeaudit.tasks.join.sources import open_embeddings
-            check_width(open_embeddings(cfg.reference, "--reference").dim,
-                        steps.trial_embedding(gen, desc, cfg.seed, "generator").shape[1], "--reference")          # a reference folder or run: listed, hashed, checked (not embedded)
+            check_width(open_embeddings(cfg.reference, "--reference").dim, width, "--reference")
     else:
         inp = plan_inputs(cfg)
         if not (cfg.images_s or cfg.images_t):
             S, _ = steps.embedding_sources(cfg, inp.files["S"], inp.files["T"])
             if cfg.reference and reference_kind(cfg.reference) == "embeddings":
                 steps.reference_source(cfg, S)
-        for flag, given, rows in (("--m", cfg.m, inp.rows("S")), ("--M", cfg.M, inp.rows("T"))):
+        for flag, given, side in (("--m", cfg.m, "S"), ("--M", cfg.M, "T")):
+            rows = inp.rows(side)
             if given is not None and given != rows:
-                raise ConfigError(f"{flag} {given}, but the {'S' if flag == '--m' else 'T'} input has {rows} rows: "
+                raise ConfigError(f"{flag} {given}, but the {side} input has {rows} rows: "
                                   f"with embedding files or image folders the sizes are the inputs' (leave {flag} out)")
         finalize_sizes(cfg, inp.rows("S"), inp.rows("T"))
     return cfg

@@ -210,8 +210,9 @@ def make_writable_dir(path: Path, what: str) -> None:
 
 
 def check_out_dir(out: str | os.PathLike) -> Path:
-    """Check that the run directory can be made and written, or say why it cannot be one: not writable, or holding files named like a
-    run's outputs that no modeaudit run wrote (a user's own report.html or plots/ are never overwritten)."""
+    """Check that the run directory can be made and written, or say why it cannot be one: not writable, or
+    holding files named like a run's outputs that no modeaudit run wrote (a user's own report.html or plots/
+    are never overwritten). A folder that did not exist is made for the check and removed again."""
     from modeaudit.tasks.registry import ConfigError
     text = os.fspath(out)
     if not text.strip():

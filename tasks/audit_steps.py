@@ -99,12 +99,12 @@ def reference_spec(cfg: AuditConfig) -> dict | None:
             "options": GENERATORS.resolve_options(cfg.reference_generator, cfg.reference_generator_options)}
 
 
-def check_reference_generator(cfg: AuditConfig, gen: dict, desc: dict) -> None:
-    """Build --reference-generator and embed one trial row with the audited descriptor: same width or an error."""
+def check_reference_generator(cfg: AuditConfig, desc: dict, want: int) -> None:
+    """Build --reference-generator and embed one trial row with the audited descriptor: width `want` (the
+    audited generator's embeddings) or an error."""
     ref = reference_spec(cfg)
     if ref is None:
         return
-    want = trial_embedding(gen, desc, cfg.seed, "generator").shape[1]
     got = trial_embedding(ref, desc, cfg.seed, "reference generator").shape[1]
     if got != want:
         raise InputError(f"--reference-generator {cfg.reference_generator!r} gives embeddings of width {got}, the "
