@@ -32,6 +32,12 @@ Why this design
   expression the float64 reference uses (arccos(clip(dot)) / pi <= r). The fast
   path therefore returns exactly the reference counts (ties with a float64 dot
   exactly on a threshold, where summation order decides, aside).
+* Low precision (kernel "lowprec"). The same drivers with a bfloat16 first pass:
+  the GEMM multiplies the rows rounded to bfloat16 (exact products, float32
+  accumulation) and eps is that format's rigorous bound (tasks/join/lowprec.py,
+  docs/lowprec.md), ~4e-3 instead of ~1.5e-5; the re-decision of band pairs is
+  unchanged, so counts and MCCS sums are bit-identical to "fast". Opt-in: its band
+  holds 12-16 % of all pairs, which costs more than the GEMM could save.
 * Self pairs are excluded by global row index, never by value (duplicates of an
   anchor elsewhere in the set are real neighbours).
 * MCCS sums reuse the GEMM tiles as a filter: only scores above
