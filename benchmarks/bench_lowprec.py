@@ -4,7 +4,8 @@
                                                             [--threads 2] [--json OUT]
 
 Everything is measured in one run, so the ratios compare like with like (the machine
-is shared: absolute times move with its load, printed at start and end).
+is shared: absolute times move with its load, printed at start and end); the variants
+of each section run interleaved (a, b, c, a, b, c, ...), so load changes hit all of them.
 
   1. GEMM floors at the join's shape (anchors x rows x D, in the join's 512 x 2048 score
      tiles, results discarded): numpy float32 sgemm (what "fast" runs), the same sgemm on
@@ -26,14 +27,13 @@ import json
 import math
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_join import Pool, machine_info  # noqa: E402
+from bench_join import Pool, _best_interleaved, machine_info  # noqa: E402
 
 from modeaudit.tasks.join import kernels as join  # noqa: E402
 from modeaudit.tasks.join import lowprec  # noqa: E402
@@ -43,16 +43,6 @@ A_TILE, B_TILE = 512, 2048  # the join's score tile (kernels._ANCHOR_TILE, _ROW_
 
 def _unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _best(f, repeat):
-    f()
-    out = math.inf
-    for _ in range(repeat):
-        t = time.perf_counter()
-        f()
-        out = min(out, time.perf_counter() - t)
-    return out
 
 
 def gemm_floors(A, blocks, repeat, threads):
@@ -106,7 +96,11 @@ def gemm_floors(A, blocks, repeat, threads):
         "torch_bf16_bf16out": tiles(bA, bB, t_mm(t_out16)),
         "torch_int8_int32out": int_tiles,
     }
-    return {k: _best(f, repeat) for k, f in funcs.items()}
+    for f in funcs.values():   # warm-up (thread pools, oneDNN's kernel selection)
+        f()
+    best = _best_interleaved(funcs, repeat, budget=math.inf)
+    best.pop("_rounds")
+    return best
 
 
 def recheck_fractions(A, B, radii, sample_rows=8192):
@@ -207,9 +201,10 @@ def main(argv=None):
     for name, (A, blocks) in data.items():
         st = stream(blocks)
         got = {}
-        times = {}
-        for k in ("fast", "lowprec"):
-            times[k] = _best(lambda: got.__setitem__(k, join.range_counts(A, st, radii, kernel=k)), repeat)
+        funcs = {k: (lambda k=k: got.__setitem__(k, join.range_counts(A, st, radii, kernel=k)))
+                 for k in ("fast", "lowprec")}
+        times = _best_interleaved(funcs, repeat, budget=math.inf)
+        times.pop("_rounds")
         assert np.array_equal(got["fast"], got["lowprec"]), f"{name}: lowprec counts differ from fast"
         m = {k: join.mccs_sums(A, st[:2], 0.3, kernel=k) for k in ("fast", "lowprec")}
         assert m["fast"].tobytes() == m["lowprec"].tobytes(), f"{name}: MCCS sums differ"
