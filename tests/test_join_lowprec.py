@@ -162,6 +162,25 @@ def test_backend_dispatches_lowprec_and_auto_never_picks_it(monkeypatch):
             == join.mccs_sums(x[:20], [(0, x)], 0.3).tobytes())
 
 
+def test_parallel_driver_over_fixed_blocks_equals_fast(tmp_path):
+    """Through tasks/join/parallel.py (the audit's path: fixed 65,536-row reduction blocks,
+    a bound per block), counts equal and MCCS sums are bit-identical to "fast"."""
+    from modeaudit.tasks.join import parallel
+    from modeaudit.tasks.join.sources import REDUCE_ROWS, Source
+    rng = np.random.default_rng(6)
+    n = REDUCE_ROWS + 4000  # two reduction blocks
+    x = _unit(rng.standard_normal((n, 16))).astype(np.float32)
+    x[REDUCE_ROWS + 7] = x[3]  # a duplicate in the second block
+    np.save(tmp_path / "t.npy", x)
+    src = Source("npy", str(tmp_path / "t.npy"), n, 16)
+    a, ids = x[:8], np.arange(8)
+    got = {k: (parallel.range_counts(None, a, src, DEFAULT_RADII, anchor_ids=ids, kernel=k),
+               parallel.mccs_sums(None, a, src, 0.3, anchor_ids=ids, kernel=k)) for k in ("fast", "lowprec")}
+    np.testing.assert_array_equal(got["lowprec"][0], got["fast"][0])
+    assert got["lowprec"][1].tobytes() == got["fast"][1].tobytes()
+    assert got["fast"][0][3, 0] >= 1 and np.count_nonzero(got["fast"][1]) == 8
+
+
 def _torch_cuda():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
