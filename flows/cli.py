@@ -98,7 +98,8 @@ def add_audit_arguments(a, *, inputs: bool = True) -> None:
     ex.add_argument("--shard-rows", type=_count, default=A("shard_rows"), help="rows per generation shard")
     ex.add_argument("--store-dtype", default=A("store_dtype"), choices=["float16", "float32"],
                     help="embedding storage dtype (statistics are computed in float32/float64)")
-    ex.add_argument("--kernel", default=A("kernel"), choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda", "lowprec"],
+    ex.add_argument("--kernel", default=A("kernel"),
+                    choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda", "lowprec"],
                     help="range-join kernel: auto = torch-cuda on a GPU machine, else fast (numba); "
                     "lowprec = bfloat16 first pass + exact re-check (same results; docs/lowprec.md)")
     ex.add_argument("--cache-dir", metavar="DIR", help="feature cache of image-folder embeddings, kept across "
