@@ -1,0 +1,101 @@
+"""A real Prefect server (the run's shared one, tests/conftest.py), a process work pool and `prefect worker start`:
+the audit deployment of a test copy of deploy/prefect.yaml runs on it, writes result.json, and leaves its verdict
+in Prefect as a markdown artifact and a `modeaudit.verdict` event."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+import modeaudit.deploy
+from modeaudit.flows.audit import VERDICT_ARTIFACT, VERDICT_EVENT
+
+BIN = Path(sys.executable).parent
+# The smallest audit that still runs every stage a deployment runs: generation, joins, MCCS, a test, the report.
+TINY = dict(generator="synthetic:null", m=300, M=2000, q=50, n_a=100, n_c=2000, shard_rows=1000, workers=1,
+            tests="paper", efficiency=False, diversity_rows=0)
+
+
+def _test_copy(tmp: Path, pool: str, out: Path) -> Path:
+    """deploy/prefect.yaml with its audit deployment only, on `pool`, unscheduled, auditing a tiny synthetic world."""
+    spec = yaml.safe_load((Path(modeaudit.deploy.__file__).parent / "prefect.yaml").read_text())
+    dep = next(d for d in spec["deployments"] if d["entrypoint"] == "modeaudit.flows.audit:audit_flow")
+    dep.update(name="test-audit", work_pool={"name": pool}, parameters={"config": {**TINY, "out": str(out)}})
+    dep.pop("schedules", None)
+    spec["deployments"] = [dep]
+    path = tmp / "prefect.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _wait_final(client, run_id, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run_id)
+        if run.state and run.state.is_final():
+            return run
+        time.sleep(1)
+    raise AssertionError(f"flow run {run_id} did not finish in {timeout} s (state {run.state})")
+
+
+def _events(client, name: str, resource_id: str, timeout=60) -> list:
+    """Events `name` about `resource_id` read back from the server (its event persister writes in batches)."""
+    body = {"filter": {"event": {"name": [name]}, "resource": {"id": [resource_id]}}, "limit": 10}
+    deadline = time.monotonic() + timeout
+    while True:
+        events = client.request("POST", "/events/filter", json=body).json()["events"]
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(1)
+
+
+def test_audit_deployment_runs_on_a_real_server_and_publishes_its_verdict(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+
+    pool = f"audits-{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "run"
+    env = {**os.environ, "PREFECT_API_URL": prefect_harness}
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    # The deployment as a user makes it: `prefect deploy` from the (test copy of the) shipped prefect.yaml.
+    d = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
+                        str(_test_copy(tmp_path, pool, out))], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert d.returncode == 0, d.stdout + d.stderr
+    run = run_deployment("modeaudit-audit/test-audit", timeout=0)
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once"], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        with get_client(sync_client=True) as client:
+            final = _wait_final(client, run.id)
+            log, _ = worker.communicate(timeout=120)
+            assert final.state.is_completed(), f"{final.state}\n{log}"
+            result = json.loads((out / "result.json").read_text())
+            assert result["settings"]["m"] == TINY["m"] and result["source"]["generator"] == "synthetic:null"
+            headline = result["verdict"]["headline"]
+
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[VERDICT_ARTIFACT])),
+                                         flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            assert len(arts) == 1 and arts[0].type == "markdown"
+            assert headline in arts[0].data and str((out / "report.html").resolve()) in arts[0].data
+
+            events = _events(client, VERDICT_EVENT, f"modeaudit.run.{out.resolve()}")
+            assert len(events) == 1, events
+            payload = events[0]["payload"]
+            assert payload["headline"] == headline and payload["level"] == result["verdict"]["level"]
+            assert payload["report"] == str((out / "report.html").resolve())
+            # The event names the flow run it came from, so an automation can link back to it.
+            assert any(r["prefect.resource.id"] == f"prefect.flow-run.{run.id}" for r in events[0]["related"])
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=30)
