@@ -69,18 +69,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# Runs in the server's process group: ends the group when the controlling pytest process is gone
-# (killed, crashed), so no server outlives its test run.
+# The server's parent and process group leader: starts `prefect server start` (argv[2:]) and ends the group
+# when the controlling pytest process (argv[1]) is gone (killed, crashed), so no server outlives its test run.
 _WATCHDOG = """
-import os, signal, sys, time
-pid = int(sys.argv[1])
-while True:
+import os, signal, subprocess, sys, time
+controller = int(sys.argv[1])
+server = subprocess.Popen(sys.argv[2:])
+while server.poll() is None:
     try:
-        os.kill(pid, 0)
+        os.kill(controller, 0)
     except ProcessLookupError:
-        os.killpg(os.getpgid(0), signal.SIGTERM)
-        break
-    time.sleep(2)
+        os.killpg(0, signal.SIGTERM)
+    time.sleep(1)
 """
 
 
@@ -93,21 +93,19 @@ def _start_server(run: Path) -> dict:
            "PREFECT_UI_ENABLED": "false",
            "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
     env.pop("PREFECT_API_URL", None)
-    log = open(run / "server.log", "ab")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                               "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, start_new_session=True, cwd=run)
-    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(_controller_pid())], stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     preexec_fn=lambda: os.setpgid(0, server.pid))  # killpg(server) ends the watchdog too
+    with open(run / "server.log", "ab") as log:
+        group = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(_controller_pid()),
+                                  str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                                  "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=run)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while not _healthy(url):
-        if server.poll() is not None or time.monotonic() > deadline:
-            _stop_group(server.pid)
-            raise RuntimeError(f"prefect server start failed (rc={server.poll()}); see {run / 'server.log'}")
+        if group.poll() is not None or time.monotonic() > deadline:
+            _stop_group(group.pid)
+            raise RuntimeError(f"prefect server start failed (rc={group.poll()}); see {run / 'server.log'}")
         time.sleep(0.3)
-    info = {"pid": server.pid, "url": url}
+    info = {"pid": group.pid, "url": url}
     (run / "server.json").write_text(json.dumps(info))
     return info
 

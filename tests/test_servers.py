@@ -65,22 +65,24 @@ def test_audit_deployment_runs_on_a_real_server_and_publishes_its_verdict(prefec
     env = {**os.environ, "PREFECT_API_URL": prefect_harness}
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-    # The deployment as a user makes it: `prefect deploy` from the (test copy of the) shipped prefect.yaml.
-    d = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
-                        str(_test_copy(tmp_path, pool, out))], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=180)
-    assert d.returncode == 0, d.stdout + d.stderr
-    run = run_deployment("modeaudit-audit/test-audit", timeout=0)
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once"], cwd=tmp_path,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    # The worker starts while the deployment is made (both are seconds of imports); it polls every second.
+    worker_log = open(tmp_path / "worker.log", "w+")
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool], cwd=tmp_path,
+                              env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, stdout=worker_log,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
+        # The deployment as a user makes it: `prefect deploy` from (a test copy of) the shipped prefect.yaml.
+        d = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
+                            str(_test_copy(tmp_path, pool, out))], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=180)
+        assert d.returncode == 0, d.stdout + d.stderr
+        run = run_deployment("modeaudit-audit/test-audit", timeout=0)
         with get_client(sync_client=True) as client:
             final = _wait_final(client, run.id)
-            log, _ = worker.communicate(timeout=120)
-            assert final.state.is_completed(), f"{final.state}\n{log}"
+            worker_log.seek(0)
+            assert final.state.is_completed(), f"{final.state}\n{worker_log.read()}"
             result = json.loads((out / "result.json").read_text())
-            assert result["settings"]["m"] == TINY["m"] and result["source"]["generator"] == "synthetic:null"
+            assert result["sizes"]["S"] == TINY["m"] and result["source"]["generator"] == "synthetic:null"
             headline = result["verdict"]["headline"]
 
             arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[VERDICT_ARTIFACT])),
@@ -96,6 +98,10 @@ def test_audit_deployment_runs_on_a_real_server_and_publishes_its_verdict(prefec
             # The event names the flow run it came from, so an automation can link back to it.
             assert any(r["prefect.resource.id"] == f"prefect.flow-run.{run.id}" for r in events[0]["related"])
     finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
+        os.killpg(worker.pid, signal.SIGTERM)      # the worker and any flow-run process it left
+        try:
             worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+        worker_log.close()
