@@ -57,9 +57,18 @@ DASHBOARD_ADDRESS = ":8787"
 def local_cluster(plan: ExecutionPlan, dashboard: bool = False, **kwargs):
     """Start the cluster a plan asks for on this machine (not for "external"); kwargs go to the cluster class.
     `dashboard`: serve Dask's dashboard (bokeh must be importable, see dashboard_available)."""
+    kwargs["dashboard_address"] = DASHBOARD_ADDRESS if dashboard else None
+    with warnings.catch_warnings():
+        if not console.verbose():
+            # The scheduler's HTTP server (health, and the dashboard when asked for) moves to a free port
+            # when another cluster holds 8787: nothing for the user to act on.
+            warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
+        return _local_cluster(plan, kwargs)
+
+
+def _local_cluster(plan: ExecutionPlan, kwargs: dict):
     import dask
     from distributed import LocalCluster
-    kwargs["dashboard_address"] = DASHBOARD_ADDRESS if dashboard else None
     if plan.cluster == "local-threads":
         return LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=False, memory_limit=0, **kwargs)
     if plan.cluster == "local-cuda":
@@ -82,11 +91,8 @@ def local_cluster(plan: ExecutionPlan, dashboard: bool = False, **kwargs):
         # silence_logs: a task's failure reaches the user once, as the run's one-line error,
         # not also as a traceback from every worker that ran it (and no "port in use" notices);
         # `--verbose` shows Dask's own logs.
-        with warnings.catch_warnings():
-            if not console.verbose():
-                warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
-            return LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=True, memory_limit=0,
-                                silence_logs=False if console.verbose() else logging.CRITICAL, **kwargs)
+        return LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=True, memory_limit=0,
+                            silence_logs=False if console.verbose() else logging.CRITICAL, **kwargs)
 
 
 def connect(cluster_or_address, plan: ExecutionPlan):
