@@ -17,15 +17,17 @@ from modeaudit.flows.audit import VERDICT_ARTIFACT, VERDICT_EVENT
 
 BIN = Path(sys.executable).parent
 # The smallest audit that still runs every stage a deployment runs: generation, joins, MCCS, a test, the report.
-TINY = dict(generator="synthetic:null", m=300, M=2000, q=50, n_a=100, n_c=2000, shard_rows=1000, workers=1,
+TINY = dict(generator="synthetic:null", m=300, M=2000, q=50, n_a=100, n_c=2000, shard_rows=1000,
             tests="paper", efficiency=False, diversity_rows=0)
 
 
-def _test_copy(tmp: Path, pool: str, out: Path) -> Path:
-    """deploy/prefect.yaml with its audit deployment only, on `pool`, unscheduled, auditing a tiny synthetic world."""
+def _test_copy(tmp: Path, pool: str, out: Path, scheduler: str) -> Path:
+    """deploy/prefect.yaml with its audit deployment only, on `pool`, unscheduled, auditing a tiny synthetic world
+    on an existing Dask scheduler (as the shipped one does; here the tests' cluster, so the flow run starts none)."""
     spec = yaml.safe_load((Path(modeaudit.deploy.__file__).parent / "prefect.yaml").read_text())
     dep = next(d for d in spec["deployments"] if d["entrypoint"] == "modeaudit.flows.audit:audit_flow")
-    dep.update(name="test-audit", work_pool={"name": pool}, parameters={"config": {**TINY, "out": str(out)}})
+    dep.update(name="test-audit", work_pool={"name": pool}, parameters={"config": {**TINY, "out": str(out),
+                                                                           "scheduler": scheduler}})
     dep.pop("schedules", None)
     spec["deployments"] = [dep]
     path = tmp / "prefect.yaml"
@@ -54,7 +56,7 @@ def _events(client, name: str, resource_id: str, timeout=60) -> list:
         time.sleep(1)
 
 
-def test_audit_deployment_runs_on_a_real_server_and_publishes_its_verdict(prefect_harness, tmp_path):
+def test_audit_deployment_runs_on_a_real_server_and_publishes_its_verdict(prefect_harness, scheduler, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
@@ -73,7 +75,7 @@ def test_audit_deployment_runs_on_a_real_server_and_publishes_its_verdict(prefec
     try:
         # The deployment as a user makes it: `prefect deploy` from (a test copy of) the shipped prefect.yaml.
         d = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
-                            str(_test_copy(tmp_path, pool, out))], cwd=tmp_path, env=env, capture_output=True,
+                            str(_test_copy(tmp_path, pool, out, scheduler))], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=180)
         assert d.returncode == 0, d.stdout + d.stderr
         run = run_deployment("modeaudit-audit/test-audit", timeout=0)
@@ -83,6 +85,7 @@ def test_audit_deployment_runs_on_a_real_server_and_publishes_its_verdict(prefec
             assert final.state.is_completed(), f"{final.state}\n{worker_log.read()}"
             result = json.loads((out / "result.json").read_text())
             assert result["sizes"]["S"] == TINY["m"] and result["source"]["generator"] == "synthetic:null"
+            assert result["source"]["shards"]["T"]["generated"] == 2      # M / shard_rows shards, on the cluster
             headline = result["verdict"]["headline"]
 
             arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[VERDICT_ARTIFACT])),
