@@ -113,6 +113,12 @@ def _stop_group(pgid: int) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:
+            # The leader is this process's child when this process started it: reap it, or the
+            # zombie would keep the group "alive" for the whole wait.
+            os.waitpid(pgid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
             return
