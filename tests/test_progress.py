@@ -19,7 +19,7 @@ def _square(x):
     return x * x
 
 
-def test_progress_counts_rows_and_keeps_submission_order():
+def test_progress_counts_rows_and_keeps_submission_order(capsys):
     from distributed import Client
     with cluster.local_cluster(THREADS) as c, Client(c) as client:
         futures = [client.submit(_square, np.arange(i, i + 3), pure=False) for i in range(5)]
@@ -33,10 +33,11 @@ def test_progress_counts_rows_and_keeps_submission_order():
         text = buf.getvalue()
         assert re.search(r"self_join: rows joined: 100%.*\b50(\.0)?/50(\.0)? \[.*<.*rows/s\]", text), text
         assert re.search(r"self_join: null replicates: 100%.*\b7(\.00)?/7(\.00)? ", text), text
-        # Outside a CLI terminal: nothing is written anywhere.
-        quiet = io.StringIO()
-        console.gather(client, futures, [10] * 5, "rows joined")
-        assert quiet.getvalue() == "" and not console.active()
+        # Outside a CLI terminal: the same results, and nothing on stderr or stdout.
+        capsys.readouterr()
+        again = console.gather(client, futures, [10] * 5, "rows joined")
+        assert all((a == b).all() for a, b in zip(plain, again)) and not console.active()
+        assert capsys.readouterr() == ("", "")
 
 
 def test_dashboard_address_printed_and_served():
