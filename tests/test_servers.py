@@ -56,6 +56,19 @@ def _events(client, name: str, resource_id: str, timeout=60) -> list:
         time.sleep(1)
 
 
+def _flow_run_groups(run_id) -> set:
+    """Process groups of the flow run's processes: the process worker starts each run in a session of its own,
+    so stopping the worker's group would not end a run left behind by a failed test."""
+    groups = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if f"PREFECT__FLOW_RUN_ID={run_id}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                groups.add(os.getpgid(int(proc.name)))
+        except (OSError, ValueError):      # not a process folder, gone, or not ours to read
+            pass
+    return groups
+
+
 def test_audit_deployment_runs_on_a_real_server_and_publishes_its_verdict(prefect_harness, scheduler, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -72,6 +85,7 @@ def test_audit_deployment_runs_on_a_real_server_and_publishes_its_verdict(prefec
     worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool], cwd=tmp_path,
                               env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, stdout=worker_log,
                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    run = None
     try:
         # The deployment as a user makes it: `prefect deploy` from (a test copy of) the shipped prefect.yaml.
         d = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
@@ -101,7 +115,9 @@ def test_audit_deployment_runs_on_a_real_server_and_publishes_its_verdict(prefec
             # The event names the flow run it came from, so an automation can link back to it.
             assert any(r["prefect.resource.id"] == f"prefect.flow-run.{run.id}" for r in events[0]["related"])
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)      # the worker and any flow-run process it left
+        for group in _flow_run_groups(run.id) if run is not None else ():
+            os.killpg(group, signal.SIGKILL)
+        os.killpg(worker.pid, signal.SIGTERM)
         try:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
