@@ -275,21 +275,31 @@ def main(argv=None) -> int:
         return 2
 
 
+class _DaskBelowError(logging.Filter):
+    """Drops Dask's records below ERROR (nanny shutdown notices, comm warnings) from the terminal."""
+
+    def filter(self, record):
+        return not (record.name.startswith("distributed") and record.levelno < logging.ERROR)
+
+
 def quiet_terminal(verbose: bool) -> None:
     """Prefect's INFO lines (temporary server banner, flow and task states) and Dask's warnings off the terminal,
     unless `verbose`. Set by each command (the process is the CLI's), not undone: Prefect's temporary server
     logs its stop at exit.
 
-    Only Prefect's console handler is raised to WARNING: the records still reach the Prefect API, so a
-    server's UI keeps the run's full log.
+    Only Prefect's console handler is changed (raised to WARNING, Dask's records below ERROR filtered): the
+    records still reach the Prefect API, so a server's UI keeps the run's full log. A filter, not Dask's logger
+    level: starting a LocalCluster sets that level again.
     """
     import prefect.main  # noqa: F401  (configures Prefect's logging, whose console handler is set here)
     from prefect.logging.handlers import PrefectConsoleHandler
     for h in logging.getLogger().handlers:
         if isinstance(h, PrefectConsoleHandler):
             h.setLevel(logging.NOTSET if verbose else logging.WARNING)
-    # Dask's notices in this process (nanny shutdown, comm warnings): errors still show.
-    logging.getLogger("distributed").setLevel(logging.WARNING if verbose else logging.ERROR)
+            for f in [f for f in h.filters if isinstance(f, _DaskBelowError)]:
+                h.removeFilter(f)
+            if not verbose:
+                h.addFilter(_DaskBelowError())
 
 
 def _run_command(args, FailedRun, StoreError) -> int:
