@@ -82,7 +82,8 @@ def test_cli_on_a_real_scheduler_shows_progress_and_the_verdict_only(dask_schedu
                          ("mccs: rows summed", "8.00k/8.00k")):
         done = [ln for ln in lines if ln.startswith(label) and "100%" in ln]
         assert done and total in done[-1] and "rows/s]" in done[-1] and "<" in done[-1], (label, p.stderr)
-    assert not [ln for ln in lines if "| INFO" in ln or "Flow run" in ln or "Task run" in ln], p.stderr
+    assert not [ln for ln in lines if "| INFO" in ln or "Flow run" in ln or "Task run" in ln
+                or "distributed." in ln], p.stderr
     report = tmp_path / "cli" / "report.html"
     assert lines[-1] == f"modeaudit: {result['verdict']['headline']} (report: {report})"
     assert json.loads(p.stdout)["headline"] == result["verdict"]["headline"]
