@@ -82,7 +82,8 @@ def _run(client, fn, groups, *args):
             big = [client.scatter(a, broadcast=True) if isinstance(a, np.ndarray) and a.nbytes > 1 << 20 else a
                    for a in args]
             futures = [client.submit(fn, *_bind(big, g), pure=False) for g in groups]
-            return console.gather(client, futures, [sum(hi - lo for lo, hi in g) for g in groups], _WHAT[fn])
+            return console.gather(client, futures, [sum(hi - lo for lo, hi in g) for g in groups],
+                                  _WHAT.get(fn, "rows"))
         except Exception as e:   # noqa: BLE001 -- only worker loss is retried, see _worker_lost
             if not worker_lost(e):
                 raise
