@@ -247,6 +247,47 @@ def in_process_models(cfg: AuditConfig) -> bool:
     return any(str(s).startswith("python-object:") for s in specs if s)
 
 
+VERDICT_EVENT = "modeaudit.verdict"
+VERDICT_ARTIFACT = "modeaudit-verdict"
+
+
+def verdict_markdown(result: dict, out: str) -> str:
+    """The run's verdict as markdown: the headline, why, and where the report and result.json are."""
+    v, layout = result["verdict"], RunLayout(out)
+    w = result["worst_case"]
+    return "\n".join([
+        f"## {v['headline']}", "", v.get("explanation", ""), "",
+        "| | |", "|---|---|",
+        f"| level | `{v['level']}` |",
+        f"| worst case | S row {w.get('s_index')}, {w.get('count_d0')} neighbours at d0, MCCS "
+        f"{result['mccs']['worst_case']:.4g} |",
+        f"| report | `{layout.report_html.resolve()}` |",
+        f"| result.json | `{(layout.root / RESULT_JSON).resolve()}` |"])
+
+
+def publish_verdict(result: dict, out: str) -> None:
+    """Tell Prefect the verdict: a markdown artifact on the flow run and the event `modeaudit.verdict` (payload:
+    headline, level, report), which an automation can alert on. Both go to the Prefect API only: result.json is
+    already written and unchanged. An API that refuses them costs a warning, not the finished audit."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.events import emit_event
+    from prefect.logging import get_run_logger
+    v = result["verdict"]
+    report = str(RunLayout(out).report_html.resolve())
+    try:
+        create_markdown_artifact(markdown=verdict_markdown(result, out), key=VERDICT_ARTIFACT,
+                                 description=f"modeaudit: {v['headline']}")
+        emit_event(event=VERDICT_EVENT,
+                   resource={"prefect.resource.id": f"modeaudit.run.{Path(out).resolve()}",
+                             "prefect.resource.name": Path(out).name},
+                   payload={"headline": v["headline"], "level": v["level"], "report": report,
+                            "result": str((Path(out) / RESULT_JSON).resolve()),
+                            "worst_case_count_d0": result["worst_case"].get("count_d0"),
+                            "mccs_worst_case": result["mccs"]["worst_case"]})
+    except Exception as e:  # noqa: BLE001 - the audit finished; only the notification failed
+        get_run_logger().warning("could not publish the verdict to Prefect (%s: %s)", type(e).__name__, e)
+
+
 @flow(name="modeaudit-audit", log_prints=True, validate_parameters=False)
 def audit_flow(config: AuditConfig) -> dict:
     """Prefect flow: one audit of a generator or of given embeddings.
@@ -264,12 +305,14 @@ def audit_flow(config: AuditConfig) -> dict:
         with run_lock(cfg.out):
             try:
                 with dask_client(plan) as client:
-                    return run_audit(cfg, client)
+                    result = run_audit(cfg, client)
             except BaseException:
                 # Under the lock, so no other run's directory can be taken for ours.
                 if fresh:
                     discard_unstarted_run(cfg.out)
                 raise
+        publish_verdict(result, cfg.out)
+        return result
     except (ConfigError, StoreError) as e:
         # A Failed state (not a raise) keeps the traceback out of the log; callers get FailedRun(message).
         return Failed(message=str(e))

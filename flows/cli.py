@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import sys
 
@@ -106,6 +107,13 @@ def add_audit_arguments(a, *, inputs: bool = True) -> None:
                     "runs (default: $MODEAUDIT_CACHE, else $XDG_CACHE_HOME/modeaudit, else ~/.cache/modeaudit)")
     ex.add_argument("--no-cache", dest="cache", action="store_false", default=A("cache"),
                     help="neither read nor write the feature cache (image folders are embedded anew)")
+    add_verbose_argument(ex)
+
+
+def add_verbose_argument(a) -> None:
+    """--verbose on parser (or group) `a`: the commands that run Prefect flows and Dask clusters."""
+    a.add_argument("--verbose", action="store_true", help="show Prefect's and Dask's own logs (by default only "
+                   "one progress line per stage, notes and the verdict go to stderr)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "download): image generators also get Inception FID between M and M' (fid_inception)")
     c.add_argument("--image-range", default=C("image_range"), help="the generator's pixel range LOW:HIGH, mapped to [0, 1]")
     c.add_argument("--fid-rows", type=_count, default=C("fid_rows"), help="images per side for Inception FID")
+    add_verbose_argument(c)
 
     add_toy_parser(sub)
     add_watch_parser(sub)
@@ -170,7 +179,7 @@ def gate(level: str, fail_on: str) -> int:
 def config_from_args(args) -> AuditConfig:
     """AuditConfig from parsed arguments (unset options keep the config defaults)."""
     kw = {k: v for k, v in vars(args).items() if k not in ("command", "generator_option", "descriptor_option",
-                                                           "fail_on") and v is not None}
+                                                           "fail_on", "verbose") and v is not None}
     kw["generator_options"] = parse_kv(args.generator_option, "-G")
     kw["descriptor_options"] = parse_kv(args.descriptor_option, "-D")
     kw.pop("reference_generator_option", None)
@@ -254,8 +263,11 @@ def main(argv=None) -> int:
         return run_toy(args)
     from prefect.exceptions import FailedRun
     from modeaudit.storage.store import StoreError
+    from modeaudit.tasks import console
     try:
-        return _run_command(args, FailedRun, StoreError)
+        quiet_terminal(args.verbose)
+        with console.terminal(verbose=args.verbose):
+            return _run_command(args, FailedRun, StoreError)
     except RuntimeError as e:
         if "ephemeral Prefect API server" not in str(e):
             raise
@@ -266,8 +278,36 @@ def main(argv=None) -> int:
         return 2
 
 
+class _DaskBelowError(logging.Filter):
+    """Drops Dask's records below ERROR (nanny shutdown notices, comm warnings) from the terminal."""
+
+    def filter(self, record):
+        return not (record.name.startswith("distributed") and record.levelno < logging.ERROR)
+
+
+def quiet_terminal(verbose: bool) -> None:
+    """Prefect's INFO lines (temporary server banner, flow and task states) and Dask's warnings off the terminal,
+    unless `verbose`. Set by each command (the process is the CLI's), not undone: Prefect's temporary server
+    logs its stop at exit.
+
+    Only Prefect's console handler is changed (raised to WARNING, Dask's records below ERROR filtered): the
+    records still reach the Prefect API, so a server's UI keeps the run's full log. A filter, not Dask's logger
+    level: starting a LocalCluster sets that level again.
+    """
+    import prefect.main  # noqa: F401  (configures Prefect's logging, whose console handler is set here)
+    from prefect.logging.handlers import PrefectConsoleHandler
+    for h in logging.getLogger().handlers:
+        if isinstance(h, PrefectConsoleHandler):
+            h.setLevel(logging.NOTSET if verbose else logging.WARNING)
+            for f in [f for f in h.filters if isinstance(f, _DaskBelowError)]:
+                h.removeFilter(f)
+            if not verbose:
+                h.addFilter(_DaskBelowError())
+
+
 def _run_command(args, FailedRun, StoreError) -> int:
     """audit, calibrate or watch, with user errors as one line and exit code 2."""
+    from modeaudit.tasks import console
     if args.command == "watch":
         return run_watch(args)
     if args.command == "calibrate":
@@ -293,11 +333,13 @@ def _run_command(args, FailedRun, StoreError) -> int:
         print(f"modeaudit: error: {e}", file=sys.stderr)
         return 2
     code = gate(result["verdict"].get("level", "ok"), args.fail_on)
+    report = RunLayout(cfg.out).report_html
+    console.note(f"{result['verdict']['headline']} (report: {report})")
     verdict = {k: (any(b["reject"] for b in v) if isinstance(v, list) else v["reject"])
                for k, v in result["tests"].items()}
     print(json.dumps({"headline": result["verdict"]["headline"], "verdict": verdict,
                       "worst_case": result["worst_case"], "mccs_mean": result["mccs"]["mean"],
-                      "report": str(RunLayout(cfg.out).report_html)}, indent=1))
+                      "report": str(report)}, indent=1))
     return code
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from modeaudit.tasks import console
 from modeaudit.tasks.config import check_scheduler_address
 from modeaudit.tasks.plan import ExecutionPlan
 from modeaudit.tasks.registry import ConfigError
@@ -38,16 +40,40 @@ class SingleThreadedBLAS(WorkerPlugin):
         worker._modeaudit_blas_limit = threadpool_limits(limits=1, user_api="blas")
 
 
-def local_cluster(plan: ExecutionPlan, **kwargs):
-    """Start the cluster a plan asks for on this machine (not for "external"); kwargs go to the cluster class."""
+def dashboard_available() -> bool:
+    """Whether Dask's dashboard can be served here (it needs bokeh >= 3.1: `pip install 'modeaudit[dashboard]'`)."""
+    try:
+        import bokeh
+    except ImportError:
+        return False
+    major, minor = (int(x) for x in bokeh.__version__.split(".")[:2])
+    return (major, minor) >= (3, 1)
+
+
+# Dask's usual dashboard port; when it is taken (another cluster), Dask picks a free one.
+DASHBOARD_ADDRESS = ":8787"
+
+
+def local_cluster(plan: ExecutionPlan, dashboard: bool = False, **kwargs):
+    """Start the cluster a plan asks for on this machine (not for "external"); kwargs go to the cluster class.
+    `dashboard`: serve Dask's dashboard (bokeh must be importable, see dashboard_available)."""
+    kwargs["dashboard_address"] = DASHBOARD_ADDRESS if dashboard else None
+    with warnings.catch_warnings():
+        if not console.verbose():
+            # The scheduler's HTTP server (health, and the dashboard when asked for) moves to a free port
+            # when another cluster holds 8787: nothing for the user to act on.
+            warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
+        return _local_cluster(plan, kwargs)
+
+
+def _local_cluster(plan: ExecutionPlan, kwargs: dict):
     import dask
     from distributed import LocalCluster
     if plan.cluster == "local-threads":
-        return LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=False, dashboard_address=None,
-                            memory_limit=0, **kwargs)
+        return LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=False, memory_limit=0, **kwargs)
     if plan.cluster == "local-cuda":
         from dask_cuda import LocalCUDACluster
-        return LocalCUDACluster(threads_per_worker=1, dashboard_address=None, memory_limit=0, **kwargs)
+        return LocalCUDACluster(threads_per_worker=1, memory_limit=0, **kwargs)
     if plan.cluster != "local":
         raise ValueError(f"no local cluster for plan {plan.cluster!r}")
     tpw = plan.threads_per_worker
@@ -60,11 +86,13 @@ def local_cluster(plan: ExecutionPlan, **kwargs):
                           "distributed.nanny.environ": env,
                           "distributed.worker.daemon": False,
                           "distributed.admin.system-monitor.gil.enabled": False}):
-        logging.getLogger("distributed").setLevel(logging.WARNING)
+        if logging.getLogger("distributed").getEffectiveLevel() < logging.WARNING:
+            logging.getLogger("distributed").setLevel(logging.WARNING)
         # silence_logs: a task's failure reaches the user once, as the run's one-line error,
-        # not also as a traceback from every worker that ran it.
-        return LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=True,
-                            dashboard_address=None, memory_limit=0, silence_logs=logging.CRITICAL, **kwargs)
+        # not also as a traceback from every worker that ran it (and no "port in use" notices);
+        # `--verbose` shows Dask's own logs.
+        return LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=True, memory_limit=0,
+                            silence_logs=False if console.verbose() else logging.CRITICAL, **kwargs)
 
 
 def connect(cluster_or_address, plan: ExecutionPlan):
@@ -109,11 +137,18 @@ def probe_scheduler(address: str, timeout: float = 5.0) -> None:
 
 
 def _start_local(plan: ExecutionPlan, attempts: int = 2):
-    """local_cluster, started again if a worker process dies while starting (killed, out of memory)."""
+    """local_cluster, started again if a worker process dies while starting (killed, out of memory); in a CLI run
+    with its dashboard when bokeh is installed, and its address (or why there is none) on stderr."""
     from modeaudit.tasks.errors import WorkerLost
+    dashboard = console.wants_dashboard() and dashboard_available()
     for i in range(attempts):
         try:
-            return local_cluster(plan)
+            cluster = local_cluster(plan, dashboard=dashboard)
+            if dashboard:
+                console.note(f"Dask dashboard: {cluster.dashboard_link}")
+            elif console.wants_dashboard():
+                console.note("no Dask dashboard: bokeh >= 3.1 is not installed (pip install 'modeaudit[dashboard]')")
+            return cluster
         except RuntimeError as e:
             if "failed to start" not in str(e):
                 raise

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from modeaudit.tasks import console
 from modeaudit.tasks.join import parallel
 from modeaudit.storage.layout import RunLayout
 from modeaudit.tasks.config import AuditConfig
@@ -163,7 +164,7 @@ def generate_set(client, store, set_name: str, gen: dict, desc: dict, seed: int)
     todo = sorted(missing + damaged)
     futures = [client.submit(generate_shard, str(store.root), set_name, i, lo, hi, gen, desc, seed,
                              pure=False, retries=2) for i, lo, hi in todo]
-    client.gather(futures)
+    console.gather(client, futures, [hi - lo for _, lo, hi in todo], f"{set_name} generated")
     return {"shards": len(layout.shards()), "generated": len(todo), "skipped": len(layout.shards()) - len(todo),
             "reused": [i for (i, _, _), good in zip(recorded, ok) if good],
             "damaged_regenerated": [i for i, _, _ in damaged]}
@@ -343,8 +344,11 @@ class Timer:
 
         class _T:
             def __enter__(self):
+                self.stage = console.stage(name)    # names the progress lines of the step
+                self.stage.__enter__()
                 self.t = time.perf_counter()
 
             def __exit__(self, *a):
                 timer.times[name] = round(timer.times.get(name, 0) + time.perf_counter() - self.t, 3)
+                self.stage.__exit__(*a)
         return _T()

@@ -25,10 +25,29 @@ def _no_flow_heartbeat_wait():
 
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """One temporary Prefect server for every flow test of the session."""
-    from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    """The API URL of ONE real Prefect server shared by every xdist worker of the run (tests/shared_prefect.py);
+    flows of this process and CLI subprocesses (PREFECT_API_URL) run against it."""
+    import prefect.context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from shared_prefect import drain, shared_prefect_server
+    url = shared_prefect_server()
+    os.environ["PREFECT_API_URL"] = url
+    with temporary_settings(updates={PREFECT_API_URL: url}), \
+            prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+        yield url
+        drain()
+
+
+def pytest_configure(config):
+    """Name the run for its shared Prefect server (xdist workers inherit the name)."""
+    from shared_prefect import name_the_run
+    name_the_run(config)
+
+
+def pytest_sessionfinish(session):
+    """The controlling pytest process stops the run's shared Prefect server."""
+    from shared_prefect import stop_the_run_server
+    stop_the_run_server(session.config)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from modeaudit.tasks import console
 from modeaudit.tasks.join import backend
 from modeaudit.tasks.join.sources import Source, merge_scans, reduction_ranges, scan_block
 
@@ -52,6 +53,10 @@ def _scan_task(source: Source, ranges):
     return [scan_block(source._raw(lo, hi), lo) for lo, hi in ranges]
 
 
+# What a stage's progress line counts (rows of the set read by each kind of task).
+_WHAT = {_counts_task: "rows joined", _sums_task: "rows summed (MCCS)", _scan_task: "rows scanned"}
+
+
 def _n_tasks(client) -> int:
     if client is None:
         return 1
@@ -77,7 +82,8 @@ def _run(client, fn, groups, *args):
             big = [client.scatter(a, broadcast=True) if isinstance(a, np.ndarray) and a.nbytes > 1 << 20 else a
                    for a in args]
             futures = [client.submit(fn, *_bind(big, g), pure=False) for g in groups]
-            return client.gather(futures)
+            return console.gather(client, futures, [sum(hi - lo for lo, hi in g) for g in groups],
+                                  _WHAT.get(fn, "rows"))
         except Exception as e:   # noqa: BLE001 -- only worker loss is retried, see _worker_lost
             if not worker_lost(e):
                 raise

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modeaudit.tasks import console
 from modeaudit.tasks.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -276,7 +277,8 @@ def embed_on_cluster(client, desc: dict, listing: ImageListing, size: tuple[int,
     step = block_rows(size)
     futures = [client.submit(embed_block, desc, listing.root, files[lo:lo + step], size, what, pure=False)
                for lo in range(0, len(files), step)]
-    parts = client.gather(futures)
+    parts = console.gather(client, futures, [len(files[lo:lo + step]) for lo in range(0, len(files), step)],
+                           f"{what} images embedded", unit="images")
     widths = {p[0].shape[1] for p in parts}
     if len(widths) != 1:
         raise InputError(f"descriptor {desc['spec']} returned rows of different widths {sorted(widths)} for "

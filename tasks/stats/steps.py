@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from modeaudit.tasks import console
 from modeaudit.tasks.join import backend
 from modeaudit.tasks.join import parallel
 from modeaudit.tasks.join.threads import blas_threads, compute_threads, thread_budget
@@ -97,7 +98,8 @@ def selection(client, S_rows, T, *, m_sel: int, n_t: int, null, d0, radii, repli
     bounds = np.linspace(0, replicates, n_groups + 1).astype(int)
     parts = [submit(_replicates_task, factory, range(lo, hi), m_sel, n_t, d0, tuple(radii), kernel)
              for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-    curves = np.concatenate([get(p) for p in parts])
+    sizes = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    curves = np.concatenate(console.results(parts, sizes, "null replicates", unit="replicates"))
     return get(submit(_observed_task, factory, S_in, T, n_t, d0, tuple(radii), replicates, alpha, kernel, curves))
 
 
