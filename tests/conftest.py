@@ -68,7 +68,8 @@ def scheduler():
 # The suite runs as `pytest -n 2 --dist loadfile`: xdist hands out whole files in collection order.
 # Alphabetical order left a 40 s file (test_watch.py) to start last, with one worker idle meanwhile;
 # longest first (measured per-file seconds, most first) lets the two workers finish together.
-HEAVIEST_FIRST = ("test_audit_flow.py", "test_calibrate_flow.py", "test_watch.py", "test_package.py",
+HEAVIEST_FIRST = ("test_audit_flow.py", "test_calibrate_flow.py", "test_dask_scheduler.py", "test_servers.py",
+                  "test_watch.py", "test_package.py",
                   "test_adapters.py", "test_reliability.py", "test_bad_inputs.py", "test_image_folders.py",
                   "test_pictures.py", "test_join_torch.py", "test_cli.py", "test_fid.py", "test_ties.py",
                   "test_calibration.py", "test_compare.py", "test_report.py")

@@ -1,4 +1,5 @@
-"""End-to-end audits: planted mode found, determinism across workers and shard sizes, resume, the image path."""
+"""End-to-end audits: planted mode found, determinism across workers and shard sizes, resume, the image path
+(an external scheduler and its workers: tests/test_dask_scheduler.py)."""
 import json
 
 import numpy as np
@@ -147,33 +148,3 @@ def test_image_generator_and_cnn_descriptor(tmp_path, prefect_harness, scheduler
     assert emb.shape == (3000, 32)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=2e-3)
     assert 0 <= r["worst_case"]["s_index"] < 600 and "truth" not in r
-
-
-def test_external_scheduler_gives_the_same_numbers(base_run, tmp_path, prefect_harness):
-    """Workers started as separate processes on 127.0.0.1, reached through --scheduler."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    addr = f"tcp://127.0.0.1:{port}"
-    bindir = Path(sys.executable).parent
-    procs = [subprocess.Popen([str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        time.sleep(2)
-        procs.append(subprocess.Popen([str(bindir / "dask"), "worker", addr, "--nworkers", "2", "--nthreads", "1",
-                                       "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        from distributed import Client
-        with Client(addr, timeout="30s") as c:
-            c.wait_for_workers(2, timeout=60)
-        ext = run(tmp_path, "ext", scheduler=addr, shard_rows=3000, **DET)
-        assert _strip(ext) == _strip(base_run[0])
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-            p.wait(timeout=30)

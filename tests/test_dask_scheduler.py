@@ -71,7 +71,8 @@ def _numbers(result: dict) -> dict:
     return r
 
 
-def test_cli_on_a_real_scheduler_shows_progress_and_the_verdict_only(dask_scheduler, prefect_harness, tmp_path):
+def test_cli_on_a_real_scheduler_shows_progress_and_the_verdict_only(dask_scheduler, prefect_harness, scheduler,
+                                                                      tmp_path):
     p = _cli(*TINY, "--scheduler", dask_scheduler, "--out", str(tmp_path / "cli"))
     assert p.returncode == 0, p.stderr
     result = json.loads((tmp_path / "cli" / "result.json").read_text())
@@ -89,10 +90,11 @@ def test_cli_on_a_real_scheduler_shows_progress_and_the_verdict_only(dask_schedu
     assert json.loads(p.stdout)["headline"] == result["verdict"]["headline"]
     assert "progress" not in json.dumps(result) and "rows/s" not in json.dumps(result)
 
-    # The same audit through the API (no terminal, no progress) on the same workers: the same numbers.
+    # The same audit through the API (no terminal, no progress) on the session's local cluster (worker
+    # processes this tool started, conftest.scheduler): the external workers give the same numbers.
     api = audit_flow(AuditConfig(out=str(tmp_path / "api"), generator="synthetic:planted", m=1000, M=8000, q=100,
                                  n_a=200, n_c=8000, shard_rows=2000, tests="paper,erl", efficiency=False,
-                                 scheduler=dask_scheduler).to_dict())
+                                 scheduler=scheduler).to_dict())
     assert _numbers(api) == _numbers(result)
 
 
