@@ -66,6 +66,14 @@ def _n_tasks(client) -> int:
 WORKER_LOSS_RETRIES = 2
 
 
+def _group_rows(group) -> int:
+    """Rows a group of (lo, hi) row ranges covers, for the progress line; 1 for a group of another shape."""
+    try:
+        return int(sum(hi - lo for lo, hi in group))
+    except (TypeError, ValueError):
+        return 1
+
+
 def _run(client, fn, groups, *args):
     """Run fn(*args, group) for every group and return the per-group results in order.
 
@@ -82,8 +90,7 @@ def _run(client, fn, groups, *args):
             big = [client.scatter(a, broadcast=True) if isinstance(a, np.ndarray) and a.nbytes > 1 << 20 else a
                    for a in args]
             futures = [client.submit(fn, *_bind(big, g), pure=False) for g in groups]
-            return console.gather(client, futures, [sum(hi - lo for lo, hi in g) for g in groups],
-                                  _WHAT.get(fn, "rows"))
+            return console.gather(client, futures, [_group_rows(g) for g in groups], _WHAT.get(fn, "rows"))
         except Exception as e:   # noqa: BLE001 -- only worker loss is retried, see _worker_lost
             if not worker_lost(e):
                 raise
