@@ -20,8 +20,15 @@ def add_metrics_parser(sub) -> argparse.ArgumentParser:
                        "of fake samples against real ones (exact k-NN, streamed)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m.add_argument("--real", required=True, metavar="PATH", help="real (reference) feature rows: .npy, Zarr array, "
-                   "or an audit run folder (its store's T embeddings)")
+                   "an audit run folder (its store's T embeddings), or a folder of PNG/JPEG images (embedded with "
+                   "--descriptor, cached)")
     m.add_argument("--fake", required=True, metavar="PATH", help="generated feature rows, same formats")
+    m.add_argument("--descriptor", metavar="SPEC", help="image descriptor for image folders (e.g. torch:tiny-cnn or "
+                   "torchscript:PATH; `modeaudit list`)")
+    m.add_argument("-D", "--descriptor-option", action="append", metavar="KEY=VALUE", help="descriptor option")
+    m.add_argument("--cache-dir", metavar="DIR", help="feature cache of image-folder embeddings (default: "
+                   "$MODEAUDIT_CACHE, else $XDG_CACHE_HOME/modeaudit, else ~/.cache/modeaudit)")
+    m.add_argument("--no-cache", dest="cache", action="store_false", help="neither read nor write the feature cache")
     m.add_argument("--k", type=int, default=5, help="nearest neighbour defining each sample's ball (prdc's nearest_k)")
     m.add_argument("--distance", default="euclidean", choices=["euclidean", "angular"],
                    help="euclidean on the rows as given (as prdc), or arccos(<a,b>)/pi on unit-normalised rows")
@@ -56,18 +63,75 @@ def _run_folder_rows(p: Path, what: str):
     return store.read("T", "emb")
 
 
-def load_rows(path: str, what: str, distance: str):
-    """Feature rows as float32 from a .npy file, a Zarr array, or an audit run folder; _Bad on bad input."""
+class _InProcess:
+    """The two Dask client calls image_folders.embed_on_cluster makes, run here in order: this
+    command starts no cluster, and the blocks come back in the order they were submitted."""
+
+    def submit(self, fn, *args, pure=False):
+        return fn(*args)
+
+    def gather(self, results):
+        return list(results)
+
+
+def image_descriptor(args) -> dict | None:
+    """{spec, options} of --descriptor with its -D options resolved (None when not given); _Bad if unknown."""
+    if not getattr(args, "descriptor", None):
+        if getattr(args, "descriptor_option", None):
+            raise _Bad("-D/--descriptor-option needs --descriptor SPEC")
+        return None
+    from modeaudit.tasks.models.descriptors import DESCRIPTORS
+    from modeaudit.tasks.registry import ConfigError, parse_kv
+    try:
+        opts = DESCRIPTORS.resolve_options(args.descriptor, parse_kv(args.descriptor_option, "-D"))
+        desc = {"spec": args.descriptor, "options": opts}
+        from modeaudit.tasks.models import image_folders as imf
+        imf.descriptor_of(desc)  # built once here: a bad spec or option fails before any image is read
+    except (ConfigError, ValueError) as e:
+        raise _Bad(str(e)) from None
+    return desc
+
+
+def _folder_rows(p: Path, what: str, desc: dict | None, cache: bool, cache_dir: str | None):
+    """The embeddings of an image folder, from the feature cache or embedded here (the audit's code path)."""
+    from types import SimpleNamespace
+
+    from modeaudit.tasks import inputs
+    from modeaudit.tasks.errors import InputError
+    from modeaudit.tasks.models import image_folders as imf
+    from modeaudit.tasks.models.descriptors import DESCRIPTORS
+    from modeaudit.tasks.registry import ConfigError
+    try:
+        # tasks/inputs.folder_plan's steps, with this command's option names in the messages.
+        descriptor = inputs._image_descriptor(desc, what, str(p))
+        listing = imf.list_images(p, what)
+        takes_resize = "resize" in DESCRIPTORS.lookup(desc["spec"])[0].options
+        size = imf.target_size(listing, descriptor, desc["spec"], what, takes_resize)
+        plan = inputs.FolderPlan("reference", what, listing, size,
+                                 imf.content_key(listing, descriptor.fingerprint(), size), desc)
+        rows, _, _ = inputs.embed_folder(_InProcess(), plan, SimpleNamespace(cache=cache, cache_dir=cache_dir))
+    except (InputError, ConfigError) as e:
+        raise _Bad(str(e)) from None
+    return rows
+
+
+def load_rows(path: str, what: str, distance: str, desc: dict | None = None, cache: bool = True,
+              cache_dir: str | None = None):
+    """Feature rows as float32 from a .npy file, a Zarr array, an audit run folder, or a folder of images
+    (embedded with the descriptor `desc`, through the feature cache); _Bad on bad input."""
     import dataclasses
 
     import numpy as np
     from modeaudit.tasks.errors import InputError
+    from modeaudit.tasks.inputs import reference_kind
     from modeaudit.tasks.join.sources import open_embeddings, row_norms
     p = Path(path)
     if p.is_dir() and (p / "store.zarr").is_dir():
         x = np.asarray(_run_folder_rows(p, what), dtype=np.float32)
         if x.ndim != 2 or x.shape[0] == 0:
             raise _Bad(f"{what} {p}: its T embeddings are empty (shape {x.shape}); finish the audit first")
+    elif p.is_dir() and reference_kind(str(p)) == "images":
+        x = _folder_rows(p, what, desc, cache, cache_dir)
     else:
         try:
             src = open_embeddings(p, what)
@@ -106,8 +170,10 @@ def run_metrics(args) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise _Bad(f"--out {args.out} is a file; choose a directory")
-        real = load_rows(args.real, "--real", args.distance)
-        fake = load_rows(args.fake, "--fake", args.distance)
+        desc = image_descriptor(args)
+        cache = dict(cache=getattr(args, "cache", True), cache_dir=getattr(args, "cache_dir", None))
+        real = load_rows(args.real, "--real", args.distance, desc, **cache)
+        fake = load_rows(args.fake, "--fake", args.distance, desc, **cache)
         if real.shape[1] != fake.shape[1]:
             raise _Bad(f"--real rows have width {real.shape[1]} but --fake rows have width {fake.shape[1]}; "
                        "extract both with the same feature extractor")
