@@ -289,3 +289,32 @@ def test_cli_image_folders_with_a_descriptor(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("modeaudit: error: --real") and "--descriptor" in err and err.count("\n") == 1, err
     assert not (tmp_path / "out3").exists()
+
+
+def test_python_api_metrics(tmp_path):
+    """modeaudit.metrics: arrays or paths in, the metrics.json dict out; bad input raises ConfigError;
+    the caller's BLAS threads are left as they were."""
+    import modeaudit
+    from threadpoolctl import threadpool_info
+    rng = np.random.default_rng(9)
+    real = rng.standard_normal((300, 10)).astype(np.float32)
+    fake = (rng.standard_normal((250, 10)) + 0.3).astype(np.float32)
+    blas = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    got = modeaudit.metrics(real, fake, k=4, kid_subsets=2)
+    after = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    assert blas and {f: after[f] for f in blas} == blas
+    want = compute_metrics(real, fake, 4, kid_subsets=2)
+    for key in ("precision", "recall", "density", "coverage", "kid", "support_size"):
+        assert got[key] == want[key], key
+    assert got["real"] == "array (300, 10)" and 0 < got["precision"] < 1
+    np.save(tmp_path / "fake.npy", fake)
+    from_path = modeaudit.metrics(real, tmp_path / "fake.npy", k=4, kid_subsets=2, out=tmp_path / "out")
+    on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert on_disk == from_path and from_path["precision"] == got["precision"]
+    with pytest.raises(modeaudit.ConfigError, match="width"):
+        modeaudit.metrics(real, fake[:, :9], out=tmp_path / "bad")
+    with pytest.raises(modeaudit.ConfigError, match="NaN"):
+        modeaudit.metrics(real, np.full((20, 10), np.nan), out=tmp_path / "bad")
+    with pytest.raises(modeaudit.ConfigError, match="unknown setting"):
+        modeaudit.metrics(real, fake, kid_subset=3)
+    assert not (tmp_path / "bad").exists()
