@@ -1,4 +1,4 @@
-"""The Python API: `modeaudit.audit(...)` and `modeaudit.calibrate(...)`, the CLI's twins.
+"""The Python API: `modeaudit.audit(...)`, `modeaudit.calibrate(...)` and `modeaudit.metrics(...)`, the CLI's twins.
 
     import modeaudit
     if __name__ == "__main__":          # Dask starts worker processes: scripts need the guard
@@ -152,3 +152,31 @@ def calibrate(run: str | os.PathLike, **settings) -> CalibrationResult:
     except (FailedRun, StoreError) as e:
         _raise_failed(e)
     return CalibrationResult(data, Path(cfg.run) / "calibration" / cfg.method)
+
+
+def metrics(real, fake, *, k: int = 5, distance: str = "euclidean", descriptor=None, descriptor_options=None,
+            out: str | os.PathLike | None = None, cache: bool = True, cache_dir: str | None = None,
+            **settings) -> dict:
+    """Precision, recall, density, coverage, KID and support size of `fake` against `real` (`modeaudit metrics`).
+
+    real, fake: (n, d) arrays of feature rows, or paths as the CLI takes them: a .npy file,
+    a Zarr array, an audit run folder (its T embeddings) or a folder of images, embedded
+    with `descriptor` (a spec string or a callable, with `descriptor_options`) through the
+    feature cache. Returns the metrics.json dict (docs/metrics.md); with `out`, also writes
+    out/metrics.json. Other keywords: block_rows, kid_subsets, kid_subset_size, kid_seed,
+    dup_quantile. Runs in this process (no Prefect, no Dask) and leaves its BLAS threads as
+    they are. Bad input raises ConfigError with the CLI's one-line message.
+    """
+    from modeaudit.flows.metrics_cli import metrics_of, resolve_descriptor
+    unknown = set(settings) - {"block_rows", "kid_subsets", "kid_subset_size", "kid_seed", "dup_quantile"}
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}; modeaudit.metrics takes block_rows, "
+                          "kid_subsets, kid_subset_size, kid_seed, dup_quantile")
+    if descriptor_options and descriptor is None:
+        raise ConfigError("descriptor_options needs a descriptor")
+    desc = None
+    if descriptor is not None:
+        desc = resolve_descriptor(_model_spec(descriptor, "descriptor"), descriptor_options)
+    paths = tuple(str(x) if isinstance(x, os.PathLike) else x for x in (real, fake))
+    return metrics_of(*paths, k=k, distance=distance, desc=desc, out=out, cache=cache, cache_dir=cache_dir,
+                      **settings)

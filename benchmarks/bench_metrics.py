@@ -94,7 +94,11 @@ def _worker(method: str, n: int, d: int, k: int) -> dict:
         out.update({key: float(v) for key, v in res.items()})
     else:
         raise ValueError(method)
-    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["peak_rss_gib"] = ru.ru_maxrss / 2**20
+    # The process's CPU seconds (all threads, set-up included): on a loaded machine the wall
+    # time measures the load as much as the code.
+    out["process_cpu_seconds"] = ru.ru_utime + ru.ru_stime
     return out
 
 
@@ -118,6 +122,8 @@ def main(argv=None) -> int:
                     "(prdc runs once); the best of each is reported")
     ap.add_argument("--prdc-max-gb", type=float, default=8.0, help="skip prdc above this estimated peak")
     ap.add_argument("--no-prdc", action="store_true")
+    ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM floor (at 2e5 rows it takes as long as "
+                    "modeaudit itself)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="per method and size, seconds")
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--worker", nargs=4, metavar=("METHOD", "N", "D", "K"), help=argparse.SUPPRESS)
@@ -133,7 +139,7 @@ def main(argv=None) -> int:
             res = {"n": n, "d": d, "k": args.k, "cpu": cpu, "load_before": os.getloadavg()[0]}
             # Interleaved repeats, best of each: on a shared machine the load moves
             # between runs, and the minimum is the least disturbed one.
-            runs = {"modeaudit": [], "gemm": []}
+            runs = {"modeaudit": []} if args.no_gemm else {"modeaudit": [], "gemm": []}
             for _ in range(args.repeats):
                 for method in runs:
                     runs[method].append(_run(method, n, d, args.k, args.timeout))
@@ -142,16 +148,18 @@ def main(argv=None) -> int:
                 res[method] = dict(min(ok, key=lambda r: r["seconds"])) if ok else rs[0]
                 res[method]["all_seconds"] = [r.get("seconds") for r in rs]
             est = 16 * n * n / 2**30
-            if args.no_prdc or est > args.prdc_max_gb:
+            if args.no_prdc:
+                res["prdc"] = {"skipped": "not run (--no-prdc)"}
+            elif est > args.prdc_max_gb:
                 res["prdc"] = {"skipped": f"estimated peak {est:.1f} GiB > --prdc-max-gb {args.prdc_max_gb}"}
             else:
                 res["prdc"] = _run("prdc", n, d, args.k, args.timeout)
             res["load_after"] = os.getloadavg()[0]
-            ours, gemm, ref = res["modeaudit"], res["gemm"], res["prdc"]
+            ours, gemm, ref = res["modeaudit"], res.get("gemm", {}), res["prdc"]
             line = (f"[{cpu}; load {res['load_before']:.1f}->{res['load_after']:.1f}] n={n} d={d} k={args.k}, best of "
                     f"{args.repeats}: modeaudit ")
-            line += (f"{ours['seconds']:.2f} s ({ours['peak_rss_gib']:.2f} GiB)" if "seconds" in ours
-                     else ours.get("error", "?"))
+            line += (f"{ours['seconds']:.2f} s ({ours['peak_rss_gib']:.2f} GiB, process CPU "
+                     f"{ours['process_cpu_seconds']:.1f} s)" if "seconds" in ours else ours.get("error", "?"))
             if "seconds" in gemm:
                 line += f", gemm floor {gemm['seconds']:.2f} s"
                 if "seconds" in ours:

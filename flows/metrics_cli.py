@@ -20,8 +20,15 @@ def add_metrics_parser(sub) -> argparse.ArgumentParser:
                        "of fake samples against real ones (exact k-NN, streamed)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m.add_argument("--real", required=True, metavar="PATH", help="real (reference) feature rows: .npy, Zarr array, "
-                   "or an audit run folder (its store's T embeddings)")
+                   "an audit run folder (its store's T embeddings), or a folder of PNG/JPEG images (embedded with "
+                   "--descriptor, cached)")
     m.add_argument("--fake", required=True, metavar="PATH", help="generated feature rows, same formats")
+    m.add_argument("--descriptor", metavar="SPEC", help="image descriptor for image folders (e.g. torch:tiny-cnn or "
+                   "torchscript:PATH; `modeaudit list`)")
+    m.add_argument("-D", "--descriptor-option", action="append", metavar="KEY=VALUE", help="descriptor option")
+    m.add_argument("--cache-dir", metavar="DIR", help="feature cache of image-folder embeddings (default: "
+                   "$MODEAUDIT_CACHE, else $XDG_CACHE_HOME/modeaudit, else ~/.cache/modeaudit)")
+    m.add_argument("--no-cache", dest="cache", action="store_false", help="neither read nor write the feature cache")
     m.add_argument("--k", type=int, default=5, help="nearest neighbour defining each sample's ball (prdc's nearest_k)")
     m.add_argument("--distance", default="euclidean", choices=["euclidean", "angular"],
                    help="euclidean on the rows as given (as prdc), or arccos(<a,b>)/pi on unit-normalised rows")
@@ -35,8 +42,13 @@ def add_metrics_parser(sub) -> argparse.ArgumentParser:
     return m
 
 
-class _Bad(Exception):
-    """A user error: printed as one line, exit 2."""
+def _config_error():
+    from modeaudit.tasks.registry import ConfigError
+    return ConfigError
+
+
+class _Bad(_config_error()):
+    """A user error: the CLI prints it as one line and exits 2; the Python API raises it (a ConfigError)."""
 
 
 def _run_folder_rows(p: Path, what: str):
@@ -56,25 +68,104 @@ def _run_folder_rows(p: Path, what: str):
     return store.read("T", "emb")
 
 
-def load_rows(path: str, what: str, distance: str):
-    """Feature rows as float32 from a .npy file, a Zarr array, or an audit run folder; _Bad on bad input."""
+class _InProcess:
+    """The two Dask client calls image_folders.embed_on_cluster makes, run here in order: this
+    command starts no cluster, and the blocks come back in the order they were submitted."""
+
+    def submit(self, fn, *args, pure=False):
+        return fn(*args)
+
+    def gather(self, results):
+        return list(results)
+
+
+def image_descriptor(args) -> dict | None:
+    """{spec, options} of --descriptor with its -D options resolved (None when not given); _Bad if unknown."""
+    if not getattr(args, "descriptor", None):
+        if getattr(args, "descriptor_option", None):
+            raise _Bad("-D/--descriptor-option needs --descriptor SPEC")
+        return None
+    from modeaudit.tasks.registry import ConfigError, parse_kv
+    try:
+        opts = parse_kv(args.descriptor_option, "-D")
+    except ConfigError as e:
+        raise _Bad(str(e)) from None
+    return resolve_descriptor(args.descriptor, opts)
+
+
+def resolve_descriptor(spec: str, options: dict | None) -> dict:
+    """{spec, options} of an image descriptor with its options resolved and the model built once
+    (a bad spec or option fails before any image is read); _Bad otherwise."""
+    from modeaudit.tasks.models import image_folders as imf
+    from modeaudit.tasks.models.descriptors import DESCRIPTORS
+    from modeaudit.tasks.registry import ConfigError
+    try:
+        desc = {"spec": spec, "options": DESCRIPTORS.resolve_options(spec, dict(options or {}))}
+        imf.descriptor_of(desc)
+    except (ConfigError, ValueError) as e:
+        raise _Bad(str(e)) from None
+    return desc
+
+
+def _folder_rows(p: Path, what: str, desc: dict | None, cache: bool, cache_dir: str | None):
+    """The embeddings of an image folder, from the feature cache or embedded here (the audit's code path)."""
+    from types import SimpleNamespace
+
+    from modeaudit.tasks import inputs
+    from modeaudit.tasks.errors import InputError
+    from modeaudit.tasks.models import image_folders as imf
+    from modeaudit.tasks.models.descriptors import DESCRIPTORS
+    from modeaudit.tasks.registry import ConfigError
+    try:
+        # tasks/inputs.folder_plan's steps, with this command's option names in the messages.
+        descriptor = inputs._image_descriptor(desc, what, str(p))
+        listing = imf.list_images(p, what)
+        takes_resize = "resize" in DESCRIPTORS.lookup(desc["spec"])[0].options
+        size = imf.target_size(listing, descriptor, desc["spec"], what, takes_resize)
+        plan = inputs.FolderPlan("reference", what, listing, size,
+                                 imf.content_key(listing, descriptor.fingerprint(), size), desc)
+        rows, _, _ = inputs.embed_folder(_InProcess(), plan, SimpleNamespace(cache=cache, cache_dir=cache_dir))
+    except (InputError, ConfigError) as e:
+        raise _Bad(str(e)) from None
+    return rows
+
+
+def load_rows(path, what: str, distance: str, desc: dict | None = None, cache: bool = True,
+              cache_dir: str | None = None):
+    """Feature rows as float32 from a .npy file, a Zarr array, an audit run folder, or a folder of images
+    (embedded with the descriptor `desc`, through the feature cache), or an in-memory (n, d) array;
+    _Bad on bad input."""
     import dataclasses
 
     import numpy as np
     from modeaudit.tasks.errors import InputError
+    from modeaudit.tasks.inputs import reference_kind
     from modeaudit.tasks.join.sources import open_embeddings, row_norms
-    p = Path(path)
-    if p.is_dir() and (p / "store.zarr").is_dir():
-        x = np.asarray(_run_folder_rows(p, what), dtype=np.float32)
-        if x.ndim != 2 or x.shape[0] == 0:
-            raise _Bad(f"{what} {p}: its T embeddings are empty (shape {x.shape}); finish the audit first")
-    else:
+    if not isinstance(path, (str, Path)):
         try:
-            src = open_embeddings(p, what)
-        except InputError as e:
-            raise _Bad(str(e)) from None
-        # stored_unit: the rows exactly as stored (a Source renormalises otherwise).
-        x = dataclasses.replace(src, stored_unit=True, dtype="float32").read()
+            x = np.asarray(path)
+        except (TypeError, ValueError) as e:
+            raise _Bad(f"{what} is neither a path nor an array of feature rows ({e})") from None
+        if x.ndim != 2 or x.shape[0] == 0 or not (np.issubdtype(x.dtype, np.floating)
+                                                  or np.issubdtype(x.dtype, np.integer)):
+            raise _Bad(f"{what} must be an (n, d) array of numbers with n >= 1, got shape {x.shape} dtype {x.dtype}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        path = f"array {x.shape}"
+    else:
+        p = Path(path)
+        if p.is_dir() and (p / "store.zarr").is_dir():
+            x = np.asarray(_run_folder_rows(p, what), dtype=np.float32)
+            if x.ndim != 2 or x.shape[0] == 0:
+                raise _Bad(f"{what} {p}: its T embeddings are empty (shape {x.shape}); finish the audit first")
+        elif p.is_dir() and reference_kind(str(p)) == "images":
+            x = _folder_rows(p, what, desc, cache, cache_dir)
+        else:
+            try:
+                src = open_embeddings(p, what)
+            except InputError as e:
+                raise _Bad(str(e)) from None
+            # stored_unit: the rows exactly as stored (a Source renormalises otherwise).
+            x = dataclasses.replace(src, stored_unit=True, dtype="float32").read()
     norms = row_norms(x)
     bad = np.flatnonzero(~np.isfinite(norms))
     if bad.size:
@@ -88,58 +179,81 @@ def load_rows(path: str, what: str, distance: str):
     return x
 
 
-def _check_args(args) -> None:
-    if args.k < 1:
-        raise _Bad(f"--k must be a positive integer, got {args.k}")
-    if args.kid_subsets < 1 or args.kid_subset_size < 2:
+def _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise _Bad(f"--k must be a positive integer, got {k!r}")
+    if distance not in ("euclidean", "angular"):
+        raise _Bad(f"--distance must be euclidean or angular, got {distance!r}")
+    if kid_subsets < 1 or kid_subset_size < 2:
         raise _Bad("--kid-subsets must be >= 1 and --kid-subset-size >= 2")
-    if args.dup_quantile is not None and not (0.0 < args.dup_quantile < 1.0):
-        raise _Bad(f"--dup-quantile must lie in (0, 1), got {args.dup_quantile}")
-    if args.block_rows < 1:
-        raise _Bad(f"--block-rows must be a positive integer, got {args.block_rows}")
+    if dup_quantile is not None and not (0.0 < dup_quantile < 1.0):
+        raise _Bad(f"--dup-quantile must lie in (0, 1), got {dup_quantile}")
+    if block_rows < 1:
+        raise _Bad(f"--block-rows must be a positive integer, got {block_rows}")
 
 
-def run_metrics(args) -> int:
-    """Run `modeaudit metrics`: write DIR/metrics.json, print it; user errors -> one line on stderr, exit 2."""
-    try:
-        _check_args(args)
-        out = Path(args.out)
+def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dict | None = None, out=None,
+               cache: bool = True, cache_dir: str | None = None, block_rows: int = 65536, kid_subsets: int | None = None,
+               kid_subset_size: int | None = None, kid_seed: int | None = None,
+               dup_quantile: float | None = None) -> dict:
+    """The metrics.json dict of `fake` against `real` (each a path, as `--real`/`--fake` take, or an
+    array); with `out`, also written to out/metrics.json. Every input is checked before `out` is
+    created. Bad input raises _Bad (a ConfigError) with the CLI's message."""
+    from modeaudit.tasks.metrics.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS
+    kid_subsets = KID_SUBSETS if kid_subsets is None else kid_subsets
+    kid_subset_size = KID_SUBSET_SIZE if kid_subset_size is None else kid_subset_size
+    kid_seed = KID_SEED if kid_seed is None else kid_seed
+    _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows)
+    if out is not None:
+        out = Path(out)
         if out.exists() and not out.is_dir():
-            raise _Bad(f"--out {args.out} is a file; choose a directory")
-        real = load_rows(args.real, "--real", args.distance)
-        fake = load_rows(args.fake, "--fake", args.distance)
-        if real.shape[1] != fake.shape[1]:
-            raise _Bad(f"--real rows have width {real.shape[1]} but --fake rows have width {fake.shape[1]}; "
-                       "extract both with the same feature extractor")
-        for what, x in (("--real", real), ("--fake", fake)):
-            if x.shape[0] <= args.k:
-                raise _Bad(f"{what} has {x.shape[0]} rows; --k {args.k} needs at least {args.k + 1} (a row is not "
-                           "its own neighbour): pass more samples or a smaller --k")
+            raise _Bad(f"--out {out} is a file; choose a directory")
+    real_rows = load_rows(real, "--real", distance, desc, cache, cache_dir)
+    fake_rows = load_rows(fake, "--fake", distance, desc, cache, cache_dir)
+    if real_rows.shape[1] != fake_rows.shape[1]:
+        raise _Bad(f"--real rows have width {real_rows.shape[1]} but --fake rows have width {fake_rows.shape[1]}; "
+                   "extract both with the same feature extractor")
+    for what, x in (("--real", real_rows), ("--fake", fake_rows)):
+        if x.shape[0] <= k:
+            raise _Bad(f"{what} has {x.shape[0]} rows; --k {k} needs at least {k + 1} (a row is not "
+                       "its own neighbour): pass more samples or a smaller --k")
+    if out is not None:
         # Every input checked: only now is anything created.
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise _Bad(f"cannot create --out {args.out} ({e.strerror or e}); choose a writable directory") from None
+            raise _Bad(f"cannot create --out {out} ({e.strerror or e}); choose a writable directory") from None
+    from modeaudit.tasks.metrics.suite import compute_metrics
+    extra = {} if dup_quantile is None else {"dup_quantile": dup_quantile}
+    try:
+        result = compute_metrics(real_rows, fake_rows, k, distance, block_rows=block_rows, kid_subsets=kid_subsets,
+                                 kid_subset_size=kid_subset_size, kid_seed=kid_seed, **extra)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+    for key, given, rows in (("real", real, real_rows), ("fake", fake, fake_rows)):
+        result[key] = str(given) if isinstance(given, (str, Path)) else f"array {tuple(rows.shape)}"
+    if out is not None:
         from modeaudit.storage.layout import atomic_write_text
-        from modeaudit.tasks.metrics.suite import compute_metrics
-        # This command's own process, nothing else computing yet: one BLAS thread, so the
-        # kernels run one tile thread per core (tasks/join/threads.py), as in Dask workers.
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(limits=1, user_api="blas")
-        extra = {} if args.dup_quantile is None else {"dup_quantile": args.dup_quantile}
-        try:
-            result = compute_metrics(real, fake, args.k, args.distance, block_rows=args.block_rows,
-                                     kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-                                     kid_seed=args.kid_seed, **extra)
-        except ValueError as e:
-            raise _Bad(str(e)) from None
-        result["real"] = str(args.real)
-        result["fake"] = str(args.fake)
         path = out / "metrics.json"
         try:
             atomic_write_text(path, json.dumps(result, indent=1) + "\n")
         except OSError as e:
             raise _Bad(f"cannot write {path} ({e.strerror or e}); choose a writable --out") from None
+    return result
+
+
+def run_metrics(args) -> int:
+    """Run `modeaudit metrics`: write DIR/metrics.json, print it; user errors -> one line on stderr, exit 2."""
+    try:
+        desc = image_descriptor(args)
+        # This command's own process, nothing else computing yet: one BLAS thread, so the
+        # kernels run one tile thread per core (tasks/join/threads.py), as in Dask workers.
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=1, user_api="blas")
+        result = metrics_of(args.real, args.fake, k=args.k, distance=args.distance, desc=desc, out=args.out,
+                            cache=args.cache, cache_dir=args.cache_dir, block_rows=args.block_rows,
+                            kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                            kid_seed=args.kid_seed, dup_quantile=args.dup_quantile)
     except _Bad as e:
         print(f"modeaudit: error: {e}", file=sys.stderr)
         return 2

@@ -244,3 +244,77 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     assert err.startswith("modeaudit: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_cli_image_folders_with_a_descriptor(tmp_path, capsys):
+    """--real/--fake as folders of images, embedded with --descriptor through the feature cache."""
+    from PIL import Image
+
+    from modeaudit.flows.cli import main
+    from modeaudit.tasks.models import image_folders as imf
+    rng = np.random.default_rng(8)
+    for name, shift in (("real", 0), ("fake", 12)):
+        (tmp_path / name).mkdir()
+        for i in range(30):
+            img = np.clip(rng.integers(0, 200, (16, 16, 3)) + shift, 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / name / f"im{i:03d}.png")
+    args = ["metrics", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--k", "3",
+            "--descriptor", "torch:tiny-cnn", "--cache-dir", str(tmp_path / "cache"), "--kid-subsets", "2"]
+    assert main(args + ["--out", str(tmp_path / "out1")]) == 0
+    got = json.loads((tmp_path / "out1" / "metrics.json").read_text())
+    desc = {"spec": "torch:tiny-cnn", "options": {}}
+    from modeaudit.tasks.models.descriptors import DESCRIPTORS
+    desc["options"] = DESCRIPTORS.resolve_options("torch:tiny-cnn", {})
+    rows = {}
+    for name in ("real", "fake"):
+        listing = imf.list_images(tmp_path / name, name)
+        size = imf.target_size(listing, imf.descriptor_of(desc), "torch:tiny-cnn", name)
+        r, ok = imf.embed_block(desc, listing.root, [(f.rel, f.sha256) for f in listing.files], size, name)
+        assert ok.all()
+        rows[name] = r
+    want = compute_metrics(rows["real"], rows["fake"], 3, kid_subsets=2)
+    for key in ("precision", "recall", "density", "coverage", "kid", "support_size"):
+        assert got[key] == want[key], key
+    assert got["n_real"] == got["n_fake"] == 30 and got["dim"] == rows["real"].shape[1]
+    assert 0 < got["recall"] < 1 or 0 < got["precision"] < 1  # the sets overlap in part: not a degenerate case
+    # Both folders are cached now; a second run reads them from the cache and writes the same numbers.
+    assert len([d for d in (tmp_path / "cache").rglob("*") if d.is_dir()]) >= 2
+    assert main(args + ["--out", str(tmp_path / "out2")]) == 0
+    again = json.loads((tmp_path / "out2" / "metrics.json").read_text())
+    assert {k: v for k, v in again.items() if k not in ("real", "fake")} == \
+        {k: v for k, v in got.items() if k not in ("real", "fake")}
+    capsys.readouterr()
+    # A folder of images without --descriptor: one line, exit 2, nothing written.
+    assert main(args[:7] + args[9:] + ["--out", str(tmp_path / "out3")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modeaudit: error: --real") and "--descriptor" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out3").exists()
+
+
+def test_python_api_metrics(tmp_path):
+    """modeaudit.metrics: arrays or paths in, the metrics.json dict out; bad input raises ConfigError;
+    the caller's BLAS threads are left as they were."""
+    import modeaudit
+    from threadpoolctl import threadpool_info
+    rng = np.random.default_rng(9)
+    real = rng.standard_normal((300, 10)).astype(np.float32)
+    fake = (rng.standard_normal((250, 10)) + 0.3).astype(np.float32)
+    blas = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    got = modeaudit.metrics(real, fake, k=4, kid_subsets=2)
+    after = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    assert blas and {f: after[f] for f in blas} == blas
+    want = compute_metrics(real, fake, 4, kid_subsets=2)
+    for key in ("precision", "recall", "density", "coverage", "kid", "support_size"):
+        assert got[key] == want[key], key
+    assert got["real"] == "array (300, 10)" and 0 < got["precision"] < 1
+    np.save(tmp_path / "fake.npy", fake)
+    from_path = modeaudit.metrics(real, tmp_path / "fake.npy", k=4, kid_subsets=2, out=tmp_path / "out")
+    on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert on_disk == from_path and from_path["precision"] == got["precision"]
+    with pytest.raises(modeaudit.ConfigError, match="width"):
+        modeaudit.metrics(real, fake[:, :9], out=tmp_path / "bad")
+    with pytest.raises(modeaudit.ConfigError, match="NaN"):
+        modeaudit.metrics(real, np.full((20, 10), np.nan), out=tmp_path / "bad")
+    with pytest.raises(modeaudit.ConfigError, match="unknown setting"):
+        modeaudit.metrics(real, fake, kid_subset=3)
+    assert not (tmp_path / "bad").exists()
