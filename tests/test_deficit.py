@@ -57,13 +57,14 @@ def test_names_the_dropped_cluster_and_only_it(worlds):
     (b,) = [b for b in out["balls"] if b["reject"]]
     assert worlds["k_ref"][b["ref_index"]] == 0          # the rejected ball is centred on the dropped cluster
     assert b["x_t"] == 0 and b["ratio"] == 0.0 and b["ci"][0] == 0.0 and b["p_adj"] < 1e-12
+    assert out["p"] == b["p_adj"]
     kept = [b for b in out["balls"] if not b["reject"]]
     assert all(1.2 < b["ratio"] < 1.45 for b in kept)    # 4/3: the dropped mass went to them
 
 
 def test_same_law_rejects_nothing(worlds):
     out = deficit(None, worlds["same"], worlds["ref"], D0, 0.05, "fast", 10)
-    assert not out["reject"] and out["rejected_balls"] == 0
+    assert not out["reject"] and out["rejected_balls"] == 0 and out["p"] > 0.05
     assert all(0.85 < b["ratio"] < 1.15 for b in out["balls"])
 
 

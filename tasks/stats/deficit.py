@@ -75,7 +75,9 @@ def summary(balls: list[dict], *, centres, select_counts, n_sel: int, n_r: int, 
     out = []
     for b, i, c in zip(balls, centres, select_counts):
         out.append({"ref_index": int(i), "count_select": int(c), **b})
-    return {"reject": any(b["reject"] for b in out), "alternative": "less", "radius": float(d0),
+    # The family's p-value: the smallest Holm-adjusted one (reject iff p <= alpha); watch's history reads it.
+    return {"reject": any(b["reject"] for b in out), "p": min((b["p_adj"] for b in out), default=1.0),
+            "alternative": "less", "radius": float(d0),
             "alpha": float(alpha), "reference_rows_select": int(n_sel), "reference_rows_counted": int(n_r),
             "T_rows": int(n_t), "n_balls": len(out), "rejected_balls": sum(b["reject"] for b in out),
             "balls": out}
