@@ -91,7 +91,7 @@ def main() -> int:
         torch.jit.save(torch.jit.script(DroppedMode(junk)), str(ckpt))
         gens.append((name, ckpt, 3))
     gens += [_trained(t, Path(a.train_out), a.steps) for t in a.trained.split(",") if t]
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_test_harness(server_startup_timeout=600):
         for name, ckpt, latent_dim in gens:
             _, m = score_generator("ring8", f"torchscript:{ckpt}", {"latent_dim": str(latent_dim)}, 50_000)
             _, wide = score_generator("ring8", f"torchscript:{ckpt}", {"latent_dim": str(latent_dim)}, 50_000, sd=0.02)

@@ -148,6 +148,8 @@ def _deficit_cell(au: dict) -> str:
 
 
 def _fmt(vals, nd=2, pct=False):
+    if len(vals) == 0:
+        return "not run"
     a = np.asarray(vals, float) * (100 if pct else 1)
     return f"{a.mean():.{nd}f} ± {a.std(ddof=1) if len(a) > 1 else 0:.{nd}f}"
 
@@ -178,7 +180,7 @@ def main() -> int:
         print(tables(doc))
         return 0
     from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_test_harness(server_startup_timeout=600):
         return _run(a)
 
 
