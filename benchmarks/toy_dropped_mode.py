@@ -77,7 +77,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2000)
     a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
+    import toy_table
     from toy_table import _audit, reference_modes
+    toy_table.REUSE_AUDITS = True     # a finished audit of the same tests in --out is read, not rerun
+    toy_table.SKIP_DIVERSITY = True   # the peers' metrics: not shown here, most of an audit's time
     from modeaudit.flows.toy_cli import score_generator
     from modeaudit.tasks.toy.rff import distance_to_radius
     from modeaudit.tasks.toy.trainers import sample_checkpoint

@@ -40,7 +40,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # efficiency curves: about 35 s of audit work per checkpoint here instead of ~4 minutes.
 AUDIT_SIZES = ["--M", "50000", "--mccs-set", "20000", "--anchors", "1000", "--selection-m", "2000",
                "--selection-t", "20000", "--n-ref", "50000", "--no-efficiency"]
+# --no-diversity: the peers' metrics (k-NN over 10,000 rows: most of an audit's time under load) are left
+# out; the tables do not show them.
+NO_DIVERSITY = ["--diversity-rows", "0"]
 WIDE_SD = {"ring8": 0.02, "grid25": 0.05, "ring8-imbalanced": 0.02}
+# --reuse-audits: an audit directory whose result.json ran the same tests is read, not audited again.
+REUSE_AUDITS = False
+SKIP_DIVERSITY = False
 
 
 def _audit(spec_args: list[str], out: Path, world: str, preset: str, bandwidth: float = 1.0,
@@ -48,14 +54,20 @@ def _audit(spec_args: list[str], out: Path, world: str, preset: str, bandwidth: 
     from modeaudit.flows.cli import main
     argv = ["audit", *spec_args, "--descriptor", "rff", "-D", f"bandwidth={bandwidth}",
             "--reference-generator", f"toy:{world}",
-            "--preset", preset, *AUDIT_SIZES, *(["--tests", tests] if tests else []), "--out", str(out), "--overwrite"]
+            "--preset", preset, *AUDIT_SIZES, *(NO_DIVERSITY if SKIP_DIVERSITY else []),
+            *(["--tests", tests] if tests else []), "--out", str(out), "--overwrite"]
     t0 = time.perf_counter()
     buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            rc = main(argv)
-    except Exception as e:  # one failed audit (e.g. the Prefect server going away) must not lose the table
-        return {"rc": -1, "error": f"{type(e).__name__}: {e}"[:300], "argv": argv}
+    done = out / "result.json"
+    if REUSE_AUDITS and done.exists() and json.loads(done.read_text())["settings"].get("tests") == (
+            tests.split(",") if tests else json.loads(done.read_text())["settings"].get("tests")):
+        rc = 0      # a finished audit of these tests (result.json is written last): parsed, not rerun
+    else:
+        try:
+            with contextlib.redirect_stdout(buf):
+                rc = main(argv)
+        except Exception as e:  # one failed audit (e.g. the Prefect server going away) must not lose the table
+            return {"rc": -1, "error": f"{type(e).__name__}: {e}"[:300], "argv": argv}
     if rc != 0:
         return {"rc": rc, "argv": argv}
     r = json.loads((out / "result.json").read_text())
@@ -66,7 +78,7 @@ def _audit(spec_args: list[str], out: Path, world: str, preset: str, bandwidth: 
             "mccs_worst": r["mccs"]["worst_case"], "mccs_mean": r["mccs"]["mean"],
             "worst_s_index": r["worst_case"]["s_index"], "worst_count_d0": r["worst_case"]["count_d0"],
             "two_sample": [{k: b[k] for k in ("s_index", "ratio", "p_adj", "reject")} for b in two],
-            "selection_p": r["tests"]["selection"]["p"], "argv": ["modeaudit", *argv],
+            "selection_p": r["tests"].get("selection", {}).get("p"), "argv": ["modeaudit", *argv],
             **({"deficit": [{k: b[k] for k in ("ref_index", "x_t", "x_r", "ratio", "p_adj", "reject")}
                             for b in r["tests"]["deficit"].get("balls", [])]} if "deficit" in r["tests"] else {})}
 
@@ -173,7 +185,11 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse a finished training (train.json) in --out")
     ap.add_argument("--tables-only", action="store_true", help="only rewrite --md tables from an existing --json")
     ap.add_argument("--tests", default=None, help="--tests of the audits (default: the audit's defaults)")
+    ap.add_argument("--reuse-audits", action="store_true", help="read finished audits (same tests) instead of rerunning")
+    ap.add_argument("--no-diversity", action="store_true", help="audits without the diversity metrics (NO_DIVERSITY)")
     a = ap.parse_args()
+    global REUSE_AUDITS, SKIP_DIVERSITY
+    REUSE_AUDITS, SKIP_DIVERSITY = a.reuse_audits, a.no_diversity
     if a.tables_only:
         doc = annotate(json.loads(Path(a.json).read_text()))
         Path(a.json).write_text(json.dumps(doc, indent=1))
