@@ -99,8 +99,10 @@ def add_audit_arguments(a, *, inputs: bool = True) -> None:
     ex.add_argument("--shard-rows", type=_count, default=A("shard_rows"), help="rows per generation shard")
     ex.add_argument("--store-dtype", default=A("store_dtype"), choices=["float16", "float32"],
                     help="embedding storage dtype (statistics are computed in float32/float64)")
-    ex.add_argument("--kernel", default=A("kernel"), choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda"],
-                    help="range-join kernel: auto = torch-cuda on a GPU machine, else fast (numba)")
+    ex.add_argument("--kernel", default=A("kernel"),
+                    choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda", "lowprec"],
+                    help="range-join kernel: auto = torch-cuda on a GPU machine, else fast (numba); "
+                    "lowprec = bfloat16 first pass + exact re-check (same results; docs/lowprec.md)")
     ex.add_argument("--cache-dir", metavar="DIR", help="feature cache of image-folder embeddings, kept across "
                     "runs (default: $MODEAUDIT_CACHE, else $XDG_CACHE_HOME/modeaudit, else ~/.cache/modeaudit)")
     ex.add_argument("--no-cache", dest="cache", action="store_false", default=A("cache"),
@@ -138,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-fit", type=_count, default=C("n_fit"), help="rows of T (latents and embeddings) to fit on")
     c.add_argument("--workers", type=_count, default=C("workers"), help="local Dask worker processes")
     c.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
-    c.add_argument("--kernel", default=C("kernel"), choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda"])
+    c.add_argument("--kernel", default=C("kernel"), choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda",
+                                                              "lowprec"])
     c.add_argument("--fid-reference", metavar="NPZ", help="real-data feature statistics (pytorch-fid .npz with mu, "
                    "sigma) in the audit's descriptor space: FD before/after to them goes into calibration.json")
     c.add_argument("--inception-weights", metavar="PTH", help="pytorch-fid's FID Inception-v3 state dict (no "

@@ -9,6 +9,20 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_flow_heartbeat_wait():
+    """Prefect's flow engine joins its heartbeat thread at the end of every flow run, and that thread
+    sleeps in 1 s steps: up to a second of idle wait per flow, ~80 flows in the suite. Heartbeats only
+    serve crash detection of deployed runs (180 s apart); no test here runs long enough to send one."""
+    from prefect import flow_engine
+    prop = flow_engine.BaseFlowRunEngine.heartbeat_seconds
+    flow_engine.BaseFlowRunEngine.heartbeat_seconds = property(lambda self: None)
+    try:
+        yield
+    finally:
+        flow_engine.BaseFlowRunEngine.heartbeat_seconds = prop
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect server for every flow test of the session."""
@@ -30,3 +44,18 @@ def scheduler():
     finally:
         client.close()
         cluster.close()
+
+
+# The suite runs as `pytest -n 2 --dist loadfile`: xdist hands out whole files in collection order.
+# Alphabetical order left a 40 s file (test_watch.py) to start last, with one worker idle meanwhile;
+# longest first (measured per-file seconds, most first) lets the two workers finish together.
+HEAVIEST_FIRST = ("test_audit_flow.py", "test_calibrate_flow.py", "test_watch.py", "test_package.py",
+                  "test_adapters.py", "test_reliability.py", "test_bad_inputs.py", "test_image_folders.py",
+                  "test_pictures.py", "test_join_torch.py", "test_cli.py", "test_fid.py", "test_ties.py",
+                  "test_calibration.py", "test_compare.py", "test_report.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Order test files heaviest first (stable within a file); files not listed keep their order after."""
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

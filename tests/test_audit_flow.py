@@ -28,11 +28,11 @@ def _strip(result):
 
 
 @pytest.fixture(scope="module")
-def planted_and_null(tmp_path_factory, prefect_harness):
+def planted_and_null(tmp_path_factory, prefect_harness, scheduler):
     # The reference generator is the collapse-free world with the same identities ("real data").
     tmp = tmp_path_factory.mktemp("pn")
     # 39 null replicates resolve p to 1/40: enough for the assertions at alpha = 0.05, 2.5x cheaper than 99.
-    fast = dict(null_replicates=39, selection_t=8000)
+    fast = dict(null_replicates=39, selection_t=8000, scheduler=scheduler)
     return (run(tmp, "planted", reference_generator="synthetic:null", diversity_rows=3000, **fast),
             run(tmp, "null", generator="synthetic:null", reference_generator="synthetic:null", diversity_rows=0, **fast),
             tmp)
@@ -104,11 +104,12 @@ def base_run(tmp_path_factory, prefect_harness):
     return run(tmp, "a", workers=1, shard_rows=2000, **DET), tmp
 
 
-def test_same_numbers_on_1_or_2_workers_and_any_shard_size(base_run, tmp_path, prefect_harness):
+def test_same_numbers_on_1_or_2_workers_and_any_shard_size(base_run, tmp_path, prefect_harness, scheduler):
     base, base_dir = base_run
     assert set(base["tests"]) == {"paper", "erl", "selection"}   # every default test of a generator run
-    two = run(tmp_path, "b", workers=2, shard_rows=2000, **DET)
-    other = run(tmp_path, "c", workers=2, shard_rows=1501, **DET)
+    # The session's cluster has 2 worker processes, set up as a run's own (conftest.scheduler).
+    two = run(tmp_path, "b", scheduler=scheduler, shard_rows=2000, **DET)
+    other = run(tmp_path, "c", scheduler=scheduler, shard_rows=1501, **DET)
     assert _strip(base) == _strip(two) == _strip(other)
     arrays = [RunStore.open(base_dir / "a"), RunStore.open(tmp_path / "b"), RunStore.open(tmp_path / "c")]
     for name in ("results/curves", "results/mccs_A", "results/self_counts"):

@@ -55,9 +55,9 @@ def test_rejection_calibration_flattens_the_planted_mode(audited, capsys, schedu
     assert cal["fd_reference"]["after"] <= cal["fd_reference"]["before"]
 
 
-def test_cluster_calibration_keeps_quality(audited):
+def test_cluster_calibration_keeps_quality(audited, scheduler):
     """--method cluster reshapes only the cells with excess density: FD to the collapse-free world must not rise."""
-    assert main(["calibrate", "--run", str(audited), "--method", "cluster"]) == 0
+    assert main(["calibrate", "--run", str(audited), "--method", "cluster", "--scheduler", scheduler]) == 0
     cal = json.loads((audited / "calibration" / "cluster" / "calibration.json").read_text())
     assert cal["method"] == "cluster" and cal["variant"] == "cells"
     t = cal["truth"]
@@ -141,11 +141,11 @@ def test_inception_fid_for_an_image_generator(tmp_path, capsys, prefect_harness,
     torch.save(FIDInceptionV3().state_dict(), weights)
     assert main(["calibrate", "--run", str(out), "--inception-weights", str(tmp_path / "missing.pth")]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert main(["calibrate", "--run", str(out), "--inception-weights", str(weights), "--fid-rows", "24",
+    assert main(["calibrate", "--run", str(out), "--inception-weights", str(weights), "--fid-rows", "4",
                  "--scheduler", scheduler]) == 0
     cal = json.loads((out / "calibration" / "rejection" / "calibration.json").read_text())
     f = cal["fid_inception"]
-    assert f["rows"] == [24, 24] and np.isfinite(f["fid"]) and f["fid"] >= 0
+    assert f["rows"] == [4, 4] and np.isfinite(f["fid"]) and f["fid"] >= 0
 
 
 def test_inception_fid_refused_for_an_embedding_generator(audited, capsys, tmp_path):

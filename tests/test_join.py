@@ -69,9 +69,15 @@ def _nontrivial(counts, n_points):
 # exactness of the fast path
 
 
-@pytest.mark.parametrize("d", [3, 16, 64, 128])
+# The exact kernels of tasks/join/kernels.py: "lowprec" (bfloat16 first pass) must pass
+# every exactness test "fast" passes.
+EXACT = ["fast", "lowprec"]
+
+
+@pytest.mark.parametrize("kernel,d", [("fast", 3), ("fast", 16), ("fast", 64), ("fast", 128),
+                                      ("lowprec", 3), ("lowprec", 128)])  # lowprec: the extremes, to stay cheap
 @pytest.mark.parametrize("n_anchors,n_points", [(37, 1500), (5, 3000), (300, 700)])
-def test_fast_equals_float64_reference(d, n_anchors, n_points):
+def test_fast_equals_float64_reference(d, n_anchors, n_points, kernel):
     rng = np.random.default_rng(d * 1000 + n_anchors)
     data = _clustered(rng, n_anchors + n_points, d)
     anchors, points = data[:n_anchors], data[n_anchors:]
@@ -79,17 +85,18 @@ def test_fast_equals_float64_reference(d, n_anchors, n_points):
     assert len(points) > 0.9 * n_points
     ref = range_counts_reference(anchors, points, DEFAULT_RADII)
     _nontrivial(ref, len(points))
-    fast = range_counts(anchors, [(0, points)], DEFAULT_RADII)
+    fast = range_counts(anchors, [(0, points)], DEFAULT_RADII, kernel=kernel)
     assert fast.dtype == np.int64 and fast.shape == (n_anchors, DEFAULT_RADII.size)
     np.testing.assert_array_equal(fast, ref)
     # float32 inputs: exact w.r.t. the float32 values (cast to float64 by the reference)
     a32, p32 = anchors.astype(np.float32), points.astype(np.float32)
-    np.testing.assert_array_equal(range_counts(a32, [(0, p32)], DEFAULT_RADII),
+    np.testing.assert_array_equal(range_counts(a32, [(0, p32)], DEFAULT_RADII, kernel=kernel),
                                   range_counts_reference(a32, p32, DEFAULT_RADII))
 
 
+@pytest.mark.parametrize("kernel", EXACT)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_exact_correction_on_adversarial_near_threshold_pairs(dtype):
+def test_exact_correction_on_adversarial_near_threshold_pairs(dtype, kernel):
     """Points placed at distance r +- (1e-7 .. 1e-10) from the anchors: float32 scores
     cannot decide these, the float64 correction must."""
     rng = np.random.default_rng(7)
@@ -109,11 +116,12 @@ def test_exact_correction_on_adversarial_near_threshold_pairs(dtype):
     sims32 = anchors.astype(np.float32) @ points.astype(np.float32).T
     naive = np.stack([(sims32 >= c).sum(axis=1) for c in radius_thresholds(DEFAULT_RADII)], axis=1)
     assert np.any(naive != ref)
-    np.testing.assert_array_equal(range_counts(anchors, [(0, points)], DEFAULT_RADII), ref)
+    np.testing.assert_array_equal(range_counts(anchors, [(0, points)], DEFAULT_RADII, kernel=kernel), ref)
     np.testing.assert_array_equal(count_block(anchors, points, DEFAULT_RADII), ref)
 
 
-def test_non_unit_float16_inputs_still_exact():
+@pytest.mark.parametrize("kernel", EXACT)
+def test_non_unit_float16_inputs_still_exact(kernel):
     """Stored embeddings are float16 rows whose norms are not exactly 1; scores may
     leave [-1, 1]. The fast path must still agree with the float64 reference."""
     rng = np.random.default_rng(3)
@@ -122,17 +130,18 @@ def test_non_unit_float16_inputs_still_exact():
     anchors = data[:30].astype(np.float32)
     points = data.astype(np.float16)
     ref = range_counts_reference(anchors, points, DEFAULT_RADII)
-    np.testing.assert_array_equal(range_counts(anchors, [(0, points)], DEFAULT_RADII), ref)
-    np.testing.assert_array_equal(range_counts(anchors, [(0, -points)], DEFAULT_RADII),
+    np.testing.assert_array_equal(range_counts(anchors, [(0, points)], DEFAULT_RADII, kernel=kernel), ref)
+    np.testing.assert_array_equal(range_counts(anchors, [(0, -points)], DEFAULT_RADII, kernel=kernel),
                                   range_counts_reference(anchors, -points, DEFAULT_RADII))
 
 
-def test_custom_radius_grid():
+@pytest.mark.parametrize("kernel", EXACT)
+def test_custom_radius_grid(kernel):
     rng = np.random.default_rng(11)
     data = _clustered(rng, 900, 16)
     radii = np.array([0.003, 0.05, 0.25, 0.2501, 0.7, 0.999])
     anchors, points = data[:20], _far_from_thresholds(data[:20], data[20:], radii)
-    np.testing.assert_array_equal(range_counts(anchors, [(0, points)], radii),
+    np.testing.assert_array_equal(range_counts(anchors, [(0, points)], radii, kernel=kernel),
                                   range_counts_reference(anchors, points, radii))
 
 
@@ -151,7 +160,8 @@ def _random_blocks(rng, points, base):
     return cuts
 
 
-def test_blocked_equals_one_block_with_global_offsets():
+@pytest.mark.parametrize("kernel", EXACT)
+def test_blocked_equals_one_block_with_global_offsets(kernel):
     rng = np.random.default_rng(5)
     base = 10_000  # the points are rows base.. of some larger set
     points = _clustered(rng, 9000, 24).astype(np.float32)
@@ -160,8 +170,8 @@ def test_blocked_equals_one_block_with_global_offsets():
     blocks = _random_blocks(rng, points, base)
     assert any(len(b) == 0 for _, b in blocks) and any(len(b) == 1 for _, b in blocks)
 
-    one = range_counts(anchors, [(base, points)], DEFAULT_RADII, anchor_ids=ids)
-    many = range_counts(anchors, iter(blocks), DEFAULT_RADII, anchor_ids=ids)  # a one-shot iterator
+    one = range_counts(anchors, [(base, points)], DEFAULT_RADII, anchor_ids=ids, kernel=kernel)
+    many = range_counts(anchors, iter(blocks), DEFAULT_RADII, anchor_ids=ids, kernel=kernel)  # one-shot iterator
     np.testing.assert_array_equal(many, one)
     ref = range_counts_reference(anchors, points, DEFAULT_RADII, anchor_ids=ids, point_offset=base)
     np.testing.assert_array_equal(one, ref)
@@ -172,15 +182,16 @@ def test_blocked_equals_one_block_with_global_offsets():
     np.testing.assert_array_equal(total, ref)
 
 
-def test_self_pairs_are_excluded_by_index_not_by_value():
+@pytest.mark.parametrize("kernel", EXACT)
+def test_self_pairs_are_excluded_by_index_not_by_value(kernel):
     rng = np.random.default_rng(9)
     points = _clustered(rng, 2000, 16)
     ids = np.array([3, 500, 1999, 77])
     points[1234] = points[500]  # a duplicate of anchor 1's row elsewhere: a real neighbour
     anchors = points[ids].copy()
 
-    with_ids = range_counts(anchors, [(0, points)], DEFAULT_RADII, anchor_ids=ids)
-    without = range_counts(anchors, [(0, points)], DEFAULT_RADII)
+    with_ids = range_counts(anchors, [(0, points)], DEFAULT_RADII, anchor_ids=ids, kernel=kernel)
+    without = range_counts(anchors, [(0, points)], DEFAULT_RADII, kernel=kernel)
     np.testing.assert_array_equal(without - with_ids, np.ones_like(with_ids))
     np.testing.assert_array_equal(
         with_ids, range_counts_reference(anchors, points, DEFAULT_RADII, anchor_ids=ids))
@@ -192,7 +203,7 @@ def test_self_pairs_are_excluded_by_index_not_by_value():
     assert with_ids[1, 0] == by_value + 1
 
     # offsets shift which row is "self": the same block at offset 1 excludes other pairs
-    shifted = range_counts(anchors, [(1, points)], DEFAULT_RADII, anchor_ids=ids)
+    shifted = range_counts(anchors, [(1, points)], DEFAULT_RADII, anchor_ids=ids, kernel=kernel)
     np.testing.assert_array_equal(
         shifted, range_counts_reference(anchors, points, DEFAULT_RADII, anchor_ids=ids, point_offset=1))
     assert np.any(shifted != with_ids)
@@ -219,19 +230,23 @@ def test_equals_scikit_learn_radius_neighbours():
 # MCCS
 
 
+@pytest.mark.parametrize("kernel", EXACT)
 @pytest.mark.parametrize("d,theta", [(3, 0.3), (64, 0.3), (128, 0.45), (16, 1.0)])
-def test_mccs_sums_match_reference(d, theta):
+def test_mccs_sums_match_reference(d, theta, kernel):
     rng = np.random.default_rng(d)
     points = _clustered(rng, 4000, d).astype(np.float32)
     pick = rng.choice(len(points), 50, replace=False)
     anchors, ids = points[pick], 100 + pick
     ref = mccs_sums_reference(anchors, points, theta, anchor_ids=ids, point_offset=100)
     assert np.count_nonzero(ref) > 25  # many anchors have points within theta
-    fast = mccs_sums(anchors, _random_blocks(rng, points, 100), theta, anchor_ids=ids)
+    blocks = _random_blocks(rng, points, 100)
+    fast = mccs_sums(anchors, blocks, theta, anchor_ids=ids, kernel=kernel)
     np.testing.assert_allclose(fast, ref, rtol=1e-7, atol=0)
+    # the low-precision first pass changes which pairs are re-scored, never the sum's bits
+    assert fast.tobytes() == mccs_sums(anchors, blocks, theta, anchor_ids=ids).tobytes()
     # self pairs excluded: including them adds exactly s(a, a) per anchor (just under 1:
     # a float32 row's <a, a> is 1 - O(1e-8), and arccos is steep there)
-    incl = mccs_sums(anchors, [(100, points)], theta)
+    incl = mccs_sums(anchors, [(100, points)], theta, kernel=kernel)
     self_terms = np.array([mccs_sums_reference(x[None], x[None], theta)[0] for x in anchors])
     assert np.all(self_terms > 0.99)
     np.testing.assert_allclose(incl - fast, self_terms, rtol=0, atol=1e-9 * incl.max())
@@ -239,14 +254,15 @@ def test_mccs_sums_match_reference(d, theta):
                                          kernel="reference"), ref, rtol=1e-12)
 
 
-def test_mccs_near_the_cutoff():
+@pytest.mark.parametrize("kernel", EXACT)
+def test_mccs_near_the_cutoff(kernel):
     """Points at distance theta +- tiny: only those just inside may contribute."""
     rng = np.random.default_rng(4)
     a = _unit(rng.standard_normal((1, 48)))[0]
     theta = 0.3
     pts = np.array([_point_at(rng, a, theta + dl) for dl in (-1e-6, -1e-8, 1e-8, 1e-6, -0.1)])
     ref = mccs_sums_reference(a[None], pts, theta)
-    np.testing.assert_allclose(mccs_sums(a[None], [(0, pts)], theta), ref, rtol=1e-7)
+    np.testing.assert_allclose(mccs_sums(a[None], [(0, pts)], theta, kernel=kernel), ref, rtol=1e-7)
     expected = sum(math.expm1(-dl) for dl in (-1e-6, -1e-8, -0.1)) / math.expm1(theta)
     np.testing.assert_allclose(ref, [expected], rtol=1e-7)
 
@@ -345,7 +361,8 @@ def test_kernels_do_not_import_prefect():
     assert "import prefect" not in src and "from prefect" not in src
 
 
-def test_tile_threads_give_the_same_counts_and_sums(monkeypatch):
+@pytest.mark.parametrize("kernel", EXACT)
+def test_tile_threads_give_the_same_counts_and_sums(monkeypatch, kernel):
     # Where BLAS is single-threaded (the audit's Dask workers) the join runs one tile thread
     # per core; counts and MCCS sums must not depend on how many.
     from threadpoolctl import threadpool_limits
@@ -360,6 +377,7 @@ def test_tile_threads_give_the_same_counts_and_sums(monkeypatch):
         for n in ("1", "3"):
             monkeypatch.setenv("MODEAUDIT_THREADS", n)
             assert _n_workers() == int(n)
-            out[n] = (range_counts(a, [(0, b)], [0.3, 0.4]), mccs_sums(a, [(0, b)], 0.3))
+            out[n] = (range_counts(a, [(0, b)], [0.3, 0.4], kernel=kernel),
+                      mccs_sums(a, [(0, b)], 0.3, kernel=kernel))
     np.testing.assert_array_equal(out["1"][0], out["3"][0])
     np.testing.assert_array_equal(out["1"][1], out["3"][1])

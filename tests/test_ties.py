@@ -46,7 +46,7 @@ def test_pairs_at_d0_and_weighted_ranking():
     assert rank0[0] == 0 and list(top_anchors(rank0, 2)) == [5, 6]
 
 
-def _audit(tmp_path, name, **kw):
+def _audit(tmp_path, name, scheduler, **kw):
     from modeaudit.flows.audit import audit_flow
     from modeaudit.tasks.config import AuditConfig
     S = _tied_world()
@@ -56,21 +56,22 @@ def _audit(tmp_path, name, **kw):
     np.save(tmp_path / "s.npy", S)
     np.save(tmp_path / "t.npy", T)
     cfg = AuditConfig(out=str(tmp_path / name), embeddings_s=str(tmp_path / "s.npy"),
-                      embeddings_t=str(tmp_path / "t.npy"), d0=D0, tests="paper", efficiency=False, modes=2, **kw)
+                      embeddings_t=str(tmp_path / "t.npy"), d0=D0, tests="paper", efficiency=False, modes=2, scheduler=scheduler,
+                      **kw)
     audit_flow(cfg.to_dict())
     return json.loads((tmp_path / name / "result.json").read_text())
 
 
-def test_ties_and_tie_weight_in_result_json_and_report(tmp_path, prefect_harness):
+def test_ties_and_tie_weight_in_result_json_and_report(tmp_path, prefect_harness, scheduler):
     from modeaudit.storage.store import RunStore
-    inclusive = _audit(tmp_path, "w1")
+    inclusive = _audit(tmp_path, "w1", scheduler)
     wc = inclusive["worst_case"]
     assert wc["s_index"] == 0 and wc["count_d0"] == 4 and wc["ties"] == 1
     assert wc["tied_mccs_range"] == [wc["mccs"], wc["mccs"]] and wc["tied_mccs_rows"] == 1
     assert "count_d0_weighted" not in wc and inclusive["settings"]["tie_weight"] == 1.0
     assert "Ties at the top count" not in (tmp_path / "w1" / "report.html").read_text()
 
-    half = _audit(tmp_path, "w05", tie_weight=0.5)
+    half = _audit(tmp_path, "w05", scheduler, tie_weight=0.5)
     wc = half["worst_case"]
     assert wc["s_index"] == 5 and wc["count_d0"] == 3 and wc["ties"] == 4 and wc["tied_mccs_rows"] == 4
     assert wc["count_d0_weighted"] == 3.0 and wc["pairs_at_d0"] == 0

@@ -3,12 +3,25 @@
 Kernels:
   "fast"        numba, float32 GEMM + exact float64 correction (tasks/join.py)
   "reference"   float64 brute force per block (tasks/join.py; tests, small sets)
+  "lowprec"     numba, bfloat16 first pass + exact float64 re-check of the pairs
+                within its error bound of a threshold (tasks/join/lowprec.py,
+                docs/lowprec.md). Opt-in: "auto" never picks it, because on the
+                CPUs measured so far it is slower than "fast" (see below)
   "torch-cpu"   the torch kernels on the CPU (tasks/join_torch.py; for tests:
                 "fast" is quicker on a CPU)
   "torch-cuda"  the torch kernels on the current CUDA device
   "auto"        "torch-cuda" when a CUDA GPU is usable, else "fast"
 All of them return the same counts (exactly) and the same sums (to float64
-rounding) for the same inputs.
+rounding) for the same inputs; "lowprec" returns "fast"'s sums bit for bit.
+
+Why "auto" does not pick "lowprec" on a CPU: with 8 significant bits, the rigorous
+bound of a bfloat16 score is ~4e-3 at D = 128, and on the default grid (41
+thresholds 0.01 apart in radius) 12-16 % of all pairs then lie within it of a
+threshold and need a float64 dot product each, which costs more than the whole
+float32 join of those pairs; and no CPU GEMM here is faster in bfloat16 with a
+float32 output (docs/lowprec.md has the measurements). On CUDA "auto" already
+runs the same two-pass design in float16 where that is lossless
+(tasks/join/torch_kernels.py).
 
 Importing this module never imports torch or cupy; gpu_available() does so
 only on a machine that has NVIDIA device nodes, so CPU-only runs never pay for
@@ -26,7 +39,7 @@ from modeaudit.tasks.join import kernels as join
 
 __all__ = ["KERNELS", "gpu_available", "resolve_kernel", "range_counts", "mccs_sums"]
 
-KERNELS = ("auto", "fast", "reference", "torch-cpu", "torch-cuda")
+KERNELS = ("auto", "fast", "reference", "torch-cpu", "torch-cuda", "lowprec")
 
 _NVIDIA_NODES = ("/dev/nvidiactl", "/dev/nvidia0")
 
@@ -88,7 +101,7 @@ def _torch_device(kernel: str) -> str:
 def range_counts(anchors, blocks, radii, *, anchor_ids=None, kernel: str = "fast") -> np.ndarray:
     """Neighbour counts, int64 (a, R), with the chosen kernel; see join.range_counts."""
     k = resolve_kernel(kernel)
-    if k in ("fast", "reference"):
+    if k in join.NUMPY_KERNELS:
         return join.range_counts(anchors, blocks, radii, anchor_ids=anchor_ids, kernel=k)
     from modeaudit.tasks.join import torch_kernels as join_torch
     return join_torch.range_counts_torch(anchors, blocks, radii, anchor_ids=anchor_ids, device=_torch_device(k))
@@ -97,7 +110,7 @@ def range_counts(anchors, blocks, radii, *, anchor_ids=None, kernel: str = "fast
 def mccs_sums(anchors, blocks, theta, *, anchor_ids=None, kernel: str = "fast") -> np.ndarray:
     """MCCS sums, float64 (a,), with the chosen kernel; see join.mccs_sums."""
     k = resolve_kernel(kernel)
-    if k in ("fast", "reference"):
+    if k in join.NUMPY_KERNELS:
         return join.mccs_sums(anchors, blocks, theta, anchor_ids=anchor_ids, kernel=k)
     from modeaudit.tasks.join import torch_kernels as join_torch
     return join_torch.mccs_sums_torch(anchors, blocks, theta, anchor_ids=anchor_ids, device=_torch_device(k))

@@ -32,6 +32,12 @@ Why this design
   expression the float64 reference uses (arccos(clip(dot)) / pi <= r). The fast
   path therefore returns exactly the reference counts (ties with a float64 dot
   exactly on a threshold, where summation order decides, aside).
+* Low precision (kernel "lowprec"). The same drivers with a bfloat16 first pass:
+  the GEMM multiplies the rows rounded to bfloat16 (exact products, float32
+  accumulation) and eps is that format's rigorous bound (tasks/join/lowprec.py,
+  docs/lowprec.md), ~4e-3 instead of ~1.5e-5; the re-decision of band pairs is
+  unchanged, so counts and MCCS sums are bit-identical to "fast". Opt-in: its band
+  holds 12-16 % of all pairs, which costs more than the GEMM could save.
 * Self pairs are excluded by global row index, never by value (duplicates of an
   anchor elsewhere in the set are real neighbours).
 * MCCS sums reuse the GEMM tiles as a filter: only scores above
@@ -55,10 +61,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
+from modeaudit.tasks.join import lowprec as lowprec_mod
 from modeaudit.tasks.join.threads import blas_threads, compute_threads
 
 __all__ = [
     "DEFAULT_RADII",
+    "NUMPY_KERNELS",
     "radius_thresholds",
     "range_counts_reference",
     "range_counts",
@@ -67,6 +75,9 @@ __all__ = [
     "mccs_sums",
     "mccs_from_sums",
 ]
+
+# The kernels of this module (tasks/join/backend.py adds the torch ones).
+NUMPY_KERNELS = ("fast", "lowprec", "reference")
 
 DEFAULT_RADII = np.round(np.arange(0.10, 0.505, 0.01), 2)
 
@@ -201,7 +212,10 @@ def _gemm_eps(dim: int, norm_a: float, norm_b: float) -> float:
     # order, FMA or not, including the float64 -> float32 cast of the inputs.
     # Factor 2 covers the O(dim u) term and leaves headroom; a tiny absolute floor
     # absorbs the float64 rounding of the threshold and of the comparison itself.
-    eps = 2.0 * (dim + 2) * _U32 * norm_a * norm_b + 1e-12
+    return _round_eps(2.0 * (dim + 2) * _U32 * norm_a * norm_b + 1e-12)
+
+
+def _round_eps(eps: float) -> float:
     # Rounded up to a power of 2^(1/8) (a larger eps is as exact, just a little
     # slower) so that blocks with slightly different norms share one lookup table.
     return float(2.0 ** (math.ceil(8.0 * math.log2(eps)) / 8.0))
@@ -511,12 +525,21 @@ class _Lut:
 
 
 class _FastJoin:
-    """One streamed join: the anchors in both precisions, the ids, the thread plan."""
+    """One streamed join: the anchors in both precisions, the ids, the thread plan.
 
-    def __init__(self, anchors: np.ndarray, ids: np.ndarray):
-        self.a32 = np.ascontiguousarray(anchors, dtype=np.float32)
+    With lowprec, the GEMM's operands are the rows rounded to bfloat16 (see
+    tasks/join/lowprec.py) and eps is that format's bound: more pairs fall in the
+    band and are re-decided in float64, the results are the same.
+    """
+
+    def __init__(self, anchors: np.ndarray, ids: np.ndarray, lowprec: bool = False):
         self.a_exact = _exact_copy(anchors)
         self.norm_a = _max_norm(self.a_exact)
+        self.a32 = np.ascontiguousarray(anchors, dtype=np.float32)
+        self.a_lp = None
+        if lowprec and (self.a32.size == 0 or float(np.abs(self.a32).max()) <= lowprec_mod.BF16_MAX_ABS):
+            aq = lowprec_mod.to_bf16(self.a32)
+            self.a_lp = (aq, lowprec_mod.row_stats(self.a_exact, aq))
         self.ids = ids
         self.workers = _n_workers()
         self._luts: dict = {}
@@ -527,7 +550,7 @@ class _FastJoin:
             self._luts[key] = _Lut(thr, eps)
         return self._luts[key]
 
-    def _run(self, b32, acc, kernel):
+    def _run(self, b32, acc, kernel, a32=None):
         """Tile anchors x block and call kernel(sims, r0, c0, acc_of_worker) per tile.
 
         Each worker thread owns an accumulator copy and does its own GEMMs (several
@@ -535,7 +558,8 @@ class _FastJoin:
         Tiles are handed out one at a time: a core busy with something else just
         takes fewer of them.
         """
-        na, nb = self.a32.shape[0], b32.shape[0]
+        a32 = self.a32 if a32 is None else a32
+        na, nb = a32.shape[0], b32.shape[0]
         tiles = [(r0, c0) for c0 in range(0, nb, _ROW_TILE) for r0 in range(0, na, _ANCHOR_TILE)]
         n = min(self.workers, len(tiles))
         todo = iter(tiles)
@@ -549,7 +573,7 @@ class _FastJoin:
                 if tile is None:
                     return
                 r0, c0 = tile
-                at = self.a32[r0:r0 + _ANCHOR_TILE]
+                at = a32[r0:r0 + _ANCHOR_TILE]
                 bt = b32[c0:c0 + _ROW_TILE]
                 sims = buf[:at.shape[0], :bt.shape[0]]
                 np.matmul(at, bt.T, out=sims)
@@ -566,28 +590,34 @@ class _FastJoin:
             acc += p
 
     def _block(self, block):
-        """The block for the GEMM (float32) and for the exact dot products, and eps."""
+        """The anchors and the block for the GEMM (float32 arrays), the block for the
+        exact dot products, and eps."""
         b32 = np.ascontiguousarray(block, dtype=np.float32)
         b_exact = b32 if block.dtype in (np.float16, np.float32) else _exact_copy(block)
+        if self.a_lp is not None and float(np.abs(b32).max()) <= lowprec_mod.BF16_MAX_ABS:
+            aq, a_stats = self.a_lp
+            bq = lowprec_mod.to_bf16(b32)
+            eps = lowprec_mod.bf16_eps(block.shape[1], a_stats, lowprec_mod.row_stats(b_exact, bq))
+            return aq, bq, b_exact, _round_eps(eps)
         eps = _gemm_eps(block.shape[1], self.norm_a, _max_norm(b_exact))
-        return b32, b_exact, eps
+        return self.a32, b32, b_exact, eps
 
     def count_into(self, hist, block, offset, thr, radii):
         if block.shape[0] == 0 or hist.shape[0] == 0:
             return
-        b32, b_exact, eps = self._block(block)
+        a32, b32, b_exact, eps = self._block(block)
         lut = self.lut(thr, eps)
 
         def kernel(sims, r0, c0, h):
             _count_rows(sims, h, r0, c0, offset + c0, self.ids,
                         lut.table, lut.lo, lut.scale, thr, radii, eps, self.a_exact, b_exact)
 
-        self._run(b32, hist, kernel)
+        self._run(b32, hist, kernel, a32)
 
     def mccs_into(self, sums, block, offset, theta):
         if block.shape[0] == 0 or sums.shape[0] == 0:
             return
-        b32, b_exact, eps = self._block(block)
+        a32, b32, b_exact, eps = self._block(block)
         # Round down so the float32 test keeps every score the float64 test would.
         cut = np.nextafter(np.float32(math.cos(math.pi * theta) - eps), np.float32(-np.inf))
         denom = math.expm1(theta)
@@ -601,7 +631,7 @@ class _FastJoin:
             _mccs_rows(sims, slots[c0 // _ROW_TILE], r0, c0, offset + c0, self.ids,
                        cut, theta, denom, self.a_exact, b_exact)
 
-        self._run(b32, np.zeros(1), kernel)
+        self._run(b32, np.zeros(1), kernel, a32)
         for slot in slots:
             sums += slot
 
@@ -633,14 +663,15 @@ def range_counts(anchors, blocks, radii, *, anchor_ids=None, kernel: str = "fast
     `blocks` yields (offset, block) pairs (a bare 2-d array means one block at
     offset 0); counts of all blocks are summed. anchor_ids[i] is the global row
     index of anchor i inside X (that single pair is not counted), None if the
-    anchors are not part of X. kernel="fast" (float32 GEMM + exact correction)
-    or "reference" (float64 brute force per block); both give identical counts.
+    anchors are not part of X. kernel="fast" (float32 GEMM + exact correction),
+    "lowprec" (bfloat16 GEMM + exact correction, see tasks/join/lowprec.py) or
+    "reference" (float64 brute force per block); all give identical counts.
     """
     radii = np.asarray(radii, dtype=np.float64)
     thr = radius_thresholds(radii)
     a = _check_matrix(anchors, "anchors")
-    if kernel not in ("fast", "reference"):
-        raise ValueError(f"kernel must be 'fast' or 'reference', got {kernel!r}")
+    if kernel not in NUMPY_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(NUMPY_KERNELS)}, got {kernel!r}")
     ids = _check_ids(anchor_ids, a.shape[0])
     if kernel == "reference":
         out = np.zeros((a.shape[0], radii.size), dtype=np.int64)
@@ -648,7 +679,7 @@ def range_counts(anchors, blocks, radii, *, anchor_ids=None, kernel: str = "fast
             _, b = _check_pair(a, block, "block")
             out += range_counts_reference(a, b, radii, anchor_ids=anchor_ids, point_offset=offset)
         return out
-    join = _FastJoin(a, ids)
+    join = _FastJoin(a, ids, lowprec=kernel == "lowprec")
     hist = np.zeros((a.shape[0], 4, radii.size + 1), dtype=np.int64)
     for offset, block in _iter_blocks(blocks):
         _, b = _check_pair(a, block, "block")
@@ -660,15 +691,17 @@ def mccs_sums(anchors, blocks, theta, *, anchor_ids=None, kernel: str = "fast") 
     """Streamed MCCS sums (not means) per anchor, float64 (a,); see mccs_sums_reference.
 
     Same block protocol and self-exclusion as range_counts. The fast path agrees
-    with the reference to ~1e-15 relative (only the summation order differs).
+    with the reference to ~1e-15 relative (only the summation order differs);
+    "lowprec" returns the fast path's sums bit for bit (the same float64 terms,
+    added in the same order: its wider filter only adds pairs beyond theta).
     """
     theta = _check_theta(theta)
     a = _check_matrix(anchors, "anchors")
-    if kernel not in ("fast", "reference"):
-        raise ValueError(f"kernel must be 'fast' or 'reference', got {kernel!r}")
+    if kernel not in NUMPY_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(NUMPY_KERNELS)}, got {kernel!r}")
     ids = _check_ids(anchor_ids, a.shape[0])
     sums = np.zeros(a.shape[0], dtype=np.float64)
-    join = _FastJoin(a, ids) if kernel == "fast" else None
+    join = _FastJoin(a, ids, lowprec=kernel == "lowprec") if kernel != "reference" else None
     for offset, block in _iter_blocks(blocks):
         _, b = _check_pair(a, block, "block")
         if join is None:
