@@ -40,21 +40,34 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # efficiency curves: about 35 s of audit work per checkpoint here instead of ~4 minutes.
 AUDIT_SIZES = ["--M", "50000", "--mccs-set", "20000", "--anchors", "1000", "--selection-m", "2000",
                "--selection-t", "20000", "--n-ref", "50000", "--no-efficiency"]
+# --no-diversity: the peers' metrics (k-NN over 10,000 rows: most of an audit's time under load) are left
+# out; the tables do not show them.
+NO_DIVERSITY = ["--diversity-rows", "0"]
 WIDE_SD = {"ring8": 0.02, "grid25": 0.05, "ring8-imbalanced": 0.02}
+# --reuse-audits: an audit directory whose result.json ran the same tests is read, not audited again.
+REUSE_AUDITS = False
+SKIP_DIVERSITY = False
 
 
-def _audit(spec_args: list[str], out: Path, world: str, preset: str, bandwidth: float = 1.0) -> dict:
+def _audit(spec_args: list[str], out: Path, world: str, preset: str, bandwidth: float = 1.0,
+           tests: str | None = None) -> dict:
     from modeaudit.flows.cli import main
     argv = ["audit", *spec_args, "--descriptor", "rff", "-D", f"bandwidth={bandwidth}",
             "--reference-generator", f"toy:{world}",
-            "--preset", preset, *AUDIT_SIZES, "--out", str(out), "--overwrite"]
+            "--preset", preset, *AUDIT_SIZES, *(NO_DIVERSITY if SKIP_DIVERSITY else []),
+            *(["--tests", tests] if tests else []), "--out", str(out), "--overwrite"]
     t0 = time.perf_counter()
     buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            rc = main(argv)
-    except Exception as e:  # one failed audit (e.g. the Prefect server going away) must not lose the table
-        return {"rc": -1, "error": f"{type(e).__name__}: {e}"[:300], "argv": argv}
+    done = out / "result.json"
+    if REUSE_AUDITS and done.exists() and json.loads(done.read_text())["settings"].get("tests") == (
+            tests.split(",") if tests else json.loads(done.read_text())["settings"].get("tests")):
+        rc = 0      # a finished audit of these tests (result.json is written last): parsed, not rerun
+    else:
+        try:
+            with contextlib.redirect_stdout(buf):
+                rc = main(argv)
+        except Exception as e:  # one failed audit (e.g. the Prefect server going away) must not lose the table
+            return {"rc": -1, "error": f"{type(e).__name__}: {e}"[:300], "argv": argv}
     if rc != 0:
         return {"rc": rc, "argv": argv}
     r = json.loads((out / "result.json").read_text())
@@ -65,7 +78,9 @@ def _audit(spec_args: list[str], out: Path, world: str, preset: str, bandwidth: 
             "mccs_worst": r["mccs"]["worst_case"], "mccs_mean": r["mccs"]["mean"],
             "worst_s_index": r["worst_case"]["s_index"], "worst_count_d0": r["worst_case"]["count_d0"],
             "two_sample": [{k: b[k] for k in ("s_index", "ratio", "p_adj", "reject")} for b in two],
-            "selection_p": r["tests"]["selection"]["p"], "argv": ["modeaudit", *argv]}
+            "selection_p": r["tests"].get("selection", {}).get("p"), "argv": ["modeaudit", *argv],
+            **({"deficit": [{k: b[k] for k in ("ref_index", "x_t", "x_r", "ratio", "p_adj", "reject")}
+                            for b in r["tests"]["deficit"].get("balls", [])]} if "deficit" in r["tests"] else {})}
 
 
 def _adir(name: str, a) -> str:
@@ -84,6 +99,16 @@ def _worst_mode(run_dir: Path, ckpt: Path | None, world, s_indices: list[int], l
         with torch.inference_mode():
             x = m(torch.from_numpy(np.ascontiguousarray(z[:, :latent_dim], np.float32))).numpy()
     return [int(i) for i in world.assign(x)]
+
+
+def reference_modes(run_dir: Path, world, indices: list[int]) -> list[int]:
+    """Nearest true mode of reference rows (a toy:WORLD reference generator), regenerated from their stored latents."""
+    from modeaudit.storage.store import RunStore
+    if not indices:
+        return []
+    z = np.asarray(RunStore.open(run_dir).array("R", "latents")[:])[indices]
+    x = world.from_latents(z)
+    return [int(i) for i in np.sqrt(((x[:, None, :] - world.means[None]) ** 2).sum(-1)).argmin(1)]
 
 
 def annotate(doc: dict) -> dict:
@@ -127,7 +152,16 @@ def _r(ratio) -> str:
     return "inf" if ratio is None else f"{ratio:.2f}"
 
 
+def _deficit_cell(au: dict) -> str:
+    """Rejected deficit balls as "mode: ratio", "none", or "-" when the audit did not run the test."""
+    if "deficit" not in au:
+        return "-"
+    return ", ".join(f"{b.get('mode', '?')}: {_r(b['ratio'])}" for b in au["deficit"] if b["reject"]) or "none"
+
+
 def _fmt(vals, nd=2, pct=False):
+    if len(vals) == 0:
+        return "not run"
     a = np.asarray(vals, float) * (100 if pct else 1)
     return f"{a.mean():.{nd}f} ± {a.std(ddof=1) if len(a) > 1 else 0:.{nd}f}"
 
@@ -150,14 +184,19 @@ def main() -> int:
     ap.add_argument("--controls-only", action="store_true", help="audit only the true worlds (no training)")
     ap.add_argument("--reuse", action="store_true", help="reuse a finished training (train.json) in --out")
     ap.add_argument("--tables-only", action="store_true", help="only rewrite --md tables from an existing --json")
+    ap.add_argument("--tests", default=None, help="--tests of the audits (default: the audit's defaults)")
+    ap.add_argument("--reuse-audits", action="store_true", help="read finished audits (same tests) instead of rerunning")
+    ap.add_argument("--no-diversity", action="store_true", help="audits without the diversity metrics (NO_DIVERSITY)")
     a = ap.parse_args()
+    global REUSE_AUDITS, SKIP_DIVERSITY
+    REUSE_AUDITS, SKIP_DIVERSITY = a.reuse_audits, a.no_diversity
     if a.tables_only:
         doc = annotate(json.loads(Path(a.json).read_text()))
         Path(a.json).write_text(json.dumps(doc, indent=1))
         print(tables(doc))
         return 0
     from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_test_harness(server_startup_timeout=600):
         return _run(a)
 
 
@@ -174,7 +213,7 @@ def _run(a) -> int:
             for cs in (int(c) for c in a.control_seeds.split(",")):
                 name = "truth-audit" if cs == 0 else f"truth-audit-seed{cs}"
                 au = _audit(["--generator", f"toy:{w}", "--seed", str(cs)], out / w / _adir(name, a), w, a.preset,
-                            a.bandwidth)
+                            a.bandwidth, a.tests)
                 if au["rc"] == 0:
                     au["worst_mode"] = _worst_mode(Path(au["dir"]), None, get_world(w), [au["worst_s_index"]],
                                                    3)[0]
@@ -209,8 +248,11 @@ def _run(a) -> int:
                                     f"{summ['latent_dim']} --n {a.n_score} --out {run}/score"]}
                 if not a.no_audit:
                     au = _audit(["--generator", spec, "-G", f"latent_dim={summ['latent_dim']}"], run / _adir("audit", a),
-                                w, a.preset, a.bandwidth)
+                                w, a.preset, a.bandwidth, a.tests)
                     if au["rc"] == 0:
+                        for b, md in zip(au.get("deficit", []), reference_modes(
+                                Path(au["dir"]), get_world(w), [b["ref_index"] for b in au.get("deficit", [])])):
+                            b["mode"] = md
                         idx = [au["worst_s_index"]] + [b["s_index"] for b in au["two_sample"]]
                         modes = _worst_mode(Path(au["dir"]), ckpt, get_world(w, WIDE_SD[w]), idx, summ["latent_dim"])
                         au["worst_mode_wide"] = modes[0]
@@ -270,14 +312,14 @@ def tables(doc: dict) -> str:
         pl = ["Ground truth at the audit's own scale: each mode's share within r(d0) of its mean, over its true "
               "weight (50,000 samples of the checkpoint), and the two-sample test's rejected balls:", "",
               "| world | method | seed | share / weight per mode | outside every ball | two-sample rejects (nearest "
-              "mode: ratio) |", "|---|---|---|---|---|---|"]
+              "mode: ratio) | deficit rejects (mode: ratio) |", "|---|---|---|---|---|---|---|"]
         for r in per:
             au = r["audit"]
             rej = ", ".join(f"{b['truth']['nearest_mode']}: {_r(b['ratio'])}" for b in au["two_sample"]
                             if b["reject"] and "truth" in b) or "none"
             pl.append(f"| {r['world']} | {r['method']} | {r['seed']} | "
                       f"{' '.join(f'{v:.2f}' for v in au['ball_share_over_weight_per_mode'])} | "
-                      f"{100 * au['outside_all_balls']:.1f} % | {rej} |")
+                      f"{100 * au['outside_all_balls']:.1f} % | {rej} | {_deficit_cell(au)} |")
         out += ["\n".join(pl), ""]
     worlds = list(dict.fromkeys(r["world"] for r in doc["runs"]))
     methods = list(dict.fromkeys(r["method"] for r in doc["runs"]))

@@ -67,8 +67,9 @@ def add_audit_arguments(a, *, inputs: bool = True) -> None:
     st.add_argument("--alpha", type=float, default=A("alpha"), help="test level")
     st.add_argument("--theta", type=float, default=A("theta"), help="MCCS theta")
     st.add_argument("--seed", type=int, default=A("seed"), help="root seed (latent row j depends only on seed and j)")
-    st.add_argument("--tests", help="comma list of paper, erl, selection, two_sample "
-                    "(default: paper,erl,selection, and two_sample when a reference is given)")
+    st.add_argument("--tests", help="comma list of paper, erl, selection, two_sample, deficit "
+                    "(default: paper,erl,selection, and two_sample when a reference is given; deficit, which "
+                    "needs a reference, only when named)")
     st.add_argument("--reference", metavar="EMBEDDINGS|DIR|RUN_DIR", help="the reference set (real data or a "
                     "baseline checkpoint's samples; the null of the selection test and the two-sample test): "
                     "embeddings (.npy/Zarr), a folder of PNG/JPEG images (embedded with the run's descriptor, "

@@ -266,8 +266,8 @@ def validate_settings(c: AuditConfig) -> None:
     if c.seed >= 2 ** 63:
         raise ConfigError(f"seed={c.seed} is too large; seeds are whole numbers below 2**63 (stored as int64)")
     if c.tests is not None and not str(c.tests).strip(" ,"):
-        raise ConfigError("--tests is empty; give a comma list of tests (paper, erl, selection, two_sample) or leave "
-                          "it out for the defaults")
+        raise ConfigError("--tests is empty; give a comma list of tests (paper, erl, selection, two_sample, "
+                          "deficit) or leave it out for the defaults")
     if c.threads_per_worker is not None and c.threads_per_worker < 1:
         raise ConfigError(f"threads_per_worker={c.threads_per_worker}; give at least 1, or leave it unset "
                           "(cores / workers)")

@@ -1,5 +1,6 @@
 """Report sections for the statistics beyond the paper: the global envelope, the
-selection-aware null, the two-sample balls, the distinct modes, sampling efficiency.
+selection-aware null, the deficit test's reference balls, the two-sample balls, the distinct modes, sampling
+efficiency.
 
 Each section is (title, html) for modeaudit.tasks.report.audit.write_report(extra_sections=...).
 """
@@ -119,6 +120,26 @@ def modes_section(result) -> tuple[str, str] | None:
             "one identity)." + (" Mass ratio = (share of T in the ball) / (share of the reference set in it)."
                                 if ts else "") + "</p>")
     return "Distinct dense modes" + (" and two-sample test" if ts else ""), text + _table(header, rows)
+
+
+def deficit_section(result) -> tuple[str, str] | None:
+    """The deficit test's reference balls: counts in T and in the held-out reference rows, ratio, CI, Holm p."""
+    d = result["tests"].get("deficit")
+    if not d:
+        return None
+    if "balls" not in d:
+        return "Deficit test (missing mass)", f"<p class=\"note\">Not run: {html.escape(str(d.get('skipped', '')))}</p>"
+    rows = [[b["ref_index"], b["count_select"], b["x_t"], b["x_r"], _f(b["ratio"]),
+             f"[{_f(b['ci'][0])}, {_f(b['ci'][1])}]", _f(b["p_adj"]), b["reject"]] for b in d["balls"]]
+    text = (f"<p>Balls of radius d0 = {_f(d['radius'])} centred on the {d['n_balls']} densest distinct rows of the "
+            f"first {d['reference_rows_select']:,} reference rows, counted in T ({d['T_rows']:,} rows) and in the other "
+            f"{d['reference_rows_counted']:,} reference rows. A rejected ball holds less of the model's mass than of the "
+            "reference's (mass ratio below 1): a mode the model drops or starves, which the tests centred on generated "
+            f"samples cannot see. {d['rejected_balls']} of {d['n_balls']} rejected (one-sided, Holm, "
+            f"alpha = {_f(d['alpha'])}); the CI is per ball and two-sided.</p>")
+    header = ["reference row", "N(row, selection rows, d0)", "in T", "in held-out reference", "mass ratio", "CI",
+              "p (Holm)", "reject"]
+    return "Deficit test (missing mass)", text + _table(header, rows)
 
 
 def efficiency_section(result) -> tuple[str, str] | None:

@@ -107,6 +107,12 @@ def _selection(ctx: TestContext):
                      alpha=c.alpha, kernel=c.kernel)
 
 
+def _deficit(ctx: TestContext):
+    from modeaudit.tasks.stats.steps import deficit
+    c = ctx.cfg
+    return deficit(ctx.client, ctx.T, ctx.ref, c.d0, c.alpha, c.kernel, c.modes)
+
+
 def _two_sample(ctx: TestContext):
     from modeaudit.tasks.stats.steps import two_sample
     c = ctx.cfg
@@ -134,3 +140,12 @@ register(StatTest(
     "two_sample", controlled=True, needs_reference=True, run=_two_sample,
     note=("Each top distinct dense ball counted in T and in the reference set: exact conditional binomial test, "
           "Holm-adjusted across balls; error rate controlled.")))
+register(StatTest(
+    "deficit", controlled=True, needs_reference=True, run=_deficit,
+    # Opt-in (--tests ...,deficit): it answers "does the model miss mass the reference has?", a coverage
+    # question every imperfect model fails at a large enough reference (docs/statistics.md, "Deficit test").
+    default_when=lambda c: False,
+    section="modeaudit.tasks.report.stats:deficit_section",
+    note=("Balls centred on the densest distinct reference rows, counted in T and in held-out reference rows: "
+          "exact conditional binomial test, one-sided 'less' (the model has too little mass there: a dropped or "
+          "starved mode), Holm-adjusted across balls; error rate controlled.")))

@@ -119,6 +119,25 @@ def two_sample(client, S_rows, modes, T, Ref, radius: float, alpha: float, kerne
     return out
 
 
+def deficit(client, T, Ref, radius: float, alpha: float, kernel: str, k: int) -> dict:
+    """Deficit test (tasks/stats/deficit.py): the k densest distinct balls of the reference's selection rows,
+    counted in T and in the held-out reference rows, one-sided "less" with Holm."""
+    from modeaudit.tasks.stats.deficit import deficit_test, reference_balls, split_reference, summary
+    if Ref.rows < 2:
+        return {"reject": False, "skipped": f"the reference set has {Ref.rows} row(s); the deficit test needs 2 or more"}
+    n_sel = split_reference(Ref.rows)
+    sel = Ref.read(0, n_sel)
+    counts = parallel.range_counts(client, sel, Ref, [radius], anchor_ids=np.arange(n_sel), stop=n_sel,
+                                   kernel=kernel)[:, 0]
+    centres = reference_balls(sel, counts, k, radius)
+    anchors = np.ascontiguousarray(sel[centres])
+    x_t = parallel.range_counts(client, anchors, T, [radius], kernel=kernel)[:, 0]
+    x_r = parallel.range_counts(client, anchors, Ref, [radius], start=n_sel, kernel=kernel)[:, 0]
+    balls = deficit_test(x_t, T.rows, x_r, Ref.rows - n_sel, alpha)
+    return summary(balls, centres=centres, select_counts=counts[centres], n_sel=n_sel, n_r=Ref.rows - n_sel,
+                   n_t=T.rows, d0=radius, alpha=alpha)
+
+
 def _grid(n: int, start: int = 100) -> list[int]:
     g, v = [], start
     while v < n:
