@@ -180,7 +180,7 @@ _NOISE_UNITS = 4.0
 
 
 def _psd_factor(s: np.ndarray) -> np.ndarray:
-    """F with ``F F^T = s`` (``F = V sqrt(w)``, eigh), the directions at s's rounding noise left out.
+    """F with ``F F^T = s`` (``F = V sqrt(w)``, eigh; d x r), the directions at s's rounding noise left out.
 
     A direction whose eigenvalue is within the noise ``delta`` carries nothing
     but ``sqrt(delta)`` into the product ``F1^T F2``: there its row of the product
@@ -199,7 +199,10 @@ def _psd_factor(s: np.ndarray) -> np.ndarray:
         return v
     delta = max(_NOISE_UNITS * np.finfo(np.float64).eps * float(np.abs(w).max()),
                 -2.0 * float(w.min()))
-    return v * np.sqrt(np.where(w > delta, w, 0.0))
+    # Only the kept directions: their columns alone span s, and with n < d rows (a few
+    # images' 2048-d features) the product F1^T F2 is then r1 x r2, not d x d, for the SVD.
+    keep = w > delta
+    return v[:, keep] * np.sqrt(w[keep])
 
 
 def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
@@ -217,6 +220,8 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """
     f1 = _psd_factor(sigma1)
     f2 = _psd_factor(sigma2)
+    if f1.shape[1] == 0 or f2.shape[1] == 0:
+        return 0.0
     sv = np.linalg.svd(f1.T @ f2, compute_uv=False)
     if sv.size == 0:
         return 0.0
