@@ -31,12 +31,20 @@ def _strip(result):
 @pytest.fixture(scope="module")
 def planted_and_null(tmp_path_factory, prefect_harness, scheduler):
     # The reference generator is the collapse-free world with the same identities ("real data").
+    # Through the command, as a CI job gates on it: --fail-on collapse exits 3 on the planted world
+    # (a controlled test rejects against the reference), 0 on the collapse-free one.
+    from modeaudit.flows.cli import main
     tmp = tmp_path_factory.mktemp("pn")
     # 39 null replicates resolve p to 1/40: enough for the assertions at alpha = 0.05, 2.5x cheaper than 99.
-    fast = dict(null_replicates=39, selection_t=8000, scheduler=scheduler)
-    return (run(tmp, "planted", reference_generator="synthetic:null", diversity_rows=3000, **fast),
-            run(tmp, "null", generator="synthetic:null", reference_generator="synthetic:null", diversity_rows=0, **fast),
-            tmp)
+    common = ["--reference-generator", "synthetic:null", "--m", "2000", "--M", "24000", "--q", "200",
+              "--anchors", "500", "--mccs-set", "24000", "--null-replicates", "39", "--selection-t", "8000",
+              "--scheduler", scheduler, "--fail-on", "collapse"]
+    assert main(["audit", "--generator", "synthetic:planted", *common, "--diversity-rows", "3000",
+                 "--out", str(tmp / "planted")]) == 3
+    assert main(["audit", "--generator", "synthetic:null", *common, "--diversity-rows", "0",
+                 "--out", str(tmp / "null")]) == 0
+    return (json.loads((tmp / "planted" / "result.json").read_text()),
+            json.loads((tmp / "null" / "result.json").read_text()), tmp)
 
 
 def test_planted_mode_is_the_worst_case(planted_and_null):
