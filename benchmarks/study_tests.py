@@ -22,6 +22,8 @@ Tests measured:
                  (what an audit with --reference runs since round 2)
   selection_contrast  permutation test over the same pool of max over the top-k distinct modes (chosen on S)
                  of each ball's excess in T over R (conditional binomial z)
+  selection_minp  both statistics of the same splits combined by min-p (an audit with --reference since
+                 round 3); reported whenever selection_contrast is
   two_sample     top distinct balls, T vs reference, Holm (family-wise: any ball rejects)
 """
 from __future__ import annotations
@@ -118,7 +120,8 @@ def one_replicate(args):
     from modeaudit.tasks.stats.envelope import erl_test
     from modeaudit.tasks.stats.modes import distinct_modes
     from modeaudit.tasks.stats.paper import paper_test, reference_anchors, top_anchors
-    from modeaudit.tasks.stats.selection import gaussian_surrogate, pool_sampler, selection_test
+    from modeaudit.tasks.stats.selection import (contrast_z, gaussian_surrogate, min_p_combination, pool_sampler,
+                                                 selection_test)
     from modeaudit.tasks.stats.two_sample import density_ratio_test
 
     rng = np.random.default_rng([cfg["seed"], rep, zlib.crc32(world.name.encode())])
@@ -166,9 +169,7 @@ def one_replicate(args):
         inside = (P64[s_idx[md]] @ P64.T) >= cos0
         xt = np.count_nonzero(inside & t_mask, axis=1).astype(float)
         xr = np.count_nonzero(inside & r_mask, axis=1).astype(float)
-        n, p0 = xt + xr, t_mask.sum() / (t_mask.sum() + r_mask.sum())
-        z = np.where(n > 0, (xt - n * p0) / np.sqrt(np.maximum(n, 1) * p0 * (1 - p0)), 0.0)
-        return float(z.max())
+        return contrast_z(xt, xr, int(t_mask.sum()), int(r_mask.sum()))
 
     perm_tests = [t for t in ("selection_perm", "selection_contrast") if not want or t in want]
     if perm_tests:
@@ -196,6 +197,10 @@ def one_replicate(args):
         if "selection_contrast" in perm_tests:
             obs_z = contrast(counts, np.arange(m), lab == 1, lab == 2)
             out["selection_contrast"] = lambda: (1 + sum(z >= obs_z for z in rep_z)) / (cfg["B"] + 1) <= a
+            # Both statistics of the same splits, combined by min-p (what an audit with a reference runs
+            # since round 3); measured whenever selection_contrast is
+            out["selection_minp"] = lambda: min_p_combination(np.vstack([frac, rep_curves]), np.r_[obs_z, rep_z],
+                                                              a)["reject"]
 
     def two_sample():
         modes = distinct_modes(S, counts, cfg["k"], 0.25)
@@ -203,7 +208,8 @@ def one_replicate(args):
         xr = join.range_counts(S[modes], [(0, R)], [0.25])[:, 0]
         return any(b["reject"] for b in density_ratio_test(x, M, xr, len(R), alpha=a))
     out["two_sample"] = two_sample
-    return world.name, {k: bool(f()) for k, f in out.items() if not want or k in want}
+    return world.name, {k: bool(f()) for k, f in out.items()
+                        if not want or k in want or (k == "selection_minp" and "selection_contrast" in want)}
 
 
 def _wall(w) -> str:
@@ -272,7 +278,7 @@ def main(argv=None) -> dict:
     res = {"config": cfg_out, "reps": a.reps, "wall_s": wall,
            "collapse_free": [w.name for w in worlds() if not w.planted_mass and w.name in rows], "rates": rows}
     tests = ["paper", "erl", "paper_random", "erl_random", "selection_ref", "selection_gauss", "selection_perm",
-             "selection_contrast", "two_sample"]
+             "selection_contrast", "selection_minp", "two_sample"]
     tests = [t for t in tests if any(t in r for r in rows.values())]
     lines = ["| world | " + " | ".join(tests) + " |", "|---|" + "---|" * len(tests)]
     for name, r in rows.items():
