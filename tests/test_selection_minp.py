@@ -91,9 +91,13 @@ def _run(files, T_name, modes, alpha=0.1):
                      alpha=alpha, kernel="fast", modes=modes)
 
 
-def test_selection_finds_a_planted_mode_that_is_not_the_worst_case(planted_files):
-    curve_only = _run(planted_files, "T", 0)
-    both = _run(planted_files, "T", 10)
+@pytest.fixture(scope="module")
+def planted_runs(planted_files):
+    return _run(planted_files, "T", 0), _run(planted_files, "T", 10)
+
+
+def test_selection_finds_a_planted_mode_that_is_not_the_worst_case(planted_runs):
+    curve_only, both = planted_runs
     # The worst case is the largest natural identity: its curve says nothing about the planted mode...
     assert both["s_index"] == curve_only["s_index"]
     assert both["p_curve"] == curve_only["p"] and both["obs_curve_fraction"] == curve_only["obs_curve_fraction"]
@@ -110,3 +114,11 @@ def test_selection_with_contrast_is_quiet_when_T_is_a_reference_draw(planted_fil
     # T drawn from the reference's law (R0, independent of R): no excess to find at this seed
     r = _run(planted_files, "R0", 10)
     assert not r["reject"] and r["p_contrast"] > 0.1
+
+
+def test_report_names_both_statistics(planted_runs):
+    from modeaudit.tasks.report.stats import selection_section
+    _, both = planted_runs
+    title, body = selection_section({"radii": list(RADII), "tests": {"selection": both}})
+    assert "min-p" in body and f"contrast alone {both['p_contrast']:.4g}" in body
+    assert f"curve alone {both['p_curve']:.4g}" in body
