@@ -20,6 +20,10 @@ Tests measured:
   selection_gauss  selection-aware test, null = the projected-normal surrogate fitted to S
   selection_perm  selection-aware test, permutation null over S + T + a reference of |T| x --ref-ratio rows
                  (what an audit with --reference runs since round 2)
+  selection_contrast  permutation test over the same pool of max over the top-k distinct modes (chosen on S)
+                 of each ball's excess in T over R (conditional binomial z)
+  selection_minp  both statistics of the same splits combined by min-p (an audit with --reference since
+                 round 3); reported whenever selection_contrast is
   two_sample     top distinct balls, T vs reference, Holm (family-wise: any ball rejects)
 """
 from __future__ import annotations
@@ -103,6 +107,8 @@ def worlds():
         World("planted_x2", "ids", planted_mass=2.0),
         World("aniso_zipf_planted_x5", "ids", weights=1.0 / np.arange(1, 101), centre_aniso=1.0, planted_mass=5.0),
         World("planted_x4", "ids", planted_mass=4.0),
+        World("planted_x5", "ids", planted_mass=5.0),
+        World("aniso_zipf_planted_x2", "ids", weights=1.0 / np.arange(1, 101), centre_aniso=1.0, planted_mass=2.0),
         World("planted_x8", "ids", planted_mass=8.0),
     ]
 
@@ -114,26 +120,33 @@ def one_replicate(args):
     from modeaudit.tasks.stats.envelope import erl_test
     from modeaudit.tasks.stats.modes import distinct_modes
     from modeaudit.tasks.stats.paper import paper_test, reference_anchors, top_anchors
-    from modeaudit.tasks.stats.selection import gaussian_surrogate, pool_sampler, selection_test
+    from modeaudit.tasks.stats.selection import (contrast_z, gaussian_surrogate, min_p_combination, pool_sampler,
+                                                 selection_test)
     from modeaudit.tasks.stats.two_sample import density_ratio_test
 
     rng = np.random.default_rng([cfg["seed"], rep, zlib.crc32(world.name.encode())])
     m, M, q, a = cfg["m"], cfg["M"], cfg["q"], cfg["alpha"]
     radii = join.DEFAULT_RADII
     S, T = world.sample(rng, m), world.sample(rng, M)
-    pool = world.reference(rng, cfg["pool"])
+    pool = world.reference(rng, cfg["pool"] if not cfg["tests"] or "selection_ref" in cfg["tests"]
+                           else int(cfg["ref_ratio"] * M))
     counts = join.range_counts(S, [(0, S)], [0.25], anchor_ids=np.arange(m))[:, 0]
     w = int(top_anchors(counts, 1)[0])
-    refs = reference_anchors(rep, m, q + 1)
-    rand, refs = refs[0], refs[1:]
-    curves = join.range_counts(S[np.r_[w, rand, refs]], [(0, T)], radii)
-    obs, ran, ref = curves[0].astype(float), curves[1].astype(float), curves[2:].astype(float)
     want = cfg["tests"]
+    band_tests = ("paper", "erl", "paper_random", "erl_random")
+    if not want or any(t in want for t in band_tests):
+        refs = reference_anchors(rep, m, q + 1)
+        rand, refs = refs[0], refs[1:]
+        curves = join.range_counts(S[np.r_[w, rand, refs]], [(0, T)], radii)
+    else:   # only the worst case's curve is needed (q + 1 more anchors cost seconds a replicate)
+        curves = join.range_counts(S[[w]], [(0, T)], radii)
+    obs = curves[0].astype(float)
+    ran, ref = curves[1:2].astype(float).reshape(-1, len(radii)), curves[2:].astype(float)
     out = {
         "paper": lambda: paper_test(obs, ref, a)["reject"],
         "erl": lambda: erl_test(obs, ref, alpha=a)["reject"],
-        "paper_random": lambda: paper_test(ran, ref, a)["reject"],
-        "erl_random": lambda: erl_test(ran, ref, alpha=a)["reject"],
+        "paper_random": lambda: paper_test(ran[0], ref, a)["reject"],
+        "erl_random": lambda: erl_test(ran[0], ref, alpha=a)["reject"],
     }
     frac = obs / M
     for name, null in (("selection_ref", lambda: pool_sampler(pool, rep, "ref")),
@@ -141,21 +154,62 @@ def one_replicate(args):
         out[name] = lambda null=null: selection_test(frac, null(), m=m, n_t=M, d0=0.25, radii=radii,
                                                      replicates=cfg["B"], alpha=a, obs_S=S, obs_w=w)["reject"]
 
-    def selection_perm():
-        # S + T + a reference as one pool: under H0 every split is as likely as the observed one.
-        R = world.reference(rng, int(cfg["ref_ratio"] * M))
-        null = pool_sampler(np.concatenate([S, T, R]), rep, "perm")
-        return selection_test(frac, null, m=m, n_t=M, d0=0.25, radii=radii, replicates=cfg["B"], alpha=a)["reject"]
-    out["selection_perm"] = selection_perm
+    # The reference an audit would be given: |R| = ref_ratio |T| rows (the pool holds 4 (m + M)),
+    # the same rows for every test that uses one, as in an audit.
+    R = pool[:int(cfg["ref_ratio"] * M)]
+    P = np.concatenate([S, T, R])          # the permutation pool: S + T + R exchange rows under H0 (one law)
+    P64 = P.astype(np.float64)
+    cos0 = np.cos(np.pi * 0.25)
+
+    def contrast(c, s_idx, t_mask, r_mask):
+        # Top-k distinct modes chosen on the S rows (self counts c), each one's excess in T over R
+        # (conditional binomial z given the ball's total), max over the modes. Ball membership as
+        # cos >= cos(pi d0) in float64: the kernels' decision but for pairs exactly at d0 (measure zero).
+        md = distinct_modes(P[s_idx], c, cfg["k"], 0.25)
+        inside = (P64[s_idx[md]] @ P64.T) >= cos0
+        xt = np.count_nonzero(inside & t_mask, axis=1).astype(float)
+        xr = np.count_nonzero(inside & r_mask, axis=1).astype(float)
+        return contrast_z(xt, xr, int(t_mask.sum()), int(r_mask.sum()))
+
+    perm_tests = [t for t in ("selection_perm", "selection_contrast") if not want or t in want]
+    if perm_tests:
+        # One set of permutations for both: the shipped null's own draws (pool_sampler's seeds), so
+        # selection_perm below is exactly what selection_test(pool_sampler(P, rep)) computes.
+        null = pool_sampler(P, rep, "perm")
+        lab = np.zeros(len(P), np.int8)
+        lab[m:m + M], lab[m + M:] = 1, 2
+        rep_curves, rep_z = [], []
+        for b in range(cfg["B"]):
+            idx = np.random.default_rng([rep, 0x5E1, b]).permutation(len(P))
+            s_idx, t_idx = np.sort(idx[:m]), np.sort(idx[m:m + M])
+            t_mask = np.zeros(len(P), bool)
+            t_mask[t_idx] = True
+            r_mask = np.ones(len(P), bool)
+            r_mask[idx[:m + M]] = False
+            Sb, Tb = P[s_idx], P[t_idx]
+            cb = join.range_counts(Sb, [(0, Sb)], [0.25], anchor_ids=np.arange(m))[:, 0]
+            wb = int(top_anchors(cb, 1)[0])
+            rep_curves.append(join.range_counts(Sb[[wb]], [(0, Tb)], radii)[0] / float(M))
+            if "selection_contrast" in perm_tests:
+                rep_z.append(contrast(cb, s_idx, t_mask, r_mask))
+        out["selection_perm"] = lambda: selection_test(frac, null, m=m, n_t=M, d0=0.25, radii=radii,
+                                                       replicates=cfg["B"], alpha=a, curves=rep_curves)["reject"]
+        if "selection_contrast" in perm_tests:
+            obs_z = contrast(counts, np.arange(m), lab == 1, lab == 2)
+            out["selection_contrast"] = lambda: (1 + sum(z >= obs_z for z in rep_z)) / (cfg["B"] + 1) <= a
+            # Both statistics of the same splits, combined by min-p (what an audit with a reference runs
+            # since round 3); measured whenever selection_contrast is
+            out["selection_minp"] = lambda: min_p_combination(np.vstack([frac, rep_curves]), np.r_[obs_z, rep_z],
+                                                              a)["reject"]
 
     def two_sample():
         modes = distinct_modes(S, counts, cfg["k"], 0.25)
-        R = pool[:cfg["n_ref"]]
         x = join.range_counts(S[modes], [(0, T)], [0.25])[:, 0]
         xr = join.range_counts(S[modes], [(0, R)], [0.25])[:, 0]
         return any(b["reject"] for b in density_ratio_test(x, M, xr, len(R), alpha=a))
     out["two_sample"] = two_sample
-    return world.name, {k: bool(f()) for k, f in out.items() if not want or k in want}
+    return world.name, {k: bool(f()) for k, f in out.items()
+                        if not want or k in want or (k == "selection_minp" and "selection_contrast" in want)}
 
 
 def _wall(w) -> str:
@@ -186,7 +240,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json")
     ap.add_argument("--md")
     a = ap.parse_args(argv)
-    cfg = dict(m=a.m, M=a.M, q=a.q, B=a.B, alpha=a.alpha, seed=a.seed, k=10, pool=4 * (a.m + a.M), n_ref=a.M,
+    cfg = dict(m=a.m, M=a.M, q=a.q, B=a.B, alpha=a.alpha, seed=a.seed, k=10, pool=4 * (a.m + a.M),
                ref_ratio=a.ref_ratio,
                tests=[t for t in a.tests.split(",") if t])
     ws = [w for w in worlds() if not a.worlds or w.name in a.worlds.split(",")]
@@ -224,7 +278,7 @@ def main(argv=None) -> dict:
     res = {"config": cfg_out, "reps": a.reps, "wall_s": wall,
            "collapse_free": [w.name for w in worlds() if not w.planted_mass and w.name in rows], "rates": rows}
     tests = ["paper", "erl", "paper_random", "erl_random", "selection_ref", "selection_gauss", "selection_perm",
-             "two_sample"]
+             "selection_contrast", "selection_minp", "two_sample"]
     tests = [t for t in tests if any(t in r for r in rows.values())]
     lines = ["| world | " + " | ".join(tests) + " |", "|---|" + "---|" * len(tests)]
     for name, r in rows.items():

@@ -85,7 +85,8 @@ def add_audit_arguments(a, *, inputs: bool = True) -> None:
                     "rows of S (default min(m, 1e4)); its cost is B * selection_m^2")
     st.add_argument("--selection-t", type=_count, help="rows of T (and of each null replicate) the selection "
                     "test counts in (default min(M, 1e5) with a reference set, min(M, 5e4) against the surrogate)")
-    st.add_argument("--modes", type=_count, default=A("modes"), help="top-k distinct dense modes (no two within d0)")
+    st.add_argument("--modes", type=_count, default=A("modes"), help="top-k distinct dense modes (no two within "
+                    "d0): the two-sample test's balls and, with a reference, the selection test's contrast")
     st.add_argument("--tie-weight", type=float, default=A("tie_weight"), help="weight of a pair at exactly d0 in "
                     "the dense-mode ranking: 1 (inclusive count) or 0.5 (seed 000, Eq. 2)")
     st.add_argument("--diversity-rows", type=_count, default=A("diversity_rows"), help="rows of T and of the "

@@ -215,8 +215,8 @@ def null_spec(cfg: AuditConfig, ref: Source | None) -> tuple:
     n_ref = min(ref.rows, max(4 * (cfg.selection_m + cfg.selection_t), 200_000))
     what = "reference generator" if cfg.reference_generator else "reference set"
     return ("reference", ref, n_ref, cfg.seed,
-            f"permutation null: worst cases of random splits of the generated and {what} rows (exact under "
-            "'same law')")
+            f"permutation null: random splits of the generated and {what} rows, each scored by its worst case "
+            f"and by its top modes' excess over the {what} rows (exact under 'same law')")
 
 
 def validate_source(client, source: Source, what: str) -> dict:

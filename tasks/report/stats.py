@@ -89,6 +89,14 @@ def selection_section(result) -> tuple[str, str] | None:
             f"{sel['replicates']} null replicates did the same on a draw from the null. p = {_f(sel['p'])} "
             f"(interval [{_f(sel['p_low'])}, {_f(sel['p_high'])}]): {'reject' if sel['reject'] else 'no reject'} "
             f"at alpha = {sel['alpha']}.</p>")
+    if "p_contrast" in sel:
+        text += (f"<p>Each split is also scored by its top {len(sel['contrast_modes'])} distinct modes "
+                 "(chosen on its S): "
+                 f"the largest excess of a ball's count in T over its count in the reference rows (conditional "
+                 f"binomial z; observed {_f(sel['contrast_z'])}). The two statistics are combined by min-p over the "
+                 f"same splits: p = {_f(sel['p'])} (curve alone {_f(sel['p_curve'])}, contrast alone "
+                 f"{_f(sel['p_contrast'])}). The contrast is there for a collapsed mode that is not the worst "
+                 "case (a larger natural mode is).</p>")
     if "obs_excess" in sel:
         fit = [[k.replace("_", " "), _f(v) if isinstance(v, float) else v]
                for k, v in (sel.get("surrogate_fit") or {}).items()]

@@ -104,7 +104,7 @@ def _selection(ctx: TestContext):
     c = ctx.cfg
     return selection(ctx.client, ctx.S_rows, ctx.T, m_sel=c.selection_m, n_t=c.selection_t,
                      null=null_spec(c, ctx.ref), d0=c.d0, radii=c.radii, replicates=c.null_replicates,
-                     alpha=c.alpha, kernel=c.kernel)
+                     alpha=c.alpha, kernel=c.kernel, modes=c.modes if ctx.ref is not None else 0)
 
 
 def _deficit(ctx: TestContext):

@@ -19,8 +19,8 @@ from modeaudit.tasks.stats.envelope import erl_test
 from modeaudit.tasks.join.kernels import mccs_from_sums, arccos_over_pi
 from modeaudit.tasks.stats.modes import distinct_modes
 from modeaudit.tasks.stats.paper import population_mccs, top_anchors
-from modeaudit.tasks.stats.selection import (NullSampler, pool_sampler, replicate_curves, selection_test,
-                                             surrogate_sampler, worst_case_curve)
+from modeaudit.tasks.stats.selection import (NullSampler, pool_sampler, replicate_curves, replicate_stats,
+                                             selection_test, split_statistics, surrogate_sampler, worst_case_curve)
 from modeaudit.tasks.stats.two_sample import density_ratio_test
 
 def erl(obs_curve, ref_curves, alpha: float) -> dict:
@@ -31,19 +31,19 @@ def erl(obs_curve, ref_curves, alpha: float) -> dict:
     return r
 
 
-def permutation_null(S_sel, T, n_t: int, ref, n_ref: int, seed: int, describe: str) -> NullSampler:
+def permutation_null(S_sel, T, n_t: int, ref, n_ref: int, seed: int, describe: str, modes: int = 0) -> NullSampler:
     """Null (a) built where it is used: the pooled rows S_sel + T[:n_t] + reference[:n_ref].
 
     Under H0 the generated and the reference rows are draws of one law, so every split of
     the pool into (S*, T*) is as likely as the observed one (S_sel, T[:n_t]): replicates of
     the selection on random splits give an exact permutation test whatever the reference's
-    size (the observed rows are part of the pool). A larger reference dilutes the generated
-    rows in the pool, which is where the power comes from.
+    size (the observed rows are part of the pool). With `modes` > 0 each split is also scored by
+    the contrast of its top-k modes between T* and R* (the pool's remaining rows).
     """
     # float32 once (exact for float16 rows): each replicate would otherwise convert its draw again.
     parts = [np.asarray(S_sel, np.float32), T.read(0, n_t).astype(np.float32, copy=False),
              ref.read(0, n_ref).astype(np.float32, copy=False)]
-    return pool_sampler(np.concatenate(parts), seed, describe)
+    return pool_sampler(np.concatenate(parts), seed, describe, modes)
 
 
 def _fit_surrogate(S_sel):
@@ -60,7 +60,8 @@ def _replicates_task(factory, indices, m, n_t, d0, radii, kernel):
         # One thread per chunk, each kernel call single-threaded: BLAS is single-threaded
         # here and stays so, so the chunks' EM refits give the same bits in any split.
         with thread_budget(1):
-            return replicate_curves(null, chunk, m=m, n_t=n_t, d0=d0, radii=radii, kernel=kernel)
+            f = replicate_stats if null.modes else replicate_curves
+            return f(null, chunk, m=m, n_t=n_t, d0=d0, radii=radii, kernel=kernel)
     if n <= 1:
         return part(indices)
     bounds = np.linspace(0, len(indices), n + 1).astype(int)
@@ -69,20 +70,32 @@ def _replicates_task(factory, indices, m, n_t, d0, radii, kernel):
 
 
 def _observed_task(factory, S_sel, T, n_t, d0, radii, replicates, alpha, kernel, curves):
-    w, curve = worst_case_curve(S_sel, T.blocks(0, n_t), n_t, d0, radii, kernel)
-    res = selection_test(curve, factory(), m=len(S_sel), n_t=n_t, d0=d0, radii=radii, replicates=replicates,
-                         alpha=alpha, kernel=kernel, obs_S=S_sel, obs_w=w, curves=curves)
-    res.update({"s_index": int(w), "obs_curve_fraction": curve.tolist()})
+    null, contrast, extra = factory(), None, {}
+    if null.modes:
+        # The observed split is the pool in its own order: S_sel, then T[:n_t], then the reference rows.
+        st = split_statistics(null.pool, np.arange(len(null.pool)), len(S_sel), n_t, d0, radii, null.modes, kernel)
+        w, curve = st["w"], st["curve"]
+        curves, contrast = curves[:, :len(radii)], {"obs_z": st["z"], "z": curves[:, len(radii)]}
+        extra = {"contrast_modes": [int(i) for i in st["modes"]], "contrast_x_t": st["x_t"].tolist(),
+                 "contrast_x_r": st["x_r"].tolist(), "contrast_n_r": int(st["n_r"])}
+    else:
+        w, curve = worst_case_curve(S_sel, T.blocks(0, n_t), n_t, d0, radii, kernel)
+    res = selection_test(curve, null, m=len(S_sel), n_t=n_t, d0=d0, radii=radii, replicates=replicates,
+                         alpha=alpha, kernel=kernel, obs_S=S_sel, obs_w=w, curves=curves, contrast=contrast)
+    res.update({"s_index": int(w), "obs_curve_fraction": curve.tolist(), **extra})
     return res
 
 
-def selection(client, S_rows, T, *, m_sel: int, n_t: int, null, d0, radii, replicates, alpha, kernel) -> dict:
+def selection(client, S_rows, T, *, m_sel: int, n_t: int, null, d0, radii, replicates, alpha, kernel,
+              modes: int = 0) -> dict:
     """Re-run the selection on S[:m_sel] against T[:n_t], and test that worst case against the null's worst cases.
 
     `null` is ("reference", source, rows, seed, describe) or ("surrogate", seed). Every
     step runs as a task on the Dask client (a worker's BLAS is single-threaded and nobody
     changes it, so the surrogate's EM gives the same bits on 1 or N workers); the null is
-    rebuilt inside each task from the store, never held only in a worker's memory.
+    rebuilt inside each task from the store, never held only in a worker's memory. `modes` > 0
+    (a reference null): each split is also scored by its top-`modes` balls' excess in T over
+    the reference, and the test combines both statistics (selection_test's `contrast`).
     """
     S_sel = np.ascontiguousarray(S_rows[:m_sel])
     submit = (lambda f, *a: f(*a)) if client is None else (lambda f, *a: client.submit(f, *a, pure=False))
@@ -93,7 +106,7 @@ def selection(client, S_rows, T, *, m_sel: int, n_t: int, null, d0, radii, repli
         factory = functools.partial(surrogate_sampler, fit, null[1], describe)
     else:
         _, ref, n_ref, seed, describe = null
-        factory = functools.partial(permutation_null, S_sel, T, n_t, ref, n_ref, seed, describe)
+        factory = functools.partial(permutation_null, S_sel, T, n_t, ref, n_ref, seed, describe, modes)
     n_groups = 1 if client is None else max(1, min(replicates, sum(client.nthreads().values())))
     bounds = np.linspace(0, replicates, n_groups + 1).astype(int)
     parts = [submit(_replicates_task, factory, range(lo, hi), m_sel, n_t, d0, tuple(radii), kernel)
