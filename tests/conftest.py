@@ -39,31 +39,9 @@ def prefect_harness():
 
 
 def pytest_configure(config):
-    """Name the run for its shared Prefect server (xdist workers inherit the name); warm numba's cache."""
+    """Name the run for its shared Prefect server (xdist workers inherit the name)."""
     from shared_prefect import name_the_run
     name_the_run(config)
-    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
-        _warm_numba_cache()
-
-
-def _warm_numba_cache() -> None:
-    """Compile the kernels every flow runs once, in the controlling process, before the xdist workers and
-    their Dask worker processes start. In a fresh clone (CI) numba's on-disk cache is empty, and each of
-    those processes would otherwise compile the same kernels at the same time on the same 2 cores."""
-    import numpy as np
-    from modeaudit.tasks.join.kernels import mccs_sums, range_counts
-    from modeaudit.tasks.metrics.knn import ball_counts, knn_self
-    from modeaudit.tasks.models.generators import build_generator
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((96, 8)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    range_counts(x, x, [0.1, 0.2, 0.3])
-    mccs_sums(x, x, 0.3)
-    for distance in ("euclidean", "angular"):
-        r = knn_self(x, 3, distance=distance)[:, -1]
-        ball_counts(x, [(0, x)], r, r, distance=distance, a_ids=np.arange(len(x)))
-    g = build_generator("synthetic:planted")
-    g.generate(g.latents(0, "S", 0, 8))
 
 
 def pytest_sessionfinish(session):
