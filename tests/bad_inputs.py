@@ -201,6 +201,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("reference of another width", _a(*GOOD, "--reference", "{t_w9}"), "width"),
     ("reference with a NaN", _a(*GOOD, "--reference", "{nan}"), "NaN or Inf"),
     ("two_sample without a reference", _a(*GOOD, "--tests", "two_sample"), "reference"),
+    ("deficit without a reference", _a(*GOOD, "--tests", "paper,deficit"), "deficit"),
     # --- sizes and statistics
     ("--m 0", _a(*GEN, "--m", "0"), "|S|=0"),
     ("--m -5", _a(*GEN, "--m", "-5"), "negative"),
