@@ -15,18 +15,7 @@ from modeaudit.tasks.join import kernels as join
 from modeaudit.tasks.join import lowprec
 from modeaudit.tasks.join.kernels import DEFAULT_RADII, mccs_sums, radius_thresholds, range_counts, \
     range_counts_reference
-
-
-def _unit(x):
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _point_at(rng, a, dist):
-    """A unit vector at distance `dist` from unit vector a (to float64 rounding)."""
-    u = rng.standard_normal(a.shape[0])
-    u -= (u @ a) * a
-    u /= np.linalg.norm(u)
-    return math.cos(math.pi * dist) * a + math.sin(math.pi * dist) * u
+from test_join import _point_at, _unit  # the exactness tests' own data helpers
 
 
 def _bf16_scores(a, b):
