@@ -77,30 +77,27 @@ def _bar(total: float, what: str, unit: str):
                 mininterval=0.5 if tty else 10.0, ascii=not tty)
 
 
-def gather(client, futures: list, sizes: list, what: str, unit: str = "rows") -> list:
-    """client.gather(futures), with a progress line (sizes[i] `unit`s done when futures[i] finishes) in a CLI run."""
-    if not _state["on"] or not futures:
-        return client.gather(futures)
+def _watch(futures: list, sizes: list, what: str, unit: str) -> None:
+    """Draw one progress line while the futures complete (sizes[i] `unit`s when futures[i] does); stop at an error."""
     from distributed import as_completed
     size = {f.key: s for f, s in zip(futures, sizes)}
     with _bar(sum(sizes), what, unit) as bar:
         for f in as_completed(futures):
             bar.update(size[f.key])
             if f.status == "error":
-                break       # the gather below raises it, as without progress
+                break       # the caller's gather/result raises it, as without progress
+
+
+def gather(client, futures: list, sizes: list, what: str, unit: str = "rows") -> list:
+    """client.gather(futures), with a progress line (sizes[i] `unit`s done when futures[i] finishes) in a CLI run."""
+    if _state["on"] and futures:
+        _watch(futures, sizes, what, unit)
     return client.gather(futures)
 
 
 def results(futures: list, sizes: list, what: str, unit: str = "rows") -> list:
     """[f.result() for f in futures] (Dask futures, or plain values when run without a cluster), with a progress
     line in a CLI run."""
-    if not _state["on"] or not futures or not hasattr(futures[0], "key"):
-        return [f.result() if hasattr(f, "key") else f for f in futures]
-    from distributed import as_completed
-    size = {f.key: s for f, s in zip(futures, sizes)}
-    with _bar(sum(sizes), what, unit) as bar:
-        for f in as_completed(futures):
-            bar.update(size[f.key])
-            if f.status == "error":
-                break
-    return [f.result() for f in futures]
+    if _state["on"] and futures and hasattr(futures[0], "key"):
+        _watch(futures, sizes, what, unit)
+    return [f.result() if hasattr(f, "key") else f for f in futures]
