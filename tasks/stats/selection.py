@@ -35,10 +35,16 @@ from modeaudit.tasks.stats.paper import top_anchors
 
 def worst_case_curve(S: np.ndarray, T_blocks, n_t: int, d0: float, radii, kernel: str = "fast") -> tuple[int, np.ndarray]:
     """The selection procedure on one sample: argmax of N(I, S minus I, d0), then its curve in T as fractions."""
+    _, w, curve = _worst_case(S, T_blocks, n_t, d0, radii, kernel)
+    return w, curve
+
+
+def _worst_case(S: np.ndarray, T_blocks, n_t: int, d0: float, radii, kernel: str):
+    """worst_case_curve, with S's self-counts at d0 that chose the worst case: (counts, w, curve)."""
     counts = backend.range_counts(S, [(0, S)], [d0], anchor_ids=np.arange(len(S)), kernel=kernel)[:, 0]
     w = int(top_anchors(counts, 1)[0])
     curve = backend.range_counts(S[w:w + 1], T_blocks, radii, kernel=kernel)[0]
-    return w, curve / float(n_t)
+    return counts, w, curve / float(n_t)
 
 
 @dataclass
@@ -85,9 +91,7 @@ def split_statistics(pool: np.ndarray, idx: np.ndarray, m: int, n_t: int, d0: fl
     """
     s_idx, t_idx, r_idx = np.sort(idx[:m]), np.sort(idx[m:m + n_t]), np.sort(idx[m + n_t:])
     S, T, R = pool[s_idx], pool[t_idx], pool[r_idx]
-    counts = backend.range_counts(S, [(0, S)], [d0], anchor_ids=np.arange(len(S)), kernel=kernel)[:, 0]
-    w = int(top_anchors(counts, 1)[0])
-    curve = backend.range_counts(S[w:w + 1], [(0, T)], radii, kernel=kernel)[0] / float(n_t)
+    counts, w, curve = _worst_case(S, [(0, T)], n_t, d0, radii, kernel)
     md = distinct_modes(S, counts, k, d0)
     x_t = backend.range_counts(S[md], [(0, T)], [d0], kernel=kernel)[:, 0]
     x_r = backend.range_counts(S[md], [(0, R)], [d0], kernel=kernel)[:, 0]
