@@ -262,7 +262,7 @@ def verdict_markdown(result: dict, out: str) -> str:
         f"| worst case | S row {w.get('s_index')}, {w.get('count_d0')} neighbours at d0, MCCS "
         f"{result['mccs']['worst_case']:.4g} |",
         f"| report | `{layout.report_html.resolve()}` |",
-        f"| result.json | `{(layout.root / RESULT_JSON).resolve()}` |"])
+        f"| result.json | `{layout.result_json.resolve()}` |"])
 
 
 def publish_verdict(result: dict, out: str) -> None:
@@ -272,8 +272,8 @@ def publish_verdict(result: dict, out: str) -> None:
     from prefect.artifacts import create_markdown_artifact
     from prefect.events import emit_event
     from prefect.logging import get_run_logger
-    v = result["verdict"]
-    report = str(RunLayout(out).report_html.resolve())
+    v, layout = result["verdict"], RunLayout(out)
+    report = str(layout.report_html.resolve())
     try:
         create_markdown_artifact(markdown=verdict_markdown(result, out), key=VERDICT_ARTIFACT,
                                  description=f"modeaudit: {v['headline']}")
@@ -281,7 +281,7 @@ def publish_verdict(result: dict, out: str) -> None:
                    resource={"prefect.resource.id": f"modeaudit.run.{Path(out).resolve()}",
                              "prefect.resource.name": Path(out).name},
                    payload={"headline": v["headline"], "level": v["level"], "report": report,
-                            "result": str((Path(out) / RESULT_JSON).resolve()),
+                            "result": str(layout.result_json.resolve()),
                             "worst_case_count_d0": result["worst_case"].get("count_d0"),
                             "mccs_worst_case": result["mccs"]["worst_case"]})
     except Exception as e:  # noqa: BLE001 - the audit finished; only the notification failed
