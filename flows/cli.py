@@ -21,6 +21,7 @@ from modeaudit.flows.compare_cli import add_compare_parser, run_compare  # noqa:
 from modeaudit.storage.layout import RunLayout, check_out_dir  # noqa: E402
 from modeaudit.tasks.config import (PRESETS, AuditConfig, CalibrationConfig, apply_preset, default,  # noqa: E402
                                     finalize_sizes, kernel_for, parse_radii)
+from modeaudit.tasks.plan import KERNELS  # noqa: E402
 from modeaudit.tasks.registry import ConfigError, parse_kv  # noqa: E402
 from modeaudit.flows.toy_cli import add_toy_parser, run_toy  # noqa: E402
 from modeaudit.flows.watch_cli import add_watch_parser, run_watch  # noqa: E402
@@ -102,7 +103,7 @@ def add_audit_arguments(a, *, inputs: bool = True) -> None:
     ex.add_argument("--store-dtype", default=A("store_dtype"), choices=["float16", "float32"],
                     help="embedding storage dtype (statistics are computed in float32/float64)")
     ex.add_argument("--kernel", default=A("kernel"),
-                    choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda", "lowprec"],
+                    choices=KERNELS,
                     help="range-join kernel: auto = torch-cuda on a GPU machine, else fast (numba); "
                     "lowprec = bfloat16 first pass + exact re-check (same results; docs/lowprec.md)")
     ex.add_argument("--cache-dir", metavar="DIR", help="feature cache of image-folder embeddings, kept across "
@@ -149,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-fit", type=_count, default=C("n_fit"), help="rows of T (latents and embeddings) to fit on")
     c.add_argument("--workers", type=_count, default=C("workers"), help="local Dask worker processes")
     c.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
-    c.add_argument("--kernel", default=C("kernel"), choices=["auto", "fast", "reference", "torch-cpu", "torch-cuda",
-                                                              "lowprec"])
+    c.add_argument("--kernel", default=C("kernel"), choices=KERNELS)
     c.add_argument("--fid-reference", metavar="NPZ", help="real-data feature statistics (pytorch-fid .npz with mu, "
                    "sigma) in the audit's descriptor space: FD before/after to them goes into calibration.json")
     c.add_argument("--inception-weights", metavar="PTH", help="pytorch-fid's FID Inception-v3 state dict (no "

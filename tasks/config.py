@@ -277,7 +277,7 @@ def validate_settings(c: AuditConfig) -> None:
         raise ConfigError(f"workers={c.workers}; give at least 1")
     if c.scheduler is not None:
         check_scheduler_address(c.scheduler)
-    from modeaudit.tasks.join.backend import KERNELS
+    from modeaudit.tasks.plan import KERNELS
     if c.kernel not in KERNELS:
         raise ConfigError(f"kernel={c.kernel!r}; choose one of: {', '.join(KERNELS)}")
     if c.store_dtype not in ("float16", "float32"):

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 from modeaudit.tasks.join.threads import usable_cores
 
+# Every --kernel a run accepts (what each is: tasks/join/backend.py). Here, not in backend.py, so that
+# the CLI can list them without importing the numba kernels at start-up.
+KERNELS = ("auto", "fast", "reference", "torch-cpu", "torch-cuda", "lowprec")
+
 
 @dataclass(frozen=True)
 class ExecutionPlan:

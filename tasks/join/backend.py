@@ -36,10 +36,10 @@ import os
 import numpy as np
 
 from modeaudit.tasks.join import kernels as join
+from modeaudit.tasks.plan import KERNELS
 
 __all__ = ["KERNELS", "gpu_available", "resolve_kernel", "range_counts", "mccs_sums"]
 
-KERNELS = ("auto", "fast", "reference", "torch-cpu", "torch-cuda", "lowprec")
 
 _NVIDIA_NODES = ("/dev/nvidiactl", "/dev/nvidia0")
 
