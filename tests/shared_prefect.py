@@ -85,7 +85,12 @@ def _start_server(run: Path) -> dict:
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{run / 'prefect.db'}",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_ENABLED": "false",
-           "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+           "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+           # Only what the tests read back stays on: the API, events (persisted), task runs. The loop services
+           # (schedules, late runs, pauses, workers' liveness, vacuum) and automations' triggers only cost CPU here.
+           **{f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false" for s in (
+               "SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "REPOSSESSOR",
+               "CLEANUP_RECONCILER", "DB_VACUUM", "TRIGGERS")}}
     env.pop("PREFECT_API_URL", None)
     with open(run / "server.log", "ab") as log:
         group = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(_controller_pid()),
