@@ -50,9 +50,10 @@ class AuditResult:
         return self.data["tests"]
 
     @property
-    def report(self) -> Path:
-        """report.html of the run."""
-        return self.out / "report.html"
+    def report(self) -> Path | None:
+        """report.html of the run (None when it ran with report=False)."""
+        path = self.out / "report.html"
+        return path if path.is_file() else None
 
     @property
     def result_json(self) -> Path:

@@ -207,19 +207,21 @@ def run_audit(cfg: AuditConfig, client) -> dict:
     # The report's verdict, for programs; level is what `--fail-on` gates on.
     result["verdict"] = {"headline": headline, "explanation": why, "level": verdict_level(result["tests"])}
     # Pictures (a report stage: reads the result, never changes it; a failure is reported, not raised).
-    with t("pictures"):
-        generator = models_of(source)
-        pictures = safe_pictures(out, result, store, generator, S_rows=S_rows)
+    if cfg.report:
+        with t("pictures"):
+            generator = models_of(source)
+            pictures = safe_pictures(out, result, store, generator, S_rows=S_rows)
     result["run_info"] = steps.run_info(source)
     result = steps.json_safe(result)
 
     store.write_array(RunLayout.result_array("self_counts"), counts)
     store.write_array(RunLayout.result_array("curves"), curves)
     store.write_array(RunLayout.result_array("mccs_A"), mccs_a)
-    with plots_to(RunLayout(out).plots):   # the sections' figures are saved as plots/*.png and *.svg too
-        sections = stats_sections(result)
-    write_report(out, result, obs_curves=curves[:cfg.p], ref_curves=curves[cfg.p:], mccs_values=mccs_a,
-                 extra_sections=sections, pictures=pictures)
+    if cfg.report:
+        with plots_to(RunLayout(out).plots):   # the sections' figures are saved as plots/*.png and *.svg too
+            sections = stats_sections(result)
+        write_report(out, result, obs_curves=curves[:cfg.p], ref_curves=curves[cfg.p:], mccs_values=mccs_a,
+                     extra_sections=sections, pictures=pictures)
     store.write_json(RESULT_JSON, result)  # last: its presence means the audit completed
     return result
 
@@ -261,7 +263,8 @@ def verdict_markdown(result: dict, out: str) -> str:
         f"| level | `{v['level']}` |",
         f"| worst case | S row {w.get('s_index')}, {w.get('count_d0')} neighbours at d0, MCCS "
         f"{result['mccs']['worst_case']:.4g} |",
-        f"| report | `{layout.report_html.resolve()}` |",
+        (f"| report | `{layout.report_html.resolve()}` |" if layout.report_html.is_file()
+         else "| report | none (run with --no-report) |"),
         f"| result.json | `{layout.result_json.resolve()}` |"])
 
 
@@ -273,7 +276,7 @@ def publish_verdict(result: dict, out: str) -> None:
     from prefect.events import emit_event
     from prefect.logging import get_run_logger
     v, layout = result["verdict"], RunLayout(out)
-    report = str(layout.report_html.resolve())
+    report = str(layout.report_html.resolve()) if layout.report_html.is_file() else None
     try:
         create_markdown_artifact(markdown=verdict_markdown(result, out), key=VERDICT_ARTIFACT,
                                  description=f"modeaudit: {v['headline']}")

@@ -94,6 +94,9 @@ def add_audit_arguments(a, *, inputs: bool = True) -> None:
                     "reference for precision/recall, density/coverage, KID, support size (0: skip)")
     st.add_argument("--no-efficiency", dest="efficiency", action="store_false",
                     help="skip the sampling-efficiency curves")
+    st.add_argument("--no-report", dest="report", action="store_false",
+                    help="write result.json only: no report.html, plots or picture grids (a job that reads the "
+                    "verdict or the exit code of --fail-on)")
     ex = a.add_argument_group("execution")
     ex.add_argument("--workers", type=_count, default=A("workers"), help="local Dask worker processes")
     ex.add_argument("--threads-per-worker", type=_count, default=None, help="BLAS/numba threads per worker "
@@ -335,13 +338,14 @@ def _run_command(args, FailedRun, StoreError) -> int:
         print(f"modeaudit: error: {e}", file=sys.stderr)
         return 2
     code = gate(result["verdict"].get("level", "ok"), args.fail_on)
-    report = RunLayout(cfg.out).report_html
-    console.note(f"{result['verdict']['headline']} (report: {report})")
+    report = RunLayout(cfg.out).report_html if cfg.report else None
+    console.note(f"{result['verdict']['headline']} ({'report' if report else 'result'}: "
+                 f"{report or RunLayout(cfg.out).result_json})")
     verdict = {k: (any(b["reject"] for b in v) if isinstance(v, list) else v["reject"])
                for k, v in result["tests"].items()}
     print(json.dumps({"headline": result["verdict"]["headline"], "verdict": verdict,
                       "worst_case": result["worst_case"], "mccs_mean": result["mccs"]["mean"],
-                      "report": str(report)}, indent=1))
+                      "report": str(report) if report else None}, indent=1))
     return code
 
 

@@ -112,6 +112,9 @@ class AuditConfig(_Config):
     modes: int = 10                    # top-k distinct dense modes (two-sample test, report)
     diversity_rows: int = 10_000       # rows of T and of the reference for the peers' metrics (0: skip them)
     efficiency: bool = True            # sampling-efficiency curves
+    # report.html, plots/ and the picture grids; False writes result.json only (a job that gates on the exit
+    # code or reads the numbers). Never part of the run's fingerprint: the numbers do not depend on it.
+    report: bool = True
     # Weight of a pair at exactly d0 in the dense-mode ranking: 1.0 counts it (inclusive,
     # d <= d0), 0.5 is seed 000's Eq. 2 ((1 + sgn(d0 - d)) / 2); docs/statistics.md.
     tie_weight: float = 1.0

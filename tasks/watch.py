@@ -172,7 +172,9 @@ def ok_entry(ck: Checkpoint, attempts: int, result: dict, run_dir: Path) -> dict
     """The history entry of a finished audit (numbers from its result.json)."""
     tests = result.get("tests", {})
     return {**base_entry(ck, attempts), "status": "ok",
-            "report": f"{ck.run_name}/{REPORT_HTML}", "result": f"{ck.run_name}/{RESULT_JSON}",
+            # None when the audit ran with --no-report (the index then links result.json)
+            "report": f"{ck.run_name}/{REPORT_HTML}" if (Path(run_dir) / REPORT_HTML).is_file() else None,
+            "result": f"{ck.run_name}/{RESULT_JSON}",
             "headline": result["verdict"]["headline"], "level": result["verdict"].get("level", "ok"),
             "worst_case": {"count_d0": result["worst_case"]["count_d0"], "mccs": result["worst_case"]["mccs"]},
             "mccs": {"mean": result["mccs"]["mean"], "std": result["mccs"]["std"]},
@@ -272,7 +274,8 @@ def write_index(runs_dir: str | os.PathLike, history: dict) -> Path:
                         f"<td class='{e_(e['level'])}'>{e_(e['headline'])}</td><td>{e['worst_case']['count_d0']}</td>"
                         f"<td>{e['worst_case']['mccs']:.4g}</td><td>{e['mccs']['mean']:.4g} ± "
                         f"{(e['mccs']['std'] or 0):.3g}</td><td>{p}</td><td>{fd}</td>"
-                        f"<td><a href=\"{e_(e['report'])}\">report</a></td></tr>")
+                        f"<td><a href=\"{e_(e.get('report') or e['result'])}\">"
+                        f"{'report' if e.get('report') else 'result.json'}</a></td></tr>")
         else:
             rows.append(f"<tr><td>{i}</td><td>{name}</td><td><code>{e['sha256'][:12]}</code></td>"
                         f"<td class='failed' colspan='6'>audit failed (attempt {e.get('attempts', 1)}; retried on "

@@ -27,7 +27,7 @@ LATENT, SIDE, NET_SIDE, DIM = 8, 16, 24, 32
 # 16 px images in [-1, 1] are resized to the network's 24 px and mapped to [0, 1].
 PRE = {"resize": NET_SIDE, "input_range": "0:1"}
 SIZES = dict(m=300, M=1200, q=30, n_a=60, n_c=1200, shard_rows=600, tests="paper", efficiency=False,
-             diversity_rows=0)
+             diversity_rows=0, report=False)
 
 
 # ---------------------------------------------------------------- the models, three ways

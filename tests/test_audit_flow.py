@@ -117,8 +117,11 @@ def test_same_numbers_on_1_or_2_workers_and_any_shard_size(base_run, tmp_path, p
     base, base_dir = base_run
     assert set(base["tests"]) == {"paper", "erl", "selection"}   # every default test of a generator run
     # The session's cluster has 2 worker processes, set up as a run's own (conftest.scheduler).
-    two = run(tmp_path, "b", scheduler=scheduler, shard_rows=2000, **DET)
-    other = run(tmp_path, "c", scheduler=scheduler, shard_rows=1501, **DET)
+    # b and c without the report: the numbers must not depend on it (a's report is drawn).
+    two = run(tmp_path, "b", scheduler=scheduler, shard_rows=2000, report=False, **DET)
+    other = run(tmp_path, "c", scheduler=scheduler, shard_rows=1501, report=False, **DET)
+    assert (base_dir / "a" / "report.html").is_file()
+    assert not (tmp_path / "b" / "report.html").exists() and not (tmp_path / "b" / "plots").exists()
     assert _strip(base) == _strip(two) == _strip(other)
     arrays = [RunStore.open(base_dir / "a"), RunStore.open(tmp_path / "b"), RunStore.open(tmp_path / "c")]
     for name in ("results/curves", "results/mccs_A", "results/self_counts"):
@@ -129,7 +132,7 @@ def test_same_numbers_on_1_or_2_workers_and_any_shard_size(base_run, tmp_path, p
 
 
 def test_resume_skips_complete_shards_and_regenerates_damaged_ones(tmp_path, prefect_harness, scheduler):
-    kw = dict(shard_rows=4000, scheduler=scheduler, tests="paper,erl", efficiency=False)
+    kw = dict(shard_rows=4000, scheduler=scheduler, tests="paper,erl", efficiency=False, report=False)
     first = run(tmp_path, "r", **kw)
     assert first["source"]["shards"]["T"] == {"shards": 6, "generated": 6, "skipped": 0, "reused": [],
                                               "damaged_regenerated": []}
@@ -150,7 +153,7 @@ def test_resume_skips_complete_shards_and_regenerates_damaged_ones(tmp_path, pre
 def test_image_generator_and_cnn_descriptor(tmp_path, prefect_harness, scheduler):
     pytest.importorskip("torch")
     r = run(tmp_path, "img", generator="torch:tiny", descriptor="torch:tiny-cnn", m=600, M=3000, q=50, n_a=100,
-            n_c=3000, shard_rows=1000, scheduler=scheduler, tests="paper,erl", efficiency=False)
+            n_c=3000, shard_rows=1000, scheduler=scheduler, tests="paper,erl", efficiency=False, report=False)
     st = RunStore.open(tmp_path / "img")
     emb = st.read("T", "emb").astype(np.float32)
     assert emb.shape == (3000, 32)

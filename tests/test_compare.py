@@ -11,7 +11,7 @@ from modeaudit.storage.store import RunStore
 from modeaudit.tasks.config import AuditConfig
 from modeaudit.tasks.stats.compare import compare_runs, decide, fd_subsample, mccs_terms
 
-SMALL = dict(m=800, M=8000, q=50, n_a=100, n_c=8000, tests="paper", efficiency=False, diversity_rows=0)
+SMALL = dict(m=800, M=8000, q=50, n_a=100, n_c=8000, tests="paper", efficiency=False, diversity_rows=0, report=False)
 
 
 @pytest.fixture(scope="module")

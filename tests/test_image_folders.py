@@ -20,7 +20,7 @@ from modeaudit.tasks.errors import InputError
 from modeaudit.tasks.models import image_folders as imf
 
 SMALL = dict(m=200, M=1000, q=50, n_a=100, n_c=1000, tests="paper,two_sample", efficiency=False, diversity_rows=0,
-             modes=3)
+             modes=3, report=False)
 CNN = dict(descriptor="torch:tiny-cnn")
 
 

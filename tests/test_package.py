@@ -113,18 +113,22 @@ def _embeddings(tmp_path):
     return paths
 
 
-def test_embeddings_and_reference_runs_are_bit_identical_on_1_and_2_workers(tmp_path, prefect_harness):
+def test_embeddings_and_reference_runs_are_bit_identical_on_1_and_2_workers(tmp_path, capsys, prefect_harness):
     p = _embeddings(tmp_path)
-    outs = []
+    outs, printed = [], []
     for w in (1, 2):
         argv = ["audit", "--embeddings-s", str(p["s"]), "--embeddings-t", str(p["t"]), "--reference", str(p["r"]),
                 "--q", "100", "--selection-t", "2000", "--null-replicates", "19", "--no-efficiency", "--diversity-rows", "1000",
-                "--workers", str(w), "--out", str(tmp_path / f"w{w}")]
+                "--workers", str(w), "--out", str(tmp_path / f"w{w}")] + (["--no-report"] if w == 2 else [])
         assert main(argv) == 0
         outs.append((tmp_path / f"w{w}" / "result.json").read_text())
+        printed.append(json.loads(capsys.readouterr().out)["report"])
     a, b = (json.loads(o) for o in outs)
     assert set(a["tests"]) == {"paper", "erl", "selection", "two_sample"}
     assert a["tests"]["selection"]["null_kind"] == "reference"
+    # the report is drawn for w1 only: no number depends on it
+    assert (tmp_path / "w1" / "report.html").is_file() and not (tmp_path / "w2" / "report.html").exists()
+    assert printed == [str(tmp_path / "w1" / "report.html"), None]
     for r in (a, b):
         r.pop("timings"), r.pop("run_info")   # when and where: not part of the numbers
         r["settings"].pop("workers")

@@ -138,7 +138,8 @@ def test_failed_checkpoint_is_recorded_and_retried(tmp_path, capsys, monkeypatch
         return real(ck, base, runs_dir)
 
     monkeypatch.setattr(watch_flow_module, "audit_checkpoint", flaky)
-    assert watch(ckpt, runs, scheduler) == 2
+    # --no-report: result.json only; the index links it instead of a report
+    assert watch(ckpt, runs, scheduler, "--no-report") == 2
     err = capsys.readouterr().err
     assert "broken.pt" in err and "good.pt" in err
     h = history(runs)
@@ -147,13 +148,15 @@ def test_failed_checkpoint_is_recorded_and_retried(tmp_path, capsys, monkeypatch
     assert h[1]["error"] == "RuntimeError: worker vanished" and "\n" not in h[0]["error"]
     assert "audit failed" in (runs / "index.html").read_text()
     # retried: the broken file fails again, the good one is audited now
-    assert watch(ckpt, runs, scheduler) == 2
+    assert watch(ckpt, runs, scheduler, "--no-report") == 2
     h = history(runs)
     assert [(os.path.basename(e["checkpoint"]), e["status"], e["attempts"]) for e in h] == [
         ("broken.pt", "failed", 2), ("good.pt", "ok", 2)]
+    assert h[1]["report"] is None and not (runs / h[1]["run"] / "report.html").exists()
+    assert f'href="{h[1]["result"]}">result.json</a>' in (runs / "index.html").read_text()
     # the broken file removed: nothing to retry, the good one is not audited again
     (ckpt / "broken.pt").unlink()
-    assert watch(ckpt, runs, scheduler) == 0
+    assert watch(ckpt, runs, scheduler, "--no-report") == 0
     assert calls.count("good.pt") == 2
 
 
