@@ -39,9 +39,13 @@ def prefect_harness():
 
 
 def pytest_configure(config):
-    """Name the run for its shared Prefect server (xdist workers inherit the name)."""
+    """Name the run for its shared Prefect server (xdist workers inherit the name); files in our order."""
     from shared_prefect import name_the_run
     name_the_run(config)
+    # xdist's --no-loadscope-reorder, set here rather than in addopts (which would break `-p no:xdist`):
+    # `--dist loadfile` then hands out files in collection order (HEAVIEST_FIRST), not most tests first.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_sessionfinish(session):
@@ -65,7 +69,7 @@ def scheduler():
         cluster.close()
 
 
-# The suite runs as `pytest -n 2 --dist loadfile --no-loadscope-reorder` (pyproject addopts): xdist hands out
+# The suite runs as `pytest -n 2 --dist loadfile`, loadscope reordering off (pytest_configure): xdist hands out
 # whole files in collection order, two to each worker first. xdist's own order (most tests first) left the
 # heaviest file (test_audit_flow.py, 6 tests) to start last. Longest first (measured per-file seconds) lets
 # the two workers finish together; the second file needs no Prefect server, so that worker computes while
