@@ -145,6 +145,7 @@ def test_inception_fid_for_an_image_generator(tmp_path, capsys, prefect_harness,
     assert main(["calibrate", "--run", str(out), "--inception-weights", str(weights), "--fid-rows", "4",
                  "--scheduler", scheduler]) == 0
     cal = json.loads((out / "calibration" / "rejection" / "calibration.json").read_text())
+    assert '<a href="../../result.json">audit before</a>' in (out / "calibration" / "rejection" / "report.html").read_text()
     f = cal["fid_inception"]
     assert f["rows"] == [4, 4] and np.isfinite(f["fid"]) and f["fid"] >= 0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modeaudit.storage.layout import PICTURES, REPORT_HTML, RunLayout, atomic_write_text
+from modeaudit.storage.layout import PICTURES, REPORT_HTML, RESULT_JSON, RunLayout, atomic_write_text
 from modeaudit.tasks.report import style
 from modeaudit.tasks.report.audit import _CSS
 
@@ -101,6 +101,11 @@ def _embed(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
+def _audit_page(run_dir) -> str:
+    """What to link for an audit: its report, or its result.json when it ran with --no-report."""
+    return REPORT_HTML if RunLayout(run_dir).report_html.is_file() else RESULT_JSON
+
+
 def pictures_before_after(run_dir, after_dir, result_before: dict, rel_before: str, rel_after: str) -> str:
     """The audit's and the re-audit's picture grids side by side (from their plots/), or why there are none."""
     before, after = RunLayout(run_dir), RunLayout(after_dir)
@@ -170,7 +175,7 @@ def write_calibration_report(out_dir, cal: dict, before: dict, after: dict, mccs
 <title>modeaudit calibration: {html.escape(cal['method'])}</title>
 <style>{_CSS}{_EXTRA_CSS}</style></head><body><main>
 <header class="top"><h1>modeaudit: calibration ({html.escape(cal['method'])}, {html.escape(cal['variant'])})</h1>
-<div class="meta"><a href="{rel_before}/report.html">audit before</a> ·
+<div class="meta"><a href="{rel_before}/{_audit_page(run_dir)}">audit before</a> ·
 <a href="{rel_after}/report.html">audit of the calibrated sampler</a></div></header>
 <div class="card">{head}<table class="kv">{''.join(rows)}</table>
 <p class="note">{html.escape(cal['fd_kind'])}. The calibrated sampler is the generator
