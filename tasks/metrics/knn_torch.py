@@ -96,6 +96,21 @@ def _key_of(r: torch.Tensor, angular: bool) -> torch.Tensor:
     return torch.where(torch.isfinite(r), k, torch.full_like(r, math.inf))
 
 
+def _merge(top: torch.Tensor, rows: torch.Tensor, d: torch.Tensor, k: int) -> torch.Tensor:
+    """The k smallest of each row's list `top` and its new distances d (rows ascending, as nonzero gives them).
+
+    The new distances are laid out (rows x most candidates of a row), padded with inf:
+    a few columns, where a dense (rows x tile) matrix would cost a full tile per merge.
+    """
+    counts = torch.bincount(rows, minlength=top.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.shape[0], device=rows.device) - starts[rows]
+    width = int(counts.max())
+    dd = torch.full((top.shape[0], width), math.inf, dtype=torch.float64, device=top.device)
+    dd[rows, pos] = d
+    return torch.topk(torch.cat([top, dd], dim=1), k, dim=1, largest=False).values
+
+
 class _Setup:
     """Queries on the device, their ids, the key tolerance of each block, tile sizes."""
 
@@ -166,11 +181,7 @@ def knn_distances_torch(queries, blocks, k: int, *, distance: str = "euclidean",
                     if cand.shape[0] == 0:
                         continue
                     d = _exact(S.qx, cand[:, 0] + r0, bt, cand[:, 1], angular)
-                    dd = torch.full((r1 - r0, bt.shape[0]), math.inf, **f64)
-                    dd[cand[:, 0], cand[:, 1]] = d
-                    top_d[r0:r1] = torch.topk(torch.cat([top_d[r0:r1], dd], dim=1), k, dim=1,
-                                              largest=False).values
-                    del dd
+                    top_d[r0:r1] = _merge(top_d[r0:r1], cand[:, 0], d, k)
                     dkey[r0:r1] = _key_of(top_d[r0:r1, k - 1], angular)
         return top_d.cpu().numpy()
 
