@@ -372,19 +372,21 @@ def test_compute_metrics_on_a_two_process_cluster_equals_one_process(scheduler):
                 assert json.dumps(got) == json.dumps(ref), (distance, group_rows)
 
 
-def test_cli_workers_1_and_2_write_byte_identical_metrics_json(tmp_path, capsys):
+def test_cli_workers_1_and_2_write_byte_identical_metrics_json(tmp_path, capsys, scheduler):
+    """In process, --workers 1, --workers 2 (local clusters started by the command) and --scheduler."""
     from modeaudit.flows.cli import main
     rng = np.random.default_rng(12)
     np.save(tmp_path / "real.npy", rng.standard_normal((1300, 16)).astype(np.float32))
     np.save(tmp_path / "fake.npy", (rng.standard_normal((1000, 16)) + 0.2).astype(np.float32))
     base = ["metrics", "--real", str(tmp_path / "real.npy"), "--fake", str(tmp_path / "fake.npy"), "--k", "4",
             "--kid-subsets", "2"]
-    runs = {"here": [], "w1": ["--workers", "1"], "w2": ["--workers", "2", "--group-rows", "400"]}
+    runs = {"here": [], "w1": ["--workers", "1"], "w2": ["--workers", "2", "--group-rows", "400"],
+            "ext": ["--scheduler", scheduler, "--group-rows", "129"]}
     for name, extra in runs.items():
         assert main(base + ["--out", str(tmp_path / name)] + extra) == 0, name
     capsys.readouterr()
     data = {name: (tmp_path / name / "metrics.json").read_bytes() for name in runs}
-    assert data["w1"] == data["w2"] == data["here"]
+    assert data["w1"] == data["w2"] == data["ext"] == data["here"]
     assert 0 < json.loads(data["w2"])["precision"] < 1
 
 
@@ -470,6 +472,7 @@ def test_torch_cpu_metrics_equal_numba_on_dask(thread_client):
     real = rng.standard_normal((900, 12)).astype(np.float32)
     fake = (rng.standard_normal((800, 12)) * 0.9).astype(np.float32)
     fake[10:30] = fake[0]
+    real.flags.writeable = False   # as np.load's memory maps: torch must not share it
     ref = compute_metrics(real, fake, 3, kid_subsets=2)
     assert compute_metrics(real, fake, 3, kid_subsets=2, kernel="torch-cpu") == ref
     assert compute_metrics(real, fake, 3, kid_subsets=2, kernel="torch-cpu", client=thread_client,

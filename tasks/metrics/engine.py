@@ -12,7 +12,8 @@ kernel. Both sets are scattered to every worker once per engine (the join's
 `parallel._run` machinery, whose worker-loss retries scatter them again). Every
 result is an exact float64 value or an integer count, so it is bit-identical to the
 single-process path on any number of workers, any group size and any block size;
-per-query results are concatenated in group order, per-point counts summed.
+per-query results are concatenated in group order, per-point counts (sent back as
+their nonzero entries) summed.
 """
 from __future__ import annotations
 
@@ -49,12 +50,27 @@ def _knn_group(queries, points, k, distance, self_join, block_rows, kernel, grou
 
 
 def _ball_group(a, b, radii_a, radii_b, distance, a_ids, block_rows, kernel, group):
-    """Strict ball counts of a[lo:hi] against all of b (one task), as a tuple of four arrays."""
+    """Strict ball counts of a[lo:hi] against all of b (one task): the per-query arrays, the per-b ones sparse."""
     (lo, hi), = group
     ra = radii_a[lo:hi] if radii_a is not None and np.ndim(radii_a) else radii_a
     ids = None if a_ids is None else a_ids[lo:hi]
-    return backend.ball_counts(a[lo:hi], _blocks(b, block_rows), ra, radii_b, distance=distance, a_ids=ids,
-                               kernel=kernel).as_tuple()
+    c = backend.ball_counts(a[lo:hi], _blocks(b, block_rows), ra, radii_b, distance=distance, a_ids=ids,
+                            kernel=kernel)
+    # The per-row-of-b counts of one group are mostly zero: sent back sparse, so the client
+    # holds O(pairs inside balls) per group, not O(|b|) (|b| = 1e6 x hundreds of groups).
+    return (c.in_a_balls_count, _sparse(c.a_balls_containing), _sparse(c.in_b_balls_count), c.b_balls_containing)
+
+
+def _sparse(x: np.ndarray):
+    nz = np.flatnonzero(x)
+    return nz, x[nz]
+
+
+def _dense_sum(parts, n: int) -> np.ndarray:
+    out = np.zeros(n, np.int64)
+    for idx, vals in parts:
+        out[idx] += vals   # indices are unique within a part
+    return out
 
 
 def _bind(args, group):
@@ -115,5 +131,6 @@ class KnnEngine:
             z = np.zeros(0, np.int64)
             return BallCounts(z, np.zeros(b.shape[0], np.int64), np.zeros(b.shape[0], np.int64), z.copy())
         # Per query row: the groups' arrays in order; per row of b: integer sums (any order is exact).
-        return BallCounts(np.concatenate([p[0] for p in parts]), np.sum([p[1] for p in parts], axis=0),
-                          np.sum([p[2] for p in parts], axis=0), np.concatenate([p[3] for p in parts]))
+        n_b = b.shape[0]
+        return BallCounts(np.concatenate([p[0] for p in parts]), _dense_sum([p[1] for p in parts], n_b),
+                          _dense_sum([p[2] for p in parts], n_b), np.concatenate([p[3] for p in parts]))

@@ -50,6 +50,14 @@ _BLOCK_TILE = {"cpu": 4096, "cuda": 32768}
 _EXACT_ELEMENTS = 1 << 22
 
 
+def _tensor(x: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """x on the device; a read-only array (np.load's memory map, a Dask-scattered one) is copied first,
+    as torch may not share it."""
+    if not x.flags.writeable:
+        x = x.copy()
+    return torch.from_numpy(x).to(dev)
+
+
 def _device_of(device) -> torch.device:
     return jt._resolve_device(device)
 
@@ -119,8 +127,8 @@ class _Setup:
         self.Q = _Queries(queries, angular, ids)
         self.angular = angular
         self.eps_of = _torch_eps(self.dev)
-        self.qx = torch.from_numpy(self.Q.x).to(self.dev)
-        self.qsq = torch.from_numpy(self.Q.sq).to(self.dev)
+        self.qx = _tensor(self.Q.x, self.dev)
+        self.qsq = _tensor(self.Q.sq, self.dev)
         self.tile = int(tile or _BLOCK_TILE["cuda" if self.dev.type == "cuda" else "cpu"])
         self.query_tile = int(query_tile or _QUERY_TILE)
         if self.tile < 1 or self.query_tile < 1:
@@ -130,7 +138,7 @@ class _Setup:
         """Yield (offset, rows on the device, squared norms on the device, tol, host rows)."""
         for offset, block in _iter_blocks(blocks):
             b32, sq_b, tol = self.Q.block(block, self.eps_of)
-            yield offset, torch.from_numpy(b32).to(self.dev), torch.from_numpy(sq_b).to(self.dev), tol, sq_b
+            yield offset, _tensor(b32, self.dev), _tensor(sq_b, self.dev), tol, sq_b
 
     def keys(self, bt, bsq, r0, r1, g0):
         """float64 keys of queries r0..r1-1 x block rows bt (global first row g0); the self pair is +inf."""
@@ -203,8 +211,8 @@ def ball_counts_torch(a, blocks, radii_a=None, radii_b=None, *, distance: str = 
     i64 = dict(dtype=torch.int64, device=S.dev)
     parts_a, parts_b = [], []
     with torch.inference_mode():
-        key_a_t = torch.from_numpy(key_a).to(S.dev)
-        rad_a_t = torch.from_numpy(rad_a).to(S.dev)
+        key_a_t = _tensor(np.ascontiguousarray(key_a), S.dev)
+        rad_a_t = _tensor(np.ascontiguousarray(rad_a), S.dev)
         cnt_a = torch.zeros(n, **i64)
         in_b = torch.zeros(n, **i64)
         for offset, bx, bsq, tol, _ in S.blocks(blocks):
@@ -222,8 +230,8 @@ def ball_counts_torch(a, blocks, radii_a=None, radii_b=None, *, distance: str = 
             parts_b.append((offset, cnt_b))
             if nb == 0 or n == 0:
                 continue
-            key_b_t = torch.from_numpy(key_b).to(S.dev)
-            rad_b_t = torch.from_numpy(rad_b).to(S.dev)
+            key_b_t = _tensor(np.ascontiguousarray(key_b), S.dev)
+            rad_b_t = _tensor(np.ascontiguousarray(rad_b), S.dev)
             for c0 in range(0, nb, S.tile):
                 bt, bs = bx[c0:c0 + S.tile], bsq[c0:c0 + S.tile]
                 c1 = c0 + bt.shape[0]
