@@ -50,6 +50,10 @@ re-evaluated in float64 from the rows:
 Results are exact values or integer counts, so they do not depend on the number of
 threads, the tile order, or how the points were split into blocks.
 
+The same joins with the GEMM and its filtering in torch (CUDA; the CPU for tests) are in
+knn_torch.py, equal bit for bit; tasks/join/backend.py chooses between them, and
+engine.py runs them in process or as Dask tasks over groups of query rows.
+
 Streaming protocol (faiss contrib/exhaustive_search.py's): `blocks` is an iterable
 of (offset, block) with block a (b, d) array whose global row indices start at
 `offset` (a bare array is one block at offset 0). The query rows are held in
