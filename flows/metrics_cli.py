@@ -43,14 +43,14 @@ def add_metrics_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--block-rows", type=int, default=65536, help="rows per streamed block of the point side")
     from modeaudit.flows.args import count
     from modeaudit.tasks.plan import METRIC_KERNELS
-    m.add_argument("--workers", type=count, default=None, help="run the k-NN joins on this many local Dask worker "
-                   "processes (default: in this process); the numbers do not change")
+    m.add_argument("--workers", type=count, default=None, metavar="N", help="run the k-NN joins on N local Dask "
+                   "worker processes; unset (and no --scheduler): in this process. The numbers do not change")
     m.add_argument("--scheduler", metavar="ADDRESS", help="run the k-NN joins on an existing Dask scheduler, e.g. "
                    "tcp://10.0.0.5:8786")
     m.add_argument("--kernel", default="auto", choices=METRIC_KERNELS, help="k-NN kernel: fast (numba), torch-cpu, "
                    "torch-cuda; auto = torch-cuda on a GPU machine, else fast (all exact, equal results)")
-    m.add_argument("--group-rows", type=count, default=None, help="query rows per Dask task (default: about four "
-                   "tasks per worker thread)")
+    m.add_argument("--group-rows", type=count, default=None, metavar="N", help="query rows per Dask task; unset: "
+                   "about four tasks per worker thread")
     return m
 
 
