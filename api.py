@@ -165,14 +165,19 @@ def metrics(real, fake, *, k: int = 5, distance: str = "euclidean", descriptor=N
     with `descriptor` (a spec string or a callable, with `descriptor_options`) through the
     feature cache. Returns the metrics.json dict (docs/metrics.md); with `out`, also writes
     out/metrics.json. Other keywords: block_rows, kid_subsets, kid_subset_size, kid_seed,
-    dup_quantile. Runs in this process (no Prefect, no Dask) and leaves its BLAS threads as
-    they are. Bad input raises ConfigError with the CLI's one-line message.
+    dup_quantile; kernel ("auto", "fast", "torch-cpu", "torch-cuda"); and where the k-NN joins
+    run: client (a distributed.Client), workers (a local cluster started for the call) or
+    scheduler (an address), group_rows (query rows per Dask task). By default it runs in this
+    process (no Prefect, no Dask) and leaves its BLAS threads as they are; the numbers are the
+    same everywhere. Bad input raises ConfigError with the CLI's one-line message.
     """
     from modeaudit.flows.metrics_cli import metrics_of, resolve_descriptor
-    unknown = set(settings) - {"block_rows", "kid_subsets", "kid_subset_size", "kid_seed", "dup_quantile"}
+    known = ("block_rows", "kid_subsets", "kid_subset_size", "kid_seed", "dup_quantile", "kernel", "workers",
+             "scheduler", "group_rows", "client")
+    unknown = set(settings) - set(known)
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}; modeaudit.metrics takes block_rows, "
-                          "kid_subsets, kid_subset_size, kid_seed, dup_quantile")
+        raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}; modeaudit.metrics takes "
+                          f"{', '.join(known)}")
     if descriptor_options and descriptor is None:
         raise ConfigError("descriptor_options needs a descriptor")
     desc = None

@@ -1,8 +1,10 @@
 """`modeaudit metrics`: precision, recall, density, coverage, KID and support size of a fake set against a real set.
 
 Kept out of flows/cli.py (which hooks it in with two calls) so that the subcommand
-needs neither Prefect nor Dask: it reads both sets into memory and runs the exact
-k-NN kernels of tasks/metrics/knn.py directly.
+needs no Prefect: it reads both sets into memory and runs the exact k-NN kernels of
+tasks/metrics/ in this process, or with `--workers N` / `--scheduler ADDR` as Dask
+tasks over groups of query rows (tasks/metrics/engine.py) on a cluster started as the
+audit starts its own (tasks/plan.py decides its kind, flows/cluster.py starts it).
 """
 from __future__ import annotations
 
@@ -39,6 +41,16 @@ def add_metrics_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--dup-quantile", type=float, default=None, help="support size: near-duplicate threshold = "
                    "this quantile of the real nearest-neighbour distances (default 0.01)")
     m.add_argument("--block-rows", type=int, default=65536, help="rows per streamed block of the point side")
+    from modeaudit.flows.args import count
+    from modeaudit.tasks.plan import METRIC_KERNELS
+    m.add_argument("--workers", type=count, default=None, metavar="N", help="run the k-NN joins on N local Dask "
+                   "worker processes; unset (and no --scheduler): in this process. The numbers do not change")
+    m.add_argument("--scheduler", metavar="ADDRESS", help="run the k-NN joins on an existing Dask scheduler, e.g. "
+                   "tcp://10.0.0.5:8786")
+    m.add_argument("--kernel", default="auto", choices=METRIC_KERNELS, help="k-NN kernel: fast (numba), torch-cpu, "
+                   "torch-cuda; auto = torch-cuda on a GPU machine, else fast (all exact, equal results)")
+    m.add_argument("--group-rows", type=count, default=None, metavar="N", help="query rows per Dask task; unset: "
+                   "about four tasks per worker thread")
     return m
 
 
@@ -179,6 +191,34 @@ def load_rows(path, what: str, distance: str, desc: dict | None = None, cache: b
     return x
 
 
+def _execution(kernel: str, workers, scheduler, group_rows):
+    """The metrics' execution plan (tasks/plan.py), or None to run in this process; _Bad on a bad setting
+    or an unreachable scheduler."""
+    from modeaudit.tasks.join.backend import metric_kernel
+    from modeaudit.tasks.registry import ConfigError
+    try:
+        kernel = metric_kernel(kernel)
+    except ValueError as e:
+        raise _Bad(f"--kernel: {e}") from None
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise _Bad(f"--workers must be a positive integer, got {workers!r}")
+    if group_rows is not None and (isinstance(group_rows, bool) or not isinstance(group_rows, int)
+                                   or group_rows < 1):
+        raise _Bad(f"--group-rows must be a positive integer, got {group_rows!r}")
+    if workers is not None and scheduler:
+        raise _Bad("--workers starts a local cluster and --scheduler uses an existing one; give one of them")
+    if workers is None and not scheduler:
+        return kernel, None
+    from modeaudit.flows.cluster import probe_scheduler
+    from modeaudit.tasks.plan import plan_execution
+    try:
+        if scheduler:
+            probe_scheduler(scheduler)
+        return kernel, plan_execution(kernel, workers or 1, scheduler=scheduler or None)
+    except ConfigError as e:
+        raise _Bad(str(e)) from None
+
+
 def _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise _Bad(f"--k must be a positive integer, got {k!r}")
@@ -195,15 +235,23 @@ def _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, blo
 def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dict | None = None, out=None,
                cache: bool = True, cache_dir: str | None = None, block_rows: int = 65536, kid_subsets: int | None = None,
                kid_subset_size: int | None = None, kid_seed: int | None = None,
-               dup_quantile: float | None = None) -> dict:
+               dup_quantile: float | None = None, kernel: str = "auto", workers: int | None = None,
+               scheduler: str | None = None, group_rows: int | None = None, client=None) -> dict:
     """The metrics.json dict of `fake` against `real` (each a path, as `--real`/`--fake` take, or an
     array); with `out`, also written to out/metrics.json. Every input is checked before `out` is
-    created. Bad input raises _Bad (a ConfigError) with the CLI's message."""
+    created. Bad input raises _Bad (a ConfigError) with the CLI's message.
+
+    The k-NN joins run in this process, or on `client` (a distributed.Client), or on a cluster
+    started for the call (`workers` local processes) or reached at `scheduler`; the numbers are
+    the same on each (exact joins)."""
     from modeaudit.tasks.metrics.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS
     kid_subsets = KID_SUBSETS if kid_subsets is None else kid_subsets
     kid_subset_size = KID_SUBSET_SIZE if kid_subset_size is None else kid_subset_size
     kid_seed = KID_SEED if kid_seed is None else kid_seed
     _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows)
+    kernel, plan = _execution(kernel, workers, scheduler, group_rows)
+    if plan is not None and client is not None:
+        raise _Bad("pass a client, or workers/scheduler, not both")
     if out is not None:
         out = Path(out)
         if out.exists() and not out.is_dir():
@@ -225,10 +273,22 @@ def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dic
             raise _Bad(f"cannot create --out {out} ({e.strerror or e}); choose a writable directory") from None
     from modeaudit.tasks.metrics.suite import compute_metrics
     extra = {} if dup_quantile is None else {"dup_quantile": dup_quantile}
+
+    def run(cl):
+        return compute_metrics(real_rows, fake_rows, k, distance, block_rows=block_rows, kid_subsets=kid_subsets,
+                               kid_subset_size=kid_subset_size, kid_seed=kid_seed, client=cl, kernel=kernel,
+                               group_rows=group_rows, **extra)
+    from modeaudit.tasks.registry import ConfigError
     try:
-        result = compute_metrics(real_rows, fake_rows, k, distance, block_rows=block_rows, kid_subsets=kid_subsets,
-                                 kid_subset_size=kid_subset_size, kid_seed=kid_seed, **extra)
+        if plan is None:
+            result = run(client)
+        else:
+            from modeaudit.flows.cluster import dask_client
+            with dask_client(plan) as cl:
+                result = run(cl)
     except ValueError as e:
+        raise _Bad(str(e)) from None
+    except ConfigError as e:   # a cluster that cannot be reached, or workers lost again and again
         raise _Bad(str(e)) from None
     for key, given, rows in (("real", real, real_rows), ("fake", fake, fake_rows)):
         result[key] = str(given) if isinstance(given, (str, Path)) else f"array {tuple(rows.shape)}"
@@ -253,7 +313,8 @@ def run_metrics(args) -> int:
         result = metrics_of(args.real, args.fake, k=args.k, distance=args.distance, desc=desc, out=args.out,
                             cache=args.cache, cache_dir=args.cache_dir, block_rows=args.block_rows,
                             kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-                            kid_seed=args.kid_seed, dup_quantile=args.dup_quantile)
+                            kid_seed=args.kid_seed, dup_quantile=args.dup_quantile, kernel=args.kernel,
+                            workers=args.workers, scheduler=args.scheduler, group_rows=args.group_rows)
     except _Bad as e:
         print(f"modeaudit: error: {e}", file=sys.stderr)
         return 2

@@ -318,3 +318,182 @@ def test_python_api_metrics(tmp_path):
     with pytest.raises(modeaudit.ConfigError, match="unknown setting"):
         modeaudit.metrics(real, fake, kid_subset=3)
     assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------
+# the joins on Dask (tasks/metrics/engine.py) and on torch (tasks/metrics/knn_torch.py)
+
+
+def _manifold_arrays(m):
+    return (m.real_knn, m.fake_knn, m.fake_in_real_balls, m.real_ball_counts, m.real_in_fake_balls)
+
+
+@pytest.fixture(scope="module")
+def thread_client():
+    """A 2-worker in-process Dask cluster (threads): the engine's tasks, scatter and merge without process starts."""
+    from distributed import Client, LocalCluster
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "angular"])
+def test_engine_on_dask_is_bit_identical_for_any_group_size(distance, thread_client):
+    from modeaudit.tasks.metrics.engine import KnnEngine
+    a, b = _random_sets(10)
+    if distance == "angular":
+        a, b = _unit(a), _unit(b)
+    k = 4
+    ref = _manifold_arrays(manifold_counts(a, b, k, distance))
+    want = knn_distances_reference(a, k, distance)
+    np.testing.assert_array_equal(ref[0], want)
+    for group_rows, block_rows in ((None, None), (1, 97), (250, 600), (699, 128), (5000, 64)):
+        eng = KnnEngine(thread_client, "fast", block_rows=block_rows, group_rows=group_rows)
+        got = _manifold_arrays(manifold_counts(a, b, k, distance, engine=eng))
+        for g, r in zip(got, ref):
+            np.testing.assert_array_equal(g, r)
+            assert g.dtype == r.dtype
+
+
+def test_compute_metrics_on_a_two_process_cluster_equals_one_process(scheduler):
+    """The conftest cluster: 2 worker processes, BLAS pinned as the CLI pins its workers'."""
+    from distributed import Client
+    rng = np.random.default_rng(11)
+    real = rng.standard_normal((1400, 24)).astype(np.float32)
+    fake = (rng.standard_normal((1100, 24)) * 0.8 + 0.1).astype(np.float32)
+    fake[300:340] = fake[2]   # near-duplicates: the support-size pass has rows to count against the whole set
+    for distance in ("euclidean", "angular"):
+        ref = compute_metrics(real, fake, 5, distance, kid_subsets=2)
+        assert ref["dup_pairs_fake"] > 0
+        with Client(scheduler) as client:
+            for group_rows in (None, 333):
+                got = compute_metrics(real, fake, 5, distance, kid_subsets=2, client=client, group_rows=group_rows,
+                                      block_rows=500)
+                assert json.dumps(got) == json.dumps(ref), (distance, group_rows)
+
+
+def test_cli_workers_1_and_2_write_byte_identical_metrics_json(tmp_path, capsys, scheduler):
+    """In process, --workers 1, --workers 2 (local clusters started by the command) and --scheduler."""
+    from modeaudit.flows.cli import main
+    rng = np.random.default_rng(12)
+    np.save(tmp_path / "real.npy", rng.standard_normal((1300, 16)).astype(np.float32))
+    np.save(tmp_path / "fake.npy", (rng.standard_normal((1000, 16)) + 0.2).astype(np.float32))
+    base = ["metrics", "--real", str(tmp_path / "real.npy"), "--fake", str(tmp_path / "fake.npy"), "--k", "4",
+            "--kid-subsets", "2"]
+    runs = {"here": [], "w1": ["--workers", "1"], "w2": ["--workers", "2", "--group-rows", "400"],
+            "ext": ["--scheduler", scheduler, "--group-rows", "129"]}
+    for name, extra in runs.items():
+        assert main(base + ["--out", str(tmp_path / name)] + extra) == 0, name
+    capsys.readouterr()
+    data = {name: (tmp_path / name / "metrics.json").read_bytes() for name in runs}
+    assert data["w1"] == data["w2"] == data["ext"] == data["here"]
+    assert 0 < json.loads(data["w2"])["precision"] < 1
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--scheduler", "tcp://127.0.0.1:1"], "cannot reach the Dask scheduler"),
+    (["--scheduler", "not-an-address"], "not a Dask scheduler address"),
+    (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "give one of them"),
+    (["--workers", "0"], "--workers must be a positive integer"),
+    (["--kernel", "lowprec"], "invalid choice"),
+])
+def test_cli_bad_cluster_settings_exit_2_with_one_line(tmp_path, capsys, args, msg):
+    from modeaudit.flows.cli import main
+    rng = np.random.default_rng(13)
+    for name in ("real", "fake"):
+        np.save(tmp_path / f"{name}.npy", rng.standard_normal((50, 8)).astype(np.float32))
+    with pytest.raises(SystemExit) if "invalid choice" in msg else _no_raise() as ex:
+        rc = main(["metrics", "--real", str(tmp_path / "real.npy"), "--fake", str(tmp_path / "fake.npy"),
+                   "--out", str(tmp_path / "out")] + args)
+    rc = ex.value.code if ex is not None else rc
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("modeaudit: error: ") and err.count("\n") == 1 and msg in err, err
+    assert not (tmp_path / "out").exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_metric_kernels_are_the_gemm_ones():
+    from modeaudit.tasks.join.backend import metric_kernel
+    from modeaudit.tasks.plan import KERNELS, METRIC_KERNELS
+    assert set(METRIC_KERNELS) <= set(KERNELS) and "fast" in METRIC_KERNELS
+    assert metric_kernel("fast") == "fast"
+    for bad in ("reference", "lowprec", "numpy"):
+        with pytest.raises(ValueError, match="no k-NN form"):
+            metric_kernel(bad)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "angular"])
+@pytest.mark.parametrize("data", ["random", "grid"])
+def test_torch_cpu_kernels_equal_float64_brute_force(distance, data):
+    pytest.importorskip("torch")
+    from modeaudit.tasks.metrics.knn_torch import ball_counts_torch, knn_distances_torch
+    if data == "random":
+        a, b = _random_sets(14)
+        if distance == "angular":
+            a, b = _unit(a), _unit(b)
+    else:
+        a, b = _grid_sets(15, distance)   # many pairs exactly on the spheres
+    k = 5
+    ra = knn_distances_reference(a, k, distance)
+    rb = knn_distances_reference(b, k, distance)
+    ref = ball_counts_reference(a, b, ra[:, -1], rb[:, -1], distance).as_tuple()
+    # Small tiles: many tiles per block, the k-NN lists carried across them and across blocks.
+    for tile, query_tile, rows in ((40, 64, 97), (None, None, None)):
+        blocks_a = [(0, a)] if rows is None else _blocks(a, rows)
+        blocks_b = [(0, b)] if rows is None else _blocks(b, rows)
+        got = knn_distances_torch(a, blocks_a, k, distance=distance, query_ids=np.arange(len(a)), device="cpu",
+                                  tile=tile, query_tile=query_tile)
+        np.testing.assert_array_equal(got, ra)
+        c = ball_counts_torch(a, blocks_b, ra[:, -1], rb[:, -1], distance=distance, device="cpu", tile=tile,
+                              query_tile=query_tile).as_tuple()
+        for g, r in zip(c, ref):
+            np.testing.assert_array_equal(g, r)
+    # a-ids: a row is not in its own ball (the support-size pass), a scalar radius, no b-balls
+    tau = float(np.quantile(ra[:, 0], 0.3))
+    ids = np.arange(0, len(a), 3)
+    want = ball_counts_reference(a[ids], a, tau, None, distance, a_ids=ids).as_tuple()
+    got = ball_counts_torch(a[ids], _blocks(a, 120), tau, None, distance=distance, a_ids=ids, device="cpu",
+                            tile=50).as_tuple()
+    for g, r in zip(got, want):
+        np.testing.assert_array_equal(g, r)
+
+
+def test_torch_cpu_metrics_equal_numba_on_dask(thread_client):
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(16)
+    real = rng.standard_normal((900, 12)).astype(np.float32)
+    fake = (rng.standard_normal((800, 12)) * 0.9).astype(np.float32)
+    fake[10:30] = fake[0]
+    real.flags.writeable = False   # as np.load's memory maps: torch must not share it
+    ref = compute_metrics(real, fake, 3, kid_subsets=2)
+    assert compute_metrics(real, fake, 3, kid_subsets=2, kernel="torch-cpu") == ref
+    assert compute_metrics(real, fake, 3, kid_subsets=2, kernel="torch-cpu", client=thread_client,
+                           group_rows=256) == ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", ["euclidean", "angular"])
+def test_torch_cuda_kernels_equal_float64_brute_force(distance):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from modeaudit.tasks.join.backend import ball_counts as bc, knn_self as ks
+    for a, b in (_random_sets(17), _grid_sets(18, distance)):
+        if distance == "angular":
+            a, b = _unit(a), _unit(b)
+        k = 5
+        ra = knn_distances_reference(a, k, distance)
+        rb = knn_distances_reference(b, k, distance)
+        np.testing.assert_array_equal(ks(a, k, distance=distance, kernel="torch-cuda"), ra)
+        ref = ball_counts_reference(a, b, ra[:, -1], rb[:, -1], distance).as_tuple()
+        got = bc(a, _blocks(b, 128), ra[:, -1], rb[:, -1], distance=distance, kernel="torch-cuda").as_tuple()
+        for g, r in zip(got, ref):
+            np.testing.assert_array_equal(g, r)

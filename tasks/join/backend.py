@@ -11,6 +11,9 @@ Kernels:
                 "fast" is quicker on a CPU)
   "torch-cuda"  the torch kernels on the current CUDA device
   "auto"        "torch-cuda" when a CUDA GPU is usable, else "fast"
+The exact k-NN metrics (tasks/metrics/) run on "fast" (numba, knn.py) and on the
+torch kernels (knn_torch.py), chosen here too (`metric_kernel`, `knn_distances`,
+`knn_self`, `ball_counts`); their results are equal bit for bit.
 All of them return the same counts (exactly) and the same sums (to float64
 rounding) for the same inputs; "lowprec" returns "fast"'s sums bit for bit.
 
@@ -36,9 +39,10 @@ import os
 import numpy as np
 
 from modeaudit.tasks.join import kernels as join
-from modeaudit.tasks.plan import KERNELS
+from modeaudit.tasks.plan import KERNELS, METRIC_KERNELS
 
-__all__ = ["KERNELS", "gpu_available", "resolve_kernel", "range_counts", "mccs_sums"]
+__all__ = ["KERNELS", "METRIC_KERNELS", "gpu_available", "resolve_kernel", "range_counts", "mccs_sums",
+           "metric_kernel", "knn_distances", "knn_self", "ball_counts"]
 
 
 _NVIDIA_NODES = ("/dev/nvidiactl", "/dev/nvidia0")
@@ -114,3 +118,52 @@ def mccs_sums(anchors, blocks, theta, *, anchor_ids=None, kernel: str = "fast") 
         return join.mccs_sums(anchors, blocks, theta, anchor_ids=anchor_ids, kernel=k)
     from modeaudit.tasks.join import torch_kernels as join_torch
     return join_torch.mccs_sums_torch(anchors, blocks, theta, anchor_ids=anchor_ids, device=_torch_device(k))
+
+
+# ----------------------------------------------------------------------------
+# the exact k-NN metrics' kernels (tasks/metrics/knn.py, tasks/metrics/knn_torch.py)
+
+
+def metric_kernel(kernel: str) -> str:
+    """The concrete k-NN metrics kernel ("fast", "torch-cpu" or "torch-cuda") for a requested one; ValueError
+    for a kernel the metrics do not have, and as resolve_kernel for the rest."""
+    if kernel not in METRIC_KERNELS:
+        raise ValueError(f"kernel {kernel!r} has no k-NN form; the metrics run on {', '.join(METRIC_KERNELS)}")
+    return resolve_kernel(kernel)
+
+
+def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query_ids=None,
+                  kernel: str = "fast") -> np.ndarray:
+    """Exact k-NN distances (q, k) with the chosen kernel; see metrics.knn.knn_distances (equal on every kernel)."""
+    kn = metric_kernel(kernel)
+    if kn == "fast":
+        from modeaudit.tasks.metrics.knn import knn_distances as run
+        return run(queries, blocks, k, distance=distance, query_ids=query_ids)
+    from modeaudit.tasks.metrics.knn_torch import knn_distances_torch
+    return knn_distances_torch(queries, blocks, k, distance=distance, query_ids=query_ids,
+                               device=_torch_device(kn))
+
+
+def knn_self(x, k: int, *, distance: str = "euclidean", kernel: str = "fast") -> np.ndarray:
+    """Exact k-NN distances of every row of x within x (self excluded) with the chosen kernel.
+
+    "fast" runs metrics.knn.knn_self (each pair's score formed once); the torch kernels run
+    knn_distances(x, x, query_ids=arange(n)), twice the GEMM, with the same result.
+    """
+    kn = metric_kernel(kernel)
+    if kn == "fast":
+        from modeaudit.tasks.metrics.knn import knn_self as run
+        return run(x, k, distance=distance)
+    x = np.asarray(x)
+    return knn_distances(x, x, k, distance=distance, query_ids=np.arange(x.shape[0]), kernel=kn)
+
+
+def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "euclidean", a_ids=None,
+                kernel: str = "fast"):
+    """Strict ball counts (metrics.knn.BallCounts) with the chosen kernel; see metrics.knn.ball_counts."""
+    kn = metric_kernel(kernel)
+    if kn == "fast":
+        from modeaudit.tasks.metrics.knn import ball_counts as run
+        return run(a, blocks, radii_a, radii_b, distance=distance, a_ids=a_ids)
+    from modeaudit.tasks.metrics.knn_torch import ball_counts_torch
+    return ball_counts_torch(a, blocks, radii_a, radii_b, distance=distance, a_ids=a_ids, device=_torch_device(kn))

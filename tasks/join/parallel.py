@@ -74,30 +74,48 @@ def _group_rows(group) -> int:
         return 1
 
 
-def _run(client, fn, groups, *args):
+def _run(client, fn, groups, *args, bind=None, what: str | None = None, scattered: dict | None = None):
     """Run fn(*args, group) for every group and return the per-group results in order.
+
+    bind(args, group) -> the call's arguments (default: the joins' layout, _bind); what:
+    the progress line's label (default: _WHAT's). Arrays over 1 MiB are scattered to
+    every worker once per call, or once per `scattered` dict (keyed by the array's id,
+    the array kept alive there) when a caller runs several stages on the same rows.
 
     Inputs held only in workers' memory (scattered anchors) die with the workers; when
     workers are lost mid-stage, everything is scattered and submitted again (their
     restarted processes read the rest from the store), WORKER_LOSS_RETRIES times,
     then the run ends with one line instead of a Dask traceback.
     """
+    bind = _bind if bind is None else bind
     if client is None:
-        return [fn(*_bind(args, g)) for g in groups]
+        return [fn(*bind(args, g)) for g in groups]
     from modeaudit.tasks.errors import WorkerLost
+    cache = {} if scattered is None else scattered
     for attempt in range(WORKER_LOSS_RETRIES + 1):
         try:
-            big = [client.scatter(a, broadcast=True) if isinstance(a, np.ndarray) and a.nbytes > 1 << 20 else a
-                   for a in args]
-            futures = [client.submit(fn, *_bind(big, g), pure=False) for g in groups]
-            return console.gather(client, futures, [_group_rows(g) for g in groups], _WHAT.get(fn, "rows"))
+            big = [_scatter(client, a, cache) for a in args]
+            futures = [client.submit(fn, *bind(big, g), pure=False) for g in groups]
+            return console.gather(client, futures, [_group_rows(g) for g in groups],
+                                  what or _WHAT.get(fn, "rows"))
         except Exception as e:   # noqa: BLE001 -- only worker loss is retried, see _worker_lost
             if not worker_lost(e):
                 raise
             last = e
+            cache.clear()   # the scattered copies died with the workers
             client.wait_for_workers(1, timeout=120)
     raise WorkerLost(f"Dask workers died {WORKER_LOSS_RETRIES + 1} times in a row ({type(last).__name__}); "
                      "out of memory? Rerun with fewer --workers or smaller --shard-rows (finished shards are kept)")
+
+
+def _scatter(client, a, cache: dict):
+    """A future of `a` on every worker when it is an array over 1 MiB (once per cache), else `a` itself."""
+    if not (isinstance(a, np.ndarray) and a.nbytes > 1 << 20):
+        return a
+    if id(a) not in cache:
+        # The array is kept with its future, so its id cannot be reused by another array meanwhile.
+        cache[id(a)] = (a, client.scatter(a, broadcast=True))
+    return cache[id(a)][1]
 
 
 def worker_lost(e: BaseException) -> bool:

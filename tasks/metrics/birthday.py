@@ -52,17 +52,21 @@ def duplicate_threshold(real_knn, quantile: float = DUP_QUANTILE) -> float:
     return float(np.quantile(nn, q, method="lower"))
 
 
-def near_duplicate_pairs(x, knn, tau: float, distance: str = "euclidean", blocks=None) -> int:
+def near_duplicate_pairs(x, knn, tau: float, distance: str = "euclidean", blocks=None, engine=None) -> int:
     """#{unordered pairs of rows of x with d < tau}, exact.
 
     `knn` is x's (n, k) ascending k-NN distances (self excluded). A row whose k-th
     distance is >= tau has all its closer-than-tau neighbours in its list; the other
-    rows are counted against all of x (streamed as `blocks`, default one block).
+    rows are counted against all of x (streamed as `blocks`, default one block; or
+    by `engine`, a tasks/metrics/engine.KnnEngine, which streams x itself).
     """
     knn = np.asarray(knn)
     per_row = np.count_nonzero(knn < tau, axis=1).astype(np.int64)
     full = np.flatnonzero(knn[:, -1] < tau)
-    if full.size:
+    if full.size and engine is not None:
+        x = np.asarray(x)
+        per_row[full] = engine.ball_counts(x[full], x, tau, None, distance, a_ids=full).in_a_balls_count
+    elif full.size:
         c = ball_counts(np.asarray(x)[full], x if blocks is None else blocks, tau, None, distance=distance,
                         a_ids=full)
         per_row[full] = c.in_a_balls_count
@@ -98,14 +102,15 @@ def _support(pairs: int, n: int) -> dict:
 
 
 def birthday_support(real, fake, real_knn, fake_knn, distance: str = "euclidean", *,
-                     quantile: float = DUP_QUANTILE, real_blocks=None, fake_blocks=None) -> dict:
+                     quantile: float = DUP_QUANTILE, real_blocks=None, fake_blocks=None, engine=None) -> dict:
     """Birthday-paradox support sizes of the fake and the real set (module docstring), as a flat dict.
 
-    real_knn / fake_knn: each set's (n, k) k-NN distances within itself.
+    real_knn / fake_knn: each set's (n, k) k-NN distances within itself; engine: where the
+    near-duplicate counts run (see near_duplicate_pairs).
     """
     tau = duplicate_threshold(real_knn, quantile)
-    fake_s = _support(near_duplicate_pairs(fake, fake_knn, tau, distance, fake_blocks), len(fake_knn))
-    real_s = _support(near_duplicate_pairs(real, real_knn, tau, distance, real_blocks), len(real_knn))
+    fake_s = _support(near_duplicate_pairs(fake, fake_knn, tau, distance, fake_blocks, engine), len(fake_knn))
+    real_s = _support(near_duplicate_pairs(real, real_knn, tau, distance, real_blocks, engine), len(real_knn))
     out = {"support_size": fake_s["size"], "support_batch": fake_s["batch"],
            "support_size_real": real_s["size"], "support_batch_real": real_s["batch"],
            "dup_threshold": tau, "dup_quantile": float(quantile),

@@ -50,6 +50,10 @@ re-evaluated in float64 from the rows:
 Results are exact values or integer counts, so they do not depend on the number of
 threads, the tile order, or how the points were split into blocks.
 
+The same joins with the GEMM and its filtering in torch (CUDA; the CPU for tests) are in
+knn_torch.py, equal bit for bit; tasks/join/backend.py chooses between them, and
+engine.py runs them in process or as Dask tasks over groups of query rows.
+
 Streaming protocol (faiss contrib/exhaustive_search.py's): `blocks` is an iterable
 of (offset, block) with block a (b, d) array whose global row indices start at
 `offset` (a bare array is one block at offset 0). The query rows are held in
@@ -541,22 +545,27 @@ class _Queries:
         self.norm = _max_norm(self.x)
         self.ids = _check_ids(ids, self.x.shape[0])
 
-    def block(self, block):
+    def block(self, block, eps_of=None):
+        """(float32 rows, squared norms or zeros, key tolerance) of one streamed block."""
         b = _rows32(block, "block")
         if b.shape[1] != self.x.shape[1]:
             raise ValueError(f"queries have width {self.x.shape[1]} but a block has width {b.shape[1]}")
         sq = np.zeros(b.shape[0]) if self.angular else _sq_norms(b)
-        return b, sq, self.tol(b, sq)
+        return b, sq, self.tol(b, sq, eps_of)
 
-    def tol(self, b, sq_b) -> float:
-        """Bound on |key(float32 GEMM) - key(exact float64)|, plus margins for the distance map."""
+    def tol(self, b, sq_b, eps_of=None) -> float:
+        """Bound on |key(float32 GEMM) - key(exact float64)|, plus margins for the distance map.
+
+        eps_of(dim, norm_a, norm_b): the bound on a GEMM score's error; default the numba
+        kernels' `_gemm_eps` (the torch kernels pass theirs, which knows TF32 and friends).
+        """
         norm_b = _max_norm(b)
         if self.norm * norm_b > 1e36:
             # float32 inner products would overflow to inf, which the keys would
             # read as "surely inside every ball".
             raise ValueError(f"rows with norms up to {max(self.norm, norm_b):.3g} overflow float32 inner products; "
                              "rescale the features (the k-NN metrics do not change under a common scale factor)")
-        eps = _gemm_eps(self.x.shape[1], self.norm, norm_b)
+        eps = (eps_of or _gemm_eps)(self.x.shape[1], self.norm, norm_b)
         if self.angular:
             # 2 eps for key = -2 s; the absolute 1e-11 keeps arccos/cos rounding
             # (~1e-16) from ever deciding a pair the float32 test called sure.

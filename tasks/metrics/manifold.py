@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modeaudit.tasks.metrics.knn import _check_k, _rows32, ball_counts, knn_self
+from modeaudit.tasks.metrics.knn import _check_k, _rows32
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,20 @@ def check_sets(real, fake, k: int, distance: str):
 
 
 def manifold_counts(real, fake, k: int = 5, distance: str = "euclidean", *,
-                    block_rows: int | None = None, real_knn=None) -> Manifolds:
+                    block_rows: int | None = None, real_knn=None, engine=None) -> Manifolds:
     """The three exact joins behind precision, recall, density and coverage.
 
     real, fake: (n, d) float rows (used as float32). `real_knn` may pass R's k-NN
     distances already computed (e.g. for several fake sets against one real set).
+    engine: where the joins run (tasks/metrics/engine.KnnEngine: a kernel, optionally
+    a Dask client); default in this process with the numba kernel and `block_rows`.
     """
+    from modeaudit.tasks.metrics.engine import KnnEngine
     r, f, k = check_sets(real, fake, k, distance)
+    engine = KnnEngine(block_rows=block_rows) if engine is None else engine
     if real_knn is None:
-        real_knn = knn_self(r, k, distance=distance)
-    fake_knn = knn_self(f, k, distance=distance)
-    c = ball_counts(r, blocks_of(f, block_rows), real_knn[:, -1], fake_knn[:, -1], distance=distance)
+        real_knn = engine.knn_self(r, k, distance)
+    fake_knn = engine.knn_self(f, k, distance)
+    c = engine.ball_counts(r, f, real_knn[:, -1], fake_knn[:, -1], distance)
     return Manifolds(k, distance, real_knn, fake_knn, fake_in_real_balls=c.a_balls_containing,
                      real_ball_counts=c.in_a_balls_count, real_in_fake_balls=c.b_balls_containing)

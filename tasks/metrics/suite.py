@@ -12,7 +12,7 @@ from modeaudit.tasks.metrics.birthday import DUP_QUANTILE, birthday_support
 from modeaudit.tasks.metrics.density_coverage import density_coverage_from_counts
 from modeaudit.tasks.metrics.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, kid
 from modeaudit.tasks.metrics.knn import _check_distance
-from modeaudit.tasks.metrics.manifold import blocks_of, check_sets, manifold_counts
+from modeaudit.tasks.metrics.manifold import check_sets, manifold_counts
 from modeaudit.tasks.metrics.precision_recall import precision_recall_from_counts
 
 __all__ = ["compute_metrics", "unit_rows"]
@@ -31,26 +31,34 @@ def unit_rows(x) -> np.ndarray:
 
 def compute_metrics(real, fake, k: int = 5, distance: str = "euclidean", *, block_rows: int | None = 65536,
                     kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
-                    kid_seed: int = KID_SEED, dup_quantile: float = DUP_QUANTILE) -> dict:
+                    kid_seed: int = KID_SEED, dup_quantile: float = DUP_QUANTILE, client=None,
+                    kernel: str = "fast", group_rows: int | None = None) -> dict:
     """Precision, recall, density, coverage, KID and support size of `fake` against `real`.
 
     real, fake: (n, d) feature rows (used as float32). distance="euclidean" uses the
     rows as given (what prdc and torch-fidelity do); "angular" scales them to unit
     length first and uses arccos(<a, b>) / pi. KID is computed on the same rows.
+    client: a Dask `distributed.Client` to run the k-NN joins on (groups of
+    `group_rows` query rows per task, tasks/metrics/engine.py), None: in this process;
+    kernel: "fast" (numba), "torch-cpu", "torch-cuda" or "auto" (tasks/join/backend.py).
+    The result does not depend on client, kernel, group_rows or block_rows: the joins
+    are exact. KID (random subsets) runs in this process.
     Returns a JSON-ready dict: precision, recall, density, coverage, kid, kid_std,
     support_size, and the settings and sizes behind them (docs/metrics.md).
     """
+    from modeaudit.tasks.metrics.engine import KnnEngine
     _check_distance(distance)
+    engine = KnnEngine(client, kernel, block_rows, group_rows)
     if distance == "angular":
         real, fake = unit_rows(real), unit_rows(fake)
     r, f, k = check_sets(real, fake, k, distance)
-    m = manifold_counts(r, f, k, distance, block_rows=block_rows)
+    m = manifold_counts(r, f, k, distance, block_rows=block_rows, engine=engine)
     precision, recall = precision_recall_from_counts(m.fake_in_real_balls, m.real_in_fake_balls)
     density, coverage = density_coverage_from_counts(m.fake_in_real_balls, m.real_ball_counts, k)
     out = {"precision": precision, "recall": recall, "density": density, "coverage": coverage}
     out.update(kid(r, f, subsets=kid_subsets, subset_size=kid_subset_size, seed=kid_seed))
     out.update(birthday_support(r, f, m.real_knn, m.fake_knn, distance, quantile=dup_quantile,
-                                real_blocks=blocks_of(r, block_rows), fake_blocks=blocks_of(f, block_rows)))
+                                engine=engine))
     out.update({"k": k, "distance": distance, "n_real": int(r.shape[0]), "n_fake": int(f.shape[0]),
                 "dim": int(r.shape[1]), "kid_seed": int(kid_seed)})
     return out

@@ -1,0 +1,136 @@
+"""Where the exact k-NN joins of the metrics run: in this process, or as Dask tasks over groups of query rows.
+
+`KnnEngine` gives the metrics (manifold.py, birthday.py, suite.py) the two joins they
+need, k-NN distances of a set within itself and strict ball counts between sets,
+with a kernel (tasks/join/backend.py chooses numba or torch, and the device) and
+optionally a Dask client.
+
+On a client, the query rows are split into contiguous groups (`group_rows` rows, by
+default about four groups per worker thread, never under 512 rows), one task per
+group, each streaming every block (`block_rows` rows) of the other set through the
+kernel. Both sets are scattered to every worker once per engine (the join's
+`parallel._run` machinery, whose worker-loss retries scatter them again). Every
+result is an exact float64 value or an integer count, so it is bit-identical to the
+single-process path on any number of workers, any group size and any block size;
+per-query results are concatenated in group order, per-point counts (sent back as
+their nonzero entries) summed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from modeaudit.tasks.join import backend
+
+__all__ = ["KnnEngine", "query_groups"]
+
+# Fewer rows per task leave the GEMM tiles (512 query rows in knn.py) part empty.
+MIN_GROUP_ROWS = 512
+
+
+def query_groups(n: int, n_tasks: int, group_rows: int | None = None) -> list[list[tuple[int, int]]]:
+    """Contiguous [lo, hi) groups of n query rows, each as a one-range list (parallel._run's progress unit)."""
+    if group_rows is None:
+        group_rows = max(MIN_GROUP_ROWS, -(-n // max(1, n_tasks)))
+    if group_rows < 1:
+        raise ValueError(f"group_rows must be a positive integer, got {group_rows}")
+    return [[(lo, min(n, lo + group_rows))] for lo in range(0, n, group_rows)]
+
+
+def _blocks(x: np.ndarray, block_rows: int | None):
+    from modeaudit.tasks.metrics.manifold import blocks_of
+    return blocks_of(x, block_rows)
+
+
+def _knn_group(queries, points, k, distance, self_join, block_rows, kernel, group):
+    """k-NN distances of queries[lo:hi] against all of points (one task)."""
+    (lo, hi), = group
+    ids = np.arange(lo, hi) if self_join else None
+    return backend.knn_distances(queries[lo:hi], _blocks(points, block_rows), k, distance=distance,
+                                 query_ids=ids, kernel=kernel)
+
+
+def _ball_group(a, b, radii_a, radii_b, distance, a_ids, block_rows, kernel, group):
+    """Strict ball counts of a[lo:hi] against all of b (one task): the per-query arrays, the per-b ones sparse."""
+    (lo, hi), = group
+    ra = radii_a[lo:hi] if radii_a is not None and np.ndim(radii_a) else radii_a
+    ids = None if a_ids is None else a_ids[lo:hi]
+    c = backend.ball_counts(a[lo:hi], _blocks(b, block_rows), ra, radii_b, distance=distance, a_ids=ids,
+                            kernel=kernel)
+    # The per-row-of-b counts of one group are mostly zero: sent back sparse, so the client
+    # holds O(pairs inside balls) per group, not O(|b|) (|b| = 1e6 x hundreds of groups).
+    return (c.in_a_balls_count, _sparse(c.a_balls_containing), _sparse(c.in_b_balls_count), c.b_balls_containing)
+
+
+def _sparse(x: np.ndarray):
+    nz = np.flatnonzero(x)
+    return nz, x[nz]
+
+
+def _dense_sum(parts, n: int) -> np.ndarray:
+    out = np.zeros(n, np.int64)
+    for idx, vals in parts:
+        out[idx] += vals   # indices are unique within a part
+    return out
+
+
+def _bind(args, group):
+    return (*args, group)
+
+
+class KnnEngine:
+    """The exact k-NN joins of one metrics computation, in process (client None) or on a Dask client.
+
+    kernel: "auto", "fast", "torch-cpu" or "torch-cuda" (tasks/plan.METRIC_KERNELS), resolved
+    here, on the calling machine; block_rows: rows per streamed block of the point side;
+    group_rows: query rows per Dask task (None: about four tasks per worker thread).
+    """
+
+    def __init__(self, client=None, kernel: str = "fast", block_rows: int | None = 65536,
+                 group_rows: int | None = None):
+        self.client = client
+        self.kernel = backend.metric_kernel(kernel)
+        self.block_rows = block_rows
+        self.group_rows = group_rows
+        # Arrays scattered to the workers, reused by every join of this engine.
+        self._scattered: dict = {}
+
+    def _groups(self, n: int):
+        from modeaudit.tasks.join.parallel import _n_tasks
+        return query_groups(n, _n_tasks(self.client), self.group_rows)
+
+    def _run(self, fn, n: int, what: str, *args):
+        from modeaudit.tasks.join.parallel import _run
+        return _run(self.client, fn, self._groups(n), *args, bind=_bind, what=what, scattered=self._scattered)
+
+    def knn_self(self, x: np.ndarray, k: int, distance: str = "euclidean") -> np.ndarray:
+        """k-NN distances of every row of x within x, self excluded, (n, k) ascending.
+
+        In process this is the kernel's own self-join (numba: each pair's score formed
+        once). On a cluster each task takes a group of query rows against the whole
+        set (knn_distances with query_ids), so every pair's score is formed twice:
+        twice the GEMM of the one-process self-join, for a result equal bit for bit.
+        """
+        if self.client is None:
+            return backend.knn_self(x, k, distance=distance, kernel=self.kernel)
+        parts = self._run(_knn_group, x.shape[0], "rows' k-NN radii", x, x, k, distance, True, self.block_rows,
+                          self.kernel)
+        return np.concatenate(parts, axis=0) if parts else np.empty((0, k))
+
+    def ball_counts(self, a: np.ndarray, b: np.ndarray, radii_a=None, radii_b=None, distance: str = "euclidean",
+                    a_ids=None):
+        """Strict ball counts between the rows of a and of b (metrics.knn.BallCounts; see knn.ball_counts)."""
+        from modeaudit.tasks.metrics.knn import BallCounts
+        if self.client is None:
+            return backend.ball_counts(a, _blocks(b, self.block_rows), radii_a, radii_b, distance=distance,
+                                       a_ids=a_ids, kernel=self.kernel)
+        ra = None if radii_a is None else np.asarray(radii_a, np.float64)
+        ids = None if a_ids is None else np.asarray(a_ids, np.int64)
+        parts = self._run(_ball_group, a.shape[0], "rows' ball counts", a, b, ra, radii_b, distance, ids,
+                          self.block_rows, self.kernel)
+        if not parts:
+            z = np.zeros(0, np.int64)
+            return BallCounts(z, np.zeros(b.shape[0], np.int64), np.zeros(b.shape[0], np.int64), z.copy())
+        # Per query row: the groups' arrays in order; per row of b: integer sums (any order is exact).
+        n_b = b.shape[0]
+        return BallCounts(np.concatenate([p[0] for p in parts]), _dense_sum([p[1] for p in parts], n_b),
+                          _dense_sum([p[2] for p in parts], n_b), np.concatenate([p[3] for p in parts]))
