@@ -74,12 +74,12 @@ def scheduler():
 # heaviest file (test_audit_flow.py, 6 tests) to start last. Longest first (measured per-file seconds) lets
 # the two workers finish together; the second file needs no Prefect server, so that worker computes while
 # the first one starts the run's server.
-HEAVIEST_FIRST = ("test_audit_flow.py", "test_join_torch.py", "test_calibrate_flow.py", "test_dask_scheduler.py",
-                  "test_watch.py", "test_adapters.py", "test_package.py", "test_image_folders.py",
-                  "test_pictures.py", "test_servers.py", "test_bad_inputs.py", "test_cli.py", "test_reliability.py",
-                  "test_report.py", "test_compare.py", "test_fid.py", "test_two_sample.py", "test_join.py",
+HEAVIEST_FIRST = ("test_audit_flow.py", "test_join_torch.py", "test_calibrate_flow.py", "test_package.py",
+                  "test_dask_scheduler.py", "test_watch.py", "test_metrics.py", "test_servers.py", "test_adapters.py",
+                  "test_pictures.py", "test_cli.py", "test_report.py", "test_image_folders.py", "test_reliability.py",
+                  "test_bad_inputs.py", "test_compare.py", "test_fid.py", "test_two_sample.py", "test_join.py",
                   "test_calibration.py", "test_envelope.py", "test_bench_harness.py", "test_surrogate.py",
-                  "test_metrics.py", "test_digits_demo.py", "test_toy.py", "test_ties.py", "test_store.py")
+                  "test_digits_demo.py", "test_toy.py", "test_ties.py", "test_store.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
