@@ -702,6 +702,18 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int = _SELF_TILE) 
     return np.sort(np.concatenate([st[1] for st in states], axis=1), axis=1)[:, :k]
 
 
+def ball_side(radii, n: int, name: str, angular: bool, offset: int | None = None):
+    """(keys, radii) of one side's balls for its n rows: radii a scalar, per-row values (rows offset:offset + n of
+    them for a streamed block) or None (no balls: every key and radius -inf)."""
+    if offset is not None and radii is not None and np.ndim(radii) != 0:
+        radii = np.asarray(radii)[offset:offset + n]
+    r = _radii(radii, n, name)
+    key, rad = _ball_keys(r, n, angular)
+    if r is None:
+        rad = np.full(n, -np.inf)
+    return key, rad
+
+
 def _ball_keys(r: np.ndarray | None, n: int, angular: bool):
     if r is None:
         return np.full(n, -np.inf), np.full(n, -np.inf)
@@ -727,23 +739,14 @@ def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "eucli
     angular = _check_distance(distance)
     Q = _Queries(a, angular, a_ids)
     n = Q.x.shape[0]
-    ra = _radii(radii_a, n, "radii_a")
-    key_a, rad_a = _ball_keys(ra, n, angular)
-    if ra is None:
-        rad_a = np.full(n, -np.inf)
+    key_a, rad_a = ball_side(radii_a, n, "radii_a", angular)
     cnt_a = np.zeros(n, np.int64)
     in_b = np.zeros(n, np.int64)
     in_a_parts, cnt_b_parts = [], []
     for offset, block in _iter_blocks(blocks):
         b32, sq_b, tol = Q.block(block)
         nb = b32.shape[0]
-        if radii_b is None or np.ndim(radii_b) == 0:
-            rb = _radii(radii_b, nb, "radii_b")
-        else:
-            rb = _radii(np.asarray(radii_b)[offset:offset + nb], nb, "radii_b")
-        key_b, rad_b = _ball_keys(rb, nb, angular)
-        if rb is None:
-            rad_b = np.full(nb, -np.inf)
+        key_b, rad_b = ball_side(radii_b, nb, "radii_b", angular, offset)
         in_a = np.zeros(nb, np.int64)
         cnt_b = np.zeros(nb, np.int64)
         in_a_parts.append((offset, in_a))

@@ -36,7 +36,7 @@ import torch
 from modeaudit.tasks.join import torch_kernels as jt
 from modeaudit.tasks.join.kernels import _iter_blocks, arccos_over_pi
 from modeaudit.tasks.metrics.knn import (
-    BallCounts, _ball_keys, _check_distance, _check_k, _Queries, _radii,
+    BallCounts, _check_distance, _check_k, _Queries, ball_side,
 )
 
 __all__ = ["knn_distances_torch", "ball_counts_torch"]
@@ -204,10 +204,7 @@ def ball_counts_torch(a, blocks, radii_a=None, radii_b=None, *, distance: str = 
     angular = _check_distance(distance)
     S = _Setup(a, angular, a_ids, device, tile, query_tile)
     n = S.qx.shape[0]
-    ra = _radii(radii_a, n, "radii_a")
-    key_a, rad_a = _ball_keys(ra, n, angular)
-    if ra is None:
-        rad_a = np.full(n, -np.inf)
+    key_a, rad_a = ball_side(radii_a, n, "radii_a", angular)
     i64 = dict(dtype=torch.int64, device=S.dev)
     parts_a, parts_b = [], []
     with torch.inference_mode():
@@ -217,13 +214,7 @@ def ball_counts_torch(a, blocks, radii_a=None, radii_b=None, *, distance: str = 
         in_b = torch.zeros(n, **i64)
         for offset, bx, bsq, tol, _ in S.blocks(blocks):
             nb = bx.shape[0]
-            if radii_b is None or np.ndim(radii_b) == 0:
-                rb = _radii(radii_b, nb, "radii_b")
-            else:
-                rb = _radii(np.asarray(radii_b)[offset:offset + nb], nb, "radii_b")
-            key_b, rad_b = _ball_keys(rb, nb, angular)
-            if rb is None:
-                rad_b = np.full(nb, -np.inf)
+            key_b, rad_b = ball_side(radii_b, nb, "radii_b", angular, offset)
             in_a = torch.zeros(nb, **i64)
             cnt_b = torch.zeros(nb, **i64)
             parts_a.append((offset, in_a))
