@@ -52,8 +52,8 @@ class AuditResult:
     @property
     def report(self) -> Path | None:
         """report.html of the run (None when it ran with report=False)."""
-        path = self.out / "report.html"
-        return path if path.is_file() else None
+        from modeaudit.storage.layout import RunLayout
+        return RunLayout(self.out).written_report
 
     @property
     def result_json(self) -> Path:

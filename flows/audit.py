@@ -263,7 +263,7 @@ def verdict_markdown(result: dict, out: str) -> str:
         f"| level | `{v['level']}` |",
         f"| worst case | S row {w.get('s_index')}, {w.get('count_d0')} neighbours at d0, MCCS "
         f"{result['mccs']['worst_case']:.4g} |",
-        (f"| report | `{layout.report_html.resolve()}` |" if layout.report_html.is_file()
+        (f"| report | `{layout.written_report.resolve()}` |" if layout.written_report
          else "| report | none (run with --no-report) |"),
         f"| result.json | `{layout.result_json.resolve()}` |"])
 
@@ -276,7 +276,7 @@ def publish_verdict(result: dict, out: str) -> None:
     from prefect.events import emit_event
     from prefect.logging import get_run_logger
     v, layout = result["verdict"], RunLayout(out)
-    report = str(layout.report_html.resolve()) if layout.report_html.is_file() else None
+    report = str(layout.written_report.resolve()) if layout.written_report else None
     try:
         create_markdown_artifact(markdown=verdict_markdown(result, out), key=VERDICT_ARTIFACT,
                                  description=f"modeaudit: {v['headline']}")

@@ -338,7 +338,7 @@ def _run_command(args, FailedRun, StoreError) -> int:
         print(f"modeaudit: error: {e}", file=sys.stderr)
         return 2
     code = gate(result["verdict"].get("level", "ok"), args.fail_on)
-    report = RunLayout(cfg.out).report_html if cfg.report else None
+    report = RunLayout(cfg.out).written_report
     console.note(f"{result['verdict']['headline']} ({'report' if report else 'result'}: "
                  f"{report or RunLayout(cfg.out).result_json})")
     verdict = {k: (any(b["reject"] for b in v) if isinstance(v, list) else v["reject"])

@@ -200,11 +200,9 @@ def _execution(kernel: str, workers, scheduler, group_rows):
         kernel = metric_kernel(kernel)
     except ValueError as e:
         raise _Bad(f"--kernel: {e}") from None
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise _Bad(f"--workers must be a positive integer, got {workers!r}")
-    if group_rows is not None and (isinstance(group_rows, bool) or not isinstance(group_rows, int)
-                                   or group_rows < 1):
-        raise _Bad(f"--group-rows must be a positive integer, got {group_rows!r}")
+    for option, v in (("--workers", workers), ("--group-rows", group_rows)):
+        if v is not None:
+            _positive_int(v, option)
     if workers is not None and scheduler:
         raise _Bad("--workers starts a local cluster and --scheduler uses an existing one; give one of them")
     if workers is None and not scheduler:
@@ -219,9 +217,13 @@ def _execution(kernel: str, workers, scheduler, group_rows):
         raise _Bad(str(e)) from None
 
 
+def _positive_int(v, option: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise _Bad(f"{option} must be a positive integer, got {v!r}")
+
+
 def _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise _Bad(f"--k must be a positive integer, got {k!r}")
+    _positive_int(k, "--k")
     if distance not in ("euclidean", "angular"):
         raise _Bad(f"--distance must be euclidean or angular, got {distance!r}")
     if kid_subsets < 1 or kid_subset_size < 2:

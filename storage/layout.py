@@ -53,6 +53,11 @@ class RunLayout:
         return self.root / REPORT_HTML
 
     @property
+    def written_report(self) -> Path | None:
+        """report.html if the run wrote one; None when it ran with --no-report (link result.json instead)."""
+        return self.report_html if self.report_html.is_file() else None
+
+    @property
     def plots(self) -> Path:
         """Figures of the report, as files."""
         return self.root / PLOTS

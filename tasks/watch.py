@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modeaudit.storage.layout import (RESULT_JSON, REPORT_HTML, atomic_write_json, atomic_write_text,
+from modeaudit.storage.layout import (RESULT_JSON, REPORT_HTML, RunLayout, atomic_write_json, atomic_write_text,
                                       make_writable_dir)
 from modeaudit.tasks.registry import ConfigError
 
@@ -173,7 +173,7 @@ def ok_entry(ck: Checkpoint, attempts: int, result: dict, run_dir: Path) -> dict
     tests = result.get("tests", {})
     return {**base_entry(ck, attempts), "status": "ok",
             # None when the audit ran with --no-report (the index then links result.json)
-            "report": f"{ck.run_name}/{REPORT_HTML}" if (Path(run_dir) / REPORT_HTML).is_file() else None,
+            "report": f"{ck.run_name}/{REPORT_HTML}" if RunLayout(run_dir).written_report else None,
             "result": f"{ck.run_name}/{RESULT_JSON}",
             "headline": result["verdict"]["headline"], "level": result["verdict"].get("level", "ok"),
             "worst_case": {"count_d0": result["worst_case"]["count_d0"], "mccs": result["worst_case"]["mccs"]},

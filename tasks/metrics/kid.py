@@ -37,7 +37,7 @@ def _poly(x, y, degree, gamma, coef0):
     k = (x * gamma) @ y.T
     k += coef0
     if float(degree).is_integer() and 1 <= degree <= 8:
-        out = k * k if degree >= 2 else k.copy()
+        out = k * k if degree >= 2 else k
         for _ in range(int(degree) - 2):
             out *= k
         return out

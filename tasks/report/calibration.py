@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modeaudit.storage.layout import PICTURES, REPORT_HTML, RESULT_JSON, RunLayout, atomic_write_text
+from modeaudit.storage.layout import PICTURES, REPORT_HTML, RunLayout, atomic_write_text
 from modeaudit.tasks.report import style
 from modeaudit.tasks.report.audit import _CSS
 
@@ -103,7 +103,8 @@ def _embed(png: bytes, alt: str) -> str:
 
 def _audit_page(run_dir) -> str:
     """What to link for an audit: its report, or its result.json when it ran with --no-report."""
-    return REPORT_HTML if RunLayout(run_dir).report_html.is_file() else RESULT_JSON
+    lay = RunLayout(run_dir)
+    return (lay.written_report or lay.result_json).name
 
 
 def pictures_before_after(run_dir, after_dir, result_before: dict, rel_before: str, rel_after: str) -> str:
