@@ -1,14 +1,17 @@
 """Precision/recall/density/coverage: modeaudit's exact streamed k-NN kernels against prdc
 and against the float32 GEMM floor of the same pairs, in one run.
 
-    python benchmarks/bench_metrics.py --sizes 1e4,2e4 --dims 128,2048 [--k 5] [--json out.json]
+    python benchmarks/bench_metrics.py --sizes 1e4,2e4 --dims 128,2048 [--k 5] [--kernel fast,lowprec]
+        [--json out.json]
 
 Each (method, rows, dim) runs in its own subprocess, so peak memory (ru_maxrss) is
 that method's alone. Both sets have `rows` rows: real ~ N(0, I), fake ~ N(0.1, I),
 float32, fixed seeds.
 
 * modeaudit: manifold_counts (k-NN radii of R and F, then one R x F pass with both
-  balls) and the four metrics from its counts.
+  balls) and the four metrics from its counts, with each --kernel (default auto, as
+  `modeaudit metrics`: the bfloat16-GEMM "lowprec" kernel at 512+ columns on a CPU
+  with AMX, else "fast", the float32 one).
 * gemm floor: a bare float32 np.matmul over the same pairs (R R^T, F F^T, R F^T) in
   2048-row slabs, BLAS on all cores: the cost of merely forming the inner products.
 * prdc: prdc.compute_prdc on the same features, only when its estimated peak
@@ -54,7 +57,7 @@ def _data(n: int, d: int):
     return real, fake
 
 
-def _worker(method: str, n: int, d: int, k: int) -> dict:
+def _worker(method: str, n: int, d: int, k: int, kernel: str = "auto") -> dict:
     import numpy as np
     real, fake = _data(n, d)
     out = {}
@@ -65,10 +68,14 @@ def _worker(method: str, n: int, d: int, k: int) -> dict:
         from modeaudit.tasks.metrics.density_coverage import density_coverage_from_counts
         from modeaudit.tasks.metrics.manifold import manifold_counts
         from modeaudit.tasks.metrics.precision_recall import precision_recall_from_counts
-        # Not timed: numba's cache load (or compilation, after an edit) of every kernel used below.
-        manifold_counts(real[:600], fake[:600], k)
+        from modeaudit.tasks.join.backend import metric_kernel
+        from modeaudit.tasks.metrics.engine import KnnEngine
+        out["kernel"] = metric_kernel(kernel, d)
+        # Not timed: numba's cache load (or compilation, after an edit) of every kernel used below,
+        # and torch's import for the lowprec kernel.
+        manifold_counts(real[:600], fake[:600], k, engine=KnnEngine(kernel=kernel))
         t = time.perf_counter()
-        m = manifold_counts(real, fake, k)
+        m = manifold_counts(real, fake, k, engine=KnnEngine(kernel=kernel))
         p, r = precision_recall_from_counts(m.fake_in_real_balls, m.real_in_fake_balls)
         dens, cov = density_coverage_from_counts(m.fake_in_real_balls, m.real_ball_counts, k)
         out["seconds"] = time.perf_counter() - t
@@ -102,8 +109,8 @@ def _worker(method: str, n: int, d: int, k: int) -> dict:
     return out
 
 
-def _run(method: str, n: int, d: int, k: int, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, str(n), str(d), str(k)]
+def _run(method: str, n: int, d: int, k: int, timeout: float, kernel: str = "auto") -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, str(n), str(d), str(k), kernel]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -126,11 +133,13 @@ def main(argv=None) -> int:
                     "modeaudit itself)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="per method and size, seconds")
     ap.add_argument("--json", help="write all figures here")
-    ap.add_argument("--worker", nargs=4, metavar=("METHOD", "N", "D", "K"), help=argparse.SUPPRESS)
+    ap.add_argument("--kernel", default="auto", help="modeaudit's k-NN kernel, as `modeaudit metrics --kernel` "
+                    "(auto: lowprec at 512+ columns on a CPU with AMX, else fast); a comma-separated list runs each")
+    ap.add_argument("--worker", nargs=5, metavar=("METHOD", "N", "D", "K", "KERNEL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        method, n, d, k = args.worker
-        print(json.dumps(_worker(method, int(n), int(d), int(k))))
+        method, n, d, k, kernel = args.worker
+        print(json.dumps(_worker(method, int(n), int(d), int(k), kernel)))
         return 0
     cpu = cpu_model()
     rows = []
@@ -139,14 +148,25 @@ def main(argv=None) -> int:
             res = {"n": n, "d": d, "k": args.k, "cpu": cpu, "load_before": os.getloadavg()[0]}
             # Interleaved repeats, best of each: on a shared machine the load moves
             # between runs, and the minimum is the least disturbed one.
-            runs = {"modeaudit": []} if args.no_gemm else {"modeaudit": [], "gemm": []}
+            kernels = [x.strip() for x in args.kernel.split(",") if x.strip()]
+            runs = {f"modeaudit:{kn}": [] for kn in kernels}
+            if not args.no_gemm:
+                runs["gemm"] = []
             for _ in range(args.repeats):
                 for method in runs:
-                    runs[method].append(_run(method, n, d, args.k, args.timeout))
+                    name, _, kn = method.partition(":")
+                    runs[method].append(_run(name, n, d, args.k, args.timeout, kn or "auto"))
+            best = {}
             for method, rs in runs.items():
                 ok = [r for r in rs if "seconds" in r]
-                res[method] = dict(min(ok, key=lambda r: r["seconds"])) if ok else rs[0]
-                res[method]["all_seconds"] = [r.get("seconds") for r in rs]
+                best[method] = dict(min(ok, key=lambda r: r["seconds"])) if ok else rs[0]
+                best[method]["all_seconds"] = [r.get("seconds") for r in rs]
+            # "modeaudit" is the first kernel's row (the key earlier results used); every kernel's is in
+            # "modeaudit_by_kernel".
+            res["modeaudit"] = best[f"modeaudit:{kernels[0]}"]
+            res["modeaudit_by_kernel"] = {kn: best[f"modeaudit:{kn}"] for kn in kernels}
+            if "gemm" in best:
+                res["gemm"] = best["gemm"]
             est = 16 * n * n / 2**30
             if args.no_prdc:
                 res["prdc"] = {"skipped": "not run (--no-prdc)"}
@@ -155,29 +175,33 @@ def main(argv=None) -> int:
             else:
                 res["prdc"] = _run("prdc", n, d, args.k, args.timeout)
             res["load_after"] = os.getloadavg()[0]
-            ours, gemm, ref = res["modeaudit"], res.get("gemm", {}), res["prdc"]
-            line = (f"[{cpu}; load {res['load_before']:.1f}->{res['load_after']:.1f}] n={n} d={d} k={args.k}, best of "
-                    f"{args.repeats}: modeaudit ")
-            line += (f"{ours['seconds']:.2f} s ({ours['peak_rss_gib']:.2f} GiB, process CPU "
-                     f"{ours['process_cpu_seconds']:.1f} s)" if "seconds" in ours else ours.get("error", "?"))
-            if "seconds" in gemm:
-                line += f", gemm floor {gemm['seconds']:.2f} s"
+            gemm, ref = res.get("gemm", {}), res["prdc"]
+            for kn, ours in res["modeaudit_by_kernel"].items():
+                line = (f"[{cpu}; load {res['load_before']:.1f}->{res['load_after']:.1f}] n={n} d={d} k={args.k}, "
+                        f"best of {args.repeats}: modeaudit --kernel {kn} ({ours.get('kernel', '?')}) ")
+                line += (f"{ours['seconds']:.2f} s ({ours['peak_rss_gib']:.2f} GiB, process CPU "
+                         f"{ours['process_cpu_seconds']:.1f} s)" if "seconds" in ours else ours.get("error", "?"))
+                if "seconds" in gemm:
+                    line += f", gemm floor {gemm['seconds']:.2f} s"
+                    if "seconds" in ours:
+                        ours["ratio_to_gemm"] = ours["seconds"] / gemm["seconds"]
+                        line += f" (x{ours['ratio_to_gemm']:.2f})"
+                if "seconds" in ref:
+                    line += f", prdc {ref['seconds']:.2f} s ({ref['peak_rss_gib']:.2f} GiB)"
+                    if "seconds" in ours:
+                        ours["speedup_vs_prdc"] = ref["seconds"] / ours["seconds"]
+                        ours["max_abs_diff_vs_prdc"] = max(abs(ours[key] - ref[key]) for key in
+                                                          ("precision", "recall", "density", "coverage"))
+                        line += (f", {ours['speedup_vs_prdc']:.1f}x faster, max |diff| "
+                                 f"{ours['max_abs_diff_vs_prdc']:.1e}")
+                else:
+                    line += f", prdc: {ref.get('skipped') or ref.get('error')}"
                 if "seconds" in ours:
-                    res["ratio_to_gemm"] = ours["seconds"] / gemm["seconds"]
-                    line += f" (x{res['ratio_to_gemm']:.2f})"
-            if "seconds" in ref:
-                line += f", prdc {ref['seconds']:.2f} s ({ref['peak_rss_gib']:.2f} GiB)"
-                if "seconds" in ours:
-                    res["speedup_vs_prdc"] = ref["seconds"] / ours["seconds"]
-                    res["max_abs_diff_vs_prdc"] = max(abs(ours[key] - ref[key]) for key in
-                                                     ("precision", "recall", "density", "coverage"))
-                    line += (f", {res['speedup_vs_prdc']:.1f}x faster, max |diff| "
-                             f"{res['max_abs_diff_vs_prdc']:.1e}")
-            else:
-                line += f", prdc: {ref.get('skipped') or ref.get('error')}"
-            if "seconds" in ours:
-                line += "; P={precision:.4f} R={recall:.4f} D={density:.4f} C={coverage:.4f}".format(**ours)
-            print(line, flush=True)
+                    line += "; P={precision:.4f} R={recall:.4f} D={density:.4f} C={coverage:.4f}".format(**ours)
+                print(line, flush=True)
+            for key in ("ratio_to_gemm", "speedup_vs_prdc", "max_abs_diff_vs_prdc"):
+                if key in res["modeaudit"]:
+                    res[key] = res["modeaudit"][key]
             rows.append(res)
     if args.json:
         with open(args.json, "w") as f:

@@ -47,8 +47,9 @@ def add_metrics_parser(sub) -> argparse.ArgumentParser:
                    "worker processes; unset (and no --scheduler): in this process. The numbers do not change")
     m.add_argument("--scheduler", metavar="ADDRESS", help="run the k-NN joins on an existing Dask scheduler, e.g. "
                    "tcp://10.0.0.5:8786")
-    m.add_argument("--kernel", default="auto", choices=METRIC_KERNELS, help="k-NN kernel: fast (numba), torch-cpu, "
-                   "torch-cuda; auto = torch-cuda on a GPU machine, else fast (all exact, equal results)")
+    m.add_argument("--kernel", default="auto", choices=METRIC_KERNELS, help="k-NN kernel: fast (numba), lowprec "
+                   "(numba with a bfloat16 GEMM in torch), torch-cpu, torch-cuda; auto = torch-cuda on a GPU machine, "
+                   "lowprec for rows of 512+ columns on a CPU with AMX, else fast (all exact, equal results)")
     m.add_argument("--group-rows", type=count, default=None, metavar="N", help="query rows per Dask task; unset: "
                    "about four tasks per worker thread")
     return m
@@ -197,7 +198,8 @@ def _execution(kernel: str, workers, scheduler, group_rows):
     from modeaudit.tasks.join.backend import metric_kernel
     from modeaudit.tasks.registry import ConfigError
     try:
-        kernel = metric_kernel(kernel)
+        # Checked here; "auto" stays "auto" for the joins, which resolve it with the rows' width.
+        resolved = metric_kernel(kernel)
     except ValueError as e:
         raise _Bad(f"--kernel: {e}") from None
     for option, v in (("--workers", workers), ("--group-rows", group_rows)):
@@ -212,7 +214,7 @@ def _execution(kernel: str, workers, scheduler, group_rows):
     try:
         if scheduler:
             probe_scheduler(scheduler)
-        return kernel, plan_execution(kernel, workers or 1, scheduler=scheduler or None)
+        return kernel, plan_execution(resolved, workers or 1, scheduler=scheduler or None)
     except ConfigError as e:
         raise _Bad(str(e)) from None
 

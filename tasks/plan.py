@@ -13,9 +13,9 @@ from modeaudit.tasks.join.threads import usable_cores
 # Every --kernel a run accepts (what each is: tasks/join/backend.py). Here, not in backend.py, so that
 # the CLI can list them without importing the numba kernels at start-up.
 KERNELS = ("auto", "fast", "reference", "torch-cpu", "torch-cuda", "lowprec")
-# The kernels of the exact k-NN metrics (tasks/metrics/knn.py, knn_torch.py): the float32 GEMM ones
-# (the float64 references are not streamed; lowprec's bfloat16 pass has no k-NN form).
-METRIC_KERNELS = tuple(k for k in KERNELS if k in ("auto", "fast", "torch-cpu", "torch-cuda"))
+# The kernels of the exact k-NN metrics (tasks/metrics/knn.py, knn_torch.py): the GEMM ones (the float64
+# references are not streamed); "lowprec" is knn.py's numba filters over a bfloat16 GEMM in torch.
+METRIC_KERNELS = tuple(k for k in KERNELS if k in ("auto", "fast", "lowprec", "torch-cpu", "torch-cuda"))
 
 
 @dataclass(frozen=True)

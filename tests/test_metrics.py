@@ -396,7 +396,7 @@ def test_cli_workers_1_and_2_write_byte_identical_metrics_json(tmp_path, capsys,
     (["--scheduler", "not-an-address"], "not a Dask scheduler address"),
     (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "give one of them"),
     (["--workers", "0"], "--workers must be a positive integer"),
-    (["--kernel", "lowprec"], "invalid choice"),
+    (["--kernel", "reference"], "invalid choice"),
 ])
 def test_cli_bad_cluster_settings_exit_2_with_one_line(tmp_path, capsys, args, msg):
     from modeaudit.flows.cli import main
@@ -426,9 +426,91 @@ def test_metric_kernels_are_the_gemm_ones():
     from modeaudit.tasks.plan import KERNELS, METRIC_KERNELS
     assert set(METRIC_KERNELS) <= set(KERNELS) and "fast" in METRIC_KERNELS
     assert metric_kernel("fast") == "fast"
-    for bad in ("reference", "lowprec", "numpy"):
+    for bad in ("reference", "numpy"):
         with pytest.raises(ValueError, match="no k-NN form"):
             metric_kernel(bad)
+
+
+def test_auto_picks_the_bf16_gemm_only_for_wide_rows_on_a_cpu_with_amx(monkeypatch):
+    pytest.importorskip("torch")
+    from modeaudit.tasks.join import backend
+    monkeypatch.setattr(backend, "gpu_available", lambda: False)
+    monkeypatch.setattr(backend, "cpu_has_amx_bf16", lambda: True)
+    assert backend.metric_kernel("lowprec") == "lowprec"
+    assert backend.metric_kernel("auto", 2048) == "lowprec"
+    assert backend.metric_kernel("auto", backend.LOWPREC_MIN_DIM) == "lowprec"
+    assert backend.metric_kernel("auto", backend.LOWPREC_MIN_DIM - 1) == "fast"
+    assert backend.metric_kernel("auto") == "fast"          # width unknown
+    monkeypatch.setattr(backend, "cpu_has_amx_bf16", lambda: False)
+    assert backend.metric_kernel("auto", 2048) == "fast"
+    monkeypatch.setattr(backend, "_torch_installed", lambda: False)
+    with pytest.raises(ValueError, match="needs torch|which is not installed"):
+        backend.metric_kernel("lowprec")
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "angular"])
+@pytest.mark.parametrize("data", ["random", "grid"])
+def test_bf16_gemm_kernels_equal_float64_brute_force(distance, data, monkeypatch):
+    """scores="bf16" (the lowprec kernel): a ~100x wider band, the same exact radii and counts."""
+    pytest.importorskip("torch")
+    from modeaudit.tasks.metrics import knn as K
+    if data == "random":
+        a, b = _random_sets(24)
+        if distance == "angular":
+            a, b = _unit(a), _unit(b)
+    else:
+        a, b = _grid_sets(25, distance)
+    k = 5
+    ra = knn_distances_reference(a, k, distance)
+    rb = knn_distances_reference(b, k, distance)
+    ref = ball_counts_reference(a, b, ra[:, -1], rb[:, -1], distance).as_tuple()
+    for qt, pt in ((K._BF16_QUERY_TILE, K._BF16_POINT_TILE), (64, 96)):   # one tile; many (bounds per tile)
+        monkeypatch.setattr(K, "_BF16_QUERY_TILE", qt)
+        monkeypatch.setattr(K, "_BF16_POINT_TILE", pt)
+        got = knn_distances(a, _blocks(a, 150), k, distance=distance, query_ids=np.arange(len(a)), scores="bf16")
+        np.testing.assert_array_equal(got, ra)
+        c = ball_counts(a, _blocks(b, 128), ra[:, -1], rb[:, -1], distance=distance, scores="bf16").as_tuple()
+        for g, r in zip(c, ref):
+            np.testing.assert_array_equal(g, r)
+    for tile in (None, 100):
+        np.testing.assert_array_equal(knn_self(a, k, distance=distance, tile=tile, scores="bf16"), ra)
+    tau = float(np.quantile(ra[:, 0], 0.3))
+    ids = np.arange(0, len(a), 3)
+    want = ball_counts_reference(a[ids], a, tau, None, distance, a_ids=ids).as_tuple()
+    got = ball_counts(a[ids], _blocks(a, 120), tau, None, distance=distance, a_ids=ids, scores="bf16").as_tuple()
+    for g, r in zip(got, want):
+        np.testing.assert_array_equal(g, r)
+
+
+def test_bf16_score_bound_holds_on_hard_rows():
+    """The bound the lowprec kernel relies on (bf16_score_eps: measured input rounding, float32 sums,
+    one rounding to the bfloat16 output), checked against float64 on rows built to break it: huge
+    cancellation, components over 12 decades, subnormals (flushed), a row with itself."""
+    pytest.importorskip("torch")
+    from modeaudit.tasks.metrics.knn import _Gemm
+    rng = np.random.default_rng(26)
+    d = 777
+    a = rng.standard_normal((300, d)) * 10.0 ** rng.uniform(-6, 6, d)
+    a[:50, : d // 2] = 1e4
+    a[:50, d // 2: 2 * (d // 2)] = -1e4           # <a, a'> cancels to ~0 against |a| |a'| ~ 1e10
+    a[60:70] = rng.standard_normal((10, d)) * 1e-39  # subnormal float32
+    a = a.astype(np.float32)
+    b = np.concatenate([a[:120], (rng.standard_normal((200, d)) * 3).astype(np.float32)])
+    exact = a.astype(np.float64) @ b.astype(np.float64).T
+    for q_ids, offset in ((None, 0), (np.arange(300), 0)):
+        g = _Gemm("bf16", a, b, q_ids=q_ids, offset=offset)
+        assert g.bf16
+        out = np.empty((300, 320), np.float32)
+        eps = g(0, 300, 0, 320, out)
+        err = np.abs(out - exact)
+        if q_ids is not None:   # the self pairs are zeroed, not bounded
+            err[np.arange(120), np.arange(120)] = 0
+        assert err.max() <= eps, (err.max(), eps)
+        assert err.max() > 1e-3 * eps   # the bound is not vacuous
+    # Values bfloat16 cannot hold safely: that set keeps the float32 GEMM.
+    big = a.copy()
+    big[0, 0] = 2.0 ** 61
+    assert not _Gemm("bf16", big, b).bf16
 
 
 @pytest.mark.parametrize("distance", ["euclidean", "angular"])
@@ -478,6 +560,9 @@ def test_torch_cpu_metrics_equal_numba_on_dask(thread_client):
     assert compute_metrics(real, fake, 3, kid_subsets=2, kernel="torch-cpu") == ref
     assert compute_metrics(real, fake, 3, kid_subsets=2, kernel="torch-cpu", client=thread_client,
                            group_rows=256) == ref
+    assert compute_metrics(real, fake, 3, kid_subsets=2, kernel="lowprec") == ref
+    assert compute_metrics(real, fake, 3, kid_subsets=2, kernel="lowprec", client=thread_client,
+                           group_rows=300) == ref
 
 
 @pytest.mark.gpu

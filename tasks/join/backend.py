@@ -124,21 +124,58 @@ def mccs_sums(anchors, blocks, theta, *, anchor_ids=None, kernel: str = "fast") 
 # the exact k-NN metrics' kernels (tasks/metrics/knn.py, tasks/metrics/knn_torch.py)
 
 
-def metric_kernel(kernel: str) -> str:
-    """The concrete k-NN metrics kernel ("fast", "torch-cpu" or "torch-cuda") for a requested one; ValueError
-    for a kernel the metrics do not have, and as resolve_kernel for the rest."""
+# "auto" runs the metrics' GEMM in bfloat16 from this width on, on a CPU with AMX (BENCHMARKS.md,
+# "bfloat16 first pass of the metrics": at 2048-d it was 2.4-3x the float32 path's speed; at 128-d
+# the filter, not the GEMM, is the cost and the wider band makes it slower).
+LOWPREC_MIN_DIM = 512
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (Linux /proc/cpuinfo; False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def metric_kernel(kernel: str, dim: int | None = None) -> str:
+    """The concrete k-NN metrics kernel ("fast", "lowprec", "torch-cpu" or "torch-cuda") for a requested one.
+
+    "auto": "torch-cuda" with a usable GPU; else "lowprec" (numba filters, bfloat16 GEMM in
+    torch) for rows of width dim >= LOWPREC_MIN_DIM on a CPU with AMX-BF16 where torch is
+    installed; else "fast". Every kernel returns the same values. ValueError for a kernel
+    the metrics do not have, and as resolve_kernel for the rest.
+    """
     if kernel not in METRIC_KERNELS:
         raise ValueError(f"kernel {kernel!r} has no k-NN form; the metrics run on {', '.join(METRIC_KERNELS)}")
+    if kernel == "lowprec":
+        if not _torch_installed():
+            raise ValueError("kernel 'lowprec' runs the metrics' bfloat16 GEMM in torch, which is not installed; "
+                             "use --kernel fast")
+        return kernel
+    if (kernel == "auto" and dim is not None and dim >= LOWPREC_MIN_DIM and not gpu_available()
+            and cpu_has_amx_bf16() and _torch_installed()):
+        return "lowprec"
     return resolve_kernel(kernel)
+
+
+def _numba_scores(kn: str):
+    """The numba k-NN kernels' GEMM precision for a concrete metrics kernel, None for a torch one."""
+    return {"fast": "float32", "lowprec": "bf16"}.get(kn)
 
 
 def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query_ids=None,
                   kernel: str = "fast") -> np.ndarray:
     """Exact k-NN distances (q, k) with the chosen kernel; see metrics.knn.knn_distances (equal on every kernel)."""
-    kn = metric_kernel(kernel)
-    if kn == "fast":
+    kn = metric_kernel(kernel, np.shape(queries)[1] if np.ndim(queries) == 2 else None)
+    if _numba_scores(kn):
         from modeaudit.tasks.metrics.knn import knn_distances as run
-        return run(queries, blocks, k, distance=distance, query_ids=query_ids)
+        return run(queries, blocks, k, distance=distance, query_ids=query_ids, scores=_numba_scores(kn))
     from modeaudit.tasks.metrics.knn_torch import knn_distances_torch
     return knn_distances_torch(queries, blocks, k, distance=distance, query_ids=query_ids,
                                device=_torch_device(kn))
@@ -150,10 +187,10 @@ def knn_self(x, k: int, *, distance: str = "euclidean", kernel: str = "fast") ->
     "fast" runs metrics.knn.knn_self (each pair's score formed once); the torch kernels run
     knn_distances(x, x, query_ids=arange(n)), twice the GEMM, with the same result.
     """
-    kn = metric_kernel(kernel)
-    if kn == "fast":
+    kn = metric_kernel(kernel, np.shape(x)[1] if np.ndim(x) == 2 else None)
+    if _numba_scores(kn):
         from modeaudit.tasks.metrics.knn import knn_self as run
-        return run(x, k, distance=distance)
+        return run(x, k, distance=distance, scores=_numba_scores(kn))
     x = np.asarray(x)
     return knn_distances(x, x, k, distance=distance, query_ids=np.arange(x.shape[0]), kernel=kn)
 
@@ -161,9 +198,9 @@ def knn_self(x, k: int, *, distance: str = "euclidean", kernel: str = "fast") ->
 def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "euclidean", a_ids=None,
                 kernel: str = "fast"):
     """Strict ball counts (metrics.knn.BallCounts) with the chosen kernel; see metrics.knn.ball_counts."""
-    kn = metric_kernel(kernel)
-    if kn == "fast":
+    kn = metric_kernel(kernel, np.shape(a)[1] if np.ndim(a) == 2 else None)
+    if _numba_scores(kn):
         from modeaudit.tasks.metrics.knn import ball_counts as run
-        return run(a, blocks, radii_a, radii_b, distance=distance, a_ids=a_ids)
+        return run(a, blocks, radii_a, radii_b, distance=distance, a_ids=a_ids, scores=_numba_scores(kn))
     from modeaudit.tasks.metrics.knn_torch import ball_counts_torch
     return ball_counts_torch(a, blocks, radii_a, radii_b, distance=distance, a_ids=a_ids, device=_torch_device(kn))

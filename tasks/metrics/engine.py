@@ -80,15 +80,17 @@ def _bind(args, group):
 class KnnEngine:
     """The exact k-NN joins of one metrics computation, in process (client None) or on a Dask client.
 
-    kernel: "auto", "fast", "torch-cpu" or "torch-cuda" (tasks/plan.METRIC_KERNELS), resolved
-    here, on the calling machine; block_rows: rows per streamed block of the point side;
+    kernel: "auto", "fast", "lowprec", "torch-cpu" or "torch-cuda" (tasks/plan.METRIC_KERNELS),
+    checked here and resolved per join on the calling machine ("auto" depends on the rows'
+    width: backend.metric_kernel); block_rows: rows per streamed block of the point side;
     group_rows: query rows per Dask task (None: about four tasks per worker thread).
     """
 
     def __init__(self, client=None, kernel: str = "fast", block_rows: int | None = 65536,
                  group_rows: int | None = None):
         self.client = client
-        self.kernel = backend.metric_kernel(kernel)
+        backend.metric_kernel(kernel)
+        self.kernel = kernel
         self.block_rows = block_rows
         self.group_rows = group_rows
         # Arrays scattered to the workers, reused by every join of this engine.
@@ -110,23 +112,25 @@ class KnnEngine:
         set (knn_distances with query_ids), so every pair's score is formed twice:
         twice the GEMM of the one-process self-join, for a result equal bit for bit.
         """
+        kernel = backend.metric_kernel(self.kernel, x.shape[1])
         if self.client is None:
-            return backend.knn_self(x, k, distance=distance, kernel=self.kernel)
+            return backend.knn_self(x, k, distance=distance, kernel=kernel)
         parts = self._run(_knn_group, x.shape[0], "rows' k-NN radii", x, x, k, distance, True, self.block_rows,
-                          self.kernel)
+                          kernel)
         return np.concatenate(parts, axis=0) if parts else np.empty((0, k))
 
     def ball_counts(self, a: np.ndarray, b: np.ndarray, radii_a=None, radii_b=None, distance: str = "euclidean",
                     a_ids=None):
         """Strict ball counts between the rows of a and of b (metrics.knn.BallCounts; see knn.ball_counts)."""
         from modeaudit.tasks.metrics.knn import BallCounts
+        kernel = backend.metric_kernel(self.kernel, a.shape[1])
         if self.client is None:
             return backend.ball_counts(a, _blocks(b, self.block_rows), radii_a, radii_b, distance=distance,
-                                       a_ids=a_ids, kernel=self.kernel)
+                                       a_ids=a_ids, kernel=kernel)
         ra = None if radii_a is None else np.asarray(radii_a, np.float64)
         ids = None if a_ids is None else np.asarray(a_ids, np.int64)
         parts = self._run(_ball_group, a.shape[0], "rows' ball counts", a, b, ra, radii_b, distance, ids,
-                          self.block_rows, self.kernel)
+                          self.block_rows, kernel)
         if not parts:
             z = np.zeros(0, np.int64)
             return BallCounts(z, np.zeros(b.shape[0], np.int64), np.zeros(b.shape[0], np.int64), z.copy())

@@ -418,19 +418,23 @@ def _settle(q, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn):
     """Evaluate q's buffered candidates that can still reach its list exactly; empty the buffer."""
     k = top_key.shape[1]
     td = top_d[q]
-    for c in range(bn[q]):
-        if bkey[q, c] <= min(top_key[q, k - 1] + 2.0 * tol, dkey[q] + tol):
-            d = _exact(X, q, X, bidx[q, c], angular)
-            if d < td[k - 1]:
-                _insert(td, d)
-                if td[k - 1] < np.inf:
-                    dkey[q] = _key_of(td[k - 1], angular)
+    m = bn[q]
+    # Closest first: the bound falls fastest, and the first candidate above it ends the row.
+    for c in np.argsort(bkey[q, :m]):
+        if bkey[q, c] > min(top_key[q, k - 1] + 2.0 * tol, dkey[q] + tol):
+            break
+        d = _exact(X, q, X, bidx[q, c], angular)
+        if d < td[k - 1]:
+            _insert(td, d)
+            if td[k - 1] < np.inf:
+                dkey[q] = _key_of(td[k - 1], angular)
     bn[q] = 0
 
 
 @njit(cache=True, nogil=True)
-def _visit(q, p, key, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn):
-    """Offer pair (q, p) with float32 key `key` to q's lists.
+def _visit(q, p, key, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn, insert):
+    """Offer pair (q, p) with float32 key `key` to q's lists (insert=False: its key is in
+    top_key already, from _sym_phase_a).
 
     The single-pass form of _knn_rows' two phases: the running k-th key only falls,
     so a pair above kth + 2 tol when seen is above the final one too. A pair below
@@ -440,7 +444,7 @@ def _visit(q, p, key, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn
     """
     tk = top_key[q]
     k = tk.shape[0]
-    if key < tk[k - 1]:
+    if insert and key < tk[k - 1]:
         _insert(tk, key)
     lq = min(tk[k - 1] + 2.0 * tol, dkey[q] + tol)
     if key <= lq:
@@ -483,7 +487,7 @@ def _pend(j0, j1, i, diag, srow, nq, sqc, li, limc, pend, npend):
 
 
 @njit(cache=True, nogil=True)
-def _knn_sym_tile(sims, r0, c0, diag, sq, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn):
+def _knn_sym_tile(sims, r0, c0, diag, sq, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn, insert):
     """Fold the pairs of one tile of X X^T into the k-NN lists of both its rows and its columns.
 
     sims[i, j] is the float32 score of rows r0 + i and c0 + j; on a diagonal tile
@@ -526,9 +530,64 @@ def _knn_sym_tile(sims, r0, c0, diag, sq, tol, angular, X, top_key, top_d, dkey,
             j = pend[p]
             key = nq + sqc[j] - 2.0 * np.float64(srow[j])
             if key <= lim[q]:
-                _visit(q, c0 + j, key, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn)
+                _visit(q, c0 + j, key, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn, insert)
             if key <= limc[j]:
-                _visit(c0 + j, q, key, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn)
+                _visit(c0 + j, q, key, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn, insert)
+
+
+@njit(cache=True, nogil=True)
+def _phase_a_pairs(j0, j1, i, diag, srow, q, nq, sqc, c0, kq, kthc, top_key):
+    """_sym_phase_a's inserts for columns j0..j1-1 of tile row i; returns row q's new k-th key."""
+    k = top_key.shape[1]
+    for j in range(j0, j1):
+        if diag and j <= i:
+            continue
+        key = nq + sqc[j] - 2.0 * np.float64(srow[j])
+        if key < kq:
+            _insert(top_key[q], key)
+            kq = top_key[q, k - 1]
+        if key < kthc[j]:
+            _insert(top_key[c0 + j], key)
+            kthc[j] = top_key[c0 + j, k - 1]
+    return kq
+
+
+@njit(cache=True, nogil=True)
+def _sym_phase_a(sims, r0, c0, diag, sq, tol, top_key, dkey, lim):
+    """Phase A of one tile of X X^T: every pair's key into the k smallest of its row and its
+    column first, then those rows' and columns' lim, so that _knn_sym_tile (insert=False)
+    buffers only the pairs within the tile's own bound. With a wide bound (bfloat16
+    scores) offering pairs before the lists knew the tile flooded the candidate buffers
+    of a row's first tile with thousands of pairs, each later re-scored exactly.
+    """
+    ti = sims.shape[0]
+    tj = sims.shape[1]
+    k = top_key.shape[1]
+    sqc = sq[c0:c0 + tj]
+    # A row's list changes as a column only before its own row is scanned (diag: j > i),
+    # so this copy is exact where it is read.
+    kthc = top_key[c0:c0 + tj, k - 1].copy()
+    nfull = tj - tj % _CHUNK
+    for i in range(ti):
+        q = r0 + i
+        srow = sims[i]
+        nq = sq[q]
+        kq = top_key[q, k - 1]
+        for j0 in range(0, nfull, _CHUNK):
+            hits = 0
+            for jj in range(_CHUNK):
+                j = j0 + jj
+                key = nq + sqc[j] - 2.0 * np.float64(srow[j])
+                hits += (key < kq) | (key < kthc[j])
+            if hits:
+                kq = _phase_a_pairs(j0, j0 + _CHUNK, i, diag, srow, q, nq, sqc, c0, kq, kthc, top_key)
+        _phase_a_pairs(nfull, tj, i, diag, srow, q, nq, sqc, c0, kq, kthc, top_key)
+    for i in range(ti):
+        q = r0 + i
+        lim[q] = min(top_key[q, k - 1] + 2.0 * tol, dkey[q] + tol)
+    for j in range(tj):
+        c = c0 + j
+        lim[c] = min(top_key[c, k - 1] + 2.0 * tol, dkey[c] + tol)
 
 # ----------------------------------------------------------------------------
 # drivers
@@ -545,12 +604,16 @@ class _Queries:
         self.norm = _max_norm(self.x)
         self.ids = _check_ids(ids, self.x.shape[0])
 
-    def block(self, block, eps_of=None):
-        """(float32 rows, squared norms or zeros, key tolerance) of one streamed block."""
+    def rows(self, block):
+        """(float32 rows, squared norms or zeros) of one streamed block."""
         b = _rows32(block, "block")
         if b.shape[1] != self.x.shape[1]:
             raise ValueError(f"queries have width {self.x.shape[1]} but a block has width {b.shape[1]}")
-        sq = np.zeros(b.shape[0]) if self.angular else _sq_norms(b)
+        return b, (np.zeros(b.shape[0]) if self.angular else _sq_norms(b))
+
+    def block(self, block, eps_of=None):
+        """(float32 rows, squared norms or zeros, key tolerance) of one streamed block."""
+        b, sq = self.rows(block)
         return b, sq, self.tol(b, sq, eps_of)
 
     def tol(self, b, sq_b, eps_of=None) -> float:
@@ -565,7 +628,10 @@ class _Queries:
             # read as "surely inside every ball".
             raise ValueError(f"rows with norms up to {max(self.norm, norm_b):.3g} overflow float32 inner products; "
                              "rescale the features (the k-NN metrics do not change under a common scale factor)")
-        eps = (eps_of or _gemm_eps)(self.x.shape[1], self.norm, norm_b)
+        return self.key_tol((eps_of or _gemm_eps)(self.x.shape[1], self.norm, norm_b), sq_b)
+
+    def key_tol(self, eps: float, sq_b) -> float:
+        """The key tolerance for a score error bound eps against points with squared norms sq_b."""
         if self.angular:
             # 2 eps for key = -2 s; the absolute 1e-11 keeps arccos/cos rounding
             # (~1e-16) from ever deciding a pair the float32 test called sure.
@@ -576,32 +642,195 @@ class _Queries:
         return 2.0 * eps + 16.0 * (self.x.shape[1] + 8) * _U64 * big + 1e-300
 
 
-def _run_tiles(nq: int, nb: int, q32, b32, kernel, col_parts):
-    """Call kernel(sims, r0, c0, parts) over query tiles x point tiles of one block.
+# ----------------------------------------------------------------------------
+# where a tile's scores come from
+
+
+SCORES = ("float32", "bf16")
+# Tiles of the bfloat16 GEMM: torch's AMX kernels reach their speed only on big
+# products (measured: 1024 x 4096 x 2048 ran at half the rate of 4096 x 4096 x 2048).
+_BF16_QUERY_TILE = 2048
+_BF16_POINT_TILE = 8192
+_BF16_SELF_TILE = 4096
+_BF16_EXTRA_CAP = 96
+_U32 = 2.0 ** -24
+# bfloat16's unit roundoff (8 significant bits, round to nearest even).
+_U_BF16 = 2.0 ** -8
+# bfloat16's smallest normal number: AMX reads subnormal inputs as zero.
+_BF16_TINY = 2.0 ** -126
+
+
+class _Bf16Rows:
+    """Rows rounded to bfloat16 (a torch tensor on the CPU) and their RowStats."""
+
+    __slots__ = ("t", "stats")
+
+    def __init__(self, t, stats):
+        self.t = t
+        self.stats = stats
+
+
+@njit(cache=True, nogil=True)
+def _bf16_round(x, u, out, one):
+    """Round float32 rows x (u: the same memory as uint32) to bfloat16 bits in out (uint16), to nearest
+    even, flushing zeros and subnormals to +0 (AMX reads subnormal inputs as zero); returns the
+    largest float64 squared norms of x, of its rounding x^ and of x - x^ (one: a 1-element uint32
+    scratch array, read back as float32)."""
+    f = one.view(np.float32)
+    n2 = 0.0
+    q2 = 0.0
+    r2 = 0.0
+    for i in range(x.shape[0]):
+        a = 0.0
+        b = 0.0
+        c = 0.0
+        for k in range(x.shape[1]):
+            v = u[i, k]
+            r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+            if (r & np.uint32(0x7F800000)) == 0:
+                r = np.uint32(0)
+            one[0] = r
+            xv = np.float64(x[i, k])
+            qv = np.float64(f[0])
+            a += xv * xv
+            b += qv * qv
+            c += (xv - qv) * (xv - qv)   # exact difference: both are float32 values 2^-8 apart at most
+            out[i, k] = np.uint16(r >> np.uint32(16))
+        n2 = max(n2, a)
+        q2 = max(q2, b)
+        r2 = max(r2, c)
+    return n2, q2, r2
+
+
+def _bf16_rows(x32: np.ndarray):
+    """x32 rounded to bfloat16 (zeros and subnormals flushed: what AMX reads) as a torch tensor sharing
+    one uint16 buffer, and the measured rounding (lowprec.RowStats); None when a value exceeds
+    lowprec.BF16_MAX_ABS (the caller keeps float32 for that set)."""
+    import torch
+    from modeaudit.tasks.join.lowprec import BF16_MAX_ABS, RowStats
+    x32 = np.ascontiguousarray(x32, dtype=np.float32)
+    if x32.size and float(np.abs(x32).max()) > BF16_MAX_ABS:
+        return None
+    bits = np.empty(x32.shape, dtype=np.uint16)
+    n2, q2, r2 = _bf16_round(x32, x32.view(np.uint32), bits, np.zeros(1, np.uint32))
+    # float64 sums of squares and sqrt err by a few ulps: 1e-12 relative makes the maxima upper bounds
+    # (as lowprec.row_stats).
+    up = 1.0 + 1e-12
+    stats = RowStats(math.sqrt(n2) * up, math.sqrt(q2) * up, math.sqrt(r2) * up)
+    return _Bf16Rows(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16), stats)
+
+
+def bf16_score_eps(dim: int, a, b, out_max: float | None = None) -> float:
+    """Bound on |bfloat16 GEMM score - <a, b>| for rows summarised by RowStats a and b.
+
+    The score is torch.mm of the bfloat16 roundings on the CPU: exact products, float32
+    accumulation (oneDNN's AMX and AVX512-BF16 kernels accumulate in float32 tiles), and
+    one rounding (to nearest) of the float32 sum s32 to the bfloat16 output s^.
+    lowprec.bf16_eps bounds |s32 - <a, b>| (the measured input rounding plus the float32
+    sums); the output rounding adds u |s32| <= u / (1 - u) |s^| (u = 2^-8), bounded by
+    out_max, the largest |s^| of the pairs it covers (None: the largest possible,
+    |a^| |b^| plus the float32 sums' error), with 1% headroom as for the torch join's
+    float16 outputs, and 2^-133 per output flushed to zero.
+    """
+    from modeaudit.tasks.join.lowprec import bf16_eps
+    if out_max is None:
+        out_max = a.norm_q * b.norm_q * (1.0 + 2.0 * (dim + 2) * _U32) + 2.0 * dim * _BF16_TINY
+    return bf16_eps(dim, a, b) + _U_BF16 / (1.0 - _U_BF16) * 1.01 * out_max + 4.0 * dim * _BF16_TINY
+
+
+class _Gemm:
+    """The score GEMM of the tiles of one (queries, points) pair of sets.
+
+    "float32": np.matmul of the float32 rows (BLAS), any number of tile threads; the
+    block-wide bound of _Queries.tol holds for every tile.
+    "bf16": torch.mm of the rows rounded to bfloat16 (AMX on CPUs that have it: 3-6x
+    float32's GEMM rate at 2048-d here), widened to float32 for the same numba filters.
+    Each tile returns its own bound (bf16_score_eps with the tile's largest |score|, the
+    pairs of a row with itself set to 0 first: they are never used and would set it to
+    |a|^2), so exactly the same pairs are decided by their exact float64 distances, more
+    of them (the band is 10-30x float32's). torch runs the GEMM on its own threads, so one
+    tile thread calls it. A set with values beyond bfloat16's safe range keeps float32.
+
+    q_ids / offset: the queries' global row ids in the point set (-1: none) and the
+    global id of the first point row, to find the self pairs.
+    """
+
+    def __init__(self, scores: str, q32: np.ndarray, b32: np.ndarray, q_bf=None, q_ids=None, offset: int = 0):
+        if scores not in SCORES:
+            raise ValueError(f"scores must be one of {', '.join(SCORES)}; got {scores!r}")
+        self.q32, self.b32 = q32, b32
+        self.qb = self.bb = None
+        if scores == "bf16":
+            self.qb = q_bf if q_bf is not None else _bf16_rows(q32)
+            self.bb = (self.qb if b32 is q32 else _bf16_rows(b32)) if self.qb is not None else None
+            if self.bb is None:
+                self.qb = None
+        self.bf16 = self.qb is not None
+        self.q_ids = q_ids
+        self.offset = int(offset)
+        if self.bf16:
+            self._in_eps = bf16_score_eps(q32.shape[1], self.qb.stats, self.bb.stats, out_max=0.0)
+
+    def eps_of(self):
+        """eps_of(dim, norm_a, norm_b) for _Queries.tol: None (float32's) or the bfloat16 bound of any pair."""
+        if not self.bf16:
+            return None
+        qs, bs = self.qb.stats, self.bb.stats
+        return lambda dim, _na, _nb: bf16_score_eps(dim, qs, bs)
+
+    def tiles(self, query_tile: int, point_tile: int):
+        """The (query, point) tile sizes to use."""
+        return (_BF16_QUERY_TILE, _BF16_POINT_TILE) if self.bf16 else (query_tile, point_tile)
+
+    def workers(self, n_tiles: int) -> int:
+        """Tile threads: BLAS's single-threaded GEMMs in parallel, or one thread for torch's."""
+        return 1 if self.bf16 else max(1, min(_n_workers(), n_tiles))
+
+    def __call__(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> float | None:
+        """Scores of query rows r0..r1-1 x point rows c0..c1-1 into out (float32, (r1 - r0, c1 - c0));
+        returns the tile's score error bound, or None where the block-wide float32 one holds."""
+        if not self.bf16:
+            np.matmul(self.q32[r0:r1], self.b32[c0:c1].T, out=out)
+            return None
+        import torch
+        s = torch.mm(self.qb.t[r0:r1], self.bb.t[c0:c1].T)
+        if self.q_ids is not None:
+            local = self.q_ids[r0:r1] - (self.offset + c0)
+            rows = np.nonzero((local >= 0) & (local < c1 - c0))[0]
+            if rows.size:
+                s[torch.from_numpy(rows), torch.from_numpy(local[rows])] = 0
+        lo, hi = torch.aminmax(s) if s.numel() else (torch.zeros(()), torch.zeros(()))
+        torch.from_numpy(out).copy_(s)   # bfloat16 -> float32 is exact
+        return self._in_eps + _U_BF16 / (1.0 - _U_BF16) * 1.01 * max(-float(lo), float(hi))
+
+
+def _run_tiles(nq: int, nb: int, gemm: _Gemm, kernel, col_parts):
+    """Call kernel(sims, r0, c0, parts, eps) over query tiles x point tiles of one block
+    (eps: the tile's score bound from gemm, None where the block's float32 one holds).
 
     Each worker takes whole query tiles (so per-query state has one writer) and does
     its own GEMMs with single-threaded BLAS (see the join kernels' "Threads"). Arrays
     indexed by block row get one copy per worker, summed at the end (integers, so
     the order does not matter). `col_parts` is a list of such arrays.
     """
-    tiles = list(range(0, nq, _QUERY_TILE))
-    n = min(_n_workers(), len(tiles))   # tile threads only where BLAS is single-threaded
+    qt, pt = gemm.tiles(_QUERY_TILE, _POINT_TILE)
+    tiles = list(range(0, nq, qt))
+    n = gemm.workers(len(tiles))   # tile threads only where BLAS is single-threaded
     todo = iter(tiles)
     lock = threading.Lock()
 
     def work(parts):
-        buf = np.empty((min(nq, _QUERY_TILE), min(nb, _POINT_TILE)), dtype=np.float32)
+        buf = np.empty((min(nq, qt), min(nb, pt)), dtype=np.float32)
         while True:
             with lock:
                 r0 = next(todo, None)
             if r0 is None:
                 return
-            at = q32[r0:r0 + _QUERY_TILE]
-            for c0 in range(0, nb, _POINT_TILE):
-                bt = b32[c0:c0 + _POINT_TILE]
-                sims = buf[:at.shape[0], :bt.shape[0]]
-                np.matmul(at, bt.T, out=sims)
-                kernel(sims, r0, c0, parts)
+            r1 = min(nq, r0 + qt)
+            for c0 in range(0, nb, pt):
+                c1 = min(nb, c0 + pt)
+                sims = buf[:r1 - r0, :c1 - c0]
+                kernel(sims, r0, c0, parts, gemm(r0, r1, c0, c1, sims))
 
     if n <= 1:
         work(col_parts)
@@ -615,38 +844,54 @@ def _run_tiles(nq: int, nb: int, q32, b32, kernel, col_parts):
             dst += src
 
 
-def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query_ids=None) -> np.ndarray:
+def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query_ids=None,
+                  scores: str = "float32") -> np.ndarray:
     """Exact distances from each query row to its k nearest rows of the streamed set, (q, k) float64 ascending.
 
     `blocks` yields (offset, block) pairs (or is one array); query_ids[i] is query
     i's global row index in that set (that one pair is skipped: the row itself),
     None when the queries are not part of it. Column k-1 is the k-NN radius used
     by precision/recall and density/coverage. Rows with fewer than k neighbours
-    get inf. Equal to knn_distances_reference bit for bit.
+    get inf. Equal to knn_distances_reference bit for bit. scores: the GEMM's
+    precision ("float32", or "bf16": see _Gemm); the result is the same.
     """
     angular = _check_distance(distance)
     k = _check_k(k)
     Q = _Queries(queries, angular, query_ids)
     n = Q.x.shape[0]
+    q_bf = _bf16_rows(Q.x) if _check_scores(scores) and n else None
     top_key = np.full((n, k), np.inf)
     top_d = np.full((n, k), np.inf)
     dkey = np.full(n, np.inf)
     tol_max = 0.0
     for offset, block in _iter_blocks(blocks):
-        b32, sq_b, tol = Q.block(block)
+        b32, sq_b = Q.rows(block)
         if b32.shape[0] == 0 or n == 0:
             continue
-        tol_max = tol = max(tol_max, tol)
+        gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset)
+        tol = Q.tol(b32, sq_b, gemm.eps_of())
+        margin = Q.key_tol(0.0, sq_b)
 
-        def kernel(sims, r0, c0, _parts, b32=b32, sq_b=sq_b, tol=tol, offset=offset):
-            _knn_rows(sims, r0, c0, offset + c0, Q.ids, Q.sq, sq_b, tol, angular, Q.x, b32,
+        def kernel(sims, r0, c0, _parts, eps, b32=b32, sq_b=sq_b, tol=tol, offset=offset, margin=margin):
+            nonlocal tol_max
+            # The lists carry keys of earlier tiles and blocks: the bound must cover them too.
+            tol_max = max(tol_max, tol if eps is None else 2.0 * eps + margin)
+            _knn_rows(sims, r0, c0, offset + c0, Q.ids, Q.sq, sq_b, tol_max, angular, Q.x, b32,
                       top_key, top_d, dkey)
 
-        _run_tiles(n, b32.shape[0], Q.x, b32, kernel, [])
+        _run_tiles(n, b32.shape[0], gemm, kernel, [])
     return top_d
 
 
-def knn_self(x, k: int, *, distance: str = "euclidean", tile: int = _SELF_TILE) -> np.ndarray:
+def _check_scores(scores: str) -> bool:
+    """True for "bf16"; ValueError for an unknown precision."""
+    if scores not in SCORES:
+        raise ValueError(f"scores must be one of {', '.join(SCORES)}; got {scores!r}")
+    return scores == "bf16"
+
+
+def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
+             scores: str = "float32") -> np.ndarray:
     """k-NN distances of every row of x within x, self excluded, (n, k) ascending; equal to
     knn_distances(x, x, k, query_ids=arange(n)) and to knn_distances_reference.
 
@@ -656,21 +901,29 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int = _SELF_TILE) 
     x is held in memory and read in tile x tile slabs. Workers keep private lists
     (every pair is offered to exactly one of them) that are merged at the end: the
     k smallest of their union are the exact k smallest, on any number of threads.
+    scores: the GEMM's precision ("float32", or "bf16": see _Gemm); tile: rows per
+    square tile (None: 1024, or 4096 for "bf16"). The result is the same.
     """
     angular = _check_distance(distance)
     k = _check_k(k)
     Q = _Queries(x, angular, None)
     X = Q.x
     n = X.shape[0]
+    gemm = _Gemm(scores if n else "float32", X, X, q_ids=np.arange(n))
+    if tile is None:
+        tile = _BF16_SELF_TILE if gemm.bf16 else _SELF_TILE
     if tile < 1:
         raise ValueError(f"tile must be a positive integer, got {tile}")
-    tol = Q.tol(X, Q.sq)
+    tol = Q.tol(X, Q.sq, gemm.eps_of())
+    margin = Q.key_tol(0.0, Q.sq)
     starts = list(range(0, n, tile))
     tiles = [(r0, c0) for r0 in starts for c0 in starts if c0 >= r0]
-    n_workers = max(1, min(_n_workers(), len(tiles)))
+    n_workers = gemm.workers(len(tiles))
     todo = iter(tiles)
     lock = threading.Lock()
-    cap = 3 * k + 8
+    # Candidate buffer per row: with bfloat16's wider bound more pairs pass while the lists
+    # fill; a full buffer is evaluated early, when the bound is still loose.
+    cap = 3 * k + 8 + (_BF16_EXTRA_CAP if gemm.bf16 else 0)
     states = [(np.full((n, k), np.inf), np.full((n, k), np.inf), np.full(n, np.inf), np.full(n, np.inf),
                np.empty((n, cap)), np.empty((n, cap), np.int64), np.zeros(n, np.int64))
               for _ in range(n_workers)]
@@ -678,18 +931,24 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int = _SELF_TILE) 
     def work(state):
         top_key, top_d, dkey, lim, bkey, bidx, bn = state
         buf = np.empty((min(n, tile), min(n, tile)), dtype=np.float32)
+        # float32: one bound for every tile; bfloat16: each tile's, the largest so far (the
+        # lists carry keys of earlier tiles).
+        t_run = tol if not gemm.bf16 else 0.0
         while True:
             with lock:
                 t = next(todo, None)
             if t is None:
-                _settle_all(tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
+                _settle_all(t_run, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
                 return
             r0, c0 = t
-            at = X[r0:r0 + tile]
-            bt = X[c0:c0 + tile]
-            sims = buf[:at.shape[0], :bt.shape[0]]
-            np.matmul(at, bt.T, out=sims)
-            _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn)
+            r1, c1 = min(n, r0 + tile), min(n, c0 + tile)
+            sims = buf[:r1 - r0, :c1 - c0]
+            eps = gemm(r0, r1, c0, c1, sims)
+            if eps is not None:
+                t_run = max(t_run, 2.0 * eps + margin)
+                _sym_phase_a(sims, r0, c0, r0 == c0, Q.sq, t_run, top_key, dkey, lim)
+            _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, t_run, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn,
+                          eps is None)
 
     if n_workers == 1:
         work(states[0])
@@ -726,7 +985,8 @@ def _ball_keys(r: np.ndarray | None, n: int, angular: bool):
     return keys, r
 
 
-def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "euclidean", a_ids=None) -> BallCounts:
+def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "euclidean", a_ids=None,
+                scores: str = "float32") -> BallCounts:
     """Strict ball counts between query rows `a` and the streamed set B, in one pass over their pairs.
 
     radii_a: one radius per row of a (or a scalar, or None: no a-balls); radii_b: an
@@ -734,17 +994,18 @@ def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "eucli
     is a's row i's global index in B, to skip the pair of a row with itself (None:
     a is not part of B). Returns BallCounts with the B-indexed arrays over all rows
     seen (length: largest offset + block rows).
-    Equal to ball_counts_reference.
+    Equal to ball_counts_reference, for either GEMM precision (scores: see _Gemm).
     """
     angular = _check_distance(distance)
     Q = _Queries(a, angular, a_ids)
     n = Q.x.shape[0]
+    q_bf = _bf16_rows(Q.x) if _check_scores(scores) and n else None
     key_a, rad_a = ball_side(radii_a, n, "radii_a", angular)
     cnt_a = np.zeros(n, np.int64)
     in_b = np.zeros(n, np.int64)
     in_a_parts, cnt_b_parts = [], []
     for offset, block in _iter_blocks(blocks):
-        b32, sq_b, tol = Q.block(block)
+        b32, sq_b = Q.rows(block)
         nb = b32.shape[0]
         key_b, rad_b = ball_side(radii_b, nb, "radii_b", angular, offset)
         in_a = np.zeros(nb, np.int64)
@@ -753,13 +1014,18 @@ def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "eucli
         cnt_b_parts.append((offset, cnt_b))
         if nb == 0 or n == 0:
             continue
+        gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset)
+        tol = Q.tol(b32, sq_b, gemm.eps_of())
+        margin = Q.key_tol(0.0, sq_b)
 
-        def kernel(sims, r0, c0, parts, b32=b32, sq_b=sq_b, tol=tol, offset=offset, key_b=key_b, rad_b=rad_b):
+        def kernel(sims, r0, c0, parts, eps, b32=b32, sq_b=sq_b, tol=tol, offset=offset, key_b=key_b, rad_b=rad_b,
+                   margin=margin):
             # cnt_a/in_b are per query: one writer per query tile, no copies needed.
-            _ball_rows(sims, r0, c0, offset + c0, Q.ids, Q.sq, sq_b, tol, angular, Q.x, b32,
+            t = tol if eps is None else 2.0 * eps + margin
+            _ball_rows(sims, r0, c0, offset + c0, Q.ids, Q.sq, sq_b, t, angular, Q.x, b32,
                        key_a, rad_a, key_b, rad_b, cnt_a, parts[0], parts[1], in_b)
 
-        _run_tiles(n, nb, Q.x, b32, kernel, [in_a, cnt_b])
+        _run_tiles(n, nb, gemm, kernel, [in_a, cnt_b])
     total = max((o + p.shape[0] for o, p in in_a_parts), default=0)
     in_a_all = np.zeros(total, np.int64)
     cnt_b_all = np.zeros(total, np.int64)
