@@ -436,13 +436,15 @@ def test_auto_picks_the_bf16_gemm_only_for_wide_rows_on_a_cpu_with_amx(monkeypat
     from modeaudit.tasks.join import backend
     monkeypatch.setattr(backend, "gpu_available", lambda: False)
     monkeypatch.setattr(backend, "cpu_has_amx_bf16", lambda: True)
+    many = backend.LOWPREC_MIN_PAIRS
     assert backend.metric_kernel("lowprec") == "lowprec"
-    assert backend.metric_kernel("auto", 2048) == "lowprec"
-    assert backend.metric_kernel("auto", backend.LOWPREC_MIN_DIM) == "lowprec"
-    assert backend.metric_kernel("auto", backend.LOWPREC_MIN_DIM - 1) == "fast"
-    assert backend.metric_kernel("auto") == "fast"          # width unknown
+    assert backend.metric_kernel("auto", 2048, many) == "lowprec"
+    assert backend.metric_kernel("auto", backend.LOWPREC_MIN_DIM, many) == "lowprec"
+    assert backend.metric_kernel("auto", backend.LOWPREC_MIN_DIM - 1, many) == "fast"
+    assert backend.metric_kernel("auto", 2048, many - 1) == "fast"
+    assert backend.metric_kernel("auto") == "fast"          # size unknown
     monkeypatch.setattr(backend, "cpu_has_amx_bf16", lambda: False)
-    assert backend.metric_kernel("auto", 2048) == "fast"
+    assert backend.metric_kernel("auto", 2048, many) == "fast"
     monkeypatch.setattr(backend, "_torch_installed", lambda: False)
     with pytest.raises(ValueError, match="needs torch|which is not installed"):
         backend.metric_kernel("lowprec")

@@ -124,10 +124,12 @@ def mccs_sums(anchors, blocks, theta, *, anchor_ids=None, kernel: str = "fast") 
 # the exact k-NN metrics' kernels (tasks/metrics/knn.py, tasks/metrics/knn_torch.py)
 
 
-# "auto" runs the metrics' GEMM in bfloat16 from this width on, on a CPU with AMX (BENCHMARKS.md,
-# "bfloat16 first pass of the metrics": at 2048-d it was 2.4-3x the float32 path's speed; at 128-d
-# the filter, not the GEMM, is the cost and the wider band makes it slower).
-LOWPREC_MIN_DIM = 512
+# "auto" runs the metrics' GEMM in bfloat16 from this width and this many pairs on, on a CPU with AMX
+# (BENCHMARKS.md, "bfloat16 GEMM for the metrics"): 1.2-1.3x the float32 path at 2e4 rows of 1024 or
+# 2048 columns; slower at 512 columns or 1e4 rows, where the filters and the wider band's float64
+# re-checks, not the GEMM, are the cost.
+LOWPREC_MIN_DIM = 1024
+LOWPREC_MIN_PAIRS = 4e8
 
 
 @functools.lru_cache(maxsize=1)
@@ -143,13 +145,14 @@ def cpu_has_amx_bf16() -> bool:
     return False
 
 
-def metric_kernel(kernel: str, dim: int | None = None) -> str:
+def metric_kernel(kernel: str, dim: int | None = None, pairs: float | None = None) -> str:
     """The concrete k-NN metrics kernel ("fast", "lowprec", "torch-cpu" or "torch-cuda") for a requested one.
 
     "auto": "torch-cuda" with a usable GPU; else "lowprec" (numba filters, bfloat16 GEMM in
-    torch) for rows of width dim >= LOWPREC_MIN_DIM on a CPU with AMX-BF16 where torch is
-    installed; else "fast". Every kernel returns the same values. ValueError for a kernel
-    the metrics do not have, and as resolve_kernel for the rest.
+    torch) for a join of rows of width dim >= LOWPREC_MIN_DIM over at least LOWPREC_MIN_PAIRS
+    pairs, on a CPU with AMX-BF16 where torch is installed; else "fast". Every kernel returns
+    the same values. ValueError for a kernel the metrics do not have, and as resolve_kernel
+    for the rest.
     """
     if kernel not in METRIC_KERNELS:
         raise ValueError(f"kernel {kernel!r} has no k-NN form; the metrics run on {', '.join(METRIC_KERNELS)}")
@@ -158,10 +161,17 @@ def metric_kernel(kernel: str, dim: int | None = None) -> str:
             raise ValueError("kernel 'lowprec' runs the metrics' bfloat16 GEMM in torch, which is not installed; "
                              "use --kernel fast")
         return kernel
-    if (kernel == "auto" and dim is not None and dim >= LOWPREC_MIN_DIM and not gpu_available()
-            and cpu_has_amx_bf16() and _torch_installed()):
+    if (kernel == "auto" and dim is not None and dim >= LOWPREC_MIN_DIM and pairs is not None
+            and pairs >= LOWPREC_MIN_PAIRS and not gpu_available() and cpu_has_amx_bf16() and _torch_installed()):
         return "lowprec"
     return resolve_kernel(kernel)
+
+
+def _size(a, b):
+    """(width, pairs) of a join of rows a against rows b, for metric_kernel; None if they are not arrays."""
+    if np.ndim(a) != 2 or np.ndim(b) != 2:
+        return None
+    return np.shape(a)[1], float(np.shape(a)[0]) * float(np.shape(b)[0])
 
 
 def _numba_scores(kn: str):
@@ -172,7 +182,7 @@ def _numba_scores(kn: str):
 def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query_ids=None,
                   kernel: str = "fast") -> np.ndarray:
     """Exact k-NN distances (q, k) with the chosen kernel; see metrics.knn.knn_distances (equal on every kernel)."""
-    kn = metric_kernel(kernel, np.shape(queries)[1] if np.ndim(queries) == 2 else None)
+    kn = metric_kernel(kernel)   # "auto" without the join's size: the engine resolves it with them
     if _numba_scores(kn):
         from modeaudit.tasks.metrics.knn import knn_distances as run
         return run(queries, blocks, k, distance=distance, query_ids=query_ids, scores=_numba_scores(kn))
@@ -187,7 +197,7 @@ def knn_self(x, k: int, *, distance: str = "euclidean", kernel: str = "fast") ->
     "fast" runs metrics.knn.knn_self (each pair's score formed once); the torch kernels run
     knn_distances(x, x, query_ids=arange(n)), twice the GEMM, with the same result.
     """
-    kn = metric_kernel(kernel, np.shape(x)[1] if np.ndim(x) == 2 else None)
+    kn = metric_kernel(kernel, *(_size(x, x) or ()))
     if _numba_scores(kn):
         from modeaudit.tasks.metrics.knn import knn_self as run
         return run(x, k, distance=distance, scores=_numba_scores(kn))
@@ -198,7 +208,7 @@ def knn_self(x, k: int, *, distance: str = "euclidean", kernel: str = "fast") ->
 def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "euclidean", a_ids=None,
                 kernel: str = "fast"):
     """Strict ball counts (metrics.knn.BallCounts) with the chosen kernel; see metrics.knn.ball_counts."""
-    kn = metric_kernel(kernel, np.shape(a)[1] if np.ndim(a) == 2 else None)
+    kn = metric_kernel(kernel)   # "auto" without the join's size: the engine resolves it with them
     if _numba_scores(kn):
         from modeaudit.tasks.metrics.knn import ball_counts as run
         return run(a, blocks, radii_a, radii_b, distance=distance, a_ids=a_ids, scores=_numba_scores(kn))
