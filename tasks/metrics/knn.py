@@ -72,6 +72,7 @@ from modeaudit.tasks.join.kernels import (
     arccos_over_pi,
     _check_ids, _check_matrix, _exact_dist, _gemm_eps, _iter_blocks, _max_norm, _n_workers,
 )
+from modeaudit.tasks.join.threads import compute_threads
 
 __all__ = [
     "DISTANCES",
@@ -477,6 +478,12 @@ def _settle_all(tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn):
 
 
 @njit(cache=True, nogil=True)
+def _settle_rows(lo, hi, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn):
+    for q in range(lo, hi):
+        _settle(q, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
+
+
+@njit(cache=True, nogil=True)
 def _pend(j0, j1, i, diag, srow, nq, sqc, li, limc, pend, npend):
     """Append the columns j0..j1-1 of row i that pass either row's limit to pend; returns the new length."""
     for j in range(j0, j1):
@@ -803,6 +810,29 @@ class _Gemm:
         torch.from_numpy(out).copy_(s)   # bfloat16 -> float32 is exact
         return self._in_eps + _U_BF16 / (1.0 - _U_BF16) * 1.01 * max(-float(lo), float(hi))
 
+    def stream(self, spans, shape):
+        """Yield ((r0, r1, c0, c1), scores, eps) for each span in order, scores a view of one of two
+        float32 buffers of `shape`. The next span's GEMM runs on a helper thread while the caller
+        filters the current one (torch and the numba filters release the GIL): the filters run on
+        one core, and in turn the GEMM's threads would leave the other idle. A yielded buffer is
+        reused once the caller asks for the span after next."""
+        bufs = [np.empty(shape, dtype=np.float32) for _ in range(2)]
+
+        def run(i):
+            r0, r1, c0, c1 = spans[i]
+            out = bufs[i % 2][:r1 - r0, :c1 - c0]
+            return out, self(r0, r1, c0, c1, out)
+
+        if not spans:
+            return
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(run, 0)
+            for i, span in enumerate(spans):
+                out, eps = fut.result()
+                if i + 1 < len(spans):
+                    fut = ex.submit(run, i + 1)
+                yield span, out, eps
+
 
 def _run_tiles(nq: int, nb: int, gemm: _Gemm, kernel, col_parts):
     """Call kernel(sims, r0, c0, parts, eps) over query tiles x point tiles of one block
@@ -815,6 +845,11 @@ def _run_tiles(nq: int, nb: int, gemm: _Gemm, kernel, col_parts):
     """
     qt, pt = gemm.tiles(_QUERY_TILE, _POINT_TILE)
     tiles = list(range(0, nq, qt))
+    if gemm.bf16:
+        spans = [(r0, min(nq, r0 + qt), c0, min(nb, c0 + pt)) for r0 in tiles for c0 in range(0, nb, pt)]
+        for (r0, _, c0, _), sims, eps in gemm.stream(spans, (min(nq, qt), min(nb, pt))):
+            kernel(sims, r0, c0, col_parts, eps)
+        return
     n = gemm.workers(len(tiles))   # tile threads only where BLAS is single-threaded
     todo = iter(tiles)
     lock = threading.Lock()
@@ -928,27 +963,40 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
                np.empty((n, cap)), np.empty((n, cap), np.int64), np.zeros(n, np.int64))
               for _ in range(n_workers)]
 
+    def work_bf16(state):
+        top_key, top_d, dkey, lim, bkey, bidx, bn = state
+        # Each tile's bound, the largest so far: the lists carry keys of earlier tiles.
+        t_run = 0.0
+        spans = [(r0, min(n, r0 + tile), c0, min(n, c0 + tile)) for r0, c0 in tiles]
+        for (r0, _, c0, _), sims, eps in gemm.stream(spans, (min(n, tile), min(n, tile))):
+            t_run = max(t_run, 2.0 * eps + margin)
+            _sym_phase_a(sims, r0, c0, r0 == c0, Q.sq, t_run, top_key, dkey, lim)
+            _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, t_run, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn,
+                          False)
+        # Rows settle independently (each its own lists): on every core, ~1 s of float64 re-checks at 2e4 x 2048-d.
+        cuts = np.linspace(0, n, compute_threads() + 1).astype(np.int64)
+        with ThreadPoolExecutor(len(cuts) - 1) as ex:
+            for f in [ex.submit(_settle_rows, int(lo), int(hi), t_run, angular, X, top_key, top_d, dkey, bkey, bidx,
+                                bn) for lo, hi in zip(cuts[:-1], cuts[1:])]:
+                f.result()
+
     def work(state):
+        if gemm.bf16:
+            return work_bf16(state)
         top_key, top_d, dkey, lim, bkey, bidx, bn = state
         buf = np.empty((min(n, tile), min(n, tile)), dtype=np.float32)
-        # float32: one bound for every tile; bfloat16: each tile's, the largest so far (the
-        # lists carry keys of earlier tiles).
-        t_run = tol if not gemm.bf16 else 0.0
         while True:
             with lock:
                 t = next(todo, None)
             if t is None:
-                _settle_all(t_run, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
+                _settle_all(tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
                 return
             r0, c0 = t
             r1, c1 = min(n, r0 + tile), min(n, c0 + tile)
             sims = buf[:r1 - r0, :c1 - c0]
-            eps = gemm(r0, r1, c0, c1, sims)
-            if eps is not None:
-                t_run = max(t_run, 2.0 * eps + margin)
-                _sym_phase_a(sims, r0, c0, r0 == c0, Q.sq, t_run, top_key, dkey, lim)
-            _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, t_run, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn,
-                          eps is None)
+            gemm(r0, r1, c0, c1, sims)
+            _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn,
+                          True)
 
     if n_workers == 1:
         work(states[0])
