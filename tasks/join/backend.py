@@ -125,11 +125,11 @@ def mccs_sums(anchors, blocks, theta, *, anchor_ids=None, kernel: str = "fast") 
 
 
 # "auto" runs the metrics' GEMM in bfloat16 from this width and this many pairs on, on a CPU with AMX
-# (BENCHMARKS.md, "bfloat16 GEMM for the metrics"): 1.2-1.3x the float32 path at 2e4 rows of 1024 or
-# 2048 columns; slower at 512 columns or 1e4 rows, where the filters and the wider band's float64
-# re-checks, not the GEMM, are the cost.
-LOWPREC_MIN_DIM = 1024
-LOWPREC_MIN_PAIRS = 4e8
+# (BENCHMARKS.md, "bfloat16 GEMM for the metrics"): 1.1-1.4x the float32 path at 1e4-2e4 rows of 512 to
+# 2048 columns; slower at 128 columns, where the filters and the wider band's float64 re-checks, not
+# the GEMM, are the cost.
+LOWPREC_MIN_DIM = 512
+LOWPREC_MIN_PAIRS = 1e8
 
 
 @functools.lru_cache(maxsize=1)
