@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0, help="per method and size, seconds")
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--kernel", default="auto", help="modeaudit's k-NN kernel, as `modeaudit metrics --kernel` "
-                    "(auto: lowprec at 512+ columns and 1e8+ pairs on a CPU with AMX, else fast); a comma-separated list runs each")
+                    "(auto: lowprec at 512+ columns and 1e8+ pairs on a CPU with AMX, else fast); a comma-separated "
+                    "list runs each")
     ap.add_argument("--worker", nargs=5, metavar=("METHOD", "N", "D", "K", "KERNEL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:

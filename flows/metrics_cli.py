@@ -198,7 +198,7 @@ def _execution(kernel: str, workers, scheduler, group_rows):
     from modeaudit.tasks.join.backend import metric_kernel
     from modeaudit.tasks.registry import ConfigError
     try:
-        # Checked here; "auto" stays "auto" for the joins, which resolve it with the rows' width.
+        # Checked here; "auto" stays "auto" for the joins, which resolve it with their width and size.
         resolved = metric_kernel(kernel)
     except ValueError as e:
         raise _Bad(f"--kernel: {e}") from None

@@ -41,8 +41,8 @@ import numpy as np
 from modeaudit.tasks.join import kernels as join
 from modeaudit.tasks.plan import KERNELS, METRIC_KERNELS
 
-__all__ = ["KERNELS", "METRIC_KERNELS", "gpu_available", "resolve_kernel", "range_counts", "mccs_sums",
-           "metric_kernel", "knn_distances", "knn_self", "ball_counts"]
+__all__ = ["KERNELS", "METRIC_KERNELS", "gpu_available", "cpu_has_amx_bf16", "resolve_kernel", "range_counts",
+           "mccs_sums", "metric_kernel", "join_size", "knn_distances", "knn_self", "ball_counts"]
 
 
 _NVIDIA_NODES = ("/dev/nvidiactl", "/dev/nvidia0")
@@ -167,7 +167,7 @@ def metric_kernel(kernel: str, dim: int | None = None, pairs: float | None = Non
     return resolve_kernel(kernel)
 
 
-def _size(a, b):
+def join_size(a, b):
     """(width, pairs) of a join of rows a against rows b, for metric_kernel; None if they are not arrays."""
     if np.ndim(a) != 2 or np.ndim(b) != 2:
         return None
@@ -197,7 +197,7 @@ def knn_self(x, k: int, *, distance: str = "euclidean", kernel: str = "fast") ->
     "fast" runs metrics.knn.knn_self (each pair's score formed once); the torch kernels run
     knn_distances(x, x, query_ids=arange(n)), twice the GEMM, with the same result.
     """
-    kn = metric_kernel(kernel, *(_size(x, x) or ()))
+    kn = metric_kernel(kernel, *(join_size(x, x) or ()))
     if _numba_scores(kn):
         from modeaudit.tasks.metrics.knn import knn_self as run
         return run(x, k, distance=distance, scores=_numba_scores(kn))

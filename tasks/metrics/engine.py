@@ -112,7 +112,7 @@ class KnnEngine:
         set (knn_distances with query_ids), so every pair's score is formed twice:
         twice the GEMM of the one-process self-join, for a result equal bit for bit.
         """
-        kernel = backend.metric_kernel(self.kernel, *(backend._size(x, x) or ()))
+        kernel = backend.metric_kernel(self.kernel, *(backend.join_size(x, x) or ()))
         if self.client is None:
             return backend.knn_self(x, k, distance=distance, kernel=kernel)
         parts = self._run(_knn_group, x.shape[0], "rows' k-NN radii", x, x, k, distance, True, self.block_rows,
@@ -123,7 +123,7 @@ class KnnEngine:
                     a_ids=None):
         """Strict ball counts between the rows of a and of b (metrics.knn.BallCounts; see knn.ball_counts)."""
         from modeaudit.tasks.metrics.knn import BallCounts
-        kernel = backend.metric_kernel(self.kernel, *(backend._size(a, b) or ()))
+        kernel = backend.metric_kernel(self.kernel, *(backend.join_size(a, b) or ()))
         if self.client is None:
             return backend.ball_counts(a, _blocks(b, self.block_rows), radii_a, radii_b, distance=distance,
                                        a_ids=a_ids, kernel=kernel)
