@@ -52,6 +52,20 @@ def _grid_sets(seed, distance):
     return rows(400), rows(300)
 
 
+def _case(data, distance, seed, k):
+    """A kernel test's sets and float64 answers: random rows with duplicates, or grid rows with many pairs
+    exactly on the k-NN spheres (seed + 1); returns a, b, their k-NN distances and the ball counts."""
+    if data == "grid":
+        a, b = _grid_sets(seed + 1, distance)
+    else:
+        a, b = _random_sets(seed)
+        if distance == "angular":
+            a, b = _unit(a), _unit(b)
+    ra = knn_distances_reference(a, k, distance)
+    rb = knn_distances_reference(b, k, distance)
+    return a, b, ra, rb, ball_counts_reference(a, b, ra[:, -1], rb[:, -1], distance).as_tuple()
+
+
 @pytest.mark.parametrize("distance", ["euclidean", "angular"])
 def test_knn_and_ball_counts_equal_float64_brute_force(distance):
     a, b = _random_sets(0)
@@ -453,19 +467,11 @@ def test_auto_picks_the_bf16_gemm_only_for_wide_rows_on_a_cpu_with_amx(monkeypat
 @pytest.mark.parametrize("distance", ["euclidean", "angular"])
 @pytest.mark.parametrize("data", ["random", "grid"])
 def test_bf16_gemm_kernels_equal_float64_brute_force(distance, data, monkeypatch):
-    """scores="bf16" (the lowprec kernel): a ~100x wider band, the same exact radii and counts."""
+    """scores="bf16" (the lowprec kernel): a ~15x wider band, the same exact radii and counts."""
     pytest.importorskip("torch")
     from modeaudit.tasks.metrics import knn as K
-    if data == "random":
-        a, b = _random_sets(24)
-        if distance == "angular":
-            a, b = _unit(a), _unit(b)
-    else:
-        a, b = _grid_sets(25, distance)
     k = 5
-    ra = knn_distances_reference(a, k, distance)
-    rb = knn_distances_reference(b, k, distance)
-    ref = ball_counts_reference(a, b, ra[:, -1], rb[:, -1], distance).as_tuple()
+    a, b, ra, rb, ref = _case(data, distance, 24, k)
     for qt, pt in ((K._BF16_QUERY_TILE, K._BF16_POINT_TILE), (64, 96)):   # one tile; many (bounds per tile)
         monkeypatch.setattr(K, "_BF16_QUERY_TILE", qt)
         monkeypatch.setattr(K, "_BF16_POINT_TILE", pt)
@@ -520,16 +526,8 @@ def test_bf16_score_bound_holds_on_hard_rows():
 def test_torch_cpu_kernels_equal_float64_brute_force(distance, data):
     pytest.importorskip("torch")
     from modeaudit.tasks.metrics.knn_torch import ball_counts_torch, knn_distances_torch
-    if data == "random":
-        a, b = _random_sets(14)
-        if distance == "angular":
-            a, b = _unit(a), _unit(b)
-    else:
-        a, b = _grid_sets(15, distance)   # many pairs exactly on the spheres
     k = 5
-    ra = knn_distances_reference(a, k, distance)
-    rb = knn_distances_reference(b, k, distance)
-    ref = ball_counts_reference(a, b, ra[:, -1], rb[:, -1], distance).as_tuple()
+    a, b, ra, rb, ref = _case(data, distance, 14, k)
     # Small tiles: many tiles per block, the k-NN lists carried across them and across blocks.
     for tile, query_tile, rows in ((40, 64, 97), (None, None, None)):
         blocks_a = [(0, a)] if rows is None else _blocks(a, rows)
