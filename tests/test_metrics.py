@@ -490,6 +490,27 @@ def test_bf16_gemm_kernels_equal_float64_brute_force(distance, data, monkeypatch
         np.testing.assert_array_equal(g, r)
 
 
+def test_a_bf16_matmul_that_does_not_accumulate_in_float32_is_refused(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from modeaudit.tasks.join import backend
+    from modeaudit.tasks.metrics import knn as K
+    assert K.bf16_gemm_is_sound()   # this torch: float32 accumulation, as the bound assumes
+
+    def bf16_accumulating_mm(a, bt):
+        acc = torch.zeros((a.shape[0], bt.shape[1]), dtype=torch.bfloat16)
+        for j in range(a.shape[1]):
+            acc = acc + a[:, j:j + 1] * bt[j:j + 1, :]   # every partial sum rounded to bfloat16
+        return acc
+    assert K.bf16_probe_passes(torch.mm, 8)
+    assert not K.bf16_probe_passes(bf16_accumulating_mm, 8)
+    monkeypatch.setattr(K, "_bf16_probe", lambda: False)
+    monkeypatch.setattr(backend, "gpu_available", lambda: False)
+    monkeypatch.setattr(backend, "cpu_has_amx_bf16", lambda: True)
+    with pytest.raises(ValueError, match="does not accumulate in float32"):
+        backend.metric_kernel("lowprec")
+    assert backend.metric_kernel("auto", 2048, backend.LOWPREC_MIN_PAIRS) == "fast"
+
+
 def test_bf16_score_bound_holds_on_hard_rows():
     """The bound the lowprec kernel relies on (bf16_score_eps: measured input rounding, float32 sums,
     one rounding to the bfloat16 output), checked against float64 on rows built to break it: huge

@@ -160,11 +160,20 @@ def metric_kernel(kernel: str, dim: int | None = None, pairs: float | None = Non
         if not _torch_installed():
             raise ValueError("kernel 'lowprec' runs the metrics' bfloat16 GEMM in torch, which is not installed; "
                              "use --kernel fast")
+        if not _bf16_sound():
+            raise ValueError("this torch's bfloat16 matmul does not accumulate in float32 (a probe failed), so "
+                             "kernel 'lowprec' cannot bound its error; use --kernel fast")
         return kernel
     if (kernel == "auto" and dim is not None and dim >= LOWPREC_MIN_DIM and pairs is not None
-            and pairs >= LOWPREC_MIN_PAIRS and not gpu_available() and cpu_has_amx_bf16() and _torch_installed()):
+            and pairs >= LOWPREC_MIN_PAIRS and not gpu_available() and cpu_has_amx_bf16() and _torch_installed()
+            and _bf16_sound()):
         return "lowprec"
     return resolve_kernel(kernel)
+
+
+def _bf16_sound() -> bool:
+    from modeaudit.tasks.metrics.knn import bf16_gemm_is_sound
+    return bf16_gemm_is_sound()
 
 
 def join_size(a, b):

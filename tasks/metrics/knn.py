@@ -61,6 +61,7 @@ memory; memory beyond them is O(queries x k + tile).
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -743,6 +744,39 @@ def bf16_score_eps(dim: int, a, b, out_max: float | None = None) -> float:
     if out_max is None:
         out_max = a.norm_q * b.norm_q * (1.0 + 2.0 * (dim + 2) * _U32) + 2.0 * dim * _BF16_TINY
     return bf16_eps(dim, a, b) + _U_BF16 / (1.0 - _U_BF16) * 1.01 * out_max + 4.0 * dim * _BF16_TINY
+
+
+def bf16_gemm_is_sound() -> bool:
+    """Whether this torch's bfloat16 CPU matmul has the numerics bf16_score_eps assumes (float32
+    accumulation, one rounding to the output), probed once per process at a tile's shape.
+
+    Each row is 1 followed by 2047 terms of 2^-9 against a row of ones: float32 accumulation
+    gives 1 + 2047 * 2^-9 (~5.0), which the bound covers; a kernel that accumulated in bfloat16
+    would stall near 1 (1 + 2^-9 rounds back to 1 in bfloat16) and fail by ~4. A build that
+    fails is not used: the lowprec kernel is refused and "auto" keeps the float32 one.
+    """
+    return _bf16_probe()
+
+
+@functools.lru_cache(maxsize=1)
+def _bf16_probe() -> bool:
+    import torch
+    return bf16_probe_passes(torch.mm, 1024)
+
+
+def bf16_probe_passes(mm, rows: int) -> bool:
+    """bf16_gemm_is_sound's probe for a matmul mm(a, b_t) of bfloat16 torch tensors, at `rows` rows."""
+    import torch
+    from modeaudit.tasks.join.lowprec import RowStats
+    d = 2048
+    a = np.full((rows, d), 2.0 ** -9, np.float32)
+    a[:, 0] = 1.0
+    b = np.ones((rows, d), np.float32)
+    exact = 1.0 + (d - 1) * 2.0 ** -9
+    s = mm(torch.from_numpy(a).to(torch.bfloat16), torch.from_numpy(b).to(torch.bfloat16).T)
+    na, nb = float(np.linalg.norm(a[0].astype(np.float64))), math.sqrt(d)
+    eps = bf16_score_eps(d, RowStats(na, na, 0.0), RowStats(nb, nb, 0.0), out_max=float(s.float().abs().max()))
+    return bool(float((s.double() - exact).abs().max()) <= eps)
 
 
 class _Gemm:
