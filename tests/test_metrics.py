@@ -511,6 +511,29 @@ def test_a_bf16_matmul_that_does_not_accumulate_in_float32_is_refused(monkeypatc
     assert backend.metric_kernel("auto", 2048, backend.LOWPREC_MIN_PAIRS) == "fast"
 
 
+def test_bf16_ball_counts_go_back_to_float32_when_the_band_is_crowded(monkeypatch):
+    """Fake rows spread wider than the real ones put the fake balls' radii in the bulk of the distances:
+    ~4% of pairs fall in bfloat16's band (float32's: ~0.1%), so the join returns to float32 for its
+    remaining tiles, with the same exact counts."""
+    pytest.importorskip("torch")
+    from modeaudit.tasks.metrics import knn as K
+    rng = np.random.default_rng(27)
+    real = rng.standard_normal((1500, 96)).astype(np.float32)
+    fake = (rng.standard_normal((1400, 96)) * 1.1).astype(np.float32)
+    rr = knn_distances_reference(real, 5)[:, -1]
+    rf = knn_distances_reference(fake, 5)[:, -1]
+    want = ball_counts_reference(real, fake, rr, rf).as_tuple()
+    monkeypatch.setattr(K, "_BF16_QUERY_TILE", 256)
+    monkeypatch.setattr(K, "_BF16_POINT_TILE", 512)
+    switched = []
+    real_switch = K._Gemm.use_float32
+    monkeypatch.setattr(K._Gemm, "use_float32", lambda self: (switched.append(1), real_switch(self)))
+    got = ball_counts(real, _blocks(fake, 700), rr, rf, scores="bf16").as_tuple()
+    for g, r in zip(got, want):
+        np.testing.assert_array_equal(g, r)
+    assert switched and want[2].sum() > 10 * len(rf)   # switched; the fake balls hold many real rows each
+
+
 def test_bf16_score_bound_holds_on_hard_rows():
     """The bound the lowprec kernel relies on (bf16_score_eps: measured input rounding, float32 sums,
     one rounding to the bfloat16 output), checked against float64 on rows built to break it: huge

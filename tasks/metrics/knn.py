@@ -350,7 +350,9 @@ def _knn_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, B
 @njit(cache=True, nogil=True)
 def _ball_pairs(j0, j1, srow, q, nq, hi_a, lo_a, ra, self_col, col_local, nb, key_b, rad_b, tol, angular, A, B,
                 cnt_a, in_a, cnt_b, in_b):
-    """The exact per-pair decisions of _ball_rows for columns j0..j1-1 of one query row."""
+    """The exact per-pair decisions of _ball_rows for columns j0..j1-1 of one query row; returns how many
+    pairs it evaluated exactly."""
+    n_exact = 0
     for j in range(j0, j1):
         if j == self_col:
             continue
@@ -361,6 +363,7 @@ def _ball_pairs(j0, j1, srow, q, nq, hi_a, lo_a, ra, self_col, col_local, nb, ke
             inside = key < lo_a
             if not inside:
                 d = _exact(A, q, B, c, angular)
+                n_exact += 1
                 inside = d < ra
             if inside:
                 cnt_a[q] += 1
@@ -371,10 +374,12 @@ def _ball_pairs(j0, j1, srow, q, nq, hi_a, lo_a, ra, self_col, col_local, nb, ke
             if not inside:
                 if d < 0.0:
                     d = _exact(A, q, B, c, angular)
+                    n_exact += 1
                 inside = d < rad_b[c]
             if inside:
                 cnt_b[c] += 1
                 in_b[q] += 1
+    return n_exact
 
 
 @njit(cache=True, nogil=True)
@@ -386,6 +391,7 @@ def _ball_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, 
     likewise for block row j. A pair whose key is below key - tol is surely inside,
     at or above key + tol surely outside; in between its exact distance decides.
     cnt_a/in_b are indexed by query, in_a/cnt_b by block row (local to the block).
+    Returns how many pairs it evaluated exactly.
     """
     tb = sims.shape[1]
     # Views, not x[col_local + j]: see _knn_rows.
@@ -394,6 +400,7 @@ def _ball_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, 
     kbt = key_b[col_local:col_local + tb] + tol
     # Whole chunks with a constant trip count, the tail straight to the exact loop: see _knn_rows.
     nfull = tb - tb % _CHUNK
+    n_exact = 0
     for i in range(sims.shape[0]):
         q = row0 + i
         srow = sims[i]
@@ -409,10 +416,11 @@ def _ball_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, 
                 key = nq + nbt[j] - 2.0 * np.float64(srow[j])
                 hits += (key < hi_a) | (key < kbt[j])
             if hits:
-                _ball_pairs(j0, j0 + _CHUNK, srow, q, nq, hi_a, lo_a, ra, self_col, col_local, nb, key_b, rad_b,
-                            tol, angular, A, B, cnt_a, in_a, cnt_b, in_b)
-        _ball_pairs(nfull, tb, srow, q, nq, hi_a, lo_a, ra, self_col, col_local, nb, key_b, rad_b,
-                    tol, angular, A, B, cnt_a, in_a, cnt_b, in_b)
+                n_exact += _ball_pairs(j0, j0 + _CHUNK, srow, q, nq, hi_a, lo_a, ra, self_col, col_local, nb, key_b,
+                                       rad_b, tol, angular, A, B, cnt_a, in_a, cnt_b, in_b)
+        n_exact += _ball_pairs(nfull, tb, srow, q, nq, hi_a, lo_a, ra, self_col, col_local, nb, key_b, rad_b,
+                               tol, angular, A, B, cnt_a, in_a, cnt_b, in_b)
+    return n_exact
 
 
 @njit(cache=True, nogil=True)
@@ -661,6 +669,9 @@ _BF16_QUERY_TILE = 2048
 _BF16_POINT_TILE = 8192
 _BF16_SELF_TILE = 4096
 _BF16_EXTRA_CAP = 96
+# Float64 re-checks per pair above which a ball-count join goes back to the float32 GEMM: one
+# re-check at d columns costs ~d ns, about 100x what the bfloat16 GEMM saves on a pair.
+_BF16_MAX_RECHECK = 0.005
 _U32 = 2.0 ** -24
 # bfloat16's unit roundoff (8 significant bits, round to nearest even).
 _U_BF16 = 2.0 ** -8
@@ -812,12 +823,9 @@ class _Gemm:
         if self.bf16:
             self._in_eps = bf16_score_eps(q32.shape[1], self.qb.stats, self.bb.stats, out_max=0.0)
 
-    def eps_of(self):
-        """eps_of(dim, norm_a, norm_b) for _Queries.tol: None (float32's) or the bfloat16 bound of any pair."""
-        if not self.bf16:
-            return None
-        qs, bs = self.qb.stats, self.bb.stats
-        return lambda dim, _na, _nb: bf16_score_eps(dim, qs, bs)
+    def use_float32(self) -> None:
+        """Form the remaining tiles' scores in float32 (returning None: the block's float32 bound holds)."""
+        self.bf16 = False
 
     def tiles(self, query_tile: int, point_tile: int):
         """The (query, point) tile sizes to use."""
@@ -938,7 +946,7 @@ def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query
         if b32.shape[0] == 0 or n == 0:
             continue
         gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset)
-        tol = Q.tol(b32, sq_b, gemm.eps_of())
+        tol = Q.tol(b32, sq_b)   # float32's bound; a bfloat16 tile returns its own
         margin = Q.key_tol(0.0, sq_b)
 
         def kernel(sims, r0, c0, _parts, eps, b32=b32, sq_b=sq_b, tol=tol, offset=offset, margin=margin):
@@ -983,7 +991,7 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
         tile = _BF16_SELF_TILE if gemm.bf16 else _SELF_TILE
     if tile < 1:
         raise ValueError(f"tile must be a positive integer, got {tile}")
-    tol = Q.tol(X, Q.sq, gemm.eps_of())
+    tol = Q.tol(X, Q.sq)   # float32's bound; a bfloat16 tile returns its own
     margin = Q.key_tol(0.0, Q.sq)
     starts = list(range(0, n, tile))
     tiles = [(r0, c0) for r0 in starts for c0 in starts if c0 >= r0]
@@ -1097,15 +1105,19 @@ def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "eucli
         if nb == 0 or n == 0:
             continue
         gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset)
-        tol = Q.tol(b32, sq_b, gemm.eps_of())
+        tol = Q.tol(b32, sq_b)   # float32's bound; a bfloat16 tile returns its own
         margin = Q.key_tol(0.0, sq_b)
 
         def kernel(sims, r0, c0, parts, eps, b32=b32, sq_b=sq_b, tol=tol, offset=offset, key_b=key_b, rad_b=rad_b,
                    margin=margin):
             # cnt_a/in_b are per query: one writer per query tile, no copies needed.
             t = tol if eps is None else 2.0 * eps + margin
-            _ball_rows(sims, r0, c0, offset + c0, Q.ids, Q.sq, sq_b, t, angular, Q.x, b32,
-                       key_a, rad_a, key_b, rad_b, cnt_a, parts[0], parts[1], in_b)
+            n_exact = _ball_rows(sims, r0, c0, offset + c0, Q.ids, Q.sq, sq_b, t, angular, Q.x, b32,
+                                 key_a, rad_a, key_b, rad_b, cnt_a, parts[0], parts[1], in_b)
+            if eps is not None and n_exact > _BF16_MAX_RECHECK * sims.size:
+                # Many balls' radii lie in the bulk of the distances: the wide band's float64
+                # re-checks cost more than the bfloat16 GEMM saves. The counts do not change.
+                gemm.use_float32()
 
         _run_tiles(n, nb, gemm, kernel, [in_a, cnt_b])
     total = max((o + p.shape[0] for o, p in in_a_parts), default=0)
