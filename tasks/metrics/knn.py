@@ -424,6 +424,12 @@ def _ball_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, 
 
 
 @njit(cache=True, nogil=True)
+def _row_lim(q, tol, top_key, dkey):
+    """The largest float32 key of a pair that can still enter row q's k-NN list (see _visit)."""
+    return min(top_key[q, top_key.shape[1] - 1] + 2.0 * tol, dkey[q] + tol)
+
+
+@njit(cache=True, nogil=True)
 def _settle(q, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn):
     """Evaluate q's buffered candidates that can still reach its list exactly; empty the buffer."""
     k = top_key.shape[1]
@@ -431,7 +437,7 @@ def _settle(q, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn):
     m = bn[q]
     # Closest first: the bound falls fastest, and the first candidate above it ends the row.
     for c in np.argsort(bkey[q, :m]):
-        if bkey[q, c] > min(top_key[q, k - 1] + 2.0 * tol, dkey[q] + tol):
+        if bkey[q, c] > _row_lim(q, tol, top_key, dkey):
             break
         d = _exact(X, q, X, bidx[q, c], angular)
         if d < td[k - 1]:
@@ -456,7 +462,7 @@ def _visit(q, p, key, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn
     k = tk.shape[0]
     if insert and key < tk[k - 1]:
         _insert(tk, key)
-    lq = min(tk[k - 1] + 2.0 * tol, dkey[q] + tol)
+    lq = _row_lim(q, tol, top_key, dkey)
     if key <= lq:
         m = bn[q]
         cap = bkey.shape[1]
@@ -472,7 +478,7 @@ def _visit(q, p, key, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn
             bn[q] = keep
             if keep == cap:
                 _settle(q, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
-                lq = min(tk[k - 1] + 2.0 * tol, dkey[q] + tol)
+                lq = _row_lim(q, tol, top_key, dkey)
             m = bn[q]
         bkey[q, m] = key
         bidx[q, m] = p
@@ -481,13 +487,8 @@ def _visit(q, p, key, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn
 
 
 @njit(cache=True, nogil=True)
-def _settle_all(tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn):
-    for q in range(top_key.shape[0]):
-        _settle(q, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
-
-
-@njit(cache=True, nogil=True)
 def _settle_rows(lo, hi, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn):
+    """_settle every row lo..hi-1 (rows are independent: each has its own lists and buffer)."""
     for q in range(lo, hi):
         _settle(q, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
 
@@ -599,11 +600,9 @@ def _sym_phase_a(sims, r0, c0, diag, sq, tol, top_key, dkey, lim):
                 kq = _phase_a_pairs(j0, j0 + _CHUNK, i, diag, srow, q, nq, sqc, c0, kq, kthc, top_key)
         _phase_a_pairs(nfull, tj, i, diag, srow, q, nq, sqc, c0, kq, kthc, top_key)
     for i in range(ti):
-        q = r0 + i
-        lim[q] = min(top_key[q, k - 1] + 2.0 * tol, dkey[q] + tol)
+        lim[r0 + i] = _row_lim(r0 + i, tol, top_key, dkey)
     for j in range(tj):
-        c = c0 + j
-        lim[c] = min(top_key[c, k - 1] + 2.0 * tol, dkey[c] + tol)
+        lim[c0 + j] = _row_lim(c0 + j, tol, top_key, dkey)
 
 # ----------------------------------------------------------------------------
 # drivers
@@ -663,6 +662,15 @@ class _Queries:
 
 
 SCORES = ("float32", "bf16")
+
+
+def _check_scores(scores: str) -> bool:
+    """True for "bf16"; ValueError for an unknown precision."""
+    if scores not in SCORES:
+        raise ValueError(f"scores must be one of {', '.join(SCORES)}; got {scores!r}")
+    return scores == "bf16"
+
+
 # Tiles of the bfloat16 GEMM: torch's AMX kernels reach their speed only on big
 # products (measured: 1024 x 4096 x 2048 ran at half the rate of 4096 x 4096 x 2048).
 _BF16_QUERY_TILE = 2048
@@ -808,11 +816,9 @@ class _Gemm:
     """
 
     def __init__(self, scores: str, q32: np.ndarray, b32: np.ndarray, q_bf=None, q_ids=None, offset: int = 0):
-        if scores not in SCORES:
-            raise ValueError(f"scores must be one of {', '.join(SCORES)}; got {scores!r}")
         self.q32, self.b32 = q32, b32
         self.qb = self.bb = None
-        if scores == "bf16":
+        if _check_scores(scores):
             self.qb = q_bf if q_bf is not None else _bf16_rows(q32)
             self.bb = (self.qb if b32 is q32 else _bf16_rows(b32)) if self.qb is not None else None
             if self.bb is None:
@@ -820,8 +826,6 @@ class _Gemm:
         self.bf16 = self.qb is not None
         self.q_ids = q_ids
         self.offset = int(offset)
-        if self.bf16:
-            self._in_eps = bf16_score_eps(q32.shape[1], self.qb.stats, self.bb.stats, out_max=0.0)
 
     def use_float32(self) -> None:
         """Form the remaining tiles' scores in float32 (returning None: the block's float32 bound holds)."""
@@ -850,7 +854,7 @@ class _Gemm:
                 s[torch.from_numpy(rows), torch.from_numpy(local[rows])] = 0
         lo, hi = torch.aminmax(s) if s.numel() else (torch.zeros(()), torch.zeros(()))
         torch.from_numpy(out).copy_(s)   # bfloat16 -> float32 is exact
-        return self._in_eps + _U_BF16 / (1.0 - _U_BF16) * 1.01 * max(-float(lo), float(hi))
+        return bf16_score_eps(self.q32.shape[1], self.qb.stats, self.bb.stats, out_max=max(-float(lo), float(hi)))
 
     def stream(self, spans, shape):
         """Yield ((r0, r1, c0, c1), scores, eps) for each span in order, scores a view of one of two
@@ -960,13 +964,6 @@ def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query
     return top_d
 
 
-def _check_scores(scores: str) -> bool:
-    """True for "bf16"; ValueError for an unknown precision."""
-    if scores not in SCORES:
-        raise ValueError(f"scores must be one of {', '.join(SCORES)}; got {scores!r}")
-    return scores == "bf16"
-
-
 def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
              scores: str = "float32") -> np.ndarray:
     """k-NN distances of every row of x within x, self excluded, (n, k) ascending; equal to
@@ -1023,15 +1020,13 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
                 f.result()
 
     def work(state):
-        if gemm.bf16:
-            return work_bf16(state)
         top_key, top_d, dkey, lim, bkey, bidx, bn = state
         buf = np.empty((min(n, tile), min(n, tile)), dtype=np.float32)
         while True:
             with lock:
                 t = next(todo, None)
             if t is None:
-                _settle_all(tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
+                _settle_rows(0, n, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
                 return
             r0, c0 = t
             r1, c1 = min(n, r0 + tile), min(n, c0 + tile)
@@ -1040,7 +1035,9 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
             _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn,
                           True)
 
-    if n_workers == 1:
+    if gemm.bf16:
+        work_bf16(states[0])   # one tile thread: torch's own threads run the GEMM
+    elif n_workers == 1:
         work(states[0])
     else:
         with ThreadPoolExecutor(n_workers) as ex:
