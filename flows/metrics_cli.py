@@ -4,7 +4,9 @@ Kept out of flows/cli.py (which hooks it in with two calls) so that the subcomma
 needs no Prefect: it reads both sets into memory and runs the exact k-NN kernels of
 tasks/metrics/ in this process, or with `--workers N` / `--scheduler ADDR` as Dask
 tasks over groups of query rows (tasks/metrics/engine.py) on a cluster started as the
-audit starts its own (tasks/plan.py decides its kind, flows/cluster.py starts it).
+audit starts its own (tasks/plan.py decides its kind, flows/cluster.py starts it). On a
+cluster, a .npy file, Zarr array or run folder is not read here: it is checked in one
+streamed pass and the workers read it by path (tasks/metrics/rows.py).
 """
 from __future__ import annotations
 
@@ -64,8 +66,10 @@ class _Bad(_config_error()):
     """A user error: the CLI prints it as one line and exits 2; the Python API raises it (a ConfigError)."""
 
 
-def _run_folder_rows(p: Path, what: str):
+def _run_folder_source(p: Path, what: str):
+    """The T embeddings of a finished audit run folder, as a Source of its rows as stored."""
     from modeaudit.storage.store import RunStore, StoreError
+    from modeaudit.tasks.calibration.steps import store_source
     try:
         store = RunStore.open(p)
     except StoreError as e:
@@ -78,7 +82,7 @@ def _run_folder_rows(p: Path, what: str):
         store.shard_checksums("T")  # raises when the run is unfinished
     except StoreError as e:
         raise _Bad(f"{what} {p}: {e}") from None
-    return store.read("T", "emb")
+    return store_source(store, "T")
 
 
 class _InProcess:
@@ -144,16 +148,18 @@ def _folder_rows(p: Path, what: str, desc: dict | None, cache: bool, cache_dir: 
 
 
 def load_rows(path, what: str, distance: str, desc: dict | None = None, cache: bool = True,
-              cache_dir: str | None = None):
+              cache_dir: str | None = None, by_path: bool = False):
     """Feature rows as float32 from a .npy file, a Zarr array, an audit run folder, or a folder of images
     (embedded with the descriptor `desc`, through the feature cache), or an in-memory (n, d) array;
-    _Bad on bad input."""
-    import dataclasses
+    _Bad on bad input.
 
+    by_path: a .npy file, Zarr array or run folder comes back as a FeatureFile (checked in one
+    streamed pass, never held whole here) for Dask workers to read themselves."""
     import numpy as np
     from modeaudit.tasks.errors import InputError
     from modeaudit.tasks.inputs import reference_kind
-    from modeaudit.tasks.join.sources import open_embeddings, row_norms
+    from modeaudit.tasks.join.sources import open_embeddings
+    from modeaudit.tasks.metrics.rows import FeatureFile
     if not isinstance(path, (str, Path)):
         try:
             x = np.asarray(path)
@@ -163,33 +169,53 @@ def load_rows(path, what: str, distance: str, desc: dict | None = None, cache: b
                                                   or np.issubdtype(x.dtype, np.integer)):
             raise _Bad(f"{what} must be an (n, d) array of numbers with n >= 1, got shape {x.shape} dtype {x.dtype}")
         x = np.ascontiguousarray(x, dtype=np.float32)
-        path = f"array {x.shape}"
+        _check_rows(x, 0, f"{what} array {x.shape}", distance)
+        return x
+    p = Path(path)
+    if p.is_dir() and reference_kind(str(p)) == "images" and not (p / "store.zarr").is_dir():
+        x = _folder_rows(p, what, desc, cache, cache_dir)
+        _check_rows(x, 0, f"{what} {path}", distance)
+        return x
+    if p.is_dir() and (p / "store.zarr").is_dir():
+        src = _run_folder_source(p, what)
+        if src.rows == 0:
+            raise _Bad(f"{what} {p}: its T embeddings are empty; finish the audit first")
     else:
-        p = Path(path)
-        if p.is_dir() and (p / "store.zarr").is_dir():
-            x = np.asarray(_run_folder_rows(p, what), dtype=np.float32)
-            if x.ndim != 2 or x.shape[0] == 0:
-                raise _Bad(f"{what} {p}: its T embeddings are empty (shape {x.shape}); finish the audit first")
-        elif p.is_dir() and reference_kind(str(p)) == "images":
-            x = _folder_rows(p, what, desc, cache, cache_dir)
-        else:
-            try:
-                src = open_embeddings(p, what)
-            except InputError as e:
-                raise _Bad(str(e)) from None
-            # stored_unit: the rows exactly as stored (a Source renormalises otherwise).
-            x = dataclasses.replace(src, stored_unit=True, dtype="float32").read()
-    norms = row_norms(x)
-    bad = np.flatnonzero(~np.isfinite(norms))
-    if bad.size:
-        raise _Bad(f"{what} {path} has {bad.size} row(s) with NaN or Inf (first: row {bad[0]}), or values too "
-                   "large for float32; remove or re-embed those samples")
-    if distance == "angular":
-        zero = np.flatnonzero(norms == 0)
-        if zero.size:
-            raise _Bad(f"{what} {path} has {zero.size} all-zero row(s) (first: row {zero[0]}); they have no "
-                       "direction for --distance angular: remove them or use --distance euclidean")
+        try:
+            src = open_embeddings(p, what)
+        except InputError as e:
+            raise _Bad(str(e)) from None
+    # The rows exactly as stored, in float32 (a Source renormalises otherwise).
+    rows = FeatureFile.of(src)
+    if by_path:
+        _check_rows(None, 0, f"{what} {path}", distance, blocks=rows.blocks())
+        return rows
+    x = rows.read()
+    _check_rows(x, 0, f"{what} {path}", distance)
     return x
+
+
+def _check_rows(x, offset: int, what: str, distance: str, blocks=None) -> None:
+    """_Bad when the rows hold NaN/Inf, or (angular) an all-zero row. x: one array of rows from
+    `offset`, or None with `blocks`, an iterable of (offset, rows) checked one after another."""
+    import numpy as np
+    from modeaudit.tasks.join.sources import row_norms
+    found = {"bad": [0, None], "zero": [0, None]}
+    for lo, block in ([(offset, x)] if blocks is None else blocks):
+        norms = row_norms(block)
+        finite = np.isfinite(norms)
+        for key, hits in (("bad", np.flatnonzero(~finite)), ("zero", np.flatnonzero(finite & (norms == 0)))):
+            if hits.size:
+                found[key][0] += hits.size
+                found[key][1] = lo + int(hits[0]) if found[key][1] is None else found[key][1]
+    n, first = found["bad"]
+    if n:
+        raise _Bad(f"{what} has {n} row(s) with NaN or Inf (first: row {first}), or values too "
+                   "large for float32; remove or re-embed those samples")
+    n, first = found["zero"]
+    if distance == "angular" and n:
+        raise _Bad(f"{what} has {n} all-zero row(s) (first: row {first}); they have no "
+                   "direction for --distance angular: remove them or use --distance euclidean")
 
 
 def _execution(kernel: str, workers, scheduler, group_rows):
@@ -260,8 +286,10 @@ def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dic
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise _Bad(f"--out {out} is a file; choose a directory")
-    real_rows = load_rows(real, "--real", distance, desc, cache, cache_dir)
-    fake_rows = load_rows(fake, "--fake", distance, desc, cache, cache_dir)
+    # On a cluster, files stay files: the workers read them (tasks/metrics/rows.py).
+    by_path = plan is not None or client is not None
+    real_rows = load_rows(real, "--real", distance, desc, cache, cache_dir, by_path=by_path)
+    fake_rows = load_rows(fake, "--fake", distance, desc, cache, cache_dir, by_path=by_path)
     if real_rows.shape[1] != fake_rows.shape[1]:
         raise _Bad(f"--real rows have width {real_rows.shape[1]} but --fake rows have width {fake_rows.shape[1]}; "
                    "extract both with the same feature extractor")
@@ -279,7 +307,10 @@ def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dic
     extra = {} if dup_quantile is None else {"dup_quantile": dup_quantile}
 
     def run(cl):
-        return compute_metrics(real_rows, fake_rows, k, distance, block_rows=block_rows, kid_subsets=kid_subsets,
+        r, f = real_rows, fake_rows
+        if cl is not None:
+            r, f = (_readable_on_workers(cl, x, what) for x, what in ((r, "--real"), (f, "--fake")))
+        return compute_metrics(r, f, k, distance, block_rows=block_rows, kid_subsets=kid_subsets,
                                kid_subset_size=kid_subset_size, kid_seed=kid_seed, client=cl, kernel=kernel,
                                group_rows=group_rows, **extra)
     from modeaudit.tasks.registry import ConfigError
@@ -304,6 +335,31 @@ def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dic
         except OSError as e:
             raise _Bad(f"cannot write {path} ({e.strerror or e}); choose a writable --out") from None
     return result
+
+
+def _probe_read(rows) -> str | None:
+    """On a worker: None when it can read the FeatureFile's rows, else why not."""
+    try:
+        rows.read(0, 1)
+    except Exception as e:  # noqa: BLE001 - any failure means this worker cannot read the file
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _readable_on_workers(client, rows, what: str):
+    """rows itself when every worker can read it (or it is an array); otherwise its rows read here,
+    to be scattered as before, with one line on stderr saying why (a cluster without the path)."""
+    from modeaudit.tasks.metrics.rows import FeatureFile
+    if not isinstance(rows, FeatureFile):
+        return rows
+    failed = {w: why for w, why in client.run(_probe_read, rows).items() if why is not None}
+    if not failed:
+        return rows
+    worker, why = sorted(failed.items())[0]
+    print(f"modeaudit: {what} {rows.path}: {len(failed)} worker(s) cannot open it ({worker}: {why}); reading it "
+          "here and sending it to the workers instead (the whole set in this process and in every worker). Put "
+          "it on a path every worker sees to avoid that.", file=sys.stderr)
+    return rows.read()
 
 
 def run_metrics(args) -> int:

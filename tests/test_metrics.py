@@ -418,6 +418,106 @@ def test_cli_workers_1_and_2_write_byte_identical_metrics_json(tmp_path, capsys,
     assert 0 < json.loads(data["w2"])["precision"] < 1
 
 
+def test_unit_rows_of_a_block_equal_the_whole_sets_rows():
+    """Workers scale the rows they read; the bits must not depend on where a block starts."""
+    from modeaudit.tasks.metrics.rows import unit_rows
+    rng = np.random.default_rng(21)
+    for d in (1, 7, 19, 33):
+        x = rng.standard_normal((301, d)).astype(np.float32)
+        x[5] *= np.float32(1e25)   # beyond float32's safe squares: scaled in float64
+        x[6] *= np.float32(1e-25)
+        whole = unit_rows(x)
+        for lo, hi in ((0, 1), (3, 8), (5, 7), (17, 300), (299, 301)):
+            np.testing.assert_array_equal(unit_rows(x[lo:hi].copy()), whole[lo:hi])
+        np.testing.assert_allclose(np.linalg.norm(whole.astype(np.float64), axis=1), 1, rtol=1e-6)
+    with pytest.raises(ValueError, match="all zeros"):
+        unit_rows(np.zeros((2, 3)))
+
+
+def test_feature_file_reads_what_loading_reads(tmp_path, monkeypatch):
+    """A FeatureFile of a .npy, a float64 Zarr array and a run folder: ranges, blocks and take()."""
+    import zarr
+
+    from modeaudit.flows.metrics_cli import load_rows
+    from modeaudit.tasks.metrics import rows
+    from modeaudit.tasks.metrics.rows import FeatureFile, take_rows
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((1000, 13))
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    z = zarr.create_array(str(tmp_path / "x.zarr"), shape=x.shape, chunks=(128, 13), dtype="float64")
+    z[:] = x
+    _write_run_folder(tmp_path / "run", x)
+    for path in (tmp_path / "x.npy", tmp_path / "x.zarr", tmp_path / "run"):
+        whole = load_rows(str(path), "--real", "euclidean")
+        ff = load_rows(str(path), "--real", "euclidean", by_path=True)
+        assert isinstance(ff, FeatureFile) and ff.shape == whole.shape and whole.dtype == np.float32
+        np.testing.assert_array_equal(ff.read(), whole)
+        np.testing.assert_array_equal(ff.read(123, 456), whole[123:456])
+        got = list(ff.blocks(300))
+        assert [o for o, _ in got] == [0, 300, 600, 900]
+        np.testing.assert_array_equal(np.concatenate([b for _, b in got]), whole)
+        idx = rng.integers(0, 1000, 77)
+        np.testing.assert_array_equal(take_rows(ff, idx), whole[idx])
+        assert ff.pass_rows() > 1000
+        with monkeypatch.context() as m:
+            m.setattr(rows, "_PASS_BYTES", 64 * 13 * 4)   # 64-row passes: take() stitches 16 of them
+            assert ff.pass_rows() == 64
+            np.testing.assert_array_equal(ff.as_unit().take(idx), rows.unit_rows(whole)[idx])
+    # KID reads a file's subset rows in batches of subsets (here two a batch): the same subsets, the same value.
+    from modeaudit.tasks.metrics import kid as kid_mod
+    ff = load_rows(str(tmp_path / "x.npy"), "--real", "euclidean", by_path=True)
+    other = (x[::-1] * 0.9).astype(np.float32)
+    np.save(tmp_path / "y.npy", other)
+    ff2 = load_rows(str(tmp_path / "y.npy"), "--fake", "euclidean", by_path=True)
+    want = kid(ff.read(), other, subsets=5, subset_size=100)
+    monkeypatch.setattr(kid_mod, "GATHER_BYTES", 2 * 100 * 13 * 4)
+    assert kid(ff, ff2, subsets=5, subset_size=100) == want == kid(ff.read(), ff2, subsets=5, subset_size=100)
+    bad = x.copy()
+    bad[700, 2] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    from modeaudit.flows.metrics_cli import _Bad
+    with pytest.raises(_Bad, match=r"1 row\(s\) with NaN or Inf \(first: row 700\)"):
+        load_rows(str(tmp_path / "bad.npy"), "--fake", "euclidean", by_path=True)
+
+
+def test_cluster_metrics_leave_file_rows_to_the_workers(tmp_path, capsys, monkeypatch, thread_client):
+    """With a client, .npy rows are read by the tasks: nothing the size of a set is sent from here.
+    A worker that cannot open the file makes the command fall back to sending it, with one line."""
+    from modeaudit.flows import metrics_cli
+    from modeaudit.tasks.join import parallel
+    rng = np.random.default_rng(23)
+    real = rng.standard_normal((1500, 96)).astype(np.float32)
+    fake = (rng.standard_normal((1200, 96)) * 0.9).astype(np.float32)
+    fake[100:130] = fake[7]
+    np.save(tmp_path / "real.npy", real)
+    np.save(tmp_path / "fake.npy", fake)
+    sent = []
+    scatter = parallel._scatter
+
+    def spy(client, a, cache):
+        if isinstance(a, np.ndarray):
+            sent.append(a.nbytes)
+        return scatter(client, a, cache)
+    monkeypatch.setattr(parallel, "_scatter", spy)
+    kw = dict(k=4, kid_subsets=3, group_rows=300)
+    for distance in ("euclidean", "angular"):
+        here = metrics_cli.metrics_of(str(tmp_path / "real.npy"), str(tmp_path / "fake.npy"), distance=distance, **kw)
+        sent.clear()
+        got = metrics_cli.metrics_of(str(tmp_path / "real.npy"), str(tmp_path / "fake.npy"), distance=distance,
+                                     client=thread_client, **kw)
+        assert json.dumps(got) == json.dumps(here), distance
+        assert got["dup_pairs_fake"] > 0
+        assert sent and max(sent) < fake.nbytes / 4, sent    # radii and ids only
+    monkeypatch.setattr(metrics_cli, "_probe_read", lambda rows: "FileNotFoundError: not on this machine")
+    sent.clear()
+    got = metrics_cli.metrics_of(str(tmp_path / "real.npy"), str(tmp_path / "fake.npy"), client=thread_client, **kw)
+    err = capsys.readouterr().err
+    assert err.count("cannot open it") == 2 and "not on this machine" in err
+    assert max(sent) >= fake.nbytes
+    assert got["precision"] == metrics_cli.metrics_of(str(tmp_path / "real.npy"), str(tmp_path / "fake.npy"),
+                                                      **kw)["precision"]
+
+
 @pytest.mark.parametrize("args, msg", [
     (["--scheduler", "tcp://127.0.0.1:1"], "cannot reach the Dask scheduler"),
     (["--scheduler", "not-an-address"], "not a Dask scheduler address"),

@@ -179,10 +179,13 @@ def _bf16_sound() -> bool:
 
 
 def join_size(a, b):
-    """(width, pairs) of a join of rows a against rows b, for metric_kernel; None if they are not arrays."""
-    if np.ndim(a) != 2 or np.ndim(b) != 2:
+    """(width, pairs) of a join of rows a against rows b, for metric_kernel; None if they are not 2-d.
+
+    a, b: arrays, or anything with a 2-d `shape` (a metrics FeatureFile, read by the workers)."""
+    sa, sb = (tuple(x.shape) if hasattr(x, "shape") else np.shape(x) for x in (a, b))
+    if len(sa) != 2 or len(sb) != 2:
         return None
-    return np.shape(a)[1], float(np.shape(a)[0]) * float(np.shape(b)[0])
+    return sa[1], float(sa[0]) * float(sb[0])
 
 
 def _numba_scores(kn: str):

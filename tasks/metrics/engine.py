@@ -8,8 +8,10 @@ optionally a Dask client.
 On a client, the query rows are split into contiguous groups (`group_rows` rows, by
 default about four groups per worker thread, never under 512 rows), one task per
 group, each streaming every block (`block_rows` rows) of the other set through the
-kernel. Both sets are scattered to every worker once per engine (the join's
-`parallel._run` machinery, whose worker-loss retries scatter them again). Every
+kernel. A set held in memory is scattered to every worker once per engine (the join's
+`parallel._run` machinery, whose worker-loss retries scatter it again); a set given as a
+`FeatureFile` (tasks/metrics/rows.py) is not sent at all: each task reads its query
+rows and streams the other set's blocks from the file. Every
 result is an exact float64 value or an integer count, so it is bit-identical to the
 single-process path on any number of workers, any group size and any block size;
 per-query results are concatenated in group order, per-point counts (sent back as
@@ -20,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from modeaudit.tasks.join import backend
+from modeaudit.tasks.metrics.rows import FeatureFile, rows_of, shape_of
 
 __all__ = ["KnnEngine", "query_groups"]
 
@@ -36,16 +39,22 @@ def query_groups(n: int, n_tasks: int, group_rows: int | None = None) -> list[li
     return [[(lo, min(n, lo + group_rows))] for lo in range(0, n, group_rows)]
 
 
-def _blocks(x: np.ndarray, block_rows: int | None):
+def _blocks(x, block_rows: int | None):
+    if isinstance(x, FeatureFile):
+        return x.blocks(block_rows)
     from modeaudit.tasks.metrics.manifold import blocks_of
     return blocks_of(x, block_rows)
+
+
+def _in_memory(x) -> np.ndarray:
+    return x.read() if isinstance(x, FeatureFile) else x
 
 
 def _knn_group(queries, points, k, distance, self_join, block_rows, kernel, group):
     """k-NN distances of queries[lo:hi] against all of points (one task)."""
     (lo, hi), = group
     ids = np.arange(lo, hi) if self_join else None
-    return backend.knn_distances(queries[lo:hi], _blocks(points, block_rows), k, distance=distance,
+    return backend.knn_distances(rows_of(queries, lo, hi), _blocks(points, block_rows), k, distance=distance,
                                  query_ids=ids, kernel=kernel)
 
 
@@ -54,7 +63,7 @@ def _ball_group(a, b, radii_a, radii_b, distance, a_ids, block_rows, kernel, gro
     (lo, hi), = group
     ra = radii_a[lo:hi] if radii_a is not None and np.ndim(radii_a) else radii_a
     ids = None if a_ids is None else a_ids[lo:hi]
-    c = backend.ball_counts(a[lo:hi], _blocks(b, block_rows), ra, radii_b, distance=distance, a_ids=ids,
+    c = backend.ball_counts(rows_of(a, lo, hi), _blocks(b, block_rows), ra, radii_b, distance=distance, a_ids=ids,
                             kernel=kernel)
     # The per-row-of-b counts of one group are mostly zero: sent back sparse, so the client
     # holds O(pairs inside balls) per group, not O(|b|) (|b| = 1e6 x hundreds of groups).
@@ -104,37 +113,39 @@ class KnnEngine:
         from modeaudit.tasks.join.parallel import _run
         return _run(self.client, fn, self._groups(n), *args, bind=_bind, what=what, scattered=self._scattered)
 
-    def knn_self(self, x: np.ndarray, k: int, distance: str = "euclidean") -> np.ndarray:
+    def knn_self(self, x, k: int, distance: str = "euclidean") -> np.ndarray:
         """k-NN distances of every row of x within x, self excluded, (n, k) ascending.
 
         In process this is the kernel's own self-join (numba: each pair's score formed
         once). On a cluster each task takes a group of query rows against the whole
         set (knn_distances with query_ids), so every pair's score is formed twice:
         twice the GEMM of the one-process self-join, for a result equal bit for bit.
+        x: an (n, d) array or a FeatureFile (read whole in process, by the tasks on a cluster).
         """
         kernel = backend.metric_kernel(self.kernel, *(backend.join_size(x, x) or ()))
         if self.client is None:
-            return backend.knn_self(x, k, distance=distance, kernel=kernel)
-        parts = self._run(_knn_group, x.shape[0], "rows' k-NN radii", x, x, k, distance, True, self.block_rows,
+            return backend.knn_self(_in_memory(x), k, distance=distance, kernel=kernel)
+        parts = self._run(_knn_group, shape_of(x)[0], "rows' k-NN radii", x, x, k, distance, True, self.block_rows,
                           kernel)
         return np.concatenate(parts, axis=0) if parts else np.empty((0, k))
 
-    def ball_counts(self, a: np.ndarray, b: np.ndarray, radii_a=None, radii_b=None, distance: str = "euclidean",
-                    a_ids=None):
-        """Strict ball counts between the rows of a and of b (metrics.knn.BallCounts; see knn.ball_counts)."""
+    def ball_counts(self, a, b, radii_a=None, radii_b=None, distance: str = "euclidean", a_ids=None):
+        """Strict ball counts between the rows of a and of b (metrics.knn.BallCounts; see knn.ball_counts).
+
+        a, b: arrays or FeatureFiles; in process a is read whole and b streamed in blocks."""
         from modeaudit.tasks.metrics.knn import BallCounts
         kernel = backend.metric_kernel(self.kernel, *(backend.join_size(a, b) or ()))
         if self.client is None:
-            return backend.ball_counts(a, _blocks(b, self.block_rows), radii_a, radii_b, distance=distance,
-                                       a_ids=a_ids, kernel=kernel)
+            return backend.ball_counts(_in_memory(a), _blocks(b, self.block_rows), radii_a, radii_b,
+                                       distance=distance, a_ids=a_ids, kernel=kernel)
         ra = None if radii_a is None else np.asarray(radii_a, np.float64)
         ids = None if a_ids is None else np.asarray(a_ids, np.int64)
-        parts = self._run(_ball_group, a.shape[0], "rows' ball counts", a, b, ra, radii_b, distance, ids,
+        parts = self._run(_ball_group, shape_of(a)[0], "rows' ball counts", a, b, ra, radii_b, distance, ids,
                           self.block_rows, kernel)
+        n_b = shape_of(b)[0]
         if not parts:
             z = np.zeros(0, np.int64)
-            return BallCounts(z, np.zeros(b.shape[0], np.int64), np.zeros(b.shape[0], np.int64), z.copy())
+            return BallCounts(z, np.zeros(n_b, np.int64), np.zeros(n_b, np.int64), z.copy())
         # Per query row: the groups' arrays in order; per row of b: integer sums (any order is exact).
-        n_b = b.shape[0]
         return BallCounts(np.concatenate([p[0] for p in parts]), _dense_sum([p[1] for p in parts], n_b),
                           _dense_sum([p[2] for p in parts], n_b), np.concatenate([p[3] for p in parts]))

@@ -82,23 +82,48 @@ def mmd2_unbiased(x, y, degree: int = 3, gamma: float | None = None, coef0: floa
     return float(off / (m * (m - 1)) - 2.0 * kxy.sum() / (m * m))
 
 
+# Rows of one set gathered from a file at a time for KID's subsets (float32).
+GATHER_BYTES = 1 << 28
+
+
+def _subset(x, ids, gathered):
+    if gathered is None:
+        return x[ids]
+    all_ids, rows = gathered
+    return rows[np.searchsorted(all_ids, ids)]
+
+
 def kid(real, fake, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, degree: int = 3,
         gamma: float | None = None, coef0: float = 1.0, seed: int = KID_SEED) -> dict:
-    """{'kid', 'kid_std', 'kid_subsets', 'kid_subset_size'}: mean and std of MMD^2_u over random subsets."""
-    real = np.asarray(real)
-    fake = np.asarray(fake)
-    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"KID needs two (n, d) sets of one width, got {real.shape} and {fake.shape}")
+    """{'kid', 'kid_std', 'kid_subsets', 'kid_subset_size'}: mean and std of MMD^2_u over random subsets.
+
+    real, fake: (n, d) arrays, or objects with `shape` and `take(indices)` (a FeatureFile)."""
+    in_file = [hasattr(x, "take") and not isinstance(x, np.ndarray) for x in (real, fake)]
+    real, fake = (x if f else np.asarray(x) for x, f in zip((real, fake), in_file))
+    sr, sf = tuple(real.shape), tuple(fake.shape)
+    if len(sr) != 2 or len(sf) != 2 or sr[1] != sf[1]:
+        raise ValueError(f"KID needs two (n, d) sets of one width, got {sr} and {sf}")
     if subsets < 1:
         raise ValueError(f"subsets must be >= 1, got {subsets}")
-    m = min(int(subset_size), real.shape[0], fake.shape[0])
+    m = min(int(subset_size), sr[0], sf[0])
     if m < 2:
-        raise ValueError(f"KID needs at least 2 rows per set; got {real.shape[0]} real and {fake.shape[0]} fake")
+        raise ValueError(f"KID needs at least 2 rows per set; got {sr[0]} real and {sf[0]} fake")
     rng = np.random.RandomState(seed)
+    picks = [(rng.choice(sr[0], m, replace=False), rng.choice(sf[0], m, replace=False)) for _ in range(subsets)]
+    # A set kept in a file (tasks/metrics/rows.FeatureFile) is read only at the rows the subsets
+    # use, in one sequential pass per batch of subsets whose rows fit GATHER_BYTES: memory stays
+    # bounded whatever the set's and the subsets' sizes.
+    per_batch = max(1, GATHER_BYTES // (4 * max(1, sr[1]) * m)) if any(in_file) else subsets
     vals = np.empty(subsets)
-    for s in range(subsets):
-        x = real[rng.choice(real.shape[0], m, replace=False)]
-        y = fake[rng.choice(fake.shape[0], m, replace=False)]
-        vals[s] = mmd2_unbiased(x, y, degree, gamma, coef0)
+    for b0 in range(0, subsets, per_batch):
+        batch = picks[b0:b0 + per_batch]
+        used = {}
+        for j, x in enumerate((real, fake)):
+            if in_file[j]:
+                ids = np.unique(np.concatenate([p[j] for p in batch]))
+                used[j] = (ids, x.take(ids))
+        for s, (ir, jf) in enumerate(batch, start=b0):
+            x, y = (_subset(v, ids, used.get(j)) for j, (v, ids) in enumerate(((real, ir), (fake, jf))))
+            vals[s] = mmd2_unbiased(x, y, degree, gamma, coef0)
     return {"kid": float(vals.mean()), "kid_std": float(vals.std()), "kid_subsets": int(subsets),
             "kid_subset_size": m}

@@ -55,9 +55,16 @@ def blocks_of(x: np.ndarray, block_rows: int | None):
 
 
 def check_sets(real, fake, k: int, distance: str):
-    """Both sets as float32 rows of one width, with enough rows for k; ValueError otherwise."""
-    r = _rows32(real, "real")
-    f = _rows32(fake, "fake")
+    """Both sets as float32 rows of one width, with enough rows for k; ValueError otherwise.
+
+    A FeatureFile (tasks/metrics/rows.py) is checked by its shape and passed on unread; for
+    the angular distance it must read unit rows (FeatureFile.as_unit())."""
+    from modeaudit.tasks.metrics.rows import FeatureFile
+    for name, x in (("real", real), ("fake", fake)):
+        if isinstance(x, FeatureFile) and distance == "angular" and not x.unit:
+            raise ValueError(f"the angular distance needs unit rows; read the {name} file with FeatureFile.as_unit()")
+    r = real if isinstance(real, FeatureFile) else _rows32(real, "real")
+    f = fake if isinstance(fake, FeatureFile) else _rows32(fake, "fake")
     if r.shape[1] != f.shape[1]:
         raise ValueError(f"real rows have width {r.shape[1]} but fake rows have width {f.shape[1]}; both must "
                          "come from the same feature extractor")
@@ -68,6 +75,8 @@ def check_sets(real, fake, k: int, distance: str):
                              "(a row is not its own neighbour)")
     if distance == "angular":
         for name, x in (("real", r), ("fake", f)):
+            if isinstance(x, FeatureFile):
+                continue   # unit-scaled on read
             norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
             if np.any(np.abs(norms - 1.0) > 1e-3):
                 raise ValueError(f"the angular distance needs unit rows; {name} has rows of norm "
@@ -79,7 +88,7 @@ def manifold_counts(real, fake, k: int = 5, distance: str = "euclidean", *,
                     block_rows: int | None = None, real_knn=None, engine=None) -> Manifolds:
     """The three exact joins behind precision, recall, density and coverage.
 
-    real, fake: (n, d) float rows (used as float32). `real_knn` may pass R's k-NN
+    real, fake: (n, d) float rows (used as float32), or FeatureFiles. `real_knn` may pass R's k-NN
     distances already computed (e.g. for several fake sets against one real set).
     engine: where the joins run (tasks/metrics/engine.KnnEngine: a kernel, optionally
     a Dask client); default in this process with the numba kernel and `block_rows`.

@@ -6,27 +6,15 @@ birthday-paradox support size from them; KID uses its own random subsets.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from modeaudit.tasks.metrics.birthday import DUP_QUANTILE, birthday_support
 from modeaudit.tasks.metrics.density_coverage import density_coverage_from_counts
 from modeaudit.tasks.metrics.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, kid
 from modeaudit.tasks.metrics.knn import _check_distance
 from modeaudit.tasks.metrics.manifold import check_sets, manifold_counts
 from modeaudit.tasks.metrics.precision_recall import precision_recall_from_counts
+from modeaudit.tasks.metrics.rows import FeatureFile, shape_of, unit_rows
 
 __all__ = ["compute_metrics", "unit_rows"]
-
-
-def unit_rows(x) -> np.ndarray:
-    """Rows scaled to unit length in float32 (as the audit's embedding sources read them)."""
-    x = np.array(x, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
-    if x.ndim == 2 and np.any(norms == 0):
-        raise ValueError(f"row {int(np.flatnonzero(norms == 0)[0])} is all zeros: it has no direction for the "
-                         "angular distance; remove it or use euclidean")
-    x /= norms.astype(np.float32)[:, None]
-    return x
 
 
 def compute_metrics(real, fake, k: int = 5, distance: str = "euclidean", *, block_rows: int | None = 65536,
@@ -35,22 +23,27 @@ def compute_metrics(real, fake, k: int = 5, distance: str = "euclidean", *, bloc
                     kernel: str = "fast", group_rows: int | None = None) -> dict:
     """Precision, recall, density, coverage, KID and support size of `fake` against `real`.
 
-    real, fake: (n, d) feature rows (used as float32). distance="euclidean" uses the
+    real, fake: (n, d) feature rows (used as float32), or FeatureFiles (tasks/metrics/rows.py):
+    with a client, the workers read those themselves and this process never holds either
+    set (in process they are read whole). distance="euclidean" uses the
     rows as given (what prdc and torch-fidelity do); "angular" scales them to unit
     length first and uses arccos(<a, b>) / pi. KID is computed on the same rows.
     client: a Dask `distributed.Client` to run the k-NN joins on (groups of
     `group_rows` query rows per task, tasks/metrics/engine.py), None: in this process;
     kernel: "fast" (numba), "torch-cpu", "torch-cuda" or "auto" (tasks/join/backend.py).
     The result does not depend on client, kernel, group_rows or block_rows: the joins
-    are exact. KID (random subsets) runs in this process.
+    are exact. KID (random subsets) runs in this process, on its subsets' rows only.
     Returns a JSON-ready dict: precision, recall, density, coverage, kid, kid_std,
     support_size, and the settings and sizes behind them (docs/metrics.md).
     """
     from modeaudit.tasks.metrics.engine import KnnEngine
     _check_distance(distance)
     engine = KnnEngine(client, kernel, block_rows, group_rows)
+    if client is None:
+        # One read of each file; every join below reads its rows from memory.
+        real, fake = (x.read() if isinstance(x, FeatureFile) else x for x in (real, fake))
     if distance == "angular":
-        real, fake = unit_rows(real), unit_rows(fake)
+        real, fake = (x.as_unit() if isinstance(x, FeatureFile) else unit_rows(x) for x in (real, fake))
     r, f, k = check_sets(real, fake, k, distance)
     m = manifold_counts(r, f, k, distance, block_rows=block_rows, engine=engine)
     precision, recall = precision_recall_from_counts(m.fake_in_real_balls, m.real_in_fake_balls)
@@ -59,6 +52,6 @@ def compute_metrics(real, fake, k: int = 5, distance: str = "euclidean", *, bloc
     out.update(kid(r, f, subsets=kid_subsets, subset_size=kid_subset_size, seed=kid_seed))
     out.update(birthday_support(r, f, m.real_knn, m.fake_knn, distance, quantile=dup_quantile,
                                 engine=engine))
-    out.update({"k": k, "distance": distance, "n_real": int(r.shape[0]), "n_fake": int(f.shape[0]),
-                "dim": int(r.shape[1]), "kid_seed": int(kid_seed)})
+    out.update({"k": k, "distance": distance, "n_real": int(shape_of(r)[0]), "n_fake": int(shape_of(f)[0]),
+                "dim": int(shape_of(r)[1]), "kid_seed": int(kid_seed)})
     return out
