@@ -14,6 +14,7 @@ import numpy as np
 from modeaudit.tasks import console
 from modeaudit.tasks.join import backend
 from modeaudit.tasks.join import parallel
+from modeaudit.tasks.join.shipping import Shipped, submit_unshipped
 from modeaudit.tasks.join.threads import blas_threads, compute_threads, thread_budget
 from modeaudit.tasks.stats.envelope import erl_test
 from modeaudit.tasks.join.kernels import mccs_from_sums, arccos_over_pi
@@ -98,9 +99,10 @@ def selection(client, S_rows, T, *, m_sel: int, n_t: int, null, d0, radii, repli
     the reference, and the test combines both statistics (selection_test's `contrast`).
     """
     S_sel = np.ascontiguousarray(S_rows[:m_sel])
-    submit = (lambda f, *a: f(*a)) if client is None else (lambda f, *a: client.submit(f, *a, pure=False))
+    submit = (lambda f, *a: f(*a)) if client is None else (lambda f, *a: submit_unshipped(client, f, *a))
     get = (lambda x: x) if client is None else (lambda x: x.result())
-    S_in = S_sel if client is None else client.scatter(S_sel)
+    # Shipped: the rows arrive 64-byte aligned on the worker (tasks/join/shipping.py).
+    S_in = S_sel if client is None else client.scatter(Shipped(S_sel), hash=False)
     if null[0] == "surrogate":
         fit, describe = get(submit(_fit_surrogate, S_in))
         factory = functools.partial(surrogate_sampler, fit, null[1], describe)
