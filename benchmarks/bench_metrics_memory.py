@@ -26,19 +26,8 @@ import sys
 import tempfile
 import time
 
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo and the cores this process may use."""
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_metrics import _data, cpu_model  # noqa: E402  (the same CPU line and the same two sets)
 
 
 def _peak_rss_gib() -> float:
@@ -85,10 +74,9 @@ def main(argv=None) -> int:
     n = int(a.rows)
     results = []
     with tempfile.TemporaryDirectory() as folder:
-        for name, shift, seed in (("real", 0.0, 1), ("fake", 0.1, 2)):
-            x = np.random.default_rng(seed).standard_normal((n, a.dim), dtype=np.float32)
-            np.save(os.path.join(folder, f"{name}.npy"), x + np.float32(shift))
-            del x
+        for name, x in zip(("real", "fake"), _data(n, a.dim)):
+            np.save(os.path.join(folder, f"{name}.npy"), x)
+        del x
         set_gib = n * a.dim * 4 / 2**30
         for mode in ("path", "sent"):
             p = subprocess.run([sys.executable, __file__, "--child", mode, folder, "--workers", str(a.workers)],
