@@ -167,7 +167,9 @@ def metrics(real, fake, *, k: int = 5, distance: str = "euclidean", descriptor=N
     out/metrics.json. Other keywords: block_rows, kid_subsets, kid_subset_size, kid_seed,
     dup_quantile; kernel ("auto", "fast", "torch-cpu", "torch-cuda"); and where the k-NN joins
     run: client (a distributed.Client), workers (a local cluster started for the call) or
-    scheduler (an address), group_rows (query rows per Dask task). By default it runs in this
+    scheduler (an address), group_rows (query rows per Dask task). On a cluster, paths to a
+    .npy file, Zarr array or run folder are read by the workers themselves (this process
+    never holds those sets; arrays are sent to the workers). By default it runs in this
     process (no Prefect, no Dask) and leaves its BLAS threads as they are; the numbers are the
     same everywhere. Bad input raises ConfigError with the CLI's one-line message.
     """
