@@ -155,6 +155,8 @@ def load_rows(path, what: str, distance: str, desc: dict | None = None, cache: b
 
     by_path: a .npy file, Zarr array or run folder comes back as a FeatureFile (checked in one
     streamed pass, never held whole here) for Dask workers to read themselves."""
+    import dataclasses
+
     import numpy as np
     from modeaudit.tasks.errors import InputError
     from modeaudit.tasks.inputs import reference_kind
@@ -185,8 +187,9 @@ def load_rows(path, what: str, distance: str, desc: dict | None = None, cache: b
             src = open_embeddings(p, what)
         except InputError as e:
             raise _Bad(str(e)) from None
-    # The rows exactly as stored, in float32 (a Source renormalises otherwise).
-    rows = FeatureFile.of(src)
+    # The rows exactly as stored, in float32 (a Source renormalises otherwise); the path made
+    # absolute, as workers started in another directory must open the same file.
+    rows = FeatureFile.of(dataclasses.replace(src, path=str(Path(src.path).resolve())))
     if by_path:
         _check_rows(None, 0, f"{what} {path}", distance, blocks=rows.blocks())
         return rows
@@ -325,6 +328,9 @@ def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dic
         raise _Bad(str(e)) from None
     except ConfigError as e:   # a cluster that cannot be reached, or workers lost again and again
         raise _Bad(str(e)) from None
+    except OSError as e:       # a worker's read of a file that changed or vanished after the checks
+        raise _Bad(f"reading the feature rows failed ({e}); keep --real and --fake unchanged while the "
+                   "metrics run") from None
     for key, given, rows in (("real", real, real_rows), ("fake", fake, fake_rows)):
         result[key] = str(given) if isinstance(given, (str, Path)) else f"array {tuple(rows.shape)}"
     if out is not None:
@@ -337,13 +343,15 @@ def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dic
     return result
 
 
-def _probe_read(rows) -> str | None:
-    """On a worker: None when it can read the FeatureFile's rows, else why not."""
+def _probe_read(rows, want: tuple) -> str | None:
+    """On a worker: None when it sees the file this process checked (the same kind, rows, width and,
+    for .npy, size: FeatureFile.identity) and can read it; else why not."""
     try:
+        got = rows.identity()
         rows.read(0, 1)
     except Exception as e:  # noqa: BLE001 - any failure means this worker cannot read the file
         return f"{type(e).__name__}: {e}"
-    return None
+    return None if got == want else f"it sees {got}, this process {want}"
 
 
 def _readable_on_workers(client, rows, what: str):
@@ -352,13 +360,13 @@ def _readable_on_workers(client, rows, what: str):
     from modeaudit.tasks.metrics.rows import FeatureFile
     if not isinstance(rows, FeatureFile):
         return rows
-    failed = {w: why for w, why in client.run(_probe_read, rows).items() if why is not None}
+    failed = {w: why for w, why in client.run(_probe_read, rows, rows.identity()).items() if why is not None}
     if not failed:
         return rows
     worker, why = sorted(failed.items())[0]
     print(f"modeaudit: {what} {rows.path}: {len(failed)} worker(s) cannot open it ({worker}: {why}); reading it "
-          "here and sending it to the workers instead (the whole set in this process and in every worker). Put "
-          "it on a path every worker sees to avoid that.", file=sys.stderr)
+          "here and sending it to the workers instead (the whole set in this process and in every worker, twice "
+          "there while it arrives). Put it on a path every worker sees to avoid that.", file=sys.stderr)
     return rows.read()
 
 

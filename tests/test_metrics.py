@@ -480,6 +480,32 @@ def test_feature_file_reads_what_loading_reads(tmp_path, monkeypatch):
         load_rows(str(tmp_path / "bad.npy"), "--fake", "euclidean", by_path=True)
 
 
+def test_feature_file_notices_a_file_that_changed(tmp_path):
+    """A worker must not compute on another file than the one checked: identity() tells, read() refuses."""
+    from modeaudit.flows.metrics_cli import load_rows
+    x = np.random.default_rng(24).standard_normal((300, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    ff = load_rows(str(tmp_path / "x.npy"), "--real", "euclidean", by_path=True)
+    assert ff.path == str((tmp_path / "x.npy").resolve()) and ff.identity() == ("npy", 300, 8, ff.identity()[3])
+    before = ff.identity()
+    np.save(tmp_path / "x.npy", x[:200])
+    assert ff.identity() != before
+    with pytest.raises(OSError, match="changed since it was checked"):
+        ff.read(100, 300)
+
+
+def test_kid_takes_what_numpy_takes_and_the_parser_loads_no_numba():
+    import subprocess
+    import sys
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(25)
+    x, y = rng.standard_normal((60, 5)), rng.standard_normal((70, 5))
+    assert kid(torch.from_numpy(x), torch.from_numpy(y), subsets=3, subset_size=50) == kid(x, y, subsets=3,
+                                                                                             subset_size=50)
+    code = "import sys; from modeaudit.flows.cli import build_parser; build_parser(); print('numba' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
 def test_cluster_metrics_leave_file_rows_to_the_workers(tmp_path, capsys, monkeypatch, thread_client):
     """With a client, .npy rows are read by the tasks: nothing the size of a set is sent from here.
     A worker that cannot open the file makes the command fall back to sending it, with one line."""
@@ -499,6 +525,11 @@ def test_cluster_metrics_leave_file_rows_to_the_workers(tmp_path, capsys, monkey
             sent.append(a.nbytes)
         return scatter(client, a, cache)
     monkeypatch.setattr(parallel, "_scatter", spy)
+    from modeaudit.tasks.metrics import rows
+    read_at, at_calls = rows.FileRowsAt.read, []
+    # The support size's rows with k near-duplicates (fake[100:130] and fake[7]) are read by the tasks too.
+    monkeypatch.setattr(rows.FileRowsAt, "read", lambda self, lo=0, hi=None: at_calls.append(len(self.ids))
+                        or read_at(self, lo, hi))
     kw = dict(k=4, kid_subsets=3, group_rows=300)
     for distance in ("euclidean", "angular"):
         here = metrics_cli.metrics_of(str(tmp_path / "real.npy"), str(tmp_path / "fake.npy"), distance=distance, **kw)
@@ -506,9 +537,9 @@ def test_cluster_metrics_leave_file_rows_to_the_workers(tmp_path, capsys, monkey
         got = metrics_cli.metrics_of(str(tmp_path / "real.npy"), str(tmp_path / "fake.npy"), distance=distance,
                                      client=thread_client, **kw)
         assert json.dumps(got) == json.dumps(here), distance
-        assert got["dup_pairs_fake"] > 0
+        assert got["dup_pairs_fake"] > 0 and max(at_calls) >= 31
         assert sent and max(sent) < fake.nbytes / 4, sent    # radii and ids only
-    monkeypatch.setattr(metrics_cli, "_probe_read", lambda rows: "FileNotFoundError: not on this machine")
+    monkeypatch.setattr(metrics_cli, "_probe_read", lambda rows, want: "FileNotFoundError: not on this machine")
     sent.clear()
     got = metrics_cli.metrics_of(str(tmp_path / "real.npy"), str(tmp_path / "fake.npy"), client=thread_client, **kw)
     err = capsys.readouterr().err

@@ -8,7 +8,8 @@ single-threaded float32 GEMM against it took 2.7 s where an aligned copy of it t
 (the first worker, and every worker it is replicated to) copies it once into a
 64-byte-aligned buffer. Task functions get the plain array back through
 `call_unshipped`, which also covers in-process (thread) clusters, where nothing is
-pickled and the task receives the `Shipped` itself.
+pickled and the task receives the `Shipped` itself. The price: while an array arrives,
+the receiving process holds the message's copy and the aligned one.
 """
 from __future__ import annotations
 

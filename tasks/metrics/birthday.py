@@ -64,9 +64,9 @@ def near_duplicate_pairs(x, knn, tau: float, distance: str = "euclidean", blocks
     per_row = np.count_nonzero(knn < tau, axis=1).astype(np.int64)
     full = np.flatnonzero(knn[:, -1] < tau)
     if full.size and engine is not None:
-        from modeaudit.tasks.metrics.rows import take_rows
-        # x may be a FeatureFile the workers read: only the rows to count are read here.
-        per_row[full] = engine.ball_counts(take_rows(x, full), x, tau, None, distance,
+        from modeaudit.tasks.metrics.rows import rows_at
+        # x may be a FeatureFile the workers read: so are the rows to count (in a collapsed set, most of it).
+        per_row[full] = engine.ball_counts(rows_at(x, full), x, tau, None, distance,
                                            a_ids=full).in_a_balls_count
     elif full.size:
         c = ball_counts(np.asarray(x)[full], x if blocks is None else blocks, tau, None, distance=distance,

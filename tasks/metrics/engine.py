@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from modeaudit.tasks.join import backend
-from modeaudit.tasks.metrics.rows import FeatureFile, rows_of, shape_of
+from modeaudit.tasks.metrics.rows import ON_DISK, rows_of, shape_of
 
 __all__ = ["KnnEngine", "query_groups"]
 
@@ -40,14 +40,14 @@ def query_groups(n: int, n_tasks: int, group_rows: int | None = None) -> list[li
 
 
 def _blocks(x, block_rows: int | None):
-    if isinstance(x, FeatureFile):
+    if isinstance(x, ON_DISK):
         return x.blocks(block_rows)
     from modeaudit.tasks.metrics.manifold import blocks_of
     return blocks_of(x, block_rows)
 
 
 def _in_memory(x) -> np.ndarray:
-    return x.read() if isinstance(x, FeatureFile) else x
+    return x.read() if isinstance(x, ON_DISK) else x
 
 
 def _knn_group(queries, points, k, distance, self_join, block_rows, kernel, group):

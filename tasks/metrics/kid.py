@@ -21,8 +21,9 @@ size instead of an error (the subset size used is returned).
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
-from numba import njit
 
 __all__ = ["kid", "mmd2_unbiased", "KID_SUBSETS", "KID_SUBSET_SIZE", "KID_SEED"]
 
@@ -36,27 +37,6 @@ def _poly(x, y, degree, gamma, coef0):
     k = (x * gamma) @ y.T
     k += coef0
     return k ** degree
-
-
-@njit(cache=True, nogil=True)
-def _poly_sum(k, coef0, degree, upper):
-    """sum of (k[i, j] + coef0) ** degree over all (i, j), or over i < j when `upper`.
-
-    One pass over the GEMM output, the power by repeated products: numpy's temporaries
-    (k + c, k * k, ...) and its pow() per element were 3/4 of KID's time, and the
-    symmetric sets need one triangle. Row sums, then their sum: float64 throughout."""
-    m, n = k.shape
-    total = 0.0
-    for i in range(m):
-        row = 0.0
-        for j in range(i + 1 if upper else 0, n):
-            v = k[i, j] + coef0
-            p = v
-            for _ in range(degree - 1):
-                p *= v
-            row += p
-        total += row
-    return total
 
 
 def mmd2_unbiased(x, y, degree: int = 3, gamma: float | None = None, coef0: float = 1.0) -> float:
@@ -73,8 +53,10 @@ def mmd2_unbiased(x, y, degree: int = 3, gamma: float | None = None, coef0: floa
         s = np.sqrt(g)
         xs, ys = x * s, y * s
         d, c = int(degree), float(coef0)
-        off = 2.0 * (_poly_sum(xs @ xs.T, c, d, True) + _poly_sum(ys @ ys.T, c, d, True))
-        return float(off / (m * (m - 1)) - 2.0 * _poly_sum(xs @ ys.T, c, d, False) / (m * m))
+        # numba loads here, not on import: the CLI's parser reads this module's constants.
+        from modeaudit.tasks.metrics.kid_sums import poly_sum
+        off = 2.0 * (poly_sum(xs @ xs.T, c, d, True) + poly_sum(ys @ ys.T, c, d, True))
+        return float(off / (m * (m - 1)) - 2.0 * poly_sum(xs @ ys.T, c, d, False) / (m * m))
     kxx = _poly(x, x, degree, g, coef0)
     kyy = _poly(y, y, degree, g, coef0)
     kxy = _poly(x, y, degree, g, coef0)
@@ -97,8 +79,10 @@ def kid(real, fake, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET
         gamma: float | None = None, coef0: float = 1.0, seed: int = KID_SEED) -> dict:
     """{'kid', 'kid_std', 'kid_subsets', 'kid_subset_size'}: mean and std of MMD^2_u over random subsets.
 
-    real, fake: (n, d) arrays, or objects with `shape` and `take(indices)` (a FeatureFile)."""
-    in_file = [hasattr(x, "take") and not isinstance(x, np.ndarray) for x in (real, fake)]
+    real, fake: (n, d) arrays (or anything np.asarray takes), or FeatureFiles (tasks/metrics/rows.py)."""
+    # Without the rows module loaded there is no FeatureFile (and this module stays numpy-only).
+    rows_mod = sys.modules.get("modeaudit.tasks.metrics.rows")
+    in_file = [rows_mod is not None and isinstance(x, rows_mod.FeatureFile) for x in (real, fake)]
     real, fake = (x if f else np.asarray(x) for x, f in zip((real, fake), in_file))
     sr, sf = tuple(real.shape), tuple(fake.shape)
     if len(sr) != 2 or len(sf) != 2 or sr[1] != sf[1]:

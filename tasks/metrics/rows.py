@@ -17,13 +17,14 @@ split between tasks.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from modeaudit.tasks.join.sources import Source, row_norms
 
-__all__ = ["FeatureFile", "unit_rows", "rows_of", "take_rows", "shape_of"]
+__all__ = ["FeatureFile", "FileRowsAt", "ON_DISK", "unit_rows", "rows_of", "rows_at", "take_rows", "shape_of"]
 
 # Bytes per block of a sequential pass (validation, gathering rows by index): 16 Ki rows of
 # 2048 float32 columns, large enough for sequential reads, small beside the sets.
@@ -88,10 +89,26 @@ class FeatureFile:
         return dataclasses.replace(self, unit=True)
 
     def read(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
-        """Rows [lo, hi) as C-contiguous float32 (unit-scaled when self.unit)."""
+        """Rows [lo, hi) as C-contiguous float32 (unit-scaled when self.unit); OSError when the file
+        no longer holds them (it shrank, or a worker sees another file at this path)."""
         hi = self.source.rows if hi is None else min(hi, self.source.rows)
         x = np.ascontiguousarray(self.source.read(lo, hi), dtype=np.float32)
+        if x.shape != (max(0, hi - lo), self.source.dim):
+            raise OSError(f"{self.source.path}: rows {lo}..{hi} read as shape {x.shape}, not ({max(0, hi - lo)}, "
+                          f"{self.source.dim}): the file changed since it was checked")
         return unit_rows(x) if self.unit else x
+
+    def identity(self) -> tuple:
+        """What this machine sees at the path now, from the file's metadata: (kind, rows, dim[, bytes])."""
+        s = self.source
+        if s.kind == "store":
+            from modeaudit.storage.store import RunStore
+            store = RunStore.open(s.path)
+            return ("store", store.layout(s.set_name).rows, int(store.array(s.set_name, "emb").shape[1]))
+        from modeaudit.tasks.join.sources import open_embeddings
+        now = open_embeddings(s.path, "feature rows")
+        out = (s.kind, now.rows, now.dim)
+        return out + (os.stat(s.path).st_size,) if s.kind == "npy" else out
 
     def pass_rows(self) -> int:
         """Rows per block of a sequential pass over the file (about 128 MiB)."""
@@ -132,20 +149,56 @@ class FeatureFile:
         return out
 
 
+@dataclass(frozen=True, eq=False)
+class FileRowsAt:
+    """The rows of a FeatureFile at sorted indices `ids`, read by whichever task uses them: a query
+    set of a join that may be most of a file (the support size's rows with >= k near-duplicates)
+    without passing through this process."""
+    file: FeatureFile
+    ids: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(len(ids), dim)."""
+        return (int(len(self.ids)), self.file.source.dim)
+
+    def read(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Rows ids[lo:hi] of the file."""
+        return self.file.take(self.ids[lo:hi])
+
+    def blocks(self, block_rows: int | None = None):
+        """(offset, rows) blocks, as FeatureFile.blocks (offsets count in ids, not in the file)."""
+        step = self.file.pass_rows() if block_rows is None else int(block_rows)
+        for lo in range(0, len(self.ids), step):
+            yield lo, self.read(lo, lo + step)
+
+
+# The row sets the metrics' tasks read themselves.
+ON_DISK = (FeatureFile, FileRowsAt)
+
+
 def shape_of(x) -> tuple[int, ...]:
-    """The shape of an array or a FeatureFile (np.shape would read a FeatureFile as an object)."""
-    return tuple(x.shape) if isinstance(x, FeatureFile) else np.shape(x)
+    """The shape of an array or of rows on disk (np.shape would read those as an object)."""
+    return tuple(x.shape) if isinstance(x, ON_DISK) else np.shape(x)
 
 
 def rows_of(x, lo: int = 0, hi: int | None = None) -> np.ndarray:
-    """Rows [lo, hi) of an array or a FeatureFile."""
-    if isinstance(x, FeatureFile):
+    """Rows [lo, hi) of an array or of rows on disk."""
+    if isinstance(x, ON_DISK):
         return x.read(lo, hi)
     return x[lo:hi]
 
 
+def rows_at(x, ids):
+    """The rows of x at sorted indices ids: a FileRowsAt for a FeatureFile (read where used), else an array."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if isinstance(x, FeatureFile):
+        return FileRowsAt(x, ids)
+    return np.asarray(x)[ids]
+
+
 def take_rows(x, idx) -> np.ndarray:
-    """Rows at indices idx of an array or a FeatureFile."""
+    """Rows at indices idx of an array or a FeatureFile, read now."""
     if isinstance(x, FeatureFile):
         return x.take(idx)
     return np.asarray(x)[np.asarray(idx, dtype=np.int64)]
