@@ -56,12 +56,6 @@ logging.getLogger("prefect.task_runs").addFilter(_OneLineUserErrors())
 TIED_MCCS = 100
 
 
-def _store_source(store, name: str) -> Source:
-    emb = store.array(name, "emb")
-    return Source("store", str(store.root), store.layout(name).rows, emb.shape[1], name, dtype=str(emb.dtype),
-                  stored_unit=True)
-
-
 def prepare(cfg: AuditConfig, client, t):
     """Samples in place: generated into the store (resuming), or user embeddings / image folders validated and
     embedded (image folders through the feature cache). Returns the sources."""
@@ -80,8 +74,8 @@ def prepare(cfg: AuditConfig, client, t):
             shards = {s: stages.generate_set(client, store, s, gen, desc, cfg.seed) for s in ("S", "T")}
             if ref_gen:
                 shards["R"] = stages.generate_set(client, store, "R", ref_gen, desc, cfg.seed)
-        S, T = _store_source(store, "S"), _store_source(store, "T")
-        ref = _store_source(store, "R") if ref_gen else None
+        S, T = Source.of_store(store, "S"), Source.of_store(store, "T")
+        ref = Source.of_store(store, "R") if ref_gen else None
         scans = {s: steps.set_scan(store, s) for s in ("S", "T")}
         source = {"kind": "generator", "generator": cfg.generator, "generator_options": gen["options"],
                   "descriptor": desc["spec"], "descriptor_options": desc["options"], "seed": cfg.seed,

@@ -25,6 +25,7 @@ from modeaudit.tasks.report.calibration import write_calibration_report
 from modeaudit.flows.audit import run_audit
 from modeaudit.flows.cluster import dask_client
 from modeaudit.tasks.plan import plan_execution
+from modeaudit.tasks.join.sources import Source
 from modeaudit.storage.layout import RunLayout, atomic_write_json, run_lock
 
 fit_task = task(cache_policy=NO_CACHE, name="fit-calibration")
@@ -75,7 +76,7 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
     mode_idx = [m["s_index"] for m in result["modes"][:n_modes]]
     S_rows = store.read("S", "emb")
     modes_emb = S_rows[mode_idx]
-    T = cs.store_source(store, "T")
+    T = Source.of_store(store, "T")
     n_fit = min(n_fit, T.rows)
     Z, E = store.read("T", "latents", 0, n_fit), store.read("T", "emb", 0, n_fit)
 
@@ -101,7 +102,7 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
     cfg2 = _audit_config(result, lay.calibration_audit(method), spec, src["seed"] + 1, kernel, workers)
     after = run_audit(cfg2, client)
     store2 = cs.load_run(lay.calibration_audit(method))[1]
-    T2 = cs.store_source(store2, "T")
+    T2 = Source.of_store(store2, "T")
 
     w_before = S_rows[result["worst_case"]["s_index"]][None]
     w_after = store2.read("S", "emb")[after["worst_case"]["s_index"]][None]

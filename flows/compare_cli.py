@@ -83,7 +83,7 @@ class _Run:
 
     def _sources(self, r):
         from modeaudit.storage.store import RunStore, StoreError
-        from modeaudit.tasks.calibration.steps import store_source
+        from modeaudit.tasks.join.sources import Source
         from modeaudit.tasks.errors import InputError
         from modeaudit.tasks.join.sources import open_embeddings
         if self.kind == "generator":
@@ -95,7 +95,7 @@ class _Run:
                     store.shard_checksums(name)   # raises when unfinished
             except StoreError as e:
                 raise _Bad(f"{self.what} {self.path}: {e}") from None
-            return store_source(store, "S"), store_source(store, "T")
+            return Source.of_store(store, "S"), Source.of_store(store, "T")
         if self.kind == "embeddings":
             out = []
             for key, flag in (("embeddings_s", "--embeddings-s"), ("embeddings_t", "--embeddings-t")):

@@ -69,7 +69,7 @@ class _Bad(_config_error()):
 def _run_folder_source(p: Path, what: str):
     """The T embeddings of a finished audit run folder, as a Source of its rows as stored."""
     from modeaudit.storage.store import RunStore, StoreError
-    from modeaudit.tasks.calibration.steps import store_source
+    from modeaudit.tasks.join.sources import Source
     try:
         store = RunStore.open(p)
     except StoreError as e:
@@ -82,7 +82,7 @@ def _run_folder_source(p: Path, what: str):
         store.shard_checksums("T")  # raises when the run is unfinished
     except StoreError as e:
         raise _Bad(f"{what} {p}: {e}") from None
-    return store_source(store, "T")
+    return Source.of_store(store, "T")
 
 
 class _InProcess:

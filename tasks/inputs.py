@@ -175,9 +175,7 @@ def reference_run(cfg: AuditConfig, desc: dict | None) -> ReferenceRun:
         checksums = store.shard_checksums("T")
     except StoreError as e:
         raise InputError(f"--reference {path}: {e}") from None
-    emb = store.array("T", "emb")
-    source = Source("store", str(store.root), store.layout("T").rows, emb.shape[1], "T", dtype=str(emb.dtype),
-                    stored_unit=True)
+    source = Source.of_store(store, "T")
     info = {"kind": "run", "run_dir": str(store.root), "fingerprint": fingerprint_hash(fp),
             "descriptor": theirs, "set": "T", "rows": source.rows, "checksum": fingerprint_hash({"T": checksums})}
     return ReferenceRun(str(store.root), source, len(checksums), info)

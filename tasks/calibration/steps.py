@@ -43,16 +43,9 @@ def load_run(run_dir: str | Path):
     return result, RunStore.open(run_dir)
 
 
-def store_source(store, name: str) -> Source:
-    """A run-store set as a Source of its stored unit rows."""
-    emb = store.array(name, "emb")
-    return Source("store", str(store.root), store.layout(name).rows, emb.shape[1], name, dtype=str(emb.dtype),
-                  stored_unit=True)
-
-
 def mode_densities(client, result, store, modes_emb, r0: float, kernel: str):
     """p1 per mode (share of T within r0 of it) and p2 (median share over the random reference anchors)."""
-    T = store_source(store, "T")
+    T = Source.of_store(store, "T")
     p1 = parallel.range_counts(client, modes_emb, T, [r0], kernel=kernel)[:, 0] / T.rows
     radii = np.asarray(result["radii"])
     j = int(np.argmin(np.abs(radii - r0)))

@@ -50,6 +50,13 @@ class Source:
     # included, and reading is a plain copy (renormalising cost more than the join).
     stored_unit: bool = False
 
+    @classmethod
+    def of_store(cls, store, set_name: str) -> "Source":
+        """A run store's set (storage.store.RunStore) as a Source of its rows as stored (unit rows, its dtype)."""
+        emb = store.array(set_name, "emb")
+        return cls("store", str(store.root), store.layout(set_name).rows, emb.shape[1], set_name,
+                   dtype=str(emb.dtype), stored_unit=True)
+
     def _raw(self, start: int, stop: int) -> np.ndarray:
         if self.kind == "store":
             from modeaudit.storage.store import RunStore

@@ -106,12 +106,6 @@ def nearest_rows(anchors: np.ndarray, blocks, k: int) -> tuple[np.ndarray, np.nd
     return best_i, best_d
 
 
-def _store_source(store, set_name: str) -> Source:
-    emb = store.array(set_name, "emb")
-    return Source("store", str(store.root), store.layout(set_name).rows, emb.shape[1], set_name,
-                  dtype=str(emb.dtype), stored_unit=True)
-
-
 # ----------------------------------------------------------------------------- images
 
 def to_rgb(images: np.ndarray) -> np.ndarray:
@@ -274,7 +268,7 @@ def make_pictures(out_dir, result: Mapping, store, generator=None, *, S_rows: np
         a_emb = np.concatenate([store.read("S", "emb", a, a + 1) for a in anchors])
     else:
         a_emb = np.asarray(S_rows)[anchors]
-    T = _store_source(store, "T")
+    T = Source.of_store(store, "T")
     kk = min(max(k, members), T.rows)
     idx, dist = nearest_rows(a_emb, T.blocks(), kk)
 
