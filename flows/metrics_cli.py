@@ -171,12 +171,12 @@ def load_rows(path, what: str, distance: str, desc: dict | None = None, cache: b
                                                   or np.issubdtype(x.dtype, np.integer)):
             raise _Bad(f"{what} must be an (n, d) array of numbers with n >= 1, got shape {x.shape} dtype {x.dtype}")
         x = np.ascontiguousarray(x, dtype=np.float32)
-        _check_rows(x, 0, f"{what} array {x.shape}", distance)
+        _check_rows([(0, x)], f"{what} array {x.shape}", distance)
         return x
     p = Path(path)
     if p.is_dir() and reference_kind(str(p)) == "images" and not (p / "store.zarr").is_dir():
         x = _folder_rows(p, what, desc, cache, cache_dir)
-        _check_rows(x, 0, f"{what} {path}", distance)
+        _check_rows([(0, x)], f"{what} {path}", distance)
         return x
     if p.is_dir() and (p / "store.zarr").is_dir():
         src = _run_folder_source(p, what)
@@ -191,20 +191,20 @@ def load_rows(path, what: str, distance: str, desc: dict | None = None, cache: b
     # absolute, as workers started in another directory must open the same file.
     rows = FeatureFile.of(dataclasses.replace(src, path=str(Path(src.path).resolve())))
     if by_path:
-        _check_rows(None, 0, f"{what} {path}", distance, blocks=rows.blocks())
+        _check_rows(rows.blocks(), f"{what} {path}", distance)
         return rows
     x = rows.read()
-    _check_rows(x, 0, f"{what} {path}", distance)
+    _check_rows([(0, x)], f"{what} {path}", distance)
     return x
 
 
-def _check_rows(x, offset: int, what: str, distance: str, blocks=None) -> None:
-    """_Bad when the rows hold NaN/Inf, or (angular) an all-zero row. x: one array of rows from
-    `offset`, or None with `blocks`, an iterable of (offset, rows) checked one after another."""
+def _check_rows(blocks, what: str, distance: str) -> None:
+    """_Bad when the rows hold NaN/Inf, or (angular) an all-zero row; blocks: (offset, rows) pairs,
+    checked one after another (a whole array is [(0, x)])."""
     import numpy as np
     from modeaudit.tasks.join.sources import row_norms
     found = {"bad": [0, None], "zero": [0, None]}
-    for lo, block in ([(offset, x)] if blocks is None else blocks):
+    for lo, block in blocks:
         norms = row_norms(block)
         finite = np.isfinite(norms)
         for key, hits in (("bad", np.flatnonzero(~finite)), ("zero", np.flatnonzero(finite & (norms == 0)))):

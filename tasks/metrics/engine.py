@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from modeaudit.tasks.join import backend
-from modeaudit.tasks.metrics.rows import ON_DISK, rows_of, shape_of
+from modeaudit.tasks.metrics.rows import FeatureFile, rows_of, shape_of
 
 __all__ = ["KnnEngine", "query_groups"]
 
@@ -40,14 +40,10 @@ def query_groups(n: int, n_tasks: int, group_rows: int | None = None) -> list[li
 
 
 def _blocks(x, block_rows: int | None):
-    if isinstance(x, ON_DISK):
+    if isinstance(x, FeatureFile):
         return x.blocks(block_rows)
     from modeaudit.tasks.metrics.manifold import blocks_of
     return blocks_of(x, block_rows)
-
-
-def _in_memory(x) -> np.ndarray:
-    return x.read() if isinstance(x, ON_DISK) else x
 
 
 def _knn_group(queries, points, k, distance, self_join, block_rows, kernel, group):
@@ -124,7 +120,7 @@ class KnnEngine:
         """
         kernel = backend.metric_kernel(self.kernel, *(backend.join_size(x, x) or ()))
         if self.client is None:
-            return backend.knn_self(_in_memory(x), k, distance=distance, kernel=kernel)
+            return backend.knn_self(rows_of(x), k, distance=distance, kernel=kernel)
         parts = self._run(_knn_group, shape_of(x)[0], "rows' k-NN radii", x, x, k, distance, True, self.block_rows,
                           kernel)
         return np.concatenate(parts, axis=0) if parts else np.empty((0, k))
@@ -136,7 +132,7 @@ class KnnEngine:
         from modeaudit.tasks.metrics.knn import BallCounts
         kernel = backend.metric_kernel(self.kernel, *(backend.join_size(a, b) or ()))
         if self.client is None:
-            return backend.ball_counts(_in_memory(a), _blocks(b, self.block_rows), radii_a, radii_b,
+            return backend.ball_counts(rows_of(a), _blocks(b, self.block_rows), radii_a, radii_b,
                                        distance=distance, a_ids=a_ids, kernel=kernel)
         ra = None if radii_a is None else np.asarray(radii_a, np.float64)
         ids = None if a_ids is None else np.asarray(a_ids, np.int64)

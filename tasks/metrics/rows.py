@@ -22,18 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modeaudit.tasks.join.sources import Source, row_norms
+from modeaudit.tasks.join.sources import _F32_SAFE, Source, reduction_ranges, row_norms
 
 __all__ = ["FeatureFile", "FileRowsAt", "ON_DISK", "unit_rows", "rows_of", "rows_at", "take_rows", "shape_of"]
 
 # Bytes per block of a sequential pass (validation, gathering rows by index): 16 Ki rows of
 # 2048 float32 columns, large enough for sequential reads, small beside the sets.
 _PASS_BYTES = 1 << 27
-
-# Rows whose norm lies in this range are scaled in float32; the others in float64 first, so a
-# row of 1e30 or 1e-30 becomes its direction instead of Inf or zeros. Decided row by row.
-_F32_SAFE = (1e-18, 1e18)
-
 
 def unit_rows(x) -> np.ndarray:
     """Rows scaled to unit length in float32, each row's bits depending on that row alone.
@@ -50,12 +45,15 @@ def unit_rows(x) -> np.ndarray:
     if zero.size:
         raise ValueError(f"row {int(zero[0])} is all zeros: it has no direction for the angular distance; remove "
                          "it or use euclidean")
+    # sources.unit_rows' rule (float32 inside _F32_SAFE, float64 outside), decided per row, not per block.
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
         safe = (norms > _F32_SAFE[0]) & (norms < _F32_SAFE[1])
+        if safe.all():
+            x /= norms.astype(np.float32)[:, None]   # the usual case: in place, no masked copy of the rows
+            return x
         x[safe] /= norms[safe].astype(np.float32)[:, None]
         rest = np.flatnonzero(~safe)
-        if rest.size:
-            x[rest] = (x[rest].astype(np.float64) / norms[rest, None]).astype(np.float32)
+        x[rest] = (x[rest].astype(np.float64) / norms[rest, None]).astype(np.float32)
     return x
 
 
@@ -119,8 +117,8 @@ class FeatureFile:
         step = self.pass_rows() if block_rows is None else int(block_rows)
         if step < 1:
             raise ValueError(f"block_rows must be a positive integer, got {block_rows}")
-        for lo in range(0, self.source.rows, step):
-            yield lo, self.read(lo, lo + step)
+        for lo, hi in reduction_ranges(0, self.source.rows, step):
+            yield lo, self.read(lo, hi)
 
     def take(self, idx) -> np.ndarray:
         """The rows at indices `idx` (any order, repeats allowed), read in one sequential pass."""
@@ -165,12 +163,6 @@ class FileRowsAt:
     def read(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """Rows ids[lo:hi] of the file."""
         return self.file.take(self.ids[lo:hi])
-
-    def blocks(self, block_rows: int | None = None):
-        """(offset, rows) blocks, as FeatureFile.blocks (offsets count in ids, not in the file)."""
-        step = self.file.pass_rows() if block_rows is None else int(block_rows)
-        for lo in range(0, len(self.ids), step):
-            yield lo, self.read(lo, lo + step)
 
 
 # The row sets the metrics' tasks read themselves.
