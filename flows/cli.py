@@ -261,7 +261,10 @@ def main(argv=None) -> int:
         _list()
         return 0
     if args.command == "metrics":
-        return run_metrics(args)
+        from modeaudit.tasks import console
+        # Progress lines on stderr for the joins a cluster runs (the in-process kernels draw none).
+        with console.terminal():
+            return run_metrics(args)
     if args.command == "compare":
         return run_compare(args)
     if args.command == "toy":

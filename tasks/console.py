@@ -88,10 +88,16 @@ def _watch(futures: list, sizes: list, what: str, unit: str) -> None:
                 break       # the caller's gather/result raises it, as without progress
 
 
+def wait(futures: list, sizes: list, what: str, unit: str = "rows") -> None:
+    """In a CLI run, a progress line while the futures complete (sizes[i] `unit`s when futures[i] does); else, or
+    for plain values (a caller's in-process stand-in for a client), nothing."""
+    if _state["on"] and futures and hasattr(futures[0], "key"):
+        _watch(futures, sizes, what, unit)
+
+
 def gather(client, futures: list, sizes: list, what: str, unit: str = "rows") -> list:
     """client.gather(futures), with a progress line (sizes[i] `unit`s done when futures[i] finishes) in a CLI run."""
-    if _state["on"] and futures:
-        _watch(futures, sizes, what, unit)
+    wait(futures, sizes, what, unit)
     return client.gather(futures)
 
 

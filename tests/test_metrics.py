@@ -374,13 +374,63 @@ def test_engine_on_dask_is_bit_identical_for_any_group_size(distance, thread_cli
     ref = _manifold_arrays(manifold_counts(a, b, k, distance))
     want = knn_distances_reference(a, k, distance)
     np.testing.assert_array_equal(ref[0], want)
-    # group_rows 9: ~80 groups (1 row a group is the same code path, ten times the task overhead)
-    for group_rows, block_rows in ((None, None), (9, 97), (250, 600), (699, 128), (5000, 64)):
+    # group_rows 45: 16 groups, 136 self-join tasks (a task per pair of groups), the last group short
+    for group_rows, block_rows in ((None, None), (45, 97), (250, 600), (699, 128), (5000, 64)):
         eng = KnnEngine(thread_client, "fast", block_rows=block_rows, group_rows=group_rows)
         got = _manifold_arrays(manifold_counts(a, b, k, distance, engine=eng))
         for g, r in zip(got, ref):
             np.testing.assert_array_equal(g, r)
             assert g.dtype == r.dtype
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "angular"])
+@pytest.mark.parametrize("scores", ["float32", "bf16"])
+def test_knn_self_pair_is_both_directions_of_the_cross_join(distance, scores):
+    """Two groups of one set with ties on the spheres (grid rows): each side's k smallest distances to the other,
+    then merged with each group's own self-join: the whole set's k-NN distances, exactly."""
+    if scores == "bf16":
+        pytest.importorskip("torch")
+    from modeaudit.tasks.metrics.knn import knn_self_pair, merge_knn
+    x, _ = _grid_sets(3, distance)
+    k = 3
+    ref = knn_distances_reference(x, k, distance)
+    for cut in (0, 2, len(x) // 3, len(x) - 1):
+        a, b = x[:cut], x[cut:]
+        pa, pb = knn_self_pair(a, b, k, distance=distance, tile=64, scores=scores)
+        assert pa.shape == (len(a), k) and pb.shape == (len(b), k)
+        if len(b) >= k and len(a):
+            np.testing.assert_array_equal(pa, knn_distances(a, b, k, distance=distance))
+        if len(a) >= k:
+            np.testing.assert_array_equal(pb, knn_distances(b, a, k, distance=distance))
+        own = [knn_self(g, k, distance=distance, tile=64, scores=scores) for g in (a, b)]
+        np.testing.assert_array_equal(np.concatenate([merge_knn([own[0], pa], k), merge_knn([own[1], pb], k)]), ref)
+
+
+def test_cluster_self_join_forms_each_pair_once(thread_client, monkeypatch):
+    """A task per pair of row groups: the GEMMs of a self-join on a cluster cover the upper triangle
+    (about n^2 / 2 scores), not every query group against the whole set (n^2)."""
+    from modeaudit.tasks.metrics import knn
+    from modeaudit.tasks.metrics.engine import KnnEngine, pair_groups
+    formed = []
+    real_call = knn._Gemm.__call__
+
+    def counting(self, r0, r1, c0, c1, out):
+        formed.append((r1 - r0) * (c1 - c0))
+        return real_call(self, r0, r1, c0, c1, out)
+
+    monkeypatch.setattr(knn._Gemm, "__call__", counting)
+    a, _ = _random_sets(4, n=2000)
+    ref = knn_distances_reference(a, 4)
+    got = KnnEngine(thread_client, "fast", group_rows=300).knn_self(a, 4)
+    np.testing.assert_array_equal(got, ref)
+    n = len(a)
+    # 7 groups: 28 tasks; the diagonal tasks' tiles (1024 rows) hold their groups' whole squares
+    assert len(pair_groups(n, 1, 300)) == 28
+    assert n * n / 2 <= sum(formed) <= n * n / 2 + 7 * 300 * 300 / 2 + 1
+    # Every pair of groups once, the diagonal included, and the default grouping gives enough tasks
+    groups = pair_groups(10_000, 16)
+    assert len(groups) >= 16 and len({(g[0], g[1]) for g in groups}) == len(groups)
+    assert all(g[0][0] <= g[1][0] for g in groups)
 
 
 def test_compute_metrics_on_a_two_process_cluster_equals_one_process(scheduler):
@@ -410,9 +460,14 @@ def test_cli_workers_1_and_2_write_byte_identical_metrics_json(tmp_path, capsys,
             "--kid-subsets", "2"]
     runs = {"here": [], "w1": ["--workers", "1"], "w2": ["--workers", "2", "--group-rows", "400"],
             "ext": ["--scheduler", scheduler, "--group-rows", "129"]}
+    err = {}
     for name, extra in runs.items():
         assert main(base + ["--out", str(tmp_path / name)] + extra) == 0, name
-    capsys.readouterr()
+        err[name] = capsys.readouterr().err
+    # On a cluster the joins draw progress lines on stderr (the self-joins count pairs, the balls rows)
+    for name in ("w1", "w2", "ext"):
+        assert "k-NN radii: 100%" in err[name] and "pairs/s" in err[name] and "ball counts: 100%" in err[name], name
+    assert "k-NN radii" not in err["here"]
     data = {name: (tmp_path / name / "metrics.json").read_bytes() for name in runs}
     assert data["w1"] == data["w2"] == data["ext"] == data["here"]
     assert 0 < json.loads(data["w2"])["precision"] < 1

@@ -75,11 +75,15 @@ def _group_rows(group) -> int:
         return 1
 
 
-def _run(client, fn, groups, *args, bind=None, what: str | None = None, scattered: dict | None = None):
+def _run(client, fn, groups, *args, bind=None, what: str | None = None, scattered: dict | None = None,
+         sizes: list | None = None, unit: str = "rows", finish=None):
     """Run fn(*args, group) for every group and return the per-group results in order.
 
     bind(args, group) -> the call's arguments (default: the joins' layout, _bind); what:
-    the progress line's label (default: _WHAT's). Arrays over 1 MiB are scattered to
+    the progress line's label (default: _WHAT's); sizes: each group's share of the progress
+    line, in `unit`s (default: the rows of its ranges). finish(client, futures) -> futures
+    reducing the groups' results on the cluster: their results are returned instead, and
+    the groups' own results never reach the client. Arrays over 1 MiB are scattered to
     every worker once per call, or once per `scattered` dict (keyed by the array's id,
     the array kept alive there) when a caller runs several stages on the same rows.
 
@@ -97,8 +101,13 @@ def _run(client, fn, groups, *args, bind=None, what: str | None = None, scattere
         try:
             big = [_scatter(client, a, cache) for a in args]
             futures = [submit_unshipped(client, fn, *bind(big, g)) for g in groups]
-            return console.gather(client, futures, [_group_rows(g) for g in groups],
-                                  what or _WHAT.get(fn, "rows"))
+            label = what or _WHAT.get(fn, "rows")
+            weights = [_group_rows(g) for g in groups] if sizes is None else sizes
+            if finish is None:
+                return console.gather(client, futures, weights, label, unit)
+            final = finish(client, futures)
+            console.wait(futures, weights, label, unit)
+            return client.gather(final)
         except Exception as e:   # noqa: BLE001 -- only worker loss is retried, see _worker_lost
             if not worker_lost(e):
                 raise

@@ -24,7 +24,7 @@ import numpy as np
 from modeaudit.tasks.join import backend
 from modeaudit.tasks.metrics.rows import FeatureFile, rows_of, shape_of
 
-__all__ = ["KnnEngine", "query_groups"]
+__all__ = ["KnnEngine", "query_groups", "pair_groups"]
 
 # Fewer rows per task leave the GEMM tiles (512 query rows in knn.py) part empty.
 MIN_GROUP_ROWS = 512
@@ -37,6 +37,24 @@ def query_groups(n: int, n_tasks: int, group_rows: int | None = None) -> list[li
     if group_rows < 1:
         raise ValueError(f"group_rows must be a positive integer, got {group_rows}")
     return [[(lo, min(n, lo + group_rows))] for lo in range(0, n, group_rows)]
+
+
+def pair_groups(n: int, n_tasks: int, group_rows: int | None = None) -> list[list[tuple[int, int]]]:
+    """The tasks of a self-join on a cluster: every pair [(lo, hi), (lo2, hi2)] of contiguous row groups
+    with lo <= lo2, the diagonal ones included (G groups: G (G + 1) / 2 tasks, G the fewest with at
+    least n_tasks of them, never under MIN_GROUP_ROWS rows a group unless group_rows says)."""
+    if group_rows is None:
+        g = 1
+        while g * (g + 1) // 2 < n_tasks:
+            g += 1
+        group_rows = max(MIN_GROUP_ROWS, -(-n // g))
+    ranges = [r for (r,) in query_groups(n, 1, group_rows)]
+    return [[ranges[i], ranges[j]] for i in range(len(ranges)) for j in range(i, len(ranges))]
+
+
+def _pairs_in(group) -> int:
+    (lo, hi), (lo2, hi2) = group
+    return (hi - lo) * (hi - lo - 1) // 2 if lo == lo2 else (hi - lo) * (hi2 - lo2)
 
 
 def _blocks(x, block_rows: int | None):
@@ -52,6 +70,22 @@ def _knn_group(queries, points, k, distance, self_join, block_rows, kernel, grou
     ids = np.arange(lo, hi) if self_join else None
     return backend.knn_distances(rows_of(queries, lo, hi), _blocks(points, block_rows), k, distance=distance,
                                  query_ids=ids, kernel=kernel)
+
+
+def _knn_pair_group(x, k, distance, kernel, group):
+    """One task of a symmetric self-join: the k smallest distances between two row groups of x, each
+    pair formed once (the groups' own pairs on a diagonal task), as {first row of a group: (rows, k)}."""
+    (lo, hi), (lo2, hi2) = group
+    if lo == lo2:
+        return {lo: backend.knn_self(rows_of(x, lo, hi), k, distance=distance, kernel=kernel)}
+    a, b = backend.knn_self_pair(rows_of(x, lo, hi), rows_of(x, lo2, hi2), k, distance=distance, kernel=kernel)
+    return {lo: a, lo2: b}
+
+
+def _merge_group(lo, k, *parts):
+    """A group's k-NN distances: the k smallest over the pair tasks it took part in (knn.merge_knn)."""
+    from modeaudit.tasks.metrics.knn import merge_knn
+    return merge_knn([p[lo] for p in parts], k)
 
 
 def _ball_group(a, b, radii_a, radii_b, distance, a_ids, block_rows, kernel, group):
@@ -113,16 +147,36 @@ class KnnEngine:
         """k-NN distances of every row of x within x, self excluded, (n, k) ascending.
 
         In process this is the kernel's own self-join (numba: each pair's score formed
-        once). On a cluster each task takes a group of query rows against the whole
-        set (knn_distances with query_ids), so every pair's score is formed twice:
-        twice the GEMM of the one-process self-join, for a result equal bit for bit.
+        once). On a cluster, with a numba kernel, the rows are cut into G contiguous
+        groups and each of the G (G + 1) / 2 pairs of groups is one task that forms each
+        of its pairs once (knn.knn_self_pair; knn_self on the diagonal), updating the
+        lists of both sides; a merge task per group keeps the k smallest over its G tasks
+        (distances only, so the merge is exact in any order). The torch kernels have no
+        symmetric form: each task takes a group of query rows against the whole set, every
+        pair formed twice. Both give the in-process result bit for bit.
         x: an (n, d) array or a FeatureFile (read whole in process, by the tasks on a cluster).
         """
         kernel = backend.metric_kernel(self.kernel, *(backend.join_size(x, x) or ()))
         if self.client is None:
             return backend.knn_self(rows_of(x), k, distance=distance, kernel=kernel)
-        parts = self._run(_knn_group, shape_of(x)[0], "rows' k-NN radii", x, x, k, distance, True, self.block_rows,
-                          kernel)
+        n = shape_of(x)[0]
+        if not backend.has_symmetric_self_join(kernel):
+            parts = self._run(_knn_group, n, "rows' k-NN radii", x, x, k, distance, True, self.block_rows, kernel)
+            return np.concatenate(parts, axis=0) if parts else np.empty((0, k))
+        from modeaudit.tasks.join.parallel import _n_tasks, _run
+        from modeaudit.tasks.join.shipping import submit_unshipped
+        groups = pair_groups(n, _n_tasks(self.client), self.group_rows)
+
+        def merge(client, futures):
+            touching: dict[int, list] = {}
+            for ((lo, _), (lo2, _)), f in zip(groups, futures):
+                for g in {lo, lo2}:
+                    touching.setdefault(g, []).append(f)
+            return [submit_unshipped(client, _merge_group, g, k, *touching[g]) for g in sorted(touching)]
+
+        parts = _run(self.client, _knn_pair_group, groups, x, k, distance, kernel, bind=_bind,
+                     what="k-NN radii", scattered=self._scattered, sizes=[_pairs_in(g) for g in groups],
+                     unit="pairs", finish=merge)
         return np.concatenate(parts, axis=0) if parts else np.empty((0, k))
 
     def ball_counts(self, a, b, radii_a=None, radii_b=None, distance: str = "euclidean", a_ids=None):

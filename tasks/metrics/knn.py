@@ -79,6 +79,8 @@ __all__ = [
     "DISTANCES",
     "knn_distances",
     "knn_self",
+    "knn_self_pair",
+    "merge_knn",
     "knn_distances_reference",
     "ball_counts",
     "ball_counts_reference",
@@ -981,6 +983,46 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
     angular = _check_distance(distance)
     k = _check_k(k)
     Q = _Queries(x, angular, None)
+    n = Q.x.shape[0]
+
+    def spans(t):
+        return [(r0, min(n, r0 + t), c0, min(n, c0 + t)) for r0 in range(0, n, t) for c0 in range(r0, n, t)]
+    return _knn_sym(Q, k, spans, tile, angular, scores)
+
+
+def knn_self_pair(a, b, k: int, *, distance: str = "euclidean", tile: int | None = None,
+                  scores: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """The k smallest distances from each row of a to the rows of b, and from each row of b to
+    the rows of a: ((len(a), k), (len(b), k)) float64 ascending, inf where the other set has
+    fewer than k rows.
+
+    a and b are two disjoint row groups of one set: a cluster self-join is one task per pair
+    of groups (tasks/metrics/engine.py), each pair's score formed once, like knn_self's upper
+    triangle, and each row's k smallest over all its tasks are its k-NN distances in the set.
+    Equal to knn_distances(a, b, k) and knn_distances(b, a, k) padded with inf.
+    """
+    angular = _check_distance(distance)
+    k = _check_k(k)
+    a32, b32 = _rows32(a, "a"), _rows32(b, "b")
+    if a32.shape[1] != b32.shape[1]:
+        raise ValueError(f"a has width {a32.shape[1]} but b has width {b32.shape[1]}")
+    na, n = a32.shape[0], a32.shape[0] + b32.shape[0]
+    Q = _Queries(np.concatenate([a32, b32]), angular, None)
+
+    def spans(t):
+        return [(r0, min(na, r0 + t), c0, min(n, c0 + t)) for r0 in range(0, na, t) for c0 in range(na, n, t)]
+    top = _knn_sym(Q, k, spans, tile, angular, scores)
+    return top[:na], top[na:]
+
+
+def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, scores: str) -> np.ndarray:
+    """The k smallest exact distances of every row of Q.x over the pairs of some tiles of Q.x Q.x^T.
+
+    make_spans(tile) -> (r0, r1, c0, c1) tiles, none below the diagonal; each tile's pairs update
+    the lists of its rows and of its columns (a diagonal tile's lower half is skipped), so a
+    pair is formed once. Rows with fewer than k pairs keep inf. tile: rows per square tile
+    (None: 1024, or 4096 when the GEMM is bfloat16).
+    """
     X = Q.x
     n = X.shape[0]
     gemm = _Gemm(scores if n else "float32", X, X, q_ids=np.arange(n))
@@ -988,12 +1030,11 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
         tile = _BF16_SELF_TILE if gemm.bf16 else _SELF_TILE
     if tile < 1:
         raise ValueError(f"tile must be a positive integer, got {tile}")
+    spans = make_spans(int(tile))
     tol = Q.tol(X, Q.sq)   # float32's bound; a bfloat16 tile returns its own
     margin = Q.key_tol(0.0, Q.sq)
-    starts = list(range(0, n, tile))
-    tiles = [(r0, c0) for r0 in starts for c0 in starts if c0 >= r0]
-    n_workers = gemm.workers(len(tiles))
-    todo = iter(tiles)
+    n_workers = gemm.workers(len(spans))
+    todo = iter(spans)
     lock = threading.Lock()
     # Candidate buffer per row: with bfloat16's wider bound more pairs pass while the lists
     # fill; a full buffer is evaluated early, when the bound is still loose.
@@ -1001,13 +1042,13 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
     states = [(np.full((n, k), np.inf), np.full((n, k), np.inf), np.full(n, np.inf), np.full(n, np.inf),
                np.empty((n, cap)), np.empty((n, cap), np.int64), np.zeros(n, np.int64))
               for _ in range(n_workers)]
+    shape = (min(n, tile), min(n, tile))
 
     def work_bf16(state):
         top_key, top_d, dkey, lim, bkey, bidx, bn = state
         # Each tile's bound, the largest so far: the lists carry keys of earlier tiles.
         t_run = 0.0
-        spans = [(r0, min(n, r0 + tile), c0, min(n, c0 + tile)) for r0, c0 in tiles]
-        for (r0, _, c0, _), sims, eps in gemm.stream(spans, (min(n, tile), min(n, tile))):
+        for (r0, _, c0, _), sims, eps in gemm.stream(spans, shape):
             t_run = max(t_run, 2.0 * eps + margin)
             _sym_phase_a(sims, r0, c0, r0 == c0, Q.sq, t_run, top_key, dkey, lim)
             _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, t_run, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn,
@@ -1021,15 +1062,14 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
 
     def work(state):
         top_key, top_d, dkey, lim, bkey, bidx, bn = state
-        buf = np.empty((min(n, tile), min(n, tile)), dtype=np.float32)
+        buf = np.empty(shape, dtype=np.float32)
         while True:
             with lock:
                 t = next(todo, None)
             if t is None:
                 _settle_rows(0, n, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
                 return
-            r0, c0 = t
-            r1, c1 = min(n, r0 + tile), min(n, c0 + tile)
+            r0, r1, c0, c1 = t
             sims = buf[:r1 - r0, :c1 - c0]
             gemm(r0, r1, c0, c1, sims)
             _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn,
@@ -1045,7 +1085,13 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
                 f.result()
     if n_workers == 1:
         return states[0][1]
-    return np.sort(np.concatenate([st[1] for st in states], axis=1), axis=1)[:, :k]
+    return merge_knn([st[1] for st in states], k)
+
+
+def merge_knn(parts, k: int) -> np.ndarray:
+    """The k smallest of each row over several (n, k_i) lists of distances, ascending: the same values in
+    any order of the parts (distances only, no indices), so merged lists are exact and deterministic."""
+    return np.sort(np.concatenate(parts, axis=1), axis=1)[:, :k]
 
 
 def ball_side(radii, n: int, name: str, angular: bool, offset: int | None = None):
