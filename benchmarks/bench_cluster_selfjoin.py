@@ -23,6 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_metrics import cpu_model  # noqa: E402
 
 
+def _query_group(x, k, kernel, group):
+    """The engine's self-join task before the pair tasks: query rows [lo, hi) against the whole set."""
+    from modeaudit.tasks.join import backend
+    from modeaudit.tasks.metrics.manifold import blocks_of
+    (lo, hi), = group
+    return backend.knn_distances(x[lo:hi], blocks_of(x, 65536), k, query_ids=np.arange(lo, hi), kernel=kernel)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=float, default=4e4)
@@ -30,14 +38,14 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--kernel", default="fast", help="a numba metrics kernel: fast or lowprec")
+    ap.add_argument("--kernel", default="fast", help="a metrics kernel: fast, lowprec, torch-cpu or torch-cuda")
     ap.add_argument("--group-rows", type=int, default=None,
                     help="rows per group of the pair tasks (default: the engine's choice); the query-group "
                          "tasks keep the engine's default")
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args(argv)
     from modeaudit.flows.cluster import dask_client
-    from modeaudit.tasks.metrics.engine import KnnEngine, _knn_group
+    from modeaudit.tasks.metrics.engine import KnnEngine
     from modeaudit.tasks.plan import plan_execution
     n = int(a.rows)
     x = np.random.default_rng(0).standard_normal((n, a.dim)).astype(np.float32)
@@ -48,14 +56,13 @@ def main(argv=None) -> int:
         # Warm-up on a slice: the first task in each worker loads numba's kernels (and torch for lowprec).
         w = x[:min(n, 4 * 512)]
         eng.knn_self(w, a.k)
-        old_eng._run(_knn_group, len(w), "rows' k-NN radii", w, w, a.k, "euclidean", True, eng.block_rows, a.kernel)
+        old_eng._run(_query_group, len(w), "rows' k-NN radii", w, a.k, a.kernel)
         for _ in range(a.repeats):
             t0 = time.perf_counter()
             new = eng.knn_self(x, a.k)
             times["pairs"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            parts = old_eng._run(_knn_group, n, "rows' k-NN radii", x, x, a.k, "euclidean", True, eng.block_rows,
-                             a.kernel)
+            parts = old_eng._run(_query_group, n, "rows' k-NN radii", x, a.k, a.kernel)
             old = np.concatenate(parts)
             times["query_groups"].append(time.perf_counter() - t0)
             assert np.array_equal(new, old), "the two ways disagree"

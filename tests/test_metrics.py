@@ -768,7 +768,10 @@ def test_bf16_score_bound_holds_on_hard_rows():
 @pytest.mark.parametrize("data", ["random", "grid"])
 def test_torch_cpu_kernels_equal_float64_brute_force(distance, data):
     pytest.importorskip("torch")
-    from modeaudit.tasks.metrics.knn_torch import ball_counts_torch, knn_distances_torch
+    from modeaudit.tasks.metrics.knn import knn_self_pair
+    from modeaudit.tasks.metrics.knn_torch import (
+        ball_counts_torch, knn_distances_torch, knn_self_pair_torch, knn_self_torch,
+    )
     k = 5
     a, b, ra, rb, ref = _case(data, distance, 14, k)
     # Small tiles: many tiles per block, the k-NN lists carried across them and across blocks.
@@ -782,6 +785,15 @@ def test_torch_cpu_kernels_equal_float64_brute_force(distance, data):
                               query_tile=query_tile).as_tuple()
         for g, r in zip(c, ref):
             np.testing.assert_array_equal(g, r)
+    # The symmetric self-join (each pair once: rows and columns of the upper triangle's tiles) and its
+    # two-group form, square tiles that split the set unevenly and one tile for all
+    for tile in (40, 97, None):
+        np.testing.assert_array_equal(knn_self_torch(a, k, distance=distance, device="cpu", tile=tile), ra)
+    for cut in (0, 3, len(a) // 3):
+        pa, pb = knn_self_pair_torch(a[:cut], a[cut:], k, distance=distance, device="cpu", tile=40)
+        qa, qb = knn_self_pair(a[:cut], a[cut:], k, distance=distance)
+        np.testing.assert_array_equal(pa, qa)
+        np.testing.assert_array_equal(pb, qb)
     # a-ids: a row is not in its own ball (the support-size pass), a scalar radius, no b-balls
     tau = float(np.quantile(ra[:, 0], 0.3))
     ids = np.arange(0, len(a), 3)
@@ -822,6 +834,9 @@ def test_torch_cuda_kernels_equal_float64_brute_force(distance):
         ra = knn_distances_reference(a, k, distance)
         rb = knn_distances_reference(b, k, distance)
         np.testing.assert_array_equal(ks(a, k, distance=distance, kernel="torch-cuda"), ra)
+        # the symmetric self-join over many tiles (rows and columns of the upper triangle) on the device
+        from modeaudit.tasks.metrics.knn_torch import knn_self_torch
+        np.testing.assert_array_equal(knn_self_torch(a, k, distance=distance, device="cuda", tile=97), ra)
         ref = ball_counts_reference(a, b, ra[:, -1], rb[:, -1], distance).as_tuple()
         got = bc(a, _blocks(b, 128), ra[:, -1], rb[:, -1], distance=distance, kernel="torch-cuda").as_tuple()
         for g, r in zip(got, ref):

@@ -44,8 +44,8 @@ from modeaudit.tasks.join import kernels as join
 from modeaudit.tasks.plan import KERNELS, METRIC_KERNELS
 
 __all__ = ["KERNELS", "METRIC_KERNELS", "gpu_available", "cpu_has_amx_bf16", "resolve_kernel", "range_counts",
-           "mccs_sums", "metric_kernel", "join_size", "knn_distances", "knn_self", "has_symmetric_self_join",
-           "knn_self_pair", "ball_counts"]
+           "mccs_sums", "metric_kernel", "join_size", "knn_distances", "knn_self", "knn_self_pair",
+           "ball_counts"]
 
 
 _NVIDIA_NODES = ("/dev/nvidiactl", "/dev/nvidia0")
@@ -209,31 +209,26 @@ def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query
 def knn_self(x, k: int, *, distance: str = "euclidean", kernel: str = "fast") -> np.ndarray:
     """Exact k-NN distances of every row of x within x (self excluded) with the chosen kernel.
 
-    "fast" runs metrics.knn.knn_self (each pair's score formed once); the torch kernels run
-    knn_distances(x, x, query_ids=arange(n)), twice the GEMM, with the same result.
+    Every kernel forms each pair's score once: the upper triangle of x x^T, each tile updating
+    the lists of its rows and of its columns (metrics.knn.knn_self, metrics.knn_torch.knn_self_torch).
     """
     kn = metric_kernel(kernel, *(join_size(x, x) or ()))
     if _numba_scores(kn):
         from modeaudit.tasks.metrics.knn import knn_self as run
         return run(x, k, distance=distance, scores=_numba_scores(kn))
-    x = np.asarray(x)
-    return knn_distances(x, x, k, distance=distance, query_ids=np.arange(x.shape[0]), kernel=kn)
-
-
-def has_symmetric_self_join(kernel: str) -> bool:
-    """Whether a concrete metrics kernel forms each pair of a self-join once (knn_self, knn_self_pair):
-    the numba ones; the torch ones run knn_distances over the whole set, each pair twice."""
-    return _numba_scores(kernel) is not None
+    from modeaudit.tasks.metrics.knn_torch import knn_self_torch
+    return knn_self_torch(x, k, distance=distance, device=_torch_device(kn))
 
 
 def knn_self_pair(a, b, k: int, *, distance: str = "euclidean", kernel: str = "fast"):
-    """metrics.knn.knn_self_pair (two disjoint row groups of one set, each pair's score formed once) with a
-    concrete numba metrics kernel ("fast" or "lowprec"); ValueError for the others."""
-    kn = metric_kernel(kernel)
-    if not has_symmetric_self_join(kn):
-        raise ValueError(f"kernel {kn!r} has no symmetric self-join; use knn_distances both ways")
-    from modeaudit.tasks.metrics.knn import knn_self_pair as run
-    return run(a, b, k, distance=distance, scores=_numba_scores(kn))
+    """metrics.knn.knn_self_pair with the chosen kernel: two disjoint row groups of one set, each pair's score
+    formed once, ((len(a), k), (len(b), k)) distances (inf where the other group has fewer than k rows)."""
+    kn = metric_kernel(kernel, *(join_size(a, b) or ()))
+    if _numba_scores(kn):
+        from modeaudit.tasks.metrics.knn import knn_self_pair as run
+        return run(a, b, k, distance=distance, scores=_numba_scores(kn))
+    from modeaudit.tasks.metrics.knn_torch import knn_self_pair_torch
+    return knn_self_pair_torch(a, b, k, distance=distance, device=_torch_device(kn))
 
 
 def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "euclidean", a_ids=None,

@@ -64,14 +64,6 @@ def _blocks(x, block_rows: int | None):
     return blocks_of(x, block_rows)
 
 
-def _knn_group(queries, points, k, distance, self_join, block_rows, kernel, group):
-    """k-NN distances of queries[lo:hi] against all of points (one task)."""
-    (lo, hi), = group
-    ids = np.arange(lo, hi) if self_join else None
-    return backend.knn_distances(rows_of(queries, lo, hi), _blocks(points, block_rows), k, distance=distance,
-                                 query_ids=ids, kernel=kernel)
-
-
 def _knn_pair_group(x, k, distance, kernel, group):
     """One task of a symmetric self-join: the k smallest distances between two row groups of x, each
     pair formed once (the groups' own pairs on a diagonal task), as {first row of a group: (rows, k)}."""
@@ -146,23 +138,19 @@ class KnnEngine:
     def knn_self(self, x, k: int, distance: str = "euclidean") -> np.ndarray:
         """k-NN distances of every row of x within x, self excluded, (n, k) ascending.
 
-        In process this is the kernel's own self-join (numba: each pair's score formed
-        once). On a cluster, with a numba kernel, the rows are cut into G contiguous
-        groups and each of the G (G + 1) / 2 pairs of groups is one task that forms each
-        of its pairs once (knn.knn_self_pair; knn_self on the diagonal), updating the
-        lists of both sides; a merge task per group keeps the k smallest over its G tasks
-        (distances only, so the merge is exact in any order). The torch kernels have no
-        symmetric form: each task takes a group of query rows against the whole set, every
-        pair formed twice. Both give the in-process result bit for bit.
-        x: an (n, d) array or a FeatureFile (read whole in process, by the tasks on a cluster).
+        In process this is the kernel's own self-join (each pair's score formed once). On a
+        cluster the rows are cut into G contiguous groups and each of the G (G + 1) / 2
+        pairs of groups is one task that forms each of its pairs once (backend.knn_self_pair;
+        knn_self on the diagonal), updating the lists of both sides; a merge task per group
+        keeps the k smallest over its G tasks (distances only, so the merge is exact in any
+        order), and only the merged radii reach the client. Equal to the in-process result
+        bit for bit. x: an (n, d) array or a FeatureFile (read whole in process, by the tasks
+        on a cluster).
         """
         kernel = backend.metric_kernel(self.kernel, *(backend.join_size(x, x) or ()))
         if self.client is None:
             return backend.knn_self(rows_of(x), k, distance=distance, kernel=kernel)
         n = shape_of(x)[0]
-        if not backend.has_symmetric_self_join(kernel):
-            parts = self._run(_knn_group, n, "rows' k-NN radii", x, x, k, distance, True, self.block_rows, kernel)
-            return np.concatenate(parts, axis=0) if parts else np.empty((0, k))
         from modeaudit.tasks.join.parallel import _n_tasks, _run
         from modeaudit.tasks.join.shipping import submit_unshipped
         groups = pair_groups(n, _n_tasks(self.client), self.group_rows)

@@ -39,7 +39,7 @@ from modeaudit.tasks.metrics.knn import (
     BallCounts, _check_distance, _check_k, _Queries, ball_side,
 )
 
-__all__ = ["knn_distances_torch", "ball_counts_torch"]
+__all__ = ["knn_distances_torch", "knn_self_torch", "knn_self_pair_torch", "ball_counts_torch"]
 
 # Score tile (query rows x block rows): 2^22 scores on the CPU (the float64 keys of a
 # tile: 32 MiB), 2^25 on CUDA (256 MiB of keys; an H100/H200 has room, and bigger tiles
@@ -191,6 +191,105 @@ def knn_distances_torch(queries, blocks, k: int, *, distance: str = "euclidean",
                     d = _exact(S.qx, cand[:, 0] + r0, bt, cand[:, 1], angular)
                     top_d[r0:r1] = _merge(top_d[r0:r1], cand[:, 0], d, k)
                     dkey[r0:r1] = _key_of(top_d[r0:r1, k - 1], angular)
+        return top_d.cpu().numpy()
+
+
+# Square tiles of the symmetric self-join: 2^22 float64 keys on the CPU (32 MiB), 2^26 on CUDA (512 MiB).
+_SELF_TILE = {"cpu": 2048, "cuda": 8192}
+
+
+def knn_self_torch(x, k: int, *, distance: str = "euclidean", device="cuda", tile: int | None = None) -> np.ndarray:
+    """knn.knn_self with the score GEMM and its filtering in torch on `device`: each pair's score formed once
+    (the upper triangle of x x^T, both sides' lists updated), equal bit for bit to knn_distances_torch(x, x,
+    query_ids=arange(n)) and to knn.knn_self. tile: rows per square tile (speed and memory only)."""
+    angular = _check_distance(distance)
+    k = _check_k(k)
+    S = _SymSetup(x, angular, device, tile)
+    n = S.n
+
+    def spans(t):
+        return [(r0, min(n, r0 + t), c0, min(n, c0 + t)) for r0 in range(0, n, t) for c0 in range(r0, n, t)]
+    return _knn_sym_torch(S, k, spans(S.tile))
+
+
+def knn_self_pair_torch(a, b, k: int, *, distance: str = "euclidean", device="cuda",
+                        tile: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """knn.knn_self_pair with the score GEMM and its filtering in torch on `device`: the k smallest distances
+    from each row of a to the rows of b and back, each pair's score formed once; inf where the other side
+    has fewer than k rows."""
+    angular = _check_distance(distance)
+    k = _check_k(k)
+    a32, b32 = (np.ascontiguousarray(np.asarray(v), dtype=np.float32) for v in (a, b))
+    if a32.ndim != 2 or b32.ndim != 2 or a32.shape[1] != b32.shape[1]:
+        raise ValueError(f"a and b must be 2-d with one width, got shapes {a32.shape} and {b32.shape}")
+    na = a32.shape[0]
+    S = _SymSetup(np.concatenate([a32, b32]), angular, device, tile)
+    n = S.n
+    spans = [(r0, min(na, r0 + S.tile), c0, min(n, c0 + S.tile))
+             for r0 in range(0, na, S.tile) for c0 in range(na, n, S.tile)]
+    top = _knn_sym_torch(S, k, spans)
+    return top[:na], top[na:]
+
+
+class _SymSetup:
+    """One set's rows on the device with their squared norms, the key tolerance of its pairs, the tile size."""
+
+    def __init__(self, x, angular: bool, device, tile):
+        self.dev = _device_of(device)
+        self.Q = _Queries(x, angular, None)
+        self.angular = angular
+        self.n = self.Q.x.shape[0]
+        self.x = _tensor(self.Q.x, self.dev)
+        self.sq = _tensor(self.Q.sq, self.dev)
+        self.tol = self.Q.tol(self.Q.x, self.Q.sq, _torch_eps(self.dev)) if self.n else 0.0
+        self.tile = int(tile or _SELF_TILE["cuda" if self.dev.type == "cuda" else "cpu"])
+        if self.tile < 1:
+            raise ValueError("tile must be a positive integer")
+
+
+def _knn_sym_torch(S: _SymSetup, k: int, spans) -> np.ndarray:
+    """The k smallest exact distances of every row over the pairs of the tiles `spans` (r0, r1, c0, c1), none
+    below the diagonal (a diagonal tile's pairs j <= i are skipped).
+
+    Each tile updates the lists of its rows and of its columns with knn_distances_torch's two phases: the
+    running k smallest keys (phase A, rows then columns), then the exact distances of the pairs within
+    tol of either side's bound (phase B), merged into both sides' lists. A list only ever gains exact
+    distances of real pairs and skips only pairs provably beyond its k-th, as in knn._knn_sym_tile.
+    """
+    n, tol = S.n, S.tol
+    f64 = dict(dtype=torch.float64, device=S.dev)
+    with torch.inference_mode():
+        top_key = torch.full((n, k), math.inf, **f64)
+        top_d = torch.full((n, k), math.inf, **f64)
+        dkey = torch.full((n,), math.inf, **f64)
+        for r0, r1, c0, c1 in spans:
+            s = torch.mm(S.x[r0:r1], S.x[c0:c1].T)
+            key = S.sq[r0:r1, None] + S.sq[None, c0:c1] - 2.0 * s.to(torch.float64)
+            del s
+            if r0 == c0:
+                # A diagonal tile: each pair once (j > i), never a row with itself.
+                key.masked_fill_(~torch.ones_like(key, dtype=torch.bool).triu(1), math.inf)
+            for rows, view in ((slice(r0, r1), key), (slice(c0, c1), key.T)):
+                kk = min(k, view.shape[1])
+                both = torch.cat([top_key[rows], torch.topk(view, kk, dim=1, largest=False).values], dim=1)
+                top_key[rows] = torch.topk(both, k, dim=1, largest=False).values
+            lim_r = torch.minimum(top_key[r0:r1, k - 1] + 2.0 * tol, dkey[r0:r1] + tol)
+            lim_c = torch.minimum(top_key[c0:c1, k - 1] + 2.0 * tol, dkey[c0:c1] + tol)
+            cand = ((key <= lim_r[:, None]) | (key <= lim_c[None, :])) & (key < math.inf)
+            del key
+            pairs = cand.nonzero()
+            del cand
+            if pairs.shape[0] == 0:
+                continue
+            pi, pj = pairs[:, 0], pairs[:, 1]
+            d = _exact(S.x, pi + r0, S.x, pj + c0, S.angular)
+            top_d[r0:r1] = _merge(top_d[r0:r1], pi, d, k)
+            dkey[r0:r1] = _key_of(top_d[r0:r1, k - 1], S.angular)
+            # _merge takes its rows grouped in ascending order: the columns sorted (stable, any order of equal
+            # columns gives the same k smallest values).
+            order = torch.argsort(pj, stable=True)
+            top_d[c0:c1] = _merge(top_d[c0:c1], pj[order], d[order], k)
+            dkey[c0:c1] = _key_of(top_d[c0:c1, k - 1], S.angular)
         return top_d.cpu().numpy()
 
 
