@@ -986,6 +986,7 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
     n = Q.x.shape[0]
 
     def spans(t):
+        t = even_tile(n, t)   # square tiles of equal size: no thin last row and column of tiles
         return [(r0, min(n, r0 + t), c0, min(n, c0 + t)) for r0 in range(0, n, t) for c0 in range(r0, n, t)]
     return _knn_sym(Q, k, spans, tile, angular, scores)
 
@@ -1010,9 +1011,19 @@ def knn_self_pair(a, b, k: int, *, distance: str = "euclidean", tile: int | None
     Q = _Queries(np.concatenate([a32, b32]), angular, None)
 
     def spans(t):
-        return [(r0, min(na, r0 + t), c0, min(n, c0 + t)) for r0 in range(0, na, t) for c0 in range(na, n, t)]
+        # No diagonal here, so the tiles need not be square: each side in equal parts of at most t rows
+        # (5000 rows as 2 x 2500, not 4096 + 904: the bfloat16 GEMM's rate falls on thin tiles).
+        ta, tb = even_tile(na, t), even_tile(n - na, t)
+        return [(r0, min(na, r0 + ta), c0, min(n, c0 + tb)) for r0 in range(0, na, ta) for c0 in range(na, n, tb)]
     top = _knn_sym(Q, k, spans, tile, angular, scores)
     return top[:na], top[na:]
+
+
+def even_tile(rows: int, tile: int) -> int:
+    """The tile size that cuts `rows` into the fewest equal parts of at most `tile` rows."""
+    if rows <= 0:
+        return tile
+    return -(-rows // -(-rows // tile))
 
 
 def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, scores: str) -> np.ndarray:

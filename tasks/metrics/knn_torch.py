@@ -36,7 +36,7 @@ import torch
 from modeaudit.tasks.join import torch_kernels as jt
 from modeaudit.tasks.join.kernels import _iter_blocks, arccos_over_pi
 from modeaudit.tasks.metrics.knn import (
-    BallCounts, _check_distance, _check_k, _Queries, ball_side,
+    BallCounts, _check_distance, _check_k, _Queries, ball_side, even_tile,
 )
 
 __all__ = ["knn_distances_torch", "knn_self_torch", "knn_self_pair_torch", "ball_counts_torch"]
@@ -207,9 +207,9 @@ def knn_self_torch(x, k: int, *, distance: str = "euclidean", device="cuda", til
     S = _SymSetup(x, angular, device, tile)
     n = S.n
 
-    def spans(t):
-        return [(r0, min(n, r0 + t), c0, min(n, c0 + t)) for r0 in range(0, n, t) for c0 in range(r0, n, t)]
-    return _knn_sym_torch(S, k, spans(S.tile))
+    t = even_tile(n, S.tile)   # square tiles of equal size
+    return _knn_sym_torch(S, k, [(r0, min(n, r0 + t), c0, min(n, c0 + t))
+                                 for r0 in range(0, n, t) for c0 in range(r0, n, t)])
 
 
 def knn_self_pair_torch(a, b, k: int, *, distance: str = "euclidean", device="cuda",
@@ -225,8 +225,8 @@ def knn_self_pair_torch(a, b, k: int, *, distance: str = "euclidean", device="cu
     na = a32.shape[0]
     S = _SymSetup(np.concatenate([a32, b32]), angular, device, tile)
     n = S.n
-    spans = [(r0, min(na, r0 + S.tile), c0, min(n, c0 + S.tile))
-             for r0 in range(0, na, S.tile) for c0 in range(na, n, S.tile)]
+    ta, tb = even_tile(na, S.tile), even_tile(n - na, S.tile)   # no diagonal: equal parts on each side
+    spans = [(r0, min(na, r0 + ta), c0, min(n, c0 + tb)) for r0 in range(0, na, ta) for c0 in range(na, n, tb)]
     top = _knn_sym_torch(S, k, spans)
     return top[:na], top[na:]
 
