@@ -724,13 +724,20 @@ def test_bf16_ball_counts_go_back_to_float32_when_the_band_is_crowded(monkeypatc
     want = ball_counts_reference(real, fake, rr, rf).as_tuple()
     monkeypatch.setattr(K, "_BF16_QUERY_TILE", 256)
     monkeypatch.setattr(K, "_BF16_POINT_TILE", 512)
-    switched = []
-    real_switch = K._Gemm.use_float32
-    monkeypatch.setattr(K._Gemm, "use_float32", lambda self: (switched.append(1), real_switch(self)))
+    switched, rechecked = [], []
+    real_switch, real_rows = K._Gemm.use_float32, K._ball_rows
+    monkeypatch.setattr(K._Gemm, "use_float32", lambda self: (switched.append(len(rechecked)), real_switch(self)))
+    monkeypatch.setattr(K, "_ball_rows", lambda *a: (rechecked.append(a[7]), real_rows(*a))[1])
     got = ball_counts(real, _blocks(fake, 700), rr, rf, scores="bf16").as_tuple()
     for g, r in zip(got, want):
         np.testing.assert_array_equal(g, r)
     assert switched and want[2].sum() > 10 * len(rf)   # switched; the fake balls hold many real rows each
+    # The sampled band count switched each block before its first tile was re-checked with bfloat16's wide band:
+    # every tile was re-checked with a float32 tolerance (the tolerance is _ball_rows' 8th argument)
+    assert switched[0] == 0
+    float32_tol = [K._Queries(real, False, None).tol(b, (b.astype(np.float64) ** 2).sum(1))
+                   for b in (fake[:700], fake[700:])]
+    assert len(rechecked) > 4 and max(rechecked) <= max(float32_tol) * (1 + 1e-12)
 
 
 def test_bf16_score_bound_holds_on_hard_rows():

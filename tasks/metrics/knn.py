@@ -426,6 +426,24 @@ def _ball_rows(sims, row0, col_local, col_global, ids, na, nb, tol, angular, A, 
 
 
 @njit(cache=True, nogil=True)
+def _ball_band(sims, row0, col_local, na, nb, tol, key_a, key_b, stride):
+    """How many pairs of every `stride`-th row of a score tile lie in a ball's band (within tol of the
+    query's or the column's ball key): the pairs _ball_rows would re-check in float64, sampled."""
+    tb = sims.shape[1]
+    nbt = nb[col_local:col_local + tb]
+    kb = key_b[col_local:col_local + tb]
+    n = 0
+    for i in range(0, sims.shape[0], stride):
+        srow = sims[i]
+        nq = na[row0 + i]
+        ka = key_a[row0 + i]
+        for j in range(tb):
+            key = nq + nbt[j] - 2.0 * np.float64(srow[j])
+            n += (abs(key - ka) < tol) | (abs(key - kb[j]) < tol)
+    return n
+
+
+@njit(cache=True, nogil=True)
 def _row_lim(q, tol, top_key, dkey):
     """The largest float32 key of a pair that can still enter row q's k-NN list (see _visit)."""
     return min(top_key[q, top_key.shape[1] - 1] + 2.0 * tol, dkey[q] + tol)
@@ -1166,11 +1184,24 @@ def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "eucli
                    margin=margin):
             # cnt_a/in_b are per query: one writer per query tile, no copies needed.
             t = tol if eps is None else 2.0 * eps + margin
+            if eps is not None and gemm.bf16:
+                # Before re-checking a bfloat16 tile, a sample of its rows (every 32nd) says how crowded
+                # its band is: when the balls' radii lie in the bulk of the distances (a fake set narrower
+                # than the real one puts every real-to-fake distance near the real radii), the band's
+                # float64 re-checks cost far more than the bfloat16 GEMM saves, so this tile's scores are
+                # formed again in float32 (and the remaining tiles' too). The counts do not change.
+                stride = 32
+                sampled = -(-sims.shape[0] // stride) * sims.shape[1]
+                if _ball_band(sims, r0, c0, Q.sq, sq_b, t, key_a, key_b, stride) > _BF16_MAX_RECHECK * sampled:
+                    gemm.use_float32()
+            if eps is not None and not gemm.bf16:
+                # Switched here, or on an earlier tile while this one's bfloat16 scores were being formed.
+                gemm(r0, r0 + sims.shape[0], c0, c0 + sims.shape[1], sims)
+                t, eps = tol, None
             n_exact = _ball_rows(sims, r0, c0, offset + c0, Q.ids, Q.sq, sq_b, t, angular, Q.x, b32,
                                  key_a, rad_a, key_b, rad_b, cnt_a, parts[0], parts[1], in_b)
             if eps is not None and n_exact > _BF16_MAX_RECHECK * sims.size:
-                # Many balls' radii lie in the bulk of the distances: the wide band's float64
-                # re-checks cost more than the bfloat16 GEMM saves. The counts do not change.
+                # The sample missed a crowded band: the remaining tiles go to float32.
                 gemm.use_float32()
 
         _run_tiles(n, nb, gemm, kernel, [in_a, cnt_b])
