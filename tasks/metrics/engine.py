@@ -5,10 +5,11 @@ need, k-NN distances of a set within itself and strict ball counts between sets,
 with a kernel (tasks/join/backend.py chooses numba or torch, and the device) and
 optionally a Dask client.
 
-On a client, the query rows are split into contiguous groups (`group_rows` rows, by
-default about four groups per worker thread, never under 512 rows), one task per
-group, each streaming every block (`block_rows` rows) of the other set through the
-kernel. A set held in memory is scattered to every worker once per engine (the join's
+On a client, a ball-count join splits the query rows into contiguous groups
+(`group_rows` rows, by default about four groups per worker thread, never under 512
+rows), one task per group, each streaming every block (`block_rows` rows) of the other
+set through the kernel; a self-join runs one task per pair of row groups, each pair of
+rows formed once, and a merge task per group (`KnnEngine.knn_self`). A set held in memory is scattered to every worker once per engine (the join's
 `parallel._run` machinery, whose worker-loss retries scatter it again); a set given as a
 `FeatureFile` (tasks/metrics/rows.py) is not sent at all: each task reads its query
 rows and streams the other set's blocks from the file. Every
