@@ -56,13 +56,13 @@ def main(argv=None) -> int:
         # Warm-up on a slice: the first task in each worker loads numba's kernels (and torch for lowprec).
         w = x[:min(n, 4 * 512)]
         eng.knn_self(w, a.k)
-        old_eng._run(_query_group, len(w), "rows' k-NN radii", w, a.k, a.kernel)
+        old_eng._run(_query_group, old_eng._groups(len(w)), "rows' k-NN radii", w, a.k, a.kernel)
         for _ in range(a.repeats):
             t0 = time.perf_counter()
             new = eng.knn_self(x, a.k)
             times["pairs"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            parts = old_eng._run(_query_group, n, "rows' k-NN radii", x, a.k, a.kernel)
+            parts = old_eng._run(_query_group, old_eng._groups(n), "rows' k-NN radii", x, a.k, a.kernel)
             old = np.concatenate(parts)
             times["query_groups"].append(time.perf_counter() - t0)
             assert np.array_equal(new, old), "the two ways disagree"

@@ -132,9 +132,10 @@ class KnnEngine:
         from modeaudit.tasks.join.parallel import _n_tasks
         return query_groups(n, _n_tasks(self.client), self.group_rows)
 
-    def _run(self, fn, n: int, what: str, *args):
+    def _run(self, fn, groups, what: str, *args, **kw):
+        """parallel._run of fn over groups on this engine's client, its arrays scattered once per engine."""
         from modeaudit.tasks.join.parallel import _run
-        return _run(self.client, fn, self._groups(n), *args, bind=_bind, what=what, scattered=self._scattered)
+        return _run(self.client, fn, groups, *args, bind=_bind, what=what, scattered=self._scattered, **kw)
 
     def knn_self(self, x, k: int, distance: str = "euclidean") -> np.ndarray:
         """k-NN distances of every row of x within x, self excluded, (n, k) ascending.
@@ -151,10 +152,9 @@ class KnnEngine:
         kernel = backend.metric_kernel(self.kernel, *(backend.join_size(x, x) or ()))
         if self.client is None:
             return backend.knn_self(rows_of(x), k, distance=distance, kernel=kernel)
-        n = shape_of(x)[0]
-        from modeaudit.tasks.join.parallel import _n_tasks, _run
+        from modeaudit.tasks.join.parallel import _n_tasks
         from modeaudit.tasks.join.shipping import submit_unshipped
-        groups = pair_groups(n, _n_tasks(self.client), self.group_rows)
+        groups = pair_groups(shape_of(x)[0], _n_tasks(self.client), self.group_rows)
 
         def merge(client, futures):
             touching: dict[int, list] = {}
@@ -163,9 +163,8 @@ class KnnEngine:
                     touching.setdefault(g, []).append(f)
             return [submit_unshipped(client, _merge_group, g, k, *touching[g]) for g in sorted(touching)]
 
-        parts = _run(self.client, _knn_pair_group, groups, x, k, distance, kernel, bind=_bind,
-                     what="k-NN radii", scattered=self._scattered, sizes=[_pairs_in(g) for g in groups],
-                     unit="pairs", finish=merge)
+        parts = self._run(_knn_pair_group, groups, "k-NN radii", x, k, distance, kernel,
+                          sizes=[_pairs_in(g) for g in groups], unit="pairs", finish=merge)
         return np.concatenate(parts, axis=0) if parts else np.empty((0, k))
 
     def ball_counts(self, a, b, radii_a=None, radii_b=None, distance: str = "euclidean", a_ids=None):
@@ -179,8 +178,8 @@ class KnnEngine:
                                        distance=distance, a_ids=a_ids, kernel=kernel)
         ra = None if radii_a is None else np.asarray(radii_a, np.float64)
         ids = None if a_ids is None else np.asarray(a_ids, np.int64)
-        parts = self._run(_ball_group, shape_of(a)[0], "rows' ball counts", a, b, ra, radii_b, distance, ids,
-                          self.block_rows, kernel)
+        parts = self._run(_ball_group, self._groups(shape_of(a)[0]), "rows' ball counts", a, b, ra, radii_b,
+                          distance, ids, self.block_rows, kernel)
         n_b = shape_of(b)[0]
         if not parts:
             z = np.zeros(0, np.int64)

@@ -81,6 +81,10 @@ __all__ = [
     "knn_self",
     "knn_self_pair",
     "merge_knn",
+    "pair_rows",
+    "even_tile",
+    "self_spans",
+    "pair_spans",
     "knn_distances_reference",
     "ball_counts",
     "ball_counts_reference",
@@ -1002,11 +1006,7 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
     k = _check_k(k)
     Q = _Queries(x, angular, None)
     n = Q.x.shape[0]
-
-    def spans(t):
-        t = even_tile(n, t)   # square tiles of equal size: no thin last row and column of tiles
-        return [(r0, min(n, r0 + t), c0, min(n, c0 + t)) for r0 in range(0, n, t) for c0 in range(r0, n, t)]
-    return _knn_sym(Q, k, spans, tile, angular, scores)
+    return _knn_sym(Q, k, lambda t: self_spans(n, t), tile, angular, scores)
 
 
 def knn_self_pair(a, b, k: int, *, distance: str = "euclidean", tile: int | None = None,
@@ -1022,19 +1022,18 @@ def knn_self_pair(a, b, k: int, *, distance: str = "euclidean", tile: int | None
     """
     angular = _check_distance(distance)
     k = _check_k(k)
+    ab, na = pair_rows(a, b)
+    top = _knn_sym(_Queries(ab, angular, None), k, lambda t: pair_spans(na, ab.shape[0], t), tile, angular, scores)
+    return top[:na], top[na:]
+
+
+def pair_rows(a, b) -> tuple[np.ndarray, int]:
+    """Two row groups of one set as one float32 array (a's rows first) and len(a); ValueError when they
+    are not (n, d) rows of one width. The self-join's pair form (here and in knn_torch.py) tiles it."""
     a32, b32 = _rows32(a, "a"), _rows32(b, "b")
     if a32.shape[1] != b32.shape[1]:
         raise ValueError(f"a has width {a32.shape[1]} but b has width {b32.shape[1]}")
-    na, n = a32.shape[0], a32.shape[0] + b32.shape[0]
-    Q = _Queries(np.concatenate([a32, b32]), angular, None)
-
-    def spans(t):
-        # No diagonal here, so the tiles need not be square: each side in equal parts of at most t rows
-        # (5000 rows as 2 x 2500, not 4096 + 904: the bfloat16 GEMM's rate falls on thin tiles).
-        ta, tb = even_tile(na, t), even_tile(n - na, t)
-        return [(r0, min(na, r0 + ta), c0, min(n, c0 + tb)) for r0 in range(0, na, ta) for c0 in range(na, n, tb)]
-    top = _knn_sym(Q, k, spans, tile, angular, scores)
-    return top[:na], top[na:]
+    return np.concatenate([a32, b32]), a32.shape[0]
 
 
 def even_tile(rows: int, tile: int) -> int:
@@ -1042,6 +1041,21 @@ def even_tile(rows: int, tile: int) -> int:
     if rows <= 0:
         return tile
     return -(-rows // -(-rows // tile))
+
+
+def self_spans(n: int, tile: int) -> list[tuple[int, int, int, int]]:
+    """The (r0, r1, c0, c1) tiles of the upper triangle of an n-row set's score matrix: square tiles of
+    equal size (at most `tile` rows; no thin last row and column of tiles), the diagonal ones included."""
+    t = even_tile(n, tile)
+    return [(r0, min(n, r0 + t), c0, min(n, c0 + t)) for r0 in range(0, n, t) for c0 in range(r0, n, t)]
+
+
+def pair_spans(na: int, n: int, tile: int) -> list[tuple[int, int, int, int]]:
+    """The tiles of rows [0, na) against rows [na, n) of a pair_rows array. No diagonal here, so the
+    tiles need not be square: each side in equal parts of at most `tile` rows (5000 rows as 2 x 2500,
+    not 4096 + 904: the bfloat16 GEMM's rate falls on thin tiles)."""
+    ta, tb = even_tile(na, tile), even_tile(n - na, tile)
+    return [(r0, min(na, r0 + ta), c0, min(n, c0 + tb)) for r0 in range(0, na, ta) for c0 in range(na, n, tb)]
 
 
 def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, scores: str) -> np.ndarray:

@@ -36,7 +36,7 @@ import torch
 from modeaudit.tasks.join import torch_kernels as jt
 from modeaudit.tasks.join.kernels import _iter_blocks, arccos_over_pi
 from modeaudit.tasks.metrics.knn import (
-    BallCounts, _check_distance, _check_k, _Queries, ball_side, even_tile,
+    BallCounts, _check_distance, _check_k, _Queries, ball_side, pair_rows, pair_spans, self_spans,
 )
 
 __all__ = ["knn_distances_torch", "knn_self_torch", "knn_self_pair_torch", "ball_counts_torch"]
@@ -205,11 +205,7 @@ def knn_self_torch(x, k: int, *, distance: str = "euclidean", device="cuda", til
     angular = _check_distance(distance)
     k = _check_k(k)
     S = _SymSetup(x, angular, device, tile)
-    n = S.n
-
-    t = even_tile(n, S.tile)   # square tiles of equal size
-    return _knn_sym_torch(S, k, [(r0, min(n, r0 + t), c0, min(n, c0 + t))
-                                 for r0 in range(0, n, t) for c0 in range(r0, n, t)])
+    return _knn_sym_torch(S, k, self_spans(S.n, S.tile))
 
 
 def knn_self_pair_torch(a, b, k: int, *, distance: str = "euclidean", device="cuda",
@@ -219,15 +215,9 @@ def knn_self_pair_torch(a, b, k: int, *, distance: str = "euclidean", device="cu
     has fewer than k rows."""
     angular = _check_distance(distance)
     k = _check_k(k)
-    a32, b32 = (np.ascontiguousarray(np.asarray(v), dtype=np.float32) for v in (a, b))
-    if a32.ndim != 2 or b32.ndim != 2 or a32.shape[1] != b32.shape[1]:
-        raise ValueError(f"a and b must be 2-d with one width, got shapes {a32.shape} and {b32.shape}")
-    na = a32.shape[0]
-    S = _SymSetup(np.concatenate([a32, b32]), angular, device, tile)
-    n = S.n
-    ta, tb = even_tile(na, S.tile), even_tile(n - na, S.tile)   # no diagonal: equal parts on each side
-    spans = [(r0, min(na, r0 + ta), c0, min(n, c0 + tb)) for r0 in range(0, na, ta) for c0 in range(na, n, tb)]
-    top = _knn_sym_torch(S, k, spans)
+    ab, na = pair_rows(a, b)
+    S = _SymSetup(ab, angular, device, tile)
+    top = _knn_sym_torch(S, k, pair_spans(na, S.n, S.tile))
     return top[:na], top[na:]
 
 
