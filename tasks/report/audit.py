@@ -20,15 +20,16 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from matplotlib.collections import LineCollection
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 
 from modeaudit.storage.layout import CALIBRATION, RunLayout, atomic_write_bytes
 from modeaudit.tasks.report import style
 from modeaudit.tasks.stats.registry import STAT_TESTS, uncontrolled
+
+if TYPE_CHECKING:     # matplotlib loads when a figure is drawn: a run without a report, and the CLI, skip ~1 s of it
+    from matplotlib.figure import Figure
 
 __all__ = ["write_report", "figure_to_base64_png", "render_report_html",
            "neighbour_curves_figure", "mccs_histogram_figure", "verdict_level", "verdict_text"]
@@ -132,6 +133,10 @@ def neighbour_curves_figure(result: Mapping, obs_curves: Any, ref_curves: Any) -
     low, med, high = _band(result, ref, alpha)
     d0 = result.get("d0")
 
+    from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     fig = Figure(figsize=(12.0, 4.9), layout="constrained")
     axes = fig.subplots(1, 2)
     ctx = ref[_context_rows(ref.shape[0])]
@@ -213,6 +218,7 @@ def mccs_histogram_figure(result: Mapping, mccs_values: Any) -> Figure:
     if std is None and vals.size > 1:
         std = float(vals.std(ddof=1))  # seed paper 001 uses the m-1 denominator
 
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(12.0, 3.9), layout="constrained")
     ax = fig.subplots()
     if vals.size:

@@ -14,8 +14,10 @@ import base64
 import contextvars
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure
+if TYPE_CHECKING:     # loaded by new_figure: importing the report modules stays cheap
+    from matplotlib.figure import Figure
 
 __all__ = ["COLORS", "DPI", "new_figure", "style_axes", "png_bytes", "svg_bytes", "save_figure",
            "plots_to", "figure_img"]
@@ -41,6 +43,7 @@ def wrap_title(title: str, width: float) -> str:
 
 def new_figure(width: float, height: float, title: str | None = None, layout: str | None = "constrained") -> Figure:
     """A figure in the reports' style (constrained layout unless layout=None), with its title."""
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(width, height), layout=layout, facecolor="white")
     if title:
         fig.suptitle(wrap_title(title, width), fontsize=TITLE_SIZE, **({} if layout else {"y": 0.985, "va": "top"}))

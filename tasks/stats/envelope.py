@@ -46,7 +46,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import rankdata
 
 ALTERNATIVES = ("greater", "less", "two.sided")
 
@@ -70,6 +69,7 @@ def pointwise_ranks(curves, alternative: str = "greater") -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError("curves must be finite")
     s = x.shape[0]
+    from scipy.stats import rankdata    # here, not on import: scipy.stats costs a CLI start or a worker ~1 s
     lo = rankdata(x, method="average", axis=0)   # 1 = smallest, like R's rank()
     if alternative == "less":
         return lo

@@ -57,7 +57,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
 
 from modeaudit.tasks.join.kernels import range_counts
 
@@ -156,6 +155,7 @@ def ratio_ci(x_t, x_r, n_t: int, n_r: int, confidence: float) -> tuple[np.ndarra
     """
     x_t = np.asarray(x_t, dtype=np.float64)
     x_r = np.asarray(x_r, dtype=np.float64)
+    from scipy import stats     # here, not on import: scipy.stats costs a CLI start or a worker ~1 s
     q = (1.0 - confidence) / 2.0
     scale = float(n_r) / float(n_t)
     lo = np.zeros(x_t.shape, dtype=np.float64)
@@ -174,6 +174,7 @@ def ratio_ci(x_t, x_r, n_t: int, n_r: int, confidence: float) -> tuple[np.ndarra
 
 
 def _pvalues(x_t: np.ndarray, n: np.ndarray, p0: float, alternative: str) -> np.ndarray:
+    from scipy import stats
     p = np.ones(x_t.shape, dtype=np.float64)  # an empty ball carries no evidence
     m = n > 0
     if alternative == "greater":
