@@ -848,3 +848,50 @@ def test_torch_cuda_kernels_equal_float64_brute_force(distance):
         got = bc(a, _blocks(b, 128), ra[:, -1], rb[:, -1], distance=distance, kernel="torch-cuda").as_tuple()
         for g, r in zip(got, ref):
             np.testing.assert_array_equal(g, r)
+
+
+def test_any_order_sieve_decides_as_the_fixed_order_sum():
+    """knn._inside decides `distance < r` with an any-order (vectorised) squared distance first, and with the
+    fixed-order sum only within sieve_rel of r^2. At r equal to a pair's own fixed-order distance (a point on
+    the sphere: outside) and one float step either side, every decision must be the fixed-order one, on rows
+    whose terms span many magnitudes (so the two sums round differently)."""
+    from modeaudit.tasks.metrics import knn as K
+    rng = np.random.default_rng(31)
+    d = 515                                       # not a multiple of 4: the fixed-order sum's tail too
+    a = (rng.standard_normal((40, d)) * np.exp(rng.uniform(-6, 6, (40, d)))).astype(np.float32)
+    b = (a[rng.integers(0, 40, 60)] + rng.standard_normal((60, d)).astype(np.float32) * 1e-3).astype(np.float32)
+    rel = K.sieve_rel(d)
+    differ = 0
+    for i in range(a.shape[0]):
+        for j in range(b.shape[0]):
+            f = K._exact_sqdist(a, i, b, j)
+            g = K._any_order_sqdist(a, i, b, j)
+            differ += g != f
+            assert abs(g - f) <= rel / 2 * g           # the bound the margin is built on
+            dist = K._exact(a, i, b, j, False)
+            for r in (dist, np.nextafter(dist, np.inf), np.nextafter(dist, 0.0)):
+                got, _, _ = K._inside(a, i, b, j, False, r, rel, -1.0, -1.0)
+                assert got == (dist < r), (i, j, r)
+    # The rows exercise the margin: the sums do round differently (with rel = 0, the sieve alone would
+    # put some of these pairs on the wrong side of a sphere through them).
+    assert differ > 100
+
+
+def test_crowded_balls_equal_float64_brute_force(monkeypatch):
+    """A fake set narrower than the real one (a collapsing generator): most pairs lie inside the real balls
+    and hundreds in the float32 band, the case the branch-free bookkeeping and the any-order sieve are for."""
+    from modeaudit.tasks.metrics import knn as K
+    rng = np.random.default_rng(33)
+    real = rng.standard_normal((900, 256)).astype(np.float32)
+    fake = (rng.standard_normal((800, 256)) * 0.8 + 0.05).astype(np.float32)
+    rr = knn_distances_reference(real, 5)[:, -1]
+    rf = knn_distances_reference(fake, 5)[:, -1]
+    want = ball_counts_reference(real, fake, rr, rf).as_tuple()
+    assert want[0].sum() > 0.3 * real.shape[0] * fake.shape[0]     # crowded: most pairs inside a real ball
+    rechecked = []
+    real_rows = K._ball_rows
+    monkeypatch.setattr(K, "_ball_rows", lambda *a: rechecked.append(real_rows(*a)) or rechecked[-1])
+    got = ball_counts(real, _blocks(fake, 300), rr, rf).as_tuple()
+    for g, r in zip(got, want):
+        np.testing.assert_array_equal(g, r)
+    assert sum(rechecked) > 100                                      # and hundreds of pairs in the band
