@@ -269,13 +269,19 @@ def main(argv=None) -> int:
         return run_compare(args)
     if args.command == "toy":
         return run_toy(args)
+    from modeaudit.tasks import console
+    cfg = None
+    if args.command == "audit":
+        with console.terminal(verbose=args.verbose):
+            cfg = _checked_audit_config(args)
+        if isinstance(cfg, int):
+            return cfg
     from prefect.exceptions import FailedRun
     from modeaudit.storage.store import StoreError
-    from modeaudit.tasks import console
     try:
         quiet_terminal(args.verbose)
         with console.terminal(verbose=args.verbose):
-            return _run_command(args, FailedRun, StoreError)
+            return _run_command(args, FailedRun, StoreError, cfg)
     except RuntimeError as e:
         if "ephemeral Prefect API server" not in str(e):
             raise
@@ -313,8 +319,28 @@ def quiet_terminal(verbose: bool) -> None:
                 h.addFilter(_DaskBelowError())
 
 
-def _run_command(args, FailedRun, StoreError) -> int:
-    """audit, calibrate or watch, with user errors as one line and exit code 2."""
+def _checked_audit_config(args) -> AuditConfig | int:
+    """The audit's config with its settings and inputs checked (`preflight`) and --out usable, before Prefect
+    loads (~2 s of imports): a refused run answers in about a second and creates nothing. A refusal prints its
+    one line and returns exit code 2 instead."""
+    try:
+        cfg = config_from_args(args)
+        preflight(cfg)
+        check_out_dir(cfg.out)
+        return cfg
+    except ConfigError as e:
+        print(f"modeaudit: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from modeaudit.storage.store import StoreError     # loaded only here: zarr is not needed to refuse
+        if not isinstance(e, StoreError):
+            raise
+        print(f"modeaudit: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_command(args, FailedRun, StoreError, cfg: AuditConfig | None = None) -> int:
+    """audit (`cfg` from _checked_audit_config), calibrate or watch, with user errors as one line and exit code 2."""
     from modeaudit.tasks import console
     if args.command == "watch":
         return run_watch(args)
@@ -332,9 +358,6 @@ def _run_command(args, FailedRun, StoreError) -> int:
         print(json.dumps({k: cal[k] for k in keep if k in cal}, indent=1))
         return 0
     try:
-        cfg = config_from_args(args)
-        preflight(cfg)          # settings and inputs first: a refused run creates nothing
-        check_out_dir(cfg.out)
         from modeaudit.flows.audit import audit_flow
         result = audit_flow(cfg.to_dict())
     except (ConfigError, StoreError, FailedRun) as e:

@@ -75,9 +75,17 @@ def test_bad_generator_and_dir(tmp_path, capsys):
 
 
 def test_console_script_exit_code(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "modeaudit.flows.cli", "audit", "--generator", "synthetic:planted",
+    """`python -m modeaudit.flows.cli` with a bad setting: exit 2, one line; refused before Prefect and zarr
+    load (a typo answers in a second or two, not after ~3 s more of imports)."""
+    code = ("import runpy, sys\n"
+            "try:\n    runpy.run_module('modeaudit.flows.cli', run_name='__main__')\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            "print('loaded', 'prefect' in sys.modules, 'zarr' in sys.modules)\nsys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code, "audit", "--generator", "synthetic:planted",
                         "--d0", "0", "--out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert r.returncode == 2 and "d0=0.0 is outside" in r.stderr
+    assert r.returncode == 2 and "d0=0.0 is outside" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stdout.split() == ["loaded", "False", "False"], r.stdout
+    assert not (tmp_path / "o").exists()
 
 
 def test_non_unit_rows_are_normalised_and_recorded(files, capsys, prefect_harness, scheduler):
