@@ -271,9 +271,9 @@ def main(argv=None) -> int:
         return run_toy(args)
     from modeaudit.tasks import console
     cfg = None
-    if args.command == "audit":
+    if args.command in ("audit", "calibrate"):
         with console.terminal(verbose=args.verbose):
-            cfg = _checked_audit_config(args)
+            cfg = _checked_config(args)
         if isinstance(cfg, int):
             return cfg
     from prefect.exceptions import FailedRun
@@ -319,11 +319,15 @@ def quiet_terminal(verbose: bool) -> None:
                 h.addFilter(_DaskBelowError())
 
 
-def _checked_audit_config(args) -> AuditConfig | int:
-    """The audit's config with its settings and inputs checked (`preflight`) and --out usable, before Prefect
-    loads (~2 s of imports): a refused run answers in about a second and creates nothing. A refusal prints its
-    one line and returns exit code 2 instead."""
+def _checked_config(args) -> AuditConfig | CalibrationConfig | int:
+    """The audit's config with its settings and inputs checked (`preflight`) and --out usable, or the
+    calibration's with its run and inputs checked, before Prefect loads (~2 s of imports): a refused run
+    answers in a second or two and creates nothing. A refusal prints its one line and returns exit code 2."""
     try:
+        if args.command == "calibrate":
+            cfg = CalibrationConfig.parse({k: v for k, v in vars(args).items() if k in CalibrationConfig.model_fields})
+            check_calibration_inputs(cfg)
+            return cfg
         cfg = config_from_args(args)
         preflight(cfg)
         check_out_dir(cfg.out)
@@ -339,15 +343,13 @@ def _checked_audit_config(args) -> AuditConfig | int:
         return 2
 
 
-def _run_command(args, FailedRun, StoreError, cfg: AuditConfig | None = None) -> int:
-    """audit (`cfg` from _checked_audit_config), calibrate or watch, with user errors as one line and exit code 2."""
+def _run_command(args, FailedRun, StoreError, cfg: AuditConfig | CalibrationConfig | None = None) -> int:
+    """audit or calibrate (`cfg` from _checked_config), or watch, with user errors as one line and exit code 2."""
     from modeaudit.tasks import console
     if args.command == "watch":
         return run_watch(args)
     if args.command == "calibrate":
         try:
-            cfg = CalibrationConfig.parse({k: v for k, v in vars(args).items() if k in CalibrationConfig.model_fields})
-            check_calibration_inputs(cfg)
             from modeaudit.flows.calibrate import calibrate_flow
             cal = calibrate_flow(cfg)
         except (ConfigError, StoreError, FailedRun) as e:
