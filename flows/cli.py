@@ -24,7 +24,7 @@ from modeaudit.tasks.config import (PRESETS, AuditConfig, CalibrationConfig, app
 from modeaudit.tasks.plan import KERNELS  # noqa: E402
 from modeaudit.tasks.registry import ConfigError, parse_kv  # noqa: E402
 from modeaudit.flows.toy_cli import add_toy_parser, run_toy  # noqa: E402
-from modeaudit.flows.watch_cli import add_watch_parser, run_watch  # noqa: E402
+from modeaudit.flows.watch_cli import add_watch_parser, check_watch, run_watch  # noqa: E402
 
 
 def _radii(text: str) -> tuple:
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
         return run_toy(args)
     from modeaudit.tasks import console
     cfg = None
-    if args.command in ("audit", "calibrate"):
+    if args.command in ("audit", "calibrate", "watch"):
         with console.terminal(verbose=args.verbose):
             cfg = _checked_config(args)
         if isinstance(cfg, int):
@@ -320,10 +320,12 @@ def quiet_terminal(verbose: bool) -> None:
 
 
 def _checked_config(args) -> AuditConfig | CalibrationConfig | int:
-    """The audit's config with its settings and inputs checked (`preflight`) and --out usable, or the
-    calibration's with its run and inputs checked, before Prefect loads (~2 s of imports): a refused run
+    """The audit's config with its settings and inputs checked (`preflight`) and --out usable, the
+    calibration's with its run and inputs checked, or watch's base config and folders, before Prefect loads (~2 s of imports): a refused run
     answers in a second or two and creates nothing. A refusal prints its one line and returns exit code 2."""
     try:
+        if args.command == "watch":
+            return check_watch(args)
         if args.command == "calibrate":
             cfg = CalibrationConfig.parse({k: v for k, v in vars(args).items() if k in CalibrationConfig.model_fields})
             check_calibration_inputs(cfg)
@@ -344,10 +346,10 @@ def _checked_config(args) -> AuditConfig | CalibrationConfig | int:
 
 
 def _run_command(args, FailedRun, StoreError, cfg: AuditConfig | CalibrationConfig | None = None) -> int:
-    """audit or calibrate (`cfg` from _checked_config), or watch, with user errors as one line and exit code 2."""
+    """audit, calibrate or watch (`cfg` from _checked_config), with user errors as one line and exit code 2."""
     from modeaudit.tasks import console
     if args.command == "watch":
-        return run_watch(args)
+        return run_watch(args, cfg)
     if args.command == "calibrate":
         try:
             from modeaudit.flows.calibrate import calibrate_flow

@@ -50,19 +50,29 @@ def check_watch_settings(base) -> None:
     finalize_sizes(cfg, cfg.m, cfg.M)
 
 
-def run_watch(args) -> int:
-    """Exit 0, 2 (bad input, or with --once a checkpoint whose audit failed), 3 (--fail-on reached with --once)."""
+def check_watch(args):
+    """The audits' base config, its settings and the two folders checked (ConfigError when refused): run by the
+    CLI before Prefect loads, so a refused watch answers in a second or two."""
+    from modeaudit.flows.cli import config_from_args
+    from modeaudit.tasks import watch as w
+    ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in WATCH_ONLY})
+    base = config_from_args(ns)
+    check_watch_settings(base)
+    w.check_dirs(args.ckpt_dir, args.out)
+    return base
+
+
+def run_watch(args, base=None) -> int:
+    """Exit 0, 2 (bad input, or with --once a checkpoint whose audit failed), 3 (--fail-on reached with --once).
+    `base`: check_watch's config when the caller ran it already."""
     from prefect.exceptions import FailedRun
 
-    from modeaudit.flows.cli import config_from_args, gate
+    from modeaudit.flows.cli import gate
     from modeaudit.storage.store import StoreError
-    from modeaudit.tasks import watch as w
     from modeaudit.tasks.registry import ConfigError
     try:
-        ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in WATCH_ONLY})
-        base = config_from_args(ns)
-        check_watch_settings(base)
-        w.check_dirs(args.ckpt_dir, args.out)
+        if base is None:
+            base = check_watch(args)
         from modeaudit.flows.watch import watch_flow
         audit = {k: v for k, v in base.to_dict().items() if k not in ("generator", "out")}
         summary = watch_flow(args.ckpt_dir, args.out, audit, once=args.once, interval=args.interval)

@@ -75,17 +75,25 @@ def test_bad_generator_and_dir(tmp_path, capsys):
 
 
 def test_console_script_exit_code(tmp_path):
-    """`python -m modeaudit.flows.cli` with a bad setting: exit 2, one line; refused before Prefect and zarr
-    load (a typo answers in a second or two, not after ~3 s more of imports)."""
+    """`python -m modeaudit.flows.cli` with a bad setting: exit 2, one line. It, a refused watch and a refused
+    calibrate (same process) answer before Prefect loads (a typo costs a second or two, not ~3 s more of
+    imports); the audit and the watch before zarr too."""
     code = ("import runpy, sys\n"
             "try:\n    runpy.run_module('modeaudit.flows.cli', run_name='__main__')\n"
             "except SystemExit as e:\n    rc = e.code\n"
-            "print('loaded', 'prefect' in sys.modules, 'zarr' in sys.modules)\nsys.exit(rc)\n")
+            "from modeaudit.flows.cli import main\n"
+            "seen = ['prefect' in sys.modules, 'zarr' in sys.modules]\n"
+            f"rc_watch = main(['watch', {str(tmp_path / 'no-ckpt')!r}, '--out', {str(tmp_path / 'w')!r}, '--once'])\n"
+            "seen += ['prefect' in sys.modules, 'zarr' in sys.modules]\n"
+            f"rc_cal = main(['calibrate', '--run', {str(tmp_path)!r}, '--method', 'cluster'])\n"
+            "print(rc_watch, rc_cal, *seen, 'prefect' in sys.modules)\nsys.exit(rc)\n")
     r = subprocess.run([sys.executable, "-c", code, "audit", "--generator", "synthetic:planted",
                         "--d0", "0", "--out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert r.returncode == 2 and "d0=0.0 is outside" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
-    assert r.stdout.split() == ["loaded", "False", "False"], r.stdout
-    assert not (tmp_path / "o").exists()
+    err = r.stderr.splitlines()
+    assert r.returncode == 2 and "d0=0.0 is outside" in err[0] and len(err) == 3, r.stderr
+    assert "does not exist" in err[1] and "holds no finished audit" in err[2], r.stderr
+    assert r.stdout.split() == ["2", "2", "False", "False", "False", "False", "False"], r.stdout
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
 
 
 def test_non_unit_rows_are_normalised_and_recorded(files, capsys, prefect_harness, scheduler):
