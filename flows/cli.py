@@ -320,9 +320,10 @@ def quiet_terminal(verbose: bool) -> None:
 
 
 def _checked_config(args) -> AuditConfig | CalibrationConfig | int:
-    """The audit's config with its settings and inputs checked (`preflight`) and --out usable, the
-    calibration's with its run and inputs checked, or watch's base config and folders, before Prefect loads (~2 s of imports): a refused run
-    answers in a second or two and creates nothing. A refusal prints its one line and returns exit code 2."""
+    """The command's config, checked before Prefect loads (~2 s of imports), so a refused run answers in a
+    second or two and creates nothing: an audit's settings and inputs (`preflight`) and --out, a
+    calibration's run and inputs, watch's base config and folders. A refusal prints its one line and
+    returns exit code 2."""
     try:
         if args.command == "watch":
             return check_watch(args)
