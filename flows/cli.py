@@ -346,7 +346,7 @@ def _checked_config(args) -> AuditConfig | CalibrationConfig | int:
         return 2
 
 
-def _run_command(args, FailedRun, StoreError, cfg: AuditConfig | CalibrationConfig | None = None) -> int:
+def _run_command(args, FailedRun, StoreError, cfg: AuditConfig | CalibrationConfig) -> int:
     """audit, calibrate or watch (`cfg` from _checked_config), with user errors as one line and exit code 2."""
     from modeaudit.tasks import console
     if args.command == "watch":

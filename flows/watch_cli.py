@@ -62,17 +62,15 @@ def check_watch(args):
     return base
 
 
-def run_watch(args, base=None) -> int:
+def run_watch(args, base) -> int:
     """Exit 0, 2 (bad input, or with --once a checkpoint whose audit failed), 3 (--fail-on reached with --once).
-    `base`: check_watch's config when the caller ran it already."""
+    `base`: check_watch's config (the CLI checks it before Prefect loads)."""
     from prefect.exceptions import FailedRun
 
     from modeaudit.flows.cli import gate
     from modeaudit.storage.store import StoreError
     from modeaudit.tasks.registry import ConfigError
     try:
-        if base is None:
-            base = check_watch(args)
         from modeaudit.flows.watch import watch_flow
         audit = {k: v for k, v in base.to_dict().items() if k not in ("generator", "out")}
         summary = watch_flow(args.ckpt_dir, args.out, audit, once=args.once, interval=args.interval)
