@@ -188,6 +188,33 @@ def test_kid_equals_independent_implementation():
     assert kid(real, fake, subsets=2, subset_size=1000)["kid_subset_size"] == 450
 
 
+def test_kid_whole_matrices_equal_the_subsets_sums(tmp_path, monkeypatch):
+    """Overlapping subsets (sets a few times the subset size): the kernel matrices of the whole sets are formed
+    once, tile by tile, and every subset's sums read from them. Same estimator as summing each subset's own
+    matrices; a set in a file gives the array's bits; many tiles, partial ones, sets of unequal size."""
+    from modeaudit.tasks.metrics import kid as kid_mod
+    from modeaudit.flows.metrics_cli import load_rows
+    rng = np.random.default_rng(8)
+    real = rng.standard_normal((530, 24)).astype(np.float32)
+    fake = (rng.standard_normal((470, 24)) * 1.1 + 0.05).astype(np.float32)
+    kw = dict(subsets=9, subset_size=300, seed=11)
+    assert kid_mod._whole_matrices_cheaper(530, 470, 24, 300, 9)
+    assert not kid_mod._whole_matrices_cheaper(10_000, 10_000, 128, 1000, 100)   # the audit's default sizes
+    monkeypatch.setattr(kid_mod, "GRAM_TILE", 64)       # 9 x 8 tiles, the last ones partial
+    whole = kid(real, fake, **kw)
+    mean, std = _kid_independent(real, fake, 9, 300, 11)
+    assert whole["kid"] == pytest.approx(mean, rel=1e-10) and whole["kid_std"] == pytest.approx(std, rel=1e-8)
+    np.save(tmp_path / "r.npy", real)
+    ff = load_rows(str(tmp_path / "r.npy"), "--real", "euclidean", by_path=True)
+    assert kid(ff, fake, **kw) == whole
+    monkeypatch.setattr(kid_mod, "GATHER_BYTES", 64 * 24 * 4)     # the file read tile by tile
+    assert kid(ff, fake, **kw) == whole
+    monkeypatch.setattr(kid_mod, "_whole_matrices_cheaper", lambda *a: False)
+    per_subset = kid(real, fake, **kw)
+    assert per_subset["kid"] == pytest.approx(whole["kid"], rel=1e-11)
+    assert per_subset["kid_std"] == pytest.approx(whole["kid_std"], rel=1e-9)
+
+
 @pytest.mark.parametrize("degree, gamma, coef0", [(3, None, 1.0), (2, 0.05, 0.5), (1, None, 2.0), (2.5, 0.01, 3.0)])
 def test_mmd2_one_pass_sum_equals_the_matrix_form(degree, gamma, coef0):
     """The fused one-triangle sum (integer degrees) and the matrix form (any degree) are one estimator."""

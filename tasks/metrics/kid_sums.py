@@ -24,3 +24,17 @@ def poly_sum(k, coef0, degree, upper):
             row += p
         total += row
     return total
+
+
+
+@njit(cache=True, nogil=True)
+def poly_in_place(k, coef0, degree):
+    """k[i, j] = (k[i, j] + coef0) ** degree, the power by repeated products (as `poly_sum`)."""
+    m, n = k.shape
+    for i in range(m):
+        for j in range(n):
+            v = k[i, j] + coef0
+            p = v
+            for _ in range(degree - 1):
+                p *= v
+            k[i, j] = p
