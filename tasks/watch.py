@@ -188,7 +188,7 @@ def fd_to_reference(run_dir: str | os.PathLike, result: dict) -> float | None:
     """Frechet distance between the run's T embeddings and its reference set (first FD_ROWS rows of each), in the
     descriptor's space, when the reference is a reference generator (stored set R) or an .npy file; else None."""
     from modeaudit.storage.store import RunStore
-    from modeaudit.tasks.metrics.fid import frechet_distance
+    from modeaudit.tasks.metrics.fid import StreamingStats, frechet_distance_stats
     try:
         store = RunStore.open(run_dir)
         T = store.read("T", "emb", 0, min(FD_ROWS, store.layout("T").rows)).astype(np.float64)
@@ -203,7 +203,7 @@ def fd_to_reference(run_dir: str | os.PathLike, result: dict) -> float | None:
         R /= np.linalg.norm(R, axis=1, keepdims=True)
         if len(T) < 2 or len(R) < 2:
             return None
-        return float(frechet_distance(T.mean(0), np.cov(T, rowvar=False), R.mean(0), np.cov(R, rowvar=False)))
+        return frechet_distance_stats(*(StreamingStats(x.shape[1]).update(x) for x in (T, R)))
     except Exception:  # noqa: BLE001 - informative only; never fails the audit's entry
         return None
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from modeaudit.tasks.metrics.fid import StreamingStats, frechet_distance, load_reference_stats
+from modeaudit.tasks.metrics.fid import StreamingStats, frechet_distance, frechet_distance_stats, load_reference_stats
 
 
 # ---------------------------------------------------------------------------
@@ -264,6 +264,45 @@ def test_exact_and_symmetric_along_weak_directions(kind, d):
     # must add nothing), not merely ill-conditioned.
     if kind == "rank_deficient":
         assert np.linalg.matrix_rank(s1) < d
+
+
+def test_stats_with_fewer_rows_than_dimensions_are_factored_from_their_rows(monkeypatch):
+    """Fewer rows than dimensions (a few hundred images' 2048-d features): the statistics keep their rows, in
+    batches and across merges, and the distance is computed from them with no d x d eigendecomposition; equal to
+    the data ground truth and to the covariance form. From dim rows on they are dropped and the covariance is used."""
+    import pickle
+
+    from modeaudit.tasks.metrics import fid as fid_mod
+    rng = np.random.default_rng(31)
+    d = 96
+    x1 = _features(rng, 40, d, shift=3.0)
+    x2 = _features(rng, 57, d, shift=2.5, scale=1.3)
+    a = StreamingStats(d)
+    for chunk in np.array_split(x1, 4):
+        a.update(chunk)
+    b = StreamingStats(d).update(x2[:20]).merge(StreamingStats(d).update(x2[20:]))
+    b = pickle.loads(pickle.dumps(b))            # as it comes back from a Dask worker
+    assert np.array_equal(a.rows, x1) and np.array_equal(b.rows, x2)
+    truth = _data_ground_truth(x1, x2)
+    cov_form = frechet_distance(a.mean, a.cov(), b.mean, b.cov())
+    eighs = []
+    real_eigh = np.linalg.eigh
+    monkeypatch.setattr(fid_mod.np.linalg, "eigh", lambda m: eighs.append(m.shape) or real_eigh(m))
+    got, back = frechet_distance_stats(a, b), frechet_distance_stats(b, a)
+    assert eighs == []
+    assert _rel(got, truth) < 1e-11 and _rel(back, truth) < 1e-11 and _rel(cov_form, truth) < 1e-9
+    assert abs(frechet_distance_stats(a, a)) < 1e-12 * np.trace(a.cov())
+    # Against a (mu, sigma) reference: only the reference side is decomposed.
+    mixed = frechet_distance_stats(a, (b.mean, b.cov()))
+    assert eighs == [(d, d)] and _rel(mixed, truth) < 1e-9
+    # dim rows or more: no rows kept, the covariance form.
+    big = StreamingStats(d).update(_features(rng, 60, d)).update(_features(rng, 50, d))
+    assert big.rows is None and big.n == 110
+    assert frechet_distance_stats(big, b) == pytest.approx(frechet_distance(big.mean, big.cov(), b.mean, b.cov()),
+                                                           rel=1e-9)
+    x3 = _features(rng, d, d)
+    assert StreamingStats(d).update(x3).rows is None
+    assert StreamingStats(d).merge(StreamingStats(d).update(x3[:50])).merge(StreamingStats(d).update(x3[50:])).rows is None
 
 
 def test_frechet_distance_input_errors():

@@ -10,7 +10,7 @@ import numpy as np
 
 from modeaudit.tasks.join import parallel
 from modeaudit.tasks.errors import InputError
-from modeaudit.tasks.metrics.fid import StreamingStats, frechet_distance
+from modeaudit.tasks.metrics.fid import StreamingStats, frechet_distance_stats
 from modeaudit.tasks.join.kernels import mccs_from_sums
 from modeaudit.storage.layout import RunLayout
 from modeaudit.tasks.join.sources import Source
@@ -65,8 +65,8 @@ def descriptor_stats(source: Source, n: int | None = None, block: int = 65536) -
 
 
 def fd(a: StreamingStats, b: StreamingStats) -> float:
-    """Frechet distance between two streamed feature statistics."""
-    return float(frechet_distance(a.mean, a.cov(), b.mean, b.cov()))
+    """Frechet distance between two streamed feature statistics (from their rows when they kept them)."""
+    return frechet_distance_stats(a, b)
 
 
 def mccs_of(client, anchors, T: Source, n_c: int, theta: float, kernel: str) -> np.ndarray:
@@ -96,8 +96,8 @@ def check_reference_width(ref: tuple, dim: int, path: str) -> None:
 def fd_to_reference(before: StreamingStats, after: StreamingStats, ref: tuple, path: str) -> dict:
     """FD of the model before and after calibration to real-data statistics (width checked by the caller)."""
     mu, sigma = ref
-    return {"before": float(frechet_distance(before.mean, before.cov(), mu, sigma)),
-            "after": float(frechet_distance(after.mean, after.cov(), mu, sigma)),
+    return {"before": frechet_distance_stats(before, (mu, sigma)),
+            "after": frechet_distance_stats(after, (mu, sigma)),
             "features": "the audit's descriptor (FD, not Inception FID)", "file": str(path)}
 
 

@@ -51,7 +51,7 @@ import math
 import numpy as np
 
 from modeaudit.tasks.join.kernels import arccos_over_pi, mccs_from_sums, range_counts
-from modeaudit.tasks.metrics.fid import StreamingStats, frechet_distance
+from modeaudit.tasks.metrics.fid import StreamingStats, frechet_distance_stats
 from modeaudit.tasks.stats.two_sample import density_ratio_test
 
 __all__ = ["compare_runs", "ball_counts_two", "decide", "mccs_terms", "bootstrap_mccs_difference", "fd_subsample"]
@@ -149,7 +149,7 @@ def fd_subsample(T_A, T_B, rows: int, seed: int) -> dict:
         stats.append(st)
         used.append(int(k))
     a, b = stats
-    return {"value": float(frechet_distance(a.mean, a.cov(), b.mean, b.cov())), "rows_a": used[0],
+    return {"value": frechet_distance_stats(a, b), "rows_a": used[0],
             "rows_b": used[1], "seed": int(seed), "sampling": "random rows without replacement"}
 
 
