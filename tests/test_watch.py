@@ -97,10 +97,11 @@ def test_watch_acceptance(tmp_path, capsys, monkeypatch, prefect_harness, schedu
     assert (runs / "plots" / "trends.png").exists() and (runs / "plots" / "trends.svg").exists()
     capsys.readouterr()
 
-    # a fourth file and a renamed copy of an audited one: only the fourth is audited (its verdict is "ok")
+    # a fourth file and a renamed copy of an audited one: only the fourth is audited (its verdict is "ok").
+    # From here on what is audited is checked, not the reports (--no-report: test_failed_checkpoint_...)
     save_ckpt(ckpt / "d_step4.pt", 2.33, 4_000)
     shutil.copy2(ckpt / "b_step2.pt", ckpt / "z_renamed.pt")
-    assert watch(ckpt, runs, scheduler, "--fail-on", "warning") == 0
+    assert watch(ckpt, runs, scheduler, "--fail-on", "warning", "--no-report") == 0
     out = json.loads(capsys.readouterr().out)
     assert [os.path.basename(a["checkpoint"]) for a in out["audited"]] == ["d_step4.pt"] and out["skipped"] == 4
     h2 = history(runs)
@@ -108,14 +109,14 @@ def test_watch_acceptance(tmp_path, capsys, monkeypatch, prefect_harness, schedu
     assert h2[3]["level"] == "ok"
 
     # nothing new: nothing audited, no gate
-    assert watch(ckpt, runs, scheduler, "--fail-on", "warning") == 0
+    assert watch(ckpt, runs, scheduler, "--fail-on", "warning", "--no-report") == 0
     assert json.loads(capsys.readouterr().out)["audited"] == []
     # a rewritten file (same name, new bytes) is a new checkpoint; --fail-on collapse needs a controlled test,
     # too slow here: its wiring is checked with the verdict level patched
     real = w.ok_entry
     monkeypatch.setattr(w, "ok_entry", lambda *a: {**real(*a), "level": "collapse"})
     save_ckpt(ckpt / "c_step1.pt", 2.0, 5_000)
-    assert watch(ckpt, runs, scheduler, "--fail-on", "collapse") == 3
+    assert watch(ckpt, runs, scheduler, "--fail-on", "collapse", "--no-report") == 3
     h3 = history(runs)
     assert len(h3) == 5 and h3[4]["checkpoint"] == h[0]["checkpoint"] and h3[4]["sha256"] != h[0]["sha256"]
     assert h3[4]["run"] != h[0]["run"] and (runs / h[0]["run"] / "result.json").exists()
