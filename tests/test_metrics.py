@@ -200,6 +200,7 @@ def test_kid_whole_matrices_equal_the_subsets_sums(tmp_path, monkeypatch):
     kw = dict(subsets=9, subset_size=300, seed=11)
     assert kid_mod._whole_matrices_cheaper(530, 470, 24, 300, 9)
     assert not kid_mod._whole_matrices_cheaper(10_000, 10_000, 128, 1000, 100)   # the audit's default sizes
+    assert not kid_mod._whole_matrices_cheaper(14_000, 14_000, 16, 10_000, 10_000)  # memberships over 256 MiB
     monkeypatch.setattr(kid_mod, "GRAM_TILE", 64)       # 9 x 8 tiles, the last ones partial
     whole = kid(real, fake, **kw)
     mean, std = _kid_independent(real, fake, 9, 300, 11)

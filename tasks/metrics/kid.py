@@ -80,6 +80,11 @@ def _subset(x, ids, gathered):
 GRAM_TILE = 1024
 
 
+# The whole-matrix path keeps each set's subset memberships as an (n, subsets) float64 matrix: at most this many
+# bytes of them (a fixed constant, not the gather budget: the path taken must not depend on how a set is read).
+MEMBERSHIP_BYTES = 1 << 28
+
+
 def _whole_matrices_cheaper(n_r: int, n_f: int, d: int, m: int, subsets: int) -> bool:
     """Whether forming the three kernel matrices of the whole sets once costs less than forming every
     subset's, counted in multiply-adds: d + 3 a kernel value, and for the whole matrices `subsets` more
@@ -89,6 +94,8 @@ def _whole_matrices_cheaper(n_r: int, n_f: int, d: int, m: int, subsets: int) ->
     form each kernel value ~11 times over. At the defaults the whole matrices win below ~7500 rows a
     set at 128 columns and ~9700 at 2048. Decided from the sizes only, so a set
     given as a file and the same rows given as an array take the same path, and give the same value."""
+    if 8 * max(n_r, n_f) * subsets > MEMBERSHIP_BYTES:
+        return False
     whole = (0.5 * n_r * n_r + 0.5 * n_f * n_f + float(n_r) * n_f) * (d + 3 + subsets)
     per_subset = 2.0 * subsets * m * m * (d + 3)
     return whole < per_subset
