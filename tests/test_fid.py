@@ -295,6 +295,10 @@ def test_stats_with_fewer_rows_than_dimensions_are_factored_from_their_rows(monk
     # Against a (mu, sigma) reference: only the reference side is decomposed.
     mixed = frechet_distance_stats(a, (b.mean, b.cov()))
     assert eighs == [(d, d)] and _rel(mixed, truth) < 1e-9
+    with pytest.raises(ValueError, match="NaN or inf"):
+        frechet_distance_stats(a, (np.full(d, np.nan), b.cov()))
+    with pytest.raises(ValueError, match="shapes"):
+        frechet_distance_stats(a, (b.mean[:-1], b.cov()))
     # dim rows or more: no rows kept, the covariance form.
     big = StreamingStats(d).update(_features(rng, 60, d)).update(_features(rng, 50, d))
     assert big.rows is None and big.n == 110

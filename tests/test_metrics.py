@@ -210,7 +210,17 @@ def test_kid_whole_matrices_equal_the_subsets_sums(tmp_path, monkeypatch):
     assert kid(ff, fake, **kw) == whole
     monkeypatch.setattr(kid_mod, "GATHER_BYTES", 64 * 24 * 4)     # the file read tile by tile
     assert kid(ff, fake, **kw) == whole
+    # k(x, x) far above every other value (long, nearly orthogonal rows, degree 8): the diagonal must never be
+    # summed and subtracted. Every subset's MMD^2_u here is exactly 1 + 1 - 2 = 0 (a review found -0.67).
+    eye = 10.0 * np.eye(12)
+    spiky = dict(subsets=4, subset_size=4, degree=8, gamma=1.0, coef0=1.0, seed=0)
+    assert kid_mod._whole_matrices_cheaper(6, 6, 12, 4, 4) and kid(eye[:6], eye[6:], **spiky)["kid"] == 0.0
+    long_rows = 10.0 * rng.standard_normal((60, 512))
+    wide = dict(subsets=40, subset_size=10, degree=8, gamma=1.0 / 512)
+    spiky_whole = kid(long_rows[:30], long_rows[30:], **wide)["kid"]
     monkeypatch.setattr(kid_mod, "_whole_matrices_cheaper", lambda *a: False)
+    assert kid(eye[:6], eye[6:], **spiky)["kid"] == 0.0
+    assert kid(long_rows[:30], long_rows[30:], **wide)["kid"] == pytest.approx(spiky_whole, rel=1e-12)
     per_subset = kid(real, fake, **kw)
     assert per_subset["kid"] == pytest.approx(whole["kid"], rel=1e-11)
     assert per_subset["kid_std"] == pytest.approx(whole["kid_std"], rel=1e-9)

@@ -14,8 +14,9 @@ Three pieces, all numpy/scipy only (no torch, no prefect):
   through symmetric eigendecompositions and one SVD instead of a general matrix square root
   (see its docstring for why); it agrees with pytorch-fid's
   ``calculate_frechet_distance`` (tests/test_fid.py holds that reference).
-  `frechet_distance_stats` takes two StreamingStats and factors a side that kept
-  its rows (fewer rows than dimensions) from them, with no eigendecomposition.
+  `frechet_distance_stats` takes two StreamingStats (or one and a ``(mu, sigma)``
+  pair) and factors a side that kept its rows (fewer rows than dimensions) from
+  them, with no eigendecomposition.
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ class StreamingStats:
     them exactly instead of by a dim x dim eigendecomposition.
 
     Attributes: ``n`` (rows seen), ``mean`` (dim,), ``m2`` (dim, dim), ``rows``
-    ((n, dim) float64 in the order seen, or None from dim rows on).
+    ((n, dim) float64 in the order seen; None from dim rows on, and once a part
+    without rows, such as `from_npz`'s, was merged in).
     """
 
     def __init__(self, dim: int):
@@ -331,6 +333,10 @@ def _side(x) -> tuple[np.ndarray, np.ndarray, float]:
         mu, sigma = x.mean, x.cov()
     else:
         mu, sigma = (np.asarray(v, dtype=np.float64) for v in x)
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(f"a (mu, sigma) pair needs shapes (d,) and (d, d), got {mu.shape} and {sigma.shape}")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError("mu or sigma contains NaN or inf")
         sigma = (sigma + sigma.T) / 2
     return mu, _psd_factor(sigma), float(np.trace(sigma))
 

@@ -81,7 +81,8 @@ GRAM_TILE = 1024
 
 
 # The whole-matrix path keeps each set's subset memberships as an (n, subsets) float64 matrix: at most this many
-# bytes of them (a fixed constant, not the gather budget: the path taken must not depend on how a set is read).
+# bytes a set (a fixed constant, not the gather budget: the path taken must not depend on how a set is read).
+# With a tile's (tile, subsets) products beside them the path's peak is about four times this.
 MEMBERSHIP_BYTES = 1 << 28
 
 
@@ -117,7 +118,8 @@ def _subset_sums(rows_x, n_x: int, z_x: np.ndarray, rows_y, n_y: int, z_y: np.nd
     z_y[j, s] = 1 (0/1 membership columns), i != j when `same` (x and y one set, z_x is z_y).
 
     The kernel matrix is formed tile by tile, once (one triangle of tiles when `same`, the others
-    counted twice), never held whole; a tile's subset sums are z_x^T K z_y, two GEMMs."""
+    counted twice), never held whole; a tile adds the diagonal of z_x^T K z_y to the sums: one GEMM
+    (K z_y), then each subset's column of it weighted by z_x and summed."""
     from modeaudit.tasks.metrics.kid_sums import poly_in_place
     sums = np.zeros(z_x.shape[1])
     for a in range(0, n_x, GRAM_TILE):
@@ -128,9 +130,11 @@ def _subset_sums(rows_x, n_x: int, z_x: np.ndarray, rows_y, n_y: int, z_y: np.nd
             diagonal = same and b == a
             k = xa @ (xa if diagonal else rows_y(b, b1)).T     # a @ a.T: BLAS's symmetric update
             poly_in_place(k, coef0, degree)
-            part = (z_x[a:a1] * (k @ z_y[b:b1])).sum(axis=0)
             if diagonal:
-                part -= np.diagonal(k) @ z_x[a:a1]
+                # Zeroed, not summed and subtracted: k(x, x) can exceed the off-diagonal values by many
+                # orders (long rows, high degrees), and the subtraction would cancel the digits that count.
+                np.fill_diagonal(k, 0.0)
+            part = (z_x[a:a1] * (k @ z_y[b:b1])).sum(axis=0)
             sums += part if (diagonal or not same) else 2.0 * part
     return sums
 
