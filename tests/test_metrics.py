@@ -226,6 +226,45 @@ def test_kid_whole_matrices_equal_the_subsets_sums(tmp_path, monkeypatch):
     assert per_subset["kid_std"] == pytest.approx(whole["kid_std"], rel=1e-9)
 
 
+def test_kid_on_threads_gives_the_serial_bits(tmp_path, monkeypatch):
+    """Where BLAS runs one thread a call (a Dask worker), KID spreads its products over threads: the same bits
+    as one thread, on both paths and for a set read from a file in batches of subsets. With a multi-threaded
+    BLAS it stays serial."""
+    from threadpoolctl import threadpool_limits
+
+    from modeaudit.flows.metrics_cli import load_rows
+    from modeaudit.tasks.metrics import kid as kid_mod
+    rng = np.random.default_rng(9)
+    real = rng.standard_normal((900, 20)).astype(np.float32)
+    fake = (rng.standard_normal((700, 20)) * 1.2).astype(np.float32)
+    np.save(tmp_path / "f.npy", fake)
+    ff = load_rows(str(tmp_path / "f.npy"), "--fake", "euclidean", by_path=True)
+    cases = {"whole": (real, fake, dict(subsets=12, subset_size=400)),
+             "per subset": (real, fake, dict(subsets=12, subset_size=100)),
+             "file, batches": (real, ff, dict(subsets=12, subset_size=100))}
+    assert kid_mod._whole_matrices_cheaper(900, 700, 20, 400, 12)
+    assert not kid_mod._whole_matrices_cheaper(900, 700, 20, 100, 12)
+    monkeypatch.setattr(kid_mod, "GRAM_TILE", 256)
+    monkeypatch.setattr(kid_mod, "GATHER_BYTES", 3 * 100 * 20 * 4)   # 3 subsets a batch
+    out = {}
+    limit = threadpool_limits(limits=1, user_api="blas")
+    try:
+        for threads in ("1", "2", "3"):
+            monkeypatch.setenv("MODEAUDIT_THREADS", threads)
+            assert kid_mod._parallel_ok() == (threads != "1")
+            for name, (a, b, kw) in cases.items():
+                out[threads, name] = kid(a, b, **kw)
+    finally:
+        limit.restore_original_limits()
+    for name in cases:
+        assert out["1", name] == out["2", name] == out["3", name], name
+    assert out["1", "file, batches"] == out["1", "per subset"]
+    with threadpool_limits(limits=2, user_api="blas"):
+        from modeaudit.tasks.join.threads import blas_threads
+        monkeypatch.setenv("MODEAUDIT_THREADS", "2")
+        assert kid_mod._parallel_ok() == (blas_threads() == 1)    # a two-thread BLAS (two cores): serial
+
+
 @pytest.mark.parametrize("degree, gamma, coef0", [(3, None, 1.0), (2, 0.05, 0.5), (1, None, 2.0), (2.5, 0.01, 3.0)])
 def test_mmd2_one_pass_sum_equals_the_matrix_form(degree, gamma, coef0):
     """The fused one-triangle sum (integer degrees) and the matrix form (any degree) are one estimator."""

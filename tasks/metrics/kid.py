@@ -22,6 +22,7 @@ size instead of an error (the subset size used is returned).
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -173,10 +174,21 @@ def kid(real, fake, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET
         rows_r, rows_f = (_tile_reader(x, f, s) for x, f in zip((real, fake), in_file))
         idx_r, idx_f = _membership(picks, 0, sr[0]), _membership(picks, 1, sf[0])
         c, d = float(coef0), int(degree)
-        within = (_subset_sums(rows_r, sr[0], idx_r, rows_r, sr[0], idx_r, c, d, True)
-                  + _subset_sums(rows_f, sf[0], idx_f, rows_f, sf[0], idx_f, c, d, True))
-        vals = within / (m * (m - 1)) - 2.0 * _subset_sums(rows_r, sr[0], idx_r, rows_f, sf[0], idx_f, c, d,
-                                                           False) / (m * m)
+        jobs = ((rows_r, sr[0], idx_r, rows_f, sf[0], idx_f, c, d, False),      # the cross matrix: half the work
+                (rows_r, sr[0], idx_r, rows_r, sr[0], idx_r, c, d, True),
+                (rows_f, sf[0], idx_f, rows_f, sf[0], idx_f, c, d, True))
+        if _parallel_ok() and not any(in_file):
+            # Two threads: the cross matrix on one, the two within-set triangles on the other. Each
+            # call's own order of summation is unchanged, so the bits are those of the serial run.
+            with ThreadPoolExecutor(2) as ex:
+                cross = ex.submit(_subset_sums, *jobs[0])
+                xx = _subset_sums(*jobs[1])
+                within = xx + _subset_sums(*jobs[2])
+                cross = cross.result()
+        else:
+            cross = _subset_sums(*jobs[0])
+            within = _subset_sums(*jobs[1]) + _subset_sums(*jobs[2])
+        vals = within / (m * (m - 1)) - 2.0 * cross / (m * m)
         return {"kid": float(vals.mean()), "kid_std": float(vals.std()), "kid_subsets": int(subsets),
                 "kid_subset_size": m}
     # A set kept in a file (tasks/metrics/rows.FeatureFile) is read only at the rows the subsets
@@ -191,8 +203,33 @@ def kid(real, fake, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET
             if in_file[j]:
                 ids = np.unique(np.concatenate([p[j] for p in batch]))
                 used[j] = (ids, x.take(ids))
-        for s, (ir, jf) in enumerate(batch, start=b0):
+        def one(s: int) -> None:
+            ir, jf = picks[s]
             x, y = (_subset(v, ids, used.get(j)) for j, (v, ids) in enumerate(((real, ir), (fake, jf))))
             vals[s] = mmd2_unbiased(x, y, degree, gamma, coef0)
+
+        n_threads = min(_compute_threads(), len(batch)) if _parallel_ok() else 1
+        if n_threads > 1:
+            # Each subset's value is computed alone, with the same shapes and a one-thread BLAS, whichever
+            # thread takes it: the same bits as one after the other.
+            with ThreadPoolExecutor(n_threads) as ex:
+                list(ex.map(one, range(b0, b0 + len(batch))))
+        else:
+            for s in range(b0, b0 + len(batch)):
+                one(s)
     return {"kid": float(vals.mean()), "kid_std": float(vals.std()), "kid_subsets": int(subsets),
             "kid_subset_size": m}
+
+
+def _parallel_ok() -> bool:
+    """Whether KID may spread its BLAS products over threads: only when numpy's BLAS runs one thread a call
+    (a Dask worker of this tool pins it), so every product's bits are those of a serial run. With a
+    multi-threaded BLAS (`modeaudit metrics` in its own process) BLAS already uses the cores, and calls
+    from several threads at once could be given fewer threads each, and other bits."""
+    from modeaudit.tasks.join.threads import blas_threads
+    return _compute_threads() > 1 and blas_threads() == 1
+
+
+def _compute_threads() -> int:
+    from modeaudit.tasks.join.threads import compute_threads
+    return compute_threads()
