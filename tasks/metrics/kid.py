@@ -170,31 +170,43 @@ def kid(real, fake, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET
     g = 1.0 / sr[1] if gamma is None else float(gamma)
     if (float(degree).is_integer() and 1 <= degree <= 8 and g > 0
             and _whole_matrices_cheaper(sr[0], sf[0], sr[1], m, subsets)):
-        s = np.sqrt(g)
-        rows_r, rows_f = (_tile_reader(x, f, s) for x, f in zip((real, fake), in_file))
-        idx_r, idx_f = _membership(picks, 0, sr[0]), _membership(picks, 1, sf[0])
-        c, d = float(coef0), int(degree)
-        jobs = ((rows_r, sr[0], idx_r, rows_f, sf[0], idx_f, c, d, False),      # the cross matrix: half the work
-                (rows_r, sr[0], idx_r, rows_r, sr[0], idx_r, c, d, True),
-                (rows_f, sf[0], idx_f, rows_f, sf[0], idx_f, c, d, True))
-        if _parallel_ok() and not any(in_file):
-            # Two threads: the cross matrix on one, the two within-set triangles on the other. Each
-            # call's own order of summation is unchanged, so the bits are those of the serial run.
-            with ThreadPoolExecutor(2) as ex:
-                cross = ex.submit(_subset_sums, *jobs[0])
-                xx = _subset_sums(*jobs[1])
-                within = xx + _subset_sums(*jobs[2])
-                cross = cross.result()
-        else:
-            cross = _subset_sums(*jobs[0])
-            within = _subset_sums(*jobs[1]) + _subset_sums(*jobs[2])
-        vals = within / (m * (m - 1)) - 2.0 * cross / (m * m)
-        return {"kid": float(vals.mean()), "kid_std": float(vals.std()), "kid_subsets": int(subsets),
-                "kid_subset_size": m}
-    # A set kept in a file (tasks/metrics/rows.FeatureFile) is read only at the rows the subsets
-    # use, in one sequential pass per batch of subsets whose rows fit GATHER_BYTES: memory stays
-    # bounded whatever the set's and the subsets' sizes.
-    per_batch = max(1, GATHER_BYTES // (4 * max(1, sr[1]) * m)) if any(in_file) else subsets
+        vals = _whole_matrix_values(real, fake, in_file, picks, m, np.sqrt(g), float(coef0), int(degree))
+    else:
+        vals = _per_subset_values(real, fake, in_file, picks, m, degree, gamma, coef0)
+    return {"kid": float(vals.mean()), "kid_std": float(vals.std()), "kid_subsets": int(subsets),
+            "kid_subset_size": m}
+
+
+def _whole_matrix_values(real, fake, in_file, picks, m: int, scale: float, c: float, d: int) -> np.ndarray:
+    """Every subset's MMD^2_u from the whole sets' kernel matrices, formed once (`_subset_sums`)."""
+    n_r, n_f = real.shape[0], fake.shape[0]
+    rows_r, rows_f = (_tile_reader(x, f, scale) for x, f in zip((real, fake), in_file))
+    idx_r, idx_f = _membership(picks, 0, n_r), _membership(picks, 1, n_f)
+    jobs = ((rows_r, n_r, idx_r, rows_f, n_f, idx_f, c, d, False),      # the cross matrix: half the work
+            (rows_r, n_r, idx_r, rows_r, n_r, idx_r, c, d, True),
+            (rows_f, n_f, idx_f, rows_f, n_f, idx_f, c, d, True))
+    if _parallel_ok() and not any(in_file):
+        # Two threads: the cross matrix on one, the two within-set triangles on the other. Each
+        # call's own order of summation is unchanged, so the bits are those of the serial run.
+        with ThreadPoolExecutor(2) as ex:
+            cross = ex.submit(_subset_sums, *jobs[0])
+            xx = _subset_sums(*jobs[1])
+            within = xx + _subset_sums(*jobs[2])
+            cross = cross.result()
+    else:
+        cross = _subset_sums(*jobs[0])
+        within = _subset_sums(*jobs[1]) + _subset_sums(*jobs[2])
+    return within / (m * (m - 1)) - 2.0 * cross / (m * m)
+
+
+def _per_subset_values(real, fake, in_file, picks, m: int, degree, gamma, coef0) -> np.ndarray:
+    """Every subset's MMD^2_u from its own kernel matrices (`mmd2_unbiased`).
+
+    A set kept in a file (tasks/metrics/rows.FeatureFile) is read only at the rows the subsets
+    use, in one sequential pass per batch of subsets whose rows fit GATHER_BYTES: memory stays
+    bounded whatever the set's and the subsets' sizes."""
+    subsets = len(picks)
+    per_batch = max(1, GATHER_BYTES // (4 * max(1, real.shape[1]) * m)) if any(in_file) else subsets
     vals = np.empty(subsets)
     for b0 in range(0, subsets, per_batch):
         batch = picks[b0:b0 + per_batch]
@@ -203,6 +215,7 @@ def kid(real, fake, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET
             if in_file[j]:
                 ids = np.unique(np.concatenate([p[j] for p in batch]))
                 used[j] = (ids, x.take(ids))
+
         def one(s: int) -> None:
             ir, jf = picks[s]
             x, y = (_subset(v, ids, used.get(j)) for j, (v, ids) in enumerate(((real, ir), (fake, jf))))
@@ -217,8 +230,7 @@ def kid(real, fake, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET
         else:
             for s in range(b0, b0 + len(batch)):
                 one(s)
-    return {"kid": float(vals.mean()), "kid_std": float(vals.std()), "kid_subsets": int(subsets),
-            "kid_subset_size": m}
+    return vals
 
 
 def _parallel_ok() -> bool:

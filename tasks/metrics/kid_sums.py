@@ -26,7 +26,6 @@ def poly_sum(k, coef0, degree, upper):
     return total
 
 
-
 @njit(cache=True, nogil=True)
 def poly_in_place(k, coef0, degree):
     """k[i, j] = (k[i, j] + coef0) ** degree, the power by repeated products (as `poly_sum`)."""
