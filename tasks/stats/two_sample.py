@@ -155,7 +155,11 @@ def ratio_ci(x_t, x_r, n_t: int, n_r: int, confidence: float) -> tuple[np.ndarra
     """
     x_t = np.asarray(x_t, dtype=np.float64)
     x_r = np.asarray(x_r, dtype=np.float64)
-    from scipy import stats     # here, not on import: scipy.stats costs a CLI start or a worker ~1 s
+    # scipy.special's inverses directly (here, not on import: scipy costs a CLI start or a worker
+    # time): beta.ppf(q, a, b) is betaincinv(a, b, q) and beta.isf is betainccinv for every valid
+    # argument, bit for bit (checked on 8e5 cases), without scipy.stats' per-call checks, which
+    # took 0.6 ms a call: the bulk of a 10-ball test.
+    from scipy import special
     q = (1.0 - confidence) / 2.0
     scale = float(n_r) / float(n_t)
     lo = np.zeros(x_t.shape, dtype=np.float64)
@@ -163,12 +167,12 @@ def ratio_ci(x_t, x_r, n_t: int, n_r: int, confidence: float) -> tuple[np.ndarra
     m = x_t > 0
     # 1 - Beta(a, b) ~ Beta(b, a): the complement comes from the other tail of the
     # swapped beta, accurate even when it is ~1e-12 (no cancellation in 1 - pi).
-    pi_lo = stats.beta.ppf(q, x_t[m], x_r[m] + 1.0)
-    one_minus = stats.beta.isf(q, x_r[m] + 1.0, x_t[m])
+    pi_lo = special.betaincinv(x_t[m], x_r[m] + 1.0, q)
+    one_minus = special.betainccinv(x_r[m] + 1.0, x_t[m], q)
     lo[m] = pi_lo / one_minus * scale
     m = x_r > 0
-    pi_hi = stats.beta.isf(q, x_t[m] + 1.0, x_r[m])
-    one_minus = stats.beta.ppf(q, x_r[m], x_t[m] + 1.0)
+    pi_hi = special.betainccinv(x_t[m] + 1.0, x_r[m], q)
+    one_minus = special.betaincinv(x_r[m], x_t[m] + 1.0, q)
     hi[m] = pi_hi / one_minus * scale
     return lo, hi
 
