@@ -249,3 +249,17 @@ def test_module_does_not_import_prefect():
     root = Path(__file__).resolve().parents[1]
     code = "import sys, modeaudit.tasks.stats.envelope; assert 'prefect' not in sys.modules, 'prefect imported'"
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+def test_average_ranks_are_scipys():
+    """envelope.average_ranks (no scipy.stats import on a worker) gives scipy's average ranks, ties, signed zeros
+    and single rows included."""
+    from scipy.stats import rankdata
+
+    from modeaudit.tasks.stats.envelope import average_ranks
+    rng = np.random.default_rng(4)
+    for t in range(400):
+        s, r = int(rng.integers(1, 40)), int(rng.integers(1, 12))
+        x = (rng.standard_normal((s, r)), rng.integers(0, 3, (s, r)).astype(float),
+             np.round(rng.standard_normal((s, r)), 1), np.where(rng.random((s, r)) < 0.5, 0.0, -0.0))[t % 4]
+        np.testing.assert_array_equal(average_ranks(x), rankdata(x, method="average", axis=0))

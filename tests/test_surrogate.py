@@ -127,3 +127,20 @@ def test_excess_is_zero_when_observed_equals_predicted():
     assert (excess(f * 2 + 0.01, f, 1000) > 0).all()
     # 12 counts where none are predicted weigh less than 300 where 25 are.
     assert excess(np.array([12 / 3000]), np.array([0.0]), 3000) < excess(np.array([0.1]), np.array([25 / 3000]), 3000)
+
+
+def test_ledoit_wolf_shrinkage_equals_scikit_learns():
+    """The surrogate's own Ledoit-Wolf intensity (no scikit-learn import on a worker) is scikit-learn's,
+    across scales, few rows in many dimensions (its blocked sums past 1000 columns), and degenerate rows."""
+    from sklearn.covariance import ledoit_wolf_shrinkage as sklearn_lw
+
+    from modeaudit.tasks.stats.surrogate import ledoit_wolf_shrinkage
+    rng = np.random.default_rng(11)
+    for n, D in ((5, 3), (50, 2), (200, 16), (30, 64), (40, 1100)):
+        for scale in (1e-8, 1.0, 1e6):
+            X = rng.standard_normal((n, D)) * scale * rng.exponential(1.0, D)
+            want = sklearn_lw(X, assume_centered=True)
+            assert ledoit_wolf_shrinkage(X) == pytest.approx(want, rel=1e-12, abs=1e-300)
+        assert ledoit_wolf_shrinkage(np.ones((n, D))) == sklearn_lw(np.ones((n, D)), assume_centered=True) == 0
+    iso = np.vstack([np.eye(4), -np.eye(4)])          # S = mu I exactly: nothing to shrink toward
+    assert ledoit_wolf_shrinkage(iso) == 0.0

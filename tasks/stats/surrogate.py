@@ -140,6 +140,27 @@ class ProjectedNormal:
                 "eigenvalue_ratio": float(ev[-1] / ev[0])}
 
 
+def ledoit_wolf_shrinkage(X) -> float:
+    """Ledoit and Wolf's (2004) shrinkage intensity for the covariance S = X^T X / n of rows X taken
+    as centred, toward mu I (mu = tr S / D): min(b2, d2) / d2 in [0, 1], where
+    d2 = ||S - mu I||_F^2 / D and b2 = sum_k ||x_k x_k^T - S||_F^2 / (n^2 D)
+       = (sum_k ||x_k||^4 / n - ||S||_F^2) / (n D).
+
+    scikit-learn's `ledoit_wolf_shrinkage(X, assume_centered=True)` to rounding (tested); here so
+    that a Dask worker fitting the surrogate does not import scikit-learn (~1 CPU-s a worker).
+    """
+    X = np.asarray(X, np.float64)
+    n, D = X.shape
+    S = X.T @ X / n
+    mu = np.trace(S) / D
+    dev = S - mu * np.eye(D)
+    d2 = float(np.sum(dev * dev)) / D
+    row4 = np.einsum("ij,ij->i", X, X) ** 2
+    b2 = (float(row4.sum()) / n - float(np.sum(S * S))) / (n * D)
+    b2 = min(max(b2, 0.0), d2)      # >= 0 exactly (Cauchy-Schwarz), but not after rounding
+    return 0.0 if b2 == 0.0 else b2 / d2
+
+
 def fit_projected_normal(U, *, max_iter: int = 500, tol: float = 1e-8, debias: bool = True,
                          init: ProjectedNormal | None = None) -> ProjectedNormal:
     """Maximum-likelihood PN(mu, Sigma) of unit rows U (n, D) by EM, then the plug-in bias corrections.
@@ -188,9 +209,8 @@ def fit_projected_normal(U, *, max_iter: int = 500, tol: float = 1e-8, debias: b
         mu = mu * keep
         # Ledoit-Wolf on the completed rows (centred on the fitted mean): the intensity that
         # best undoes the spread of the eigenvalues at this n.
-        from sklearn.covariance import ledoit_wolf_shrinkage
         _, er2 = _posterior_r(U, mu, np.linalg.inv(Sigma))
         X = np.sqrt(er2)[:, None] * U - mu
-        shrink_cov = float(ledoit_wolf_shrinkage(X, assume_centered=True))
+        shrink_cov = ledoit_wolf_shrinkage(X)
         Sigma = (1.0 - shrink_cov) * Sigma + shrink_cov * (np.trace(Sigma) / D) * np.eye(D)
     return ProjectedNormal(mu, Sigma, shrink_mean, shrink_cov, it, n, ml)
