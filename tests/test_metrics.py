@@ -332,17 +332,23 @@ def test_cli_writes_metrics_json(tmp_path, capsys):
     assert got["k"] == 4 and got["distance"] == "angular" and got["n_fake"] == 500
 
 
-@pytest.mark.parametrize("case", ["width", "missing", "few_rows", "nan"])
+@pytest.mark.parametrize("case", ["width", "missing", "few_rows", "nan", "beyond_float32"])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
+    import warnings
+
     from modeaudit.flows.cli import main
     rng = np.random.default_rng(7)
     np.save(tmp_path / "real.npy", rng.standard_normal((50, 8)).astype(np.float32))
     fake = {"width": rng.standard_normal((50, 9)), "few_rows": rng.standard_normal((3, 8)),
-            "nan": np.full((20, 8), np.nan)}.get(case)
+            "nan": np.full((20, 8), np.nan), "beyond_float32": np.full((20, 8), 1e300)}.get(case)
     if fake is not None:
         np.save(tmp_path / "fake.npy", fake)
-    rc = main(["metrics", "--real", str(tmp_path / "real.npy"), "--fake", str(tmp_path / "fake.npy"),
-               "--out", str(tmp_path / "out")])
+    # A warning (numpy's overflow in a cast) would print lines of its own before the error line.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main(["metrics", "--real", str(tmp_path / "real.npy"), "--fake", str(tmp_path / "fake.npy"),
+                   "--out", str(tmp_path / "out")])
+    assert not caught, [str(w.message) for w in caught]
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("modeaudit: error: ") and err.count("\n") == 1, err

@@ -70,7 +70,10 @@ class Source:
         """Unit-normalised rows [start, stop), in self.dtype."""
         stop = self.rows if stop is None else stop
         if self.stored_unit:
-            return np.asarray(self._raw(start, stop), dtype=self.dtype)
+            # A float64 file's values beyond float32 become inf here, silently: the callers' finiteness
+            # check then names the rows in its one-line error (numpy's warning would print first).
+            with np.errstate(over="ignore"):
+                return np.asarray(self._raw(start, stop), dtype=self.dtype)
         x = unit_rows(self._raw(start, stop))
         return x if self.dtype == "float32" else x.astype(self.dtype)
 
