@@ -160,7 +160,7 @@ def load_rows(path, what: str, distance: str, desc: dict | None = None, cache: b
     import numpy as np
     from modeaudit.tasks.errors import InputError
     from modeaudit.tasks.inputs import reference_kind
-    from modeaudit.tasks.join.sources import open_embeddings
+    from modeaudit.tasks.join.sources import open_embeddings, rows_as
     from modeaudit.tasks.metrics.rows import FeatureFile
     if not isinstance(path, (str, Path)):
         try:
@@ -170,7 +170,7 @@ def load_rows(path, what: str, distance: str, desc: dict | None = None, cache: b
         if x.ndim != 2 or x.shape[0] == 0 or not (np.issubdtype(x.dtype, np.floating)
                                                   or np.issubdtype(x.dtype, np.integer)):
             raise _Bad(f"{what} must be an (n, d) array of numbers with n >= 1, got shape {x.shape} dtype {x.dtype}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = rows_as(x, np.float32)
         _check_rows([(0, x)], f"{what} array {x.shape}", distance)
         return x
     p = Path(path)

@@ -425,6 +425,12 @@ def test_python_api_metrics(tmp_path):
         modeaudit.metrics(real, fake[:, :9], out=tmp_path / "bad")
     with pytest.raises(modeaudit.ConfigError, match="NaN"):
         modeaudit.metrics(real, np.full((20, 10), np.nan), out=tmp_path / "bad")
+    import warnings
+    with warnings.catch_warnings(record=True) as caught, \
+            pytest.raises(modeaudit.ConfigError, match="too large for float32"):
+        warnings.simplefilter("always")
+        modeaudit.metrics(real, np.full((20, 10), 1e300), out=tmp_path / "bad")
+    assert not caught, [str(w.message) for w in caught]   # the error alone, no overflow warning before it
     with pytest.raises(modeaudit.ConfigError, match="unknown setting"):
         modeaudit.metrics(real, fake, kid_subset=3)
     assert not (tmp_path / "bad").exists()

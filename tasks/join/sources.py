@@ -24,6 +24,14 @@ UNIT_TOL = 1e-3
 REDUCE_ROWS = 65536
 
 
+def rows_as(x, dtype) -> np.ndarray:
+    """Rows x cast to dtype, C-contiguous. Values beyond the dtype's range become inf silently: every
+    caller checks the rows are finite next and names them in its one-line error, which numpy's
+    overflow warning would otherwise precede."""
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(x, dtype=dtype)
+
+
 def reduction_ranges(start: int, stop: int, step: int = REDUCE_ROWS) -> list[tuple[int, int]]:
     """Fixed blocks [lo, hi) covering [start, stop), aligned to global multiples of step (the one block plan)."""
     if stop <= start:
@@ -70,10 +78,7 @@ class Source:
         """Unit-normalised rows [start, stop), in self.dtype."""
         stop = self.rows if stop is None else stop
         if self.stored_unit:
-            # A float64 file's values beyond float32 become inf here, silently: the callers' finiteness
-            # check then names the rows in its one-line error (numpy's warning would print first).
-            with np.errstate(over="ignore"):
-                return np.asarray(self._raw(start, stop), dtype=self.dtype)
+            return rows_as(self._raw(start, stop), self.dtype)
         x = unit_rows(self._raw(start, stop))
         return x if self.dtype == "float32" else x.astype(self.dtype)
 
