@@ -277,11 +277,14 @@ def _centroids(Z, dense, K: int, seed: int, reshape: str) -> np.ndarray:
     from modeaudit.tasks.join.threads import compute_threads
     n_dense = int(dense.sum())
     k_dense = min(K // 2, n_dense // 20) if reshape == "excess" else 0
+
+    def centres(k: int, rows: np.ndarray) -> np.ndarray:
+        return KMeans(n_clusters=k, n_init=1, random_state=seed).fit(rows).cluster_centers_
+
     with threadpool_limits(limits=compute_threads()):
         if k_dense < 1 or len(Z) - n_dense < K - k_dense:
-            return KMeans(n_clusters=K, n_init=1, random_state=seed).fit(Z).cluster_centers_.astype(np.float64)
-        cd = KMeans(n_clusters=k_dense, n_init=1, random_state=seed).fit(Z[dense]).cluster_centers_
-        cc = KMeans(n_clusters=K - k_dense, n_init=1, random_state=seed).fit(Z[~dense]).cluster_centers_
+            return centres(K, Z).astype(np.float64)
+        cd, cc = centres(k_dense, Z[dense]), centres(K - k_dense, Z[~dense])
     return np.vstack([cd, cc]).astype(np.float64)
 
 
