@@ -208,10 +208,12 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
         gen, desc = steps.model_specs(cfg)
         width = steps.trial_embedding(gen, desc, cfg.seed, "generator").shape[1]
         steps.check_reference_generator(cfg, desc, width)
-        plan_inputs(cfg, desc)          # a reference folder or run: listed, hashed, checked (not embedded)
+        inp = plan_inputs(cfg, desc)    # a reference folder or run: listed, hashed, checked (not embedded)
         if cfg.reference and reference_kind(cfg.reference) == "embeddings":
             from modeaudit.tasks.join.sources import open_embeddings
             check_width(open_embeddings(cfg.reference, "--reference").dim, width, "--reference")
+        _check_same_run(cfg, lambda: steps.store_identity(cfg, gen, desc, steps.reference_spec(cfg),
+                                                          inp.fingerprint()))
     else:
         inp = plan_inputs(cfg)
         if not (cfg.images_s or cfg.images_t):
@@ -224,7 +226,18 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
                 raise ConfigError(f"{flag} {given}, but the {side} input has {rows} rows: "
                                   f"with embedding files or image folders the sizes are the inputs' (leave {flag} out)")
         finalize_sizes(cfg, inp.rows("S"), inp.rows("T"))
+        _check_same_run(cfg, lambda: (steps.result_store_identity(inp.files.get("S"), inp.files.get("T"),
+                                                                  inp.fingerprint()), []))
     return cfg
+
+
+def _check_same_run(cfg: AuditConfig, identity) -> None:
+    """Refuse here, before Prefect and the cluster start, a rerun into a --out that holds a different run (the
+    flow's own check, RunStore.create_or_open, stays). identity() -> (fingerprint, layouts) of this run."""
+    if cfg.overwrite or not RunLayout(cfg.out).run_json.is_file():
+        return
+    from modeaudit.storage.store import RunStore
+    RunStore.check_same_run(cfg.out, *identity())
 
 
 def check_calibration_inputs(cfg: CalibrationConfig) -> None:

@@ -359,20 +359,7 @@ class RunStore:
             raise StoreError(f"cannot write to {root}: {exc}; choose a writable --out") from exc
 
         if run_json.exists():
-            existing = cls._read_run_json(root)
-            old = {"fingerprint": existing.get("fingerprint"), "layouts": existing.get("layouts")}
-            diff = _first_difference(old, {"fingerprint": fp, "layouts": lay_json}, "")
-            if diff is not None and diff.startswith("fingerprint.embeddings."):
-                # An embeddings run is keyed on its input files: say which file, not which key.
-                which = diff.split(".")[2]
-                path = (fp.get("embeddings") or {}).get(which, {}).get("path", "?")
-                diff = (f"its {which} input differs (the file {path} was modified, replaced, or another file is "
-                        "given)")
-            if diff is not None:
-                raise StoreError(
-                    f"{root} already holds a different run: {diff}; "
-                    "use a new --out directory or pass --overwrite"
-                )
+            cls._refuse_other_run(root, fp, lay_json)
         elif zarr_path.exists():
             # A store.zarr without run.json is not ours, or its creation died
             # before anything was recorded; either way don't guess.
@@ -406,6 +393,32 @@ class RunStore:
         except OSError as exc:
             raise StoreError(f"cannot write to {root}: {exc}; choose a writable --out") from exc
         return cls(root, fp, set_layouts, group)
+
+    @classmethod
+    def check_same_run(cls, root: str | os.PathLike, fingerprint: dict, layouts: list[SetLayout]) -> None:
+        """Raise the StoreError create_or_open would raise (without overwrite) when DIR holds a run other
+        than the one `fingerprint` and `layouts` describe; return when it holds that run or none. Reads
+        only: the CLI and the API call it before Prefect starts, so a refused rerun answers at once."""
+        root = _resolve_root(root)
+        if (root / _MANIFEST_DIR / _RUN_JSON).exists():
+            cls._refuse_other_run(root, _normalise_json(dict(fingerprint)), _layouts_json(list(layouts)))
+
+    @classmethod
+    def _refuse_other_run(cls, root: Path, fp: dict, lay_json: dict) -> None:
+        existing = cls._read_run_json(root)
+        old = {"fingerprint": existing.get("fingerprint"), "layouts": existing.get("layouts")}
+        diff = _first_difference(old, {"fingerprint": fp, "layouts": lay_json}, "")
+        if diff is not None and diff.startswith("fingerprint.embeddings."):
+            # An embeddings run is keyed on its input files: say which file, not which key.
+            which = diff.split(".")[2]
+            path = (fp.get("embeddings") or {}).get(which, {}).get("path", "?")
+            diff = (f"its {which} input differs (the file {path} was modified, replaced, or another file is "
+                    "given)")
+        if diff is not None:
+            raise StoreError(
+                f"{root} already holds a different run: {diff}; "
+                "use a new --out directory or pass --overwrite"
+            )
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> "RunStore":

@@ -112,12 +112,12 @@ def check_reference_generator(cfg: AuditConfig, desc: dict, want: int) -> None:
                          f"audited generator {want}: they must live in one descriptor space (same -R/-G dim)")
 
 
-def open_store(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = None, inputs_fp: dict | None = None):
-    """Create or resume the run store; its fingerprint is what decides whether shards can be reused.
+def store_identity(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = None,
+                   inputs_fp: dict | None = None) -> tuple[dict, list]:
+    """(fingerprint, layouts) of a generator run's store: what decides whether its shards can be reused.
 
     `inputs_fp` (Inputs.fingerprint()): content keys of an image-folder reference or an earlier
     run used as the reference; absent (not empty) otherwise, so older runs keep their fingerprint."""
-    from modeaudit.storage.store import RunStore
     from modeaudit.tasks.models.shards import models as _m
     generator, descriptor = _m(gen, desc)
     fp = {"generator": generator.fingerprint(), "descriptor": descriptor.fingerprint(), "seed": cfg.seed,
@@ -126,14 +126,20 @@ def open_store(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = N
         fp["reference_generator"] = _m(ref_gen, desc)[0].fingerprint()
     if inputs_fp:
         fp["inputs"] = inputs_fp
-    return RunStore.create_or_open(cfg.out, fp, store_layouts(cfg, gen, desc, ref_gen), overwrite=cfg.overwrite)
+    return fp, store_layouts(cfg, gen, desc, ref_gen)
 
 
-def open_result_store(cfg: AuditConfig, S: Source | None, T: Source | None, inputs_fp: dict | None = None):
-    """Run store for an audit of user embeddings (files, or image folders whose rows it stores under inputs/):
-    keyed on the input files (path, size, mtime) and on the folders' content keys."""
-    import os
+def open_store(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = None, inputs_fp: dict | None = None):
+    """Create or resume the run store of a generator run (store_identity)."""
     from modeaudit.storage.store import RunStore
+    fp, layouts = store_identity(cfg, gen, desc, ref_gen, inputs_fp)
+    return RunStore.create_or_open(cfg.out, fp, layouts, overwrite=cfg.overwrite)
+
+
+def result_store_identity(S: Source | None, T: Source | None, inputs_fp: dict | None = None) -> dict:
+    """The fingerprint of an audit of user embeddings (files, or image folders whose rows it stores under
+    inputs/): the input files (path, size, mtime) and the folders' content keys."""
+    import os
     files = {}
     for name, src in (("S", S), ("T", T)):
         if src is None:        # an image folder: keyed by content in inputs_fp
@@ -144,7 +150,13 @@ def open_result_store(cfg: AuditConfig, S: Source | None, T: Source | None, inpu
     fp = {"embeddings": files, "modeaudit_store": 1}
     if inputs_fp:
         fp["inputs"] = inputs_fp
-    return RunStore.create_or_open(cfg.out, fp, [], overwrite=cfg.overwrite)
+    return fp
+
+
+def open_result_store(cfg: AuditConfig, S: Source | None, T: Source | None, inputs_fp: dict | None = None):
+    """Create or reopen the run store of an audit of user embeddings (result_store_identity)."""
+    from modeaudit.storage.store import RunStore
+    return RunStore.create_or_open(cfg.out, result_store_identity(S, T, inputs_fp), [], overwrite=cfg.overwrite)
 
 
 def _shard_intact(root: str, set_name: str, index: int) -> bool:

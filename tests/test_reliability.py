@@ -52,6 +52,25 @@ def test_refused_rerun_leaves_the_earlier_run_whole(finished_run, capsys, extra,
     assert _snapshot(finished_run) == before
 
 
+def test_a_different_run_is_refused_before_the_flow_starts(finished_run, capsys, monkeypatch, scheduler):
+    """The fingerprint check runs in the CLI's preflight (no Prefect, no cluster): the flow is never
+    entered for a different run, and is entered for the same one (a resume is not refused)."""
+    import modeaudit.flows.audit as flow_module
+
+    class Started(Exception):
+        pass
+
+    def started(*a, **k):
+        raise Started
+
+    monkeypatch.setattr(flow_module, "audit_flow", started)
+    args = ["audit", "--generator", "synthetic:planted", *SMALL, "--scheduler", scheduler, "--out", str(finished_run)]
+    expect_error(args + ["--seed", "1"], capsys, "already holds a different run")
+    expect_error(args + ["-G", "planted_prob=0.03"], capsys, "fingerprint.generator.options.planted_prob")
+    with pytest.raises(Started):
+        main(args)
+
+
 def test_overwrite_never_touches_a_users_folder(tmp_path, capsys):
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots" / "mine.png").write_bytes(b"x")
