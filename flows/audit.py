@@ -12,7 +12,8 @@ import numpy as np
 from prefect import flow
 from prefect.states import Failed
 
-from modeaudit.storage.layout import RESULT_JSON, RunLayout, clear_derived, discard_unstarted_run, run_lock
+from modeaudit.storage.layout import (RESULT_JSON, RunLayout, clear_derived, discard_unstarted_run, resolved_dir,
+                                      run_lock)
 from modeaudit.storage.store import RunStore, StoreError
 
 from modeaudit.tasks import audit_steps as steps
@@ -293,7 +294,10 @@ def audit_flow(config: AuditConfig) -> dict:
     fields; a wrong type or an unknown key ends the run with a one-line error naming it.
     Prefect's own parameter validation is off so that error is ours, not a traceback.
     """
-    fresh = not Path(config_out(config)).exists()
+    # Whether --out holds no run yet (a new folder, or one without a run: check_out_dir refused any holding
+    # a run's output names), so what a failing run leaves there is all its own. By the resolved path:
+    # "X/new/.." is X.
+    fresh = not RunLayout(resolved_dir(config_out(config))).run_json.exists()
     try:
         cfg = AuditConfig.parse(config)
         plan = plan_execution(cfg.kernel, cfg.workers, cfg.threads_per_worker, cfg.scheduler,

@@ -286,7 +286,8 @@ def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dic
     if plan is not None and client is not None:
         raise _Bad("pass a client, or workers/scheduler, not both")
     if out is not None:
-        out = Path(out)
+        from modeaudit.storage.layout import resolved_dir
+        out = resolved_dir(out)
         if out.exists() and not out.is_dir():
             raise _Bad(f"--out {out} is a file; choose a directory")
     # On a cluster, files stay files: the workers read them (tasks/metrics/rows.py).

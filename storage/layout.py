@@ -202,6 +202,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = Fa
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=json_default) + "\n")
 
 
+def resolved_dir(out: str | os.PathLike) -> Path:
+    """The directory a path names, as the OS resolves it once every folder on it exists: symlinks
+    followed and ".." applied (os.path.realpath). "X/new/.." names X itself, not a new folder: checks
+    of whether a run directory exists, and anything deleted, go by this path."""
+    return Path(os.path.realpath(os.fspath(out)))
+
+
 def make_writable_dir(path: Path, what: str) -> None:
     """Create `path` (and parents) and prove a file can be written there, or a one-line ConfigError."""
     from modeaudit.tasks.registry import ConfigError
@@ -225,7 +232,7 @@ def check_out_dir(out: str | os.PathLike) -> Path:
     if "://" in text:
         raise ConfigError(f"--out {text}: only local (or mounted) directories are supported, not URLs; "
                           "mount the bucket or write locally and copy")
-    path = Path(text)
+    path = resolved_dir(text)
     # The first folder of the path that does not exist yet: made for the write probe and
     # removed again, so the run itself finds no directory and knows it is new (a run that
     # fails before its first shard removes what it made: discard_unstarted_run).
@@ -263,19 +270,30 @@ def clear_derived(out: str | os.PathLike) -> None:
 
 
 def discard_unstarted_run(out: str | os.PathLike) -> bool:
-    """Remove a run directory that this run created and that holds no finished shard.
+    """Remove what a failed run wrote to a directory that held no run, if it recorded no finished shard.
 
-    Called when a run that found no directory at `out` fails (bad input found on the
-    cluster, a full disk before the first shard): nothing in it is worth a resume, and a
-    refused run leaves no half result behind. A directory with a recorded shard is kept
-    (a rerun resumes it). Returns whether it was removed.
+    Called when a run that found no run at `out` fails (bad input found on the cluster, a full
+    disk before the first shard): nothing in it is worth a resume, a refused run leaves no half
+    result behind, and a rerun with corrected inputs is not refused as "a different run". Only
+    the entries a run writes (OWNED, the lock) are removed, then the directory if that leaves it
+    empty: a folder the user made, with files of their own, stays with them. A directory with a
+    recorded shard is kept (a rerun resumes it). Returns whether the directory was removed.
     """
     import shutil
-    root = Path(out)
+    root = resolved_dir(out)
     manifest = root / MANIFEST
     if not root.is_dir() or any(p.name != RUN_JSON for p in manifest.rglob("*.json")):
         return False
-    shutil.rmtree(root, ignore_errors=True)
+    # Only what a run writes (OWNED, the lock); the folder itself only once that leaves it empty.
+    for p in [*RunLayout(root).owned_entries(), root / LOCK]:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink(missing_ok=True)
+    try:
+        root.rmdir()
+    except OSError:
+        return False
     return True
 
 

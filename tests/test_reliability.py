@@ -71,6 +71,36 @@ def test_a_different_run_is_refused_before_the_flow_starts(finished_run, capsys,
         main(args)
 
 
+def test_a_failed_run_removes_only_what_it_wrote(tmp_path, capsys, prefect_harness, scheduler):
+    """--out "X/new/.." is X, a folder of the user's: a run failing there (bad rows found on the cluster) once
+    deleted all of X. It leaves X's files alone and takes back only its own half result, so the rerun with
+    corrected inputs is not refused as a different run."""
+    x = tmp_path / "x"
+    (x / "sub").mkdir(parents=True)
+    (x / "notes.txt").write_text("mine")
+    (x / "sub" / "d.csv").write_text("1,2")
+    s = unit(400, 8, 1)
+    np.save(x / "s.npy", s)
+    bad = unit(400, 8, 2)
+    bad[3, 2] = np.nan
+    np.save(x / "t.npy", bad)
+    mine = {p: p.read_bytes() for p in x.rglob("*") if p.is_file()}
+    args = ["audit", "--embeddings-s", str(x / "s.npy"), "--embeddings-t", str(x / "t.npy"), "--q", "50",
+            "--anchors", "100", "--mccs-set", "400", "--tests", "paper", "--no-efficiency", "--no-report",
+            "--scheduler", scheduler]
+    expect_error(args + ["--out", str(x / "new" / "..")], capsys, "NaN or Inf")
+    assert {p: p.read_bytes() for p in x.rglob("*") if p.is_file()} == mine
+    assert not [p.name for p in x.iterdir() if p.name in ("manifest", "store.zarr", "scans", ".modeaudit.lock")]
+    # A folder the user made for the run: emptied of the failed run's files and removed; then the rerun with
+    # corrected rows is a new run there.
+    (tmp_path / "made").mkdir()
+    expect_error(args + ["--out", str(tmp_path / "made")], capsys, "NaN or Inf")
+    assert not (tmp_path / "made").exists()
+    np.save(x / "t.npy", unit(400, 8, 2))
+    assert main(args + ["--out", str(tmp_path / "made")]) == 0
+    assert (tmp_path / "made" / "result.json").is_file()
+
+
 def test_overwrite_never_touches_a_users_folder(tmp_path, capsys):
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots" / "mine.png").write_bytes(b"x")
