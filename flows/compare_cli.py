@@ -85,25 +85,31 @@ class _Run:
         from modeaudit.storage.store import RunStore, StoreError
         from modeaudit.tasks.join.sources import Source
         from modeaudit.tasks.errors import InputError
-        from modeaudit.tasks.join.sources import open_embeddings
+        from modeaudit.tasks.join.sources import (check_scan, merge_scans, open_embeddings, reduction_ranges,
+                                                  scan_block)
         if self.kind == "generator":
             try:
                 store = RunStore.open(self.path)
                 for name in ("S", "T"):
                     if name not in store.set_names:
                         raise _Bad(f"{self.what} {self.path}: its store holds no {name} embeddings")
-                    store.shard_checksums(name)   # raises when unfinished
+                store.verify_sets(("S", "T"), f"{self.what} {self.path}")
             except StoreError as e:
-                raise _Bad(f"{self.what} {self.path}: {e}") from None
+                raise _Bad(str(e) if str(e).startswith(self.what) else f"{self.what} {self.path}: {e}") from None
             return Source.of_store(store, "S"), Source.of_store(store, "T")
         if self.kind == "embeddings":
             out = []
             for key, flag in (("embeddings_s", "--embeddings-s"), ("embeddings_t", "--embeddings-t")):
                 f = r["source"].get(key)
+                what = f"{self.what} {self.path}: its {flag}"
                 try:
-                    out.append(open_embeddings(f, f"{self.what} {self.path}: its {flag}"))
+                    src = open_embeddings(f, what)
+                    # The files may have changed since the audit: rows compare cannot use are an error here.
+                    check_scan(merge_scans([scan_block(src._raw(lo, hi), lo)
+                                            for lo, hi in reduction_ranges(0, src.rows)]), what)
                 except (InputError, TypeError) as e:
                     raise _Bad(str(e)) from None
+                out.append(src)
             return tuple(out)
         raise _Bad(f"{self.what} {self.path} audited {self.kind!r} inputs; compare reads generator runs and "
                    "embedding-file audits (audit the folders' embeddings with --embeddings-s/-t)")

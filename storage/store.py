@@ -641,7 +641,11 @@ class RunStore:
             return True
         checksums = {}
         for spec in lay.arrays:
-            checksums[spec.kind] = _sha256_of(self.read(set_name, spec.kind, start, stop))
+            try:
+                checksums[spec.kind] = _sha256_of(self.read(set_name, spec.kind, start, stop))
+            except (RuntimeError, ValueError, OSError):
+                # A chunk that no longer decodes (overwritten, truncated): damaged, like a wrong checksum.
+                return False
         return (
             checksums == entry["checksums"]
             and _combined_checksum(start, stop, checksums) == entry["combined"]
@@ -651,6 +655,21 @@ class RunStore:
         """Shards ``(index, start, stop)`` without a (valid, with ``verify``) completion record."""
         lay = self.layout(set_name)
         return [s for s in lay.shards() if not self.is_complete(set_name, s[0], verify=verify)]
+
+    def verify_sets(self, set_names, what: str) -> None:
+        """StoreError unless every shard of these sets is recorded complete and its bytes still match the
+        checksums recorded when it was written (reads them all): what a command that reads a finished
+        run's embeddings (compare, calibrate) checks first, so a damaged store is an error, not a verdict."""
+        for name in set_names:
+            self.shard_checksums(name)     # incomplete shards: its own message
+            damaged = [i for i, _, _ in self.layout(name).shards() if not self.is_complete(name, i, verify=True)]
+            if damaged:
+                shown = ", ".join(map(str, damaged[:10])) + (" ..." if len(damaged) > 10 else "")
+                raise StoreError(
+                    f"{what}: {len(damaged)} shard(s) of set {name!r} ({shown}) no longer match the checksums "
+                    f"recorded when they were written (damaged or changed on disk); rerun `modeaudit audit` with "
+                    f"the same settings and --out {self.root} to regenerate them"
+                )
 
     def shard_checksums(self, set_name: str) -> list[str]:
         """Combined checksums of all shards in shard order; StoreError if any is incomplete."""

@@ -124,6 +124,19 @@ def test_calibrated_sampler_is_a_deterministic_generator(audited):
     assert (a[:2000] == b).all() and (a[2000:] == c).all()
 
 
+def test_calibrate_refuses_a_damaged_store(audited, tmp_path, capsys):
+    # An overwritten chunk of T: a traceback before (and the earlier calibration.json deleted); now one line.
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(audited, run, ignore=shutil.ignore_patterns("calibration"))
+    chunk = sorted((run / "store.zarr" / "T" / "emb").rglob("c/*/*"))[0]
+    chunk.write_bytes(b"garbage\n")
+    assert main(["calibrate", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no longer match the checksums" in err, err
+    assert not (run / "calibration").exists()
+
+
 def test_calibrate_refuses_a_directory_without_an_audit(tmp_path, capsys):
     assert main(["calibrate", "--run", str(tmp_path), "--method", "cluster"]) == 2
     assert "holds no finished audit" in capsys.readouterr().err

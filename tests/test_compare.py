@@ -137,6 +137,34 @@ def test_bad_inputs_one_line_exit_2(runs, tmp_path, capsys):
         assert not (tmp_path / "o2").exists()
 
 
+def test_a_damaged_store_or_changed_file_is_an_error_not_a_verdict(runs, tmp_path, capsys):
+    """A deleted or overwritten chunk of T once gave exit 0 and "A is more collapsed" (a deleted chunk reads as
+    zeros) or a traceback; an embeddings run whose file now holds NaN rows, a traceback. Each is one line, exit 2."""
+    import shutil
+    chunks = sorted((runs["null2"] / "store.zarr" / "T" / "emb").rglob("c/*/*"))
+    assert chunks
+    for name, damage in (("deleted", lambda p: p.unlink()), ("garbage", lambda p: p.write_bytes(b"garbage\n"))):
+        copy = tmp_path / name
+        shutil.copytree(runs["null2"], copy)
+        damage(copy / chunks[0].relative_to(runs["null2"]))
+        out = tmp_path / f"o_{name}"
+        assert main(["compare", str(runs["null1"]), str(copy), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no longer match the checksums" in err and "'T'" in err, err
+        assert not out.exists()
+    nan = tmp_path / "nan_run"
+    shutil.copytree(runs["narrow"], nan)
+    res = json.loads((nan / "result.json").read_text())
+    t = np.load(res["source"]["embeddings_t"])
+    t[5] = np.nan
+    res["source"]["embeddings_t"] = str(nan / "t.npy")
+    np.save(nan / "t.npy", t)
+    (nan / "result.json").write_text(json.dumps(res))
+    assert main(["compare", str(runs["narrow"]), str(nan), "--out", str(tmp_path / "o_nan")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NaN or Inf (first: row 5)" in err, err
+
+
 def test_decide_and_helpers():
     t = lambda r, d: {"reject": r, "direction": d}  # noqa: E731
     assert decide([t(True, "B"), t(False, "A")]) == ("B", False)

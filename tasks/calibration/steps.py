@@ -21,8 +21,9 @@ METHODS = {"cluster": ("gmm", "cells"), "rejection": ("descriptor", "latent")}
 DEFAULT_VARIANT = {"cluster": "cells", "rejection": "descriptor"}
 
 
-def load_run(run_dir: str | Path):
-    """result.json and the store of a finished generator audit (clear errors otherwise)."""
+def load_run(run_dir: str | Path, verify: bool = True):
+    """result.json and the store of a finished generator audit (clear errors otherwise); with `verify`, every
+    shard of S and T re-read against its recorded checksums (RunStore.verify_sets)."""
     from modeaudit.storage.store import RunStore
     run_dir = Path(run_dir)
     path = RunLayout(run_dir).result_json
@@ -40,7 +41,10 @@ def load_run(run_dir: str | Path):
     if kind != "generator":
         raise InputError(f"{run_dir} audited embedding files, not a generator: calibration reshapes a generator's "
                          "latent sampler, so audit the generator itself (--generator)")
-    return result, RunStore.open(run_dir)
+    store = RunStore.open(run_dir)
+    if verify:
+        store.verify_sets(("S", "T"), str(run_dir))
+    return result, store
 
 
 def mode_densities(client, result, store, modes_emb, r0: float, kernel: str):
