@@ -133,7 +133,16 @@ def open_store(cfg: AuditConfig, gen: dict, desc: dict, ref_gen: dict | None = N
     """Create or resume the run store of a generator run (store_identity)."""
     from modeaudit.storage.store import RunStore
     fp, layouts = store_identity(cfg, gen, desc, ref_gen, inputs_fp)
+    _results_go_with_the_store(cfg)
     return RunStore.create_or_open(cfg.out, fp, layouts, overwrite=cfg.overwrite)
+
+
+def _results_go_with_the_store(cfg: AuditConfig) -> None:
+    """--overwrite replaces the store: the earlier run's result, report, plots and calibrations go first, so a
+    run that then fails (bad rows found while generating) never leaves an old result.json over a new store."""
+    if cfg.overwrite and RunLayout(cfg.out).run_json.is_file():
+        from modeaudit.storage.layout import clear_derived
+        clear_derived(cfg.out)
 
 
 def result_store_identity(S: Source | None, T: Source | None, inputs_fp: dict | None = None) -> dict:
@@ -156,6 +165,7 @@ def result_store_identity(S: Source | None, T: Source | None, inputs_fp: dict | 
 def open_result_store(cfg: AuditConfig, S: Source | None, T: Source | None, inputs_fp: dict | None = None):
     """Create or reopen the run store of an audit of user embeddings (result_store_identity)."""
     from modeaudit.storage.store import RunStore
+    _results_go_with_the_store(cfg)
     return RunStore.create_or_open(cfg.out, result_store_identity(S, T, inputs_fp), [], overwrite=cfg.overwrite)
 
 

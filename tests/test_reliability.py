@@ -101,6 +101,26 @@ def test_a_failed_run_removes_only_what_it_wrote(tmp_path, capsys, prefect_harne
     assert (tmp_path / "made" / "result.json").is_file()
 
 
+def test_a_failed_overwrite_leaves_no_earlier_result_over_its_store(tmp_path, prefect_harness):
+    """--overwrite replaced the store and then the run failed on a NaN row found while generating: the earlier
+    result.json stayed, describing a store that was gone ("result.json present" must mean "finished")."""
+    import modeaudit
+    from modeaudit.tasks.registry import ConfigError
+    kw = dict(latent_dim=4, out=tmp_path / "run", tests="paper", efficiency=False, report=False, m=1000, M=6000,
+              q=100, n_a=200, n_c=6000, diversity_rows=0)
+    modeaudit.audit(generator=lambda z: np.tanh(z), **kw)
+    assert (tmp_path / "run" / "result.json").is_file()
+
+    def rare_nan(z):
+        x = np.tanh(z)
+        x[z[:, 0] > 3] = np.nan      # ~0.1% of rows: the trial row passes, generation finds some
+        return x
+
+    with pytest.raises(ConfigError, match="NaN"):
+        modeaudit.audit(generator=rare_nan, overwrite=True, **kw)
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
 def test_overwrite_never_touches_a_users_folder(tmp_path, capsys):
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots" / "mine.png").write_bytes(b"x")
