@@ -8,7 +8,7 @@ Prints, for each embedding width D (default 128 and 512):
     with float32 accumulation), the reference every ratio is taken against;
   * the GEMM floor of the join's shapes: anchors (1001 x D) @ each block.T, fp16 in,
     float32 out, blocks already on the device;
-  * the join (tasks/join_torch.py through tasks/backend.py, counts for 41 radii,
+  * the join (tasks/join/torch_kernels.py through tasks/join/backend.py, counts for 41 radii,
     exact), its blocks coming from host memory as the audit feeds them;
   * join / GEMM floor, and the join's GEMM-equivalent rate (2 a M D / time) as a
     fraction of the measured peak (issue target at D = 512: above 40%).

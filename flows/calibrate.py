@@ -1,7 +1,7 @@
 """The calibration flow: fit a reshaped latent sampler on a finished audit, audit the
 calibrated generator on fresh seeds, and compare before and after.
 
-Composition only: the numbers come from tasks/calibration.py, tasks/calibrate_steps.py
+Composition only: the numbers come from tasks/calibration/samplers.py, tasks/calibration/steps.py
 and the audit flow's own steps.
 """
 from __future__ import annotations
@@ -68,9 +68,9 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
     ref_stats = cs.reference_stats(fid_reference) if fid_reference else None
     if ref_stats is not None:
         cs.check_reference_width(ref_stats, store.array("T", "emb").shape[1], fid_reference)
+    cs.check_fit_sizes(method, clusters, n_fit, store.layout("T").rows)
     lay = RunLayout(run)
     out = lay.calibration(method)
-    lay.calibration_json(method).unlink(missing_ok=True)   # a stale calibration must not look like this one
     src = result["source"]
     r0, theta, n_c = result["d0"], result["settings"]["theta"], result["sizes"]["C"]
     mode_idx = [m["s_index"] for m in result["modes"][:n_modes]]
@@ -81,6 +81,9 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
     Z, E = store.read("T", "latents", 0, n_fit), store.read("T", "emb", 0, n_fit)
 
     p1, p2 = cs.mode_densities(client, result, store, modes_emb, r0, kernel)
+    dropped = []
+    if method == "rejection":
+        mode_idx, modes_emb, p1, dropped = cs.modes_with_mass(mode_idx, modes_emb, p1, p2, r0)
     if method == "cluster":
         params = fit_task(fit_cluster)(Z, E, modes_emb, r0, p2, K=clusters, seed=src["seed"],
                                        alpha=result["settings"]["alpha"])
@@ -90,6 +93,11 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
             "base": {"spec": src["generator"], "options": src["generator_options"]},
             "descriptor": {"spec": src["descriptor"], "options": src["descriptor_options"]},
             "run": str(Path(run).resolve())}
+    if dropped:
+        meta["modes_without_mass"] = dropped
+    # Fitted: only now does the earlier calibration go (its calibration.json would describe another sampler);
+    # a fit that fails leaves it whole.
+    lay.calibration_json(method).unlink(missing_ok=True)
     save_params(lay.calibration_sampler(method), params, meta)
     spec = f"calibrated:{lay.calibration_sampler(method).resolve()}"
 
@@ -131,7 +139,7 @@ def run_calibration(run: str, method: str, variant: str | None, n_modes: int, cl
         "fd_kind": "FD (descriptor): Frechet distance of identity-descriptor features, not Inception FID",
         "band_overlap": cs.band_overlap(result["curves"], after["curves"]),
         "curves": curves, "radii": radii,
-        "modes_used": mode_idx, "p1": np.asarray(p1).tolist(), "p2": p2,
+        "modes_used": mode_idx, "modes_without_mass": dropped, "p1": np.asarray(p1).tolist(), "p2": p2,
         "fit": {k: (v if isinstance(v, (int, float, str, bool)) else None) for k, v in params.items()
                 if np.ndim(v) == 0},
         "audit_after": str(RunLayout(lay.calibration_audit(method)).result_json),

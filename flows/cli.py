@@ -246,6 +246,8 @@ def check_calibration_inputs(cfg: CalibrationConfig) -> None:
     from modeaudit.tasks.config import validate_calibration
     validate_calibration(cfg)
     run_result, run_store = load_run(cfg.run)
+    from modeaudit.tasks.calibration.steps import check_fit_sizes
+    check_fit_sizes(cfg.method, cfg.clusters, cfg.n_fit, run_store.layout("T").rows)
     if cfg.fid_reference:
         from modeaudit.tasks.calibration.steps import check_reference_width, reference_stats
         check_reference_width(reference_stats(cfg.fid_reference), run_store.array("T", "emb").shape[1],

@@ -137,6 +137,43 @@ def test_calibrate_refuses_a_damaged_store(audited, tmp_path, capsys):
     assert not (run / "calibration").exists()
 
 
+def test_a_failed_calibration_keeps_the_earlier_one(audited, tmp_path, capsys, monkeypatch, scheduler):
+    """The earlier calibration.json was deleted before the fit, so a calibration that then failed lost it."""
+    import shutil
+    import modeaudit.flows.calibrate as flow_module
+    from modeaudit.tasks.registry import ConfigError
+    run = tmp_path / "run"
+    shutil.copytree(audited, run, ignore=shutil.ignore_patterns("calibration"))
+    earlier = run / "calibration" / "rejection" / "calibration.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text('{"earlier": true}')
+
+    def failing_fit(*a, **k):
+        raise ConfigError("the fit cannot be made (test)")
+
+    monkeypatch.setattr(flow_module, "fit_rejection", failing_fit)
+    assert main(["calibrate", "--run", str(run), "--n-fit", "2000", "--scheduler", scheduler]) == 2
+    assert "the fit cannot be made (test)" in capsys.readouterr().err
+    assert earlier.read_text() == '{"earlier": true}'
+    # Options a fit cannot honour are refused before any work, in one line.
+    assert main(["calibrate", "--run", str(run), "--method", "cluster", "--clusters", "5000", "--n-fit", "2000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--clusters 5000 is more than the 2000 latent rows" in err, err
+
+
+def test_modes_without_mass_are_left_out_of_rejection():
+    from modeaudit.tasks.calibration.steps import modes_with_mass
+    from modeaudit.tasks.errors import InputError
+    emb = np.eye(4, dtype=np.float32)
+    idx, e, p1, dropped = modes_with_mass([7, 8, 9, 10], emb, np.array([0.02, 0.0, 0.01, 0.0]), 0.001, 0.1)
+    assert idx == [7, 9] and dropped == [8, 10] and p1.tolist() == [0.02, 0.01]
+    np.testing.assert_array_equal(e, emb[[0, 2]])
+    with pytest.raises(InputError, match="none of the 2 modes"):
+        modes_with_mass([1, 2], emb[:2], np.zeros(2), 0.001, 0.1)
+    with pytest.raises(InputError, match="typical density at r0=0.1 is 0"):
+        modes_with_mass([1, 2], emb[:2], np.ones(2), 0.0, 0.1)
+
+
 def test_calibrate_refuses_a_directory_without_an_audit(tmp_path, capsys):
     assert main(["calibrate", "--run", str(tmp_path), "--method", "cluster"]) == 2
     assert "holds no finished audit" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Black-box calibration samplers (tasks/calibration.py) on synthetic:planted.
+"""Black-box calibration samplers (tasks/calibration/samplers.py) on synthetic:planted.
 
 World: 100 identities + one planted identity holding 10 % of the mass (the
 region z[0] < Phi^-1(0.1) of latent space). A typical identity holds

@@ -1,4 +1,4 @@
-"""ERL global envelope test (tasks/envelope.py): hand-worked cases, defining properties,
+"""ERL global envelope test (tasks/stats/envelope.py): hand-worked cases, defining properties,
 calibration under exchangeability (with heavy ties), and the envelope <=> test equivalence."""
 import math
 import subprocess

@@ -1,4 +1,4 @@
-"""Range join and MCCS kernels (tasks/join.py): the fast path must equal float64 brute force."""
+"""Range join and MCCS kernels (tasks/join/kernels.py): the fast path must equal float64 brute force."""
 from __future__ import annotations
 
 import math

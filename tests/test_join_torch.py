@@ -1,4 +1,4 @@
-"""Torch range-join / MCCS kernels (tasks/join_torch.py) and the backend switch (tasks/backend.py).
+"""Torch range-join / MCCS kernels (tasks/join/torch_kernels.py) and the backend switch (tasks/join/backend.py).
 
 The torch kernels must give exactly join.range_counts_reference's counts and
 join.mccs_sums_reference's sums (rtol 1e-9, bit-identical across tilings). Here

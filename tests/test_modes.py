@@ -1,4 +1,4 @@
-"""Top-k distinct dense modes (tasks/modes.py): greedy NMS over anchor counts."""
+"""Top-k distinct dense modes (tasks/stats/modes.py): greedy NMS over anchor counts."""
 from __future__ import annotations
 
 import math

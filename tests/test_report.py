@@ -1,4 +1,4 @@
-"""Tests for tasks/report.py: the HTML/PNG report renderer (no Prefect, no GPU)."""
+"""Tests for tasks/report/audit.py: the HTML/PNG report renderer (no Prefect, no GPU)."""
 
 from __future__ import annotations
 

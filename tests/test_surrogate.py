@@ -1,4 +1,4 @@
-"""The projected-normal surrogate (tasks/surrogate.py) and its use as the selection test's null."""
+"""The projected-normal surrogate (tasks/stats/surrogate.py) and its use as the selection test's null."""
 import numpy as np
 import pytest
 

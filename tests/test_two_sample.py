@@ -1,4 +1,4 @@
-"""Density-ratio test of dense balls against a reference set (tasks/two_sample.py).
+"""Density-ratio test of dense balls against a reference set (tasks/stats/two_sample.py).
 
 Hand-worked values pin the formulas; simulations check the error rates the module
 promises (CI coverage, family-wise type-I error with Holm), each with a margin of

@@ -47,6 +47,28 @@ def load_run(run_dir: str | Path, verify: bool = True):
     return result, store
 
 
+def check_fit_sizes(method: str, clusters: int, n_fit: int, t_rows: int) -> None:
+    """InputError when the cluster fit would ask for more cells than rows it fits (n_fit, at most T's rows)."""
+    rows = min(n_fit, t_rows)
+    if method == "cluster" and clusters > rows:
+        raise InputError(f"--clusters {clusters} is more than the {rows} latent rows the fit uses (--n-fit {n_fit}, "
+                         f"T has {t_rows}); lower --clusters or raise --n-fit")
+
+
+def modes_with_mass(mode_idx: list, modes_emb, p1, p2: float, r0: float):
+    """The modes rejection can flatten: those with T rows within r0 (p1 > 0; a listed mode T never visits has
+    no excess), and a typical density p2 > 0 to flatten them to. Returns (mode_idx, modes_emb, p1, dropped)."""
+    if not p2 > 0:
+        raise InputError(f"the audit's typical density at r0={r0} is 0 (its median reference anchor has no T row "
+                         "within r0): rejection has no level to flatten the modes to; audit with more T rows (--M) "
+                         "or a larger --d0, or calibrate with --method cluster")
+    keep = np.asarray(p1) > 0
+    if not keep.any():
+        raise InputError(f"none of the {len(mode_idx)} modes has a T row within r0={r0}: nothing to flatten")
+    dropped = [int(i) for i, k in zip(mode_idx, keep) if not k]
+    return [i for i, k in zip(mode_idx, keep) if k], modes_emb[keep], np.asarray(p1)[keep], dropped
+
+
 def mode_densities(client, result, store, modes_emb, r0: float, kernel: str):
     """p1 per mode (share of T within r0 of it) and p2 (median share over the random reference anchors)."""
     T = Source.of_store(store, "T")

@@ -1,13 +1,13 @@
 """The one place that chooses the compute backend of the range-join / MCCS kernels.
 
 Kernels:
-  "fast"        numba, float32 GEMM + exact float64 correction (tasks/join.py)
-  "reference"   float64 brute force per block (tasks/join.py; tests, small sets)
+  "fast"        numba, float32 GEMM + exact float64 correction (tasks/join/kernels.py)
+  "reference"   float64 brute force per block (tasks/join/kernels.py; tests, small sets)
   "lowprec"     numba, bfloat16 first pass + exact float64 re-check of the pairs
                 within its error bound of a threshold (tasks/join/lowprec.py,
                 docs/lowprec.md). Opt-in: "auto" never picks it, because on the
                 CPUs measured so far it is slower than "fast" (see below)
-  "torch-cpu"   the torch kernels on the CPU (tasks/join_torch.py; for tests:
+  "torch-cpu"   the torch kernels on the CPU (tasks/join/torch_kernels.py; for tests:
                 "fast" is quicker on a CPU)
   "torch-cuda"  the torch kernels on the current CUDA device
   "auto"        "torch-cuda" when a CUDA GPU is usable, else "fast"

@@ -6,11 +6,11 @@ at offset 0), self pairs excluded by global row index, counts exactly equal to
 `join.range_counts_reference` and MCCS sums equal to `join.mccs_sums_reference`
 to float64 rounding, bit-for-bit reproducible for any tiling or block split. It runs on any torch device;
 `device="cuda"` is the point, `device="cpu"` exists so the logic is tested on
-machines without a GPU (use the numba kernels of tasks/join.py for CPU work:
+machines without a GPU (use the numba kernels of tasks/join/kernels.py for CPU work:
 they are several times faster there).
 
 This module imports torch at the top: it is only imported once the torch backend
-has been chosen (tasks/backend.py is the one place that chooses).
+has been chosen (tasks/join/backend.py is the one place that chooses).
 
 Why this design
 ---------------
@@ -49,7 +49,7 @@ Why this design
       inputs to 2^-11 / 2^-8 relative and are accounted for the same way;
     - accumulation: float32 sums of D products err by at most
       (D + 2) 2^-24 |a^| |b^|; counted 2x for IEEE float32 GEMMs (as in
-      tasks/join.py) and 4x for tensor-core GEMMs, which may truncate instead
+      tasks/join/kernels.py) and 4x for tensor-core GEMMs, which may truncate instead
       of rounding when they align the addends of a block FMA;
     - output rounding (float16 fallback only): 2^-11 |s| + 2^-25, and more if
       cuBLAS may reduce split-K partial sums in float16;
@@ -539,7 +539,7 @@ class _TorchJoin:
 def _blocks_for(join_, blocks, prefetch):
     enabled = join_.cuda if prefetch is None else bool(prefetch)
     if isinstance(blocks, (np.ndarray, torch.Tensor)) or (isinstance(blocks, (list, tuple)) and len(blocks) < 2):
-        enabled = False  # nothing to overlap (tasks/parallel.py passes one block per call)
+        enabled = False  # nothing to overlap (tasks/join/parallel.py passes one block per call)
     return _prefetched(_iter_blocks(blocks), join_.prepare, enabled)
 
 

@@ -10,14 +10,14 @@ m, same d0, same radii) on samples from a null distribution with no collapse:
   (b) a reference generator (drawn fresh for every replicate);
   (c) a parametric surrogate fitted to the audited embeddings: the maximum-likelihood
       projected normal PN(mu, Sigma) of S, with its plug-in bias corrected
-      (tasks/surrogate.py). Its assumption: the collapse-free distribution is one
+      (tasks/stats/surrogate.py). Its assumption: the collapse-free distribution is one
       smooth density of that family (one bump, or an antipodal pair when mu = 0);
       data with real cluster structure (many identities) violates it, and the test
       then rejects because the data is clustered, not because a mode collapsed.
 
 Curves are compared as fractions of the curve set's size (M for the observed, the
 replicate's own size for the nulls), with the ERL global envelope test
-(tasks/envelope.py): exchangeable under H0, so the p-value is exact up to the
+(tasks/stats/envelope.py): exchangeable under H0, so the p-value is exact up to the
 Monte-Carlo resolution 1/(B+1).
 """
 from __future__ import annotations

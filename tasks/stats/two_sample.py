@@ -3,7 +3,7 @@
 Setting
 -------
 The top-k distinct dense balls B_i = ball(anchor_i, r) are chosen on S (see
-tasks/modes.py). They are then counted in T, the model's samples (n_T rows), and
+tasks/stats/modes.py). They are then counted in T, the model's samples (n_T rows), and
 in a reference set Ref (n_R rows: real data, or a baseline checkpoint's
 samples). T and Ref must be independent of S: choosing the balls on the very
 points that are tested would bias every ball towards "dense".
