@@ -136,11 +136,27 @@ def _check_args(args) -> None:
         raise _Bad(f"--seed must lie in [0, 2**63), got {args.seed}")
 
 
+def _check_not_foreign(out: Path, text: str) -> None:
+    """Refuse an --out whose compare.json/compare.html no `modeaudit compare` wrote: they are the user's."""
+    present = [n for n in (COMPARE_JSON, COMPARE_HTML) if (out / n).exists()]
+    if not present:
+        return
+    try:
+        doc = json.loads((out / COMPARE_JSON).read_text())
+        ours = isinstance(doc, dict) and "modeaudit_version" in doc and "run_a" in doc and "run_b" in doc
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise _Bad(f"--out {text} holds {', '.join(present)} that modeaudit compare did not write; it would "
+                   "overwrite them: choose an empty or new folder")
+
+
 def _validate(args) -> tuple[_Run, _Run, Path]:
     _check_args(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise _Bad(f"--out {args.out} is a file; choose a directory")
+    _check_not_foreign(out, args.out)
     a, b = _Run(args.run_a, "RUN_A"), _Run(args.run_b, "RUN_B")
     if a.T.dim != b.T.dim:
         raise _Bad(f"RUN_A has {a.T.dim}-d embeddings but RUN_B {b.T.dim}-d; compare runs audited with the same "

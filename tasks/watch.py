@@ -73,6 +73,12 @@ def check_dirs(ckpt_dir: str | os.PathLike, runs_dir: str | os.PathLike) -> tupl
         raise ConfigError(f"--out {runs} is a file; give a folder for the runs (one run folder per checkpoint)")
     if (runs / "manifest" / "run.json").exists():
         raise ConfigError(f"--out {runs} is an audit run folder; give a folder of its own for the runs of a watch")
+    if runs.is_dir() and not (runs / HISTORY_JSON).exists():
+        # Without our history.json these are not ours: never overwrite a user's page or pictures.
+        foreign = [n for n in (INDEX_HTML, "plots") if (runs / n).exists()]
+        if foreign:
+            raise ConfigError(f"--out {runs} holds {', '.join(foreign)} but no {HISTORY_JSON}, so modeaudit watch "
+                              "did not write them and would overwrite them: choose an empty or new folder")
     make_writable_dir(runs, f"--out {runs}")
     return ck, runs
 

@@ -130,6 +130,13 @@ def test_bad_inputs_one_line_exit_2(runs, tmp_path, capsys):
     assert main(["compare", str(runs["null1"]), str(runs["null2"]), "--out", str(afile)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a file" in err and afile.read_text() == "x"
+    users = tmp_path / "users"              # a folder with the user's own compare.html: never overwritten
+    users.mkdir()
+    (users / "compare.html").write_text("mine")
+    assert main(["compare", str(runs["null1"]), str(runs["null2"]), "--out", str(users)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "that modeaudit compare did not write" in err, err
+    assert (users / "compare.html").read_text() == "mine" and not (users / "compare.json").exists()
     for flag, value in (("--alpha", "1.5"), ("--alpha", "nan"), ("--seed", "-1")):
         assert main(["compare", str(runs["null1"]), str(runs["null2"]), "--out", str(tmp_path / "o2"),
                      flag, value]) == 2

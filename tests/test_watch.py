@@ -161,7 +161,8 @@ def test_failed_checkpoint_is_recorded_and_retried(tmp_path, capsys, monkeypatch
     assert calls.count("good.pt") == 2
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "runs_file", "runs_is_run", "bad_setting"])
+@pytest.mark.parametrize("case", ["missing", "file", "runs_file", "runs_is_run", "bad_setting", "users_index",
+                                  "users_plots"])
 def test_bad_inputs_one_line_exit_2(tmp_path, capsys, case):
     ckpt, runs = tmp_path / "ckpt", tmp_path / "runs"
     ckpt.mkdir()
@@ -176,6 +177,9 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys, case):
     elif case == "runs_is_run":
         (runs / "manifest").mkdir(parents=True)
         (runs / "manifest" / "run.json").write_text("{}")
+    elif case in ("users_index", "users_plots"):     # the user's own page or pictures: never overwritten
+        (runs / "plots").mkdir(parents=True)
+        (runs / ("index.html" if case == "users_index" else "plots/mine.png")).write_text("mine")
     else:
         extra = ["--d0", "2"]
     argv = ["watch", str(ckpt), "--out", str(runs), "--once", *TINY, *extra]
@@ -184,6 +188,9 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys, case):
     assert err.startswith("modeaudit: error: ") and err.count("\n") == 1
     if case != "runs_is_run":
         assert not (runs / "history.json").exists()
+    if case.startswith("users_"):
+        assert "did not write them" in err
+        assert (runs / ("index.html" if case == "users_index" else "plots/mine.png")).read_text() == "mine"
 
 
 def test_scan_order_identity_and_names(tmp_path):
