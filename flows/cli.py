@@ -207,6 +207,8 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
         cfg = finalize_sizes(cfg, cfg.m, cfg.M)
         gen, desc = steps.model_specs(cfg)
         width = steps.trial_embedding(gen, desc, cfg.seed, "generator").shape[1]
+        steps.check_audit_width(width, f"--generator {cfg.generator}" + (f" with --descriptor {cfg.descriptor}"
+                                                                         if cfg.descriptor else ""))
         steps.check_reference_generator(cfg, desc, width)
         inp = plan_inputs(cfg, desc)    # a reference folder or run: listed, hashed, checked (not embedded)
         if cfg.reference and reference_kind(cfg.reference) == "embeddings":

@@ -215,7 +215,15 @@ def embedding_sources(cfg: AuditConfig, s: Source | None = None, t: Source | Non
     if s.dim != t.dim:
         raise InputError(f"S rows have width {s.dim} but T rows have width {t.dim}; both must come from the same "
                          "descriptor")
+    check_audit_width(s.dim, "--embeddings-s")
     return s, t
+
+
+def check_audit_width(width: int, what: str) -> None:
+    """The audit works on directions: rows of one column have two (+1, -1), and its tests need >= 2 columns."""
+    if width < 2:
+        raise InputError(f"{what} gives embeddings of width {width}; an audit compares directions, which needs at "
+                         "least 2 columns (a 1-column row normalises to +1 or -1)")
 
 
 def reference_source(cfg: AuditConfig, S: Source) -> Source:

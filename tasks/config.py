@@ -5,6 +5,7 @@ with a message that names the setting and the fix.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -264,6 +265,8 @@ def validate_settings(c: AuditConfig) -> None:
         raise ConfigError(f"radius {bad} is outside (0, 1); distances are normalised to [0, 1], pick radii inside")
     if np.any(np.diff(r) <= 0):
         raise ConfigError("radii must be strictly increasing (e.g. --radii 0.1:0.5:0.01)")
+    if r.size > MAX_RADII:
+        raise ConfigError(f"{r.size} radii; at most {MAX_RADII} (each is a column of every curve)")
     if not isinstance(c.seed, int) or c.seed < 0:
         raise ConfigError(f"seed={c.seed} is negative; seeds are whole numbers >= 0 (e.g. --seed 0)")
     if c.seed >= 2 ** 63:
@@ -337,15 +340,24 @@ def kernel_for(kernel: str) -> str:
         raise ConfigError(str(e)) from None
 
 
+# More radii than this is a typo (a step of 1e-9), not a grid: each radius is a column of every curve.
+MAX_RADII = 10_000
+
+
 def parse_radii(text: str) -> tuple:
     """'0.1:0.5:0.01' (inclusive start:stop:step) or '0.1,0.2,0.3' -> tuple of floats."""
     try:
         if ":" in text:
             a, b, s = (float(x) for x in text.split(":"))
-            if s <= 0:
+            if not (s > 0 and math.isfinite(a) and math.isfinite(b) and math.isfinite(s)):
                 raise ValueError
             n = int(round((b - a) / s)) + 1
+            if n > MAX_RADII:
+                raise OverflowError(n)
             return tuple(float(x) for x in np.round(a + s * np.arange(n), 10))
         return tuple(float(x) for x in text.split(","))
+    except OverflowError as e:
+        raise ConfigError(f"--radii {text!r} makes {e.args[0]} radii; at most {MAX_RADII} (each is a column of every "
+                          "curve): use a larger step") from None
     except ValueError:
         raise ConfigError(f"--radii {text!r} is not START:STOP:STEP (e.g. 0.1:0.5:0.01) or a comma list") from None

@@ -26,6 +26,10 @@ class Option:
     check_msg: str = ""
 
 
+# The check of a seed option: numpy's and torch's generators take seeds in [0, 2**63).
+SEED_CHECK = dict(check=lambda v: 0 <= v < 2 ** 63, check_msg="must lie in [0, 2**63)")
+
+
 @dataclass
 class Entry:
     """A registered component: a factory and the options it accepts."""
@@ -46,7 +50,7 @@ def _coerce(name: str, opt: Option, value: Any, where: str) -> Any:
     else:
         try:
             v = opt.type(float(value)) if opt.type is int and isinstance(value, str) and "e" in value.lower() else opt.type(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):    # OverflowError: int(inf), int("1e999")
             raise ConfigError(f"{where}: option {name}={value!r} is not a valid {opt.type.__name__}") from None
         if opt.type is int and isinstance(value, (float, str)) and float(value) != v:
             raise ConfigError(f"{where}: option {name}={value!r} must be a whole number")

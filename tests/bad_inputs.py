@@ -53,6 +53,8 @@ def make_inputs(tmp: Path) -> dict[str, str]:
     z[5] = 0
     npy("zero_row", z)
     npy("width0", np.zeros((400, 0), np.float32))
+    npy("s_w1", np.random.default_rng(6).standard_normal((400, 1)).astype(np.float32))
+    npy("t_w1", np.random.default_rng(7).standard_normal((3000, 1)).astype(np.float32))
     npy("float16", _unit(400, 8, 1).astype(np.float16))
     f["truncated"] = tmp / "truncated.npy"
     f["truncated"].write_bytes(f["s"].read_bytes()[:-1000])
@@ -127,6 +129,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("-G planted_prob=1.5", _a(*GEN, "-G", "planted_prob=1.5"), "planted_prob"),
     ("-G planted_prob=-0.1", _a(*GEN, "-G", "planted_prob=-0.1"), "planted_prob"),
     ("-G latent_dim=1", _a(*GEN, "-G", "latent_dim=1"), "latent_dim"),
+    ("-G dim=1e999", _a(*GEN, "-G", "dim=1e999"), "not a valid int"),
+    ("-G dim=1", _a(*GEN, "-G", "dim=1"), "at least 2 columns"),
+    ("-G world_seed=-1", _a(*GEN, "-G", "world_seed=-1"), "[0, 2**63)"),
     ("-G spread=nan", _a(*GEN, "-G", "spread=nan"), "spread"),
     ("unknown descriptor", _a(*GEN, "--descriptor", "bogus"), "unknown descriptor"),
     ("unknown descriptor option", _a(*GEN, "-D", "bogus=1"), "bogus"),
@@ -192,6 +197,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("S with an all-zero row", _a("--embeddings-s", "{zero_row}", "--embeddings-t", "{t}"), "all-zero row"),
     ("T with a NaN", _a("--embeddings-s", "{s}", "--embeddings-t", "{nan}"), "NaN or Inf"),
     ("S and T of different widths", _a("--embeddings-s", "{s}", "--embeddings-t", "{t_w9}"), "width"),
+    ("S and T of width 1", _a("--embeddings-s", "{s_w1}", "--embeddings-t", "{t_w1}"), "at least 2 columns"),
     ("S and T the same file", _a("--embeddings-s", "{t}", "--embeddings-t", "{t}"), "same file"),
     ("T of one row", _a("--embeddings-s", "{s}", "--embeddings-t", "{t_one}"), "rows"),
     ("T of 50 rows", _a("--embeddings-s", "{s}", "--embeddings-t", "{t_50}"), "rows"),
@@ -225,6 +231,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("--radii garbage", _a(*GEN, "--radii", "garbage"), "START:STOP:STEP"),
     ("--radii decreasing", _a(*GEN, "--radii", "0.5:0.1:0.01"), "radii"),
     ("--radii step 0", _a(*GEN, "--radii", "0.1:0.5:0"), "radii"),
+    ("--radii to inf", _a(*GEN, "--radii", "0.1:inf:0.1"), "START:STOP:STEP"),
+    ("--radii to 1e309", _a(*GEN, "--radii", "0.1:1e309:0.1"), "START:STOP:STEP"),
+    ("--radii step 1e-12", _a(*GEN, "--radii", "0.1:0.5:1e-12"), "at most 10000"),
     ("--radii above 1", _a(*GEN, "--radii", "0.1:1.5:0.1"), "radii"),
     ("--alpha 0", _a(*GEN, "--alpha", "0"), "alpha"),
     ("--alpha 1", _a(*GEN, "--alpha", "1"), "alpha"),

@@ -15,7 +15,7 @@ import numpy as np
 
 from modeaudit.tasks.models.generators import file_sha256, load_torchscript, torch_device
 from modeaudit.tasks.models.preprocess import Preprocess, combine_flip, flip_horizontal, preprocess_options
-from modeaudit.tasks.registry import ConfigError, Option, Registry, require_torch
+from modeaudit.tasks.registry import SEED_CHECK, ConfigError, Option, Registry, require_torch
 
 DESCRIPTORS = Registry("descriptor", plugins=("modeaudit.tasks.models.python_models", "modeaudit.tasks.toy.rff",
                                                "modeaudit.tasks.models.onnx_models",
@@ -152,7 +152,7 @@ _torch_opts = {
 
 
 @DESCRIPTORS.register("torch:tiny-cnn", {**_torch_opts, "dim": Option(int, 32, "embedding dim", **_pos),
-                                         "world_seed": Option(int, 1, "weight seed")},
+                                         "world_seed": Option(int, 1, "weight seed", **SEED_CHECK)},
                       help="small fixed-weight CNN descriptor (tests, demos)")
 def _tiny_cnn(*, batch_size, device, dim, world_seed, **pre):
     opts = dict(batch_size=batch_size, device=device, dim=dim, world_seed=world_seed, **pre)

@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit, prange
 from scipy.special import ndtr
 
-from modeaudit.tasks.registry import ConfigError, Option, Registry, require_torch
+from modeaudit.tasks.registry import SEED_CHECK, ConfigError, Option, Registry, require_torch
 from modeaudit.tasks.models.rng import latent_rows
 
 # "calibrated:PATH" lives with the calibration code, which builds on this module:
@@ -136,7 +136,7 @@ _world_opts = {
     "identities": Option(int, 1000, "number of equally likely identities", **_pos),
     "spread": Option(float, 0.75, "within-identity spread (noise norm relative to the centre)", **_pos),
     "latent_dim": Option(int, 16, "latent dimension", check=lambda v: v >= 2, check_msg="must be >= 2"),
-    "world_seed": Option(int, 0, "seed of the identity world (centres, directions)"),
+    "world_seed": Option(int, 0, "seed of the identity world (centres, directions)", **SEED_CHECK),
 }
 
 
@@ -211,7 +211,7 @@ _torch_opts = {
 
 @GENERATORS.register("torch:tiny", {**_torch_opts, "latent_dim": Option(int, 8, "latent dimension", **_pos),
                                     "size": Option(int, 16, "image side in pixels", **_pos),
-                                    "world_seed": Option(int, 0, "weight seed")},
+                                    "world_seed": Option(int, 0, "weight seed", **SEED_CHECK)},
                      help="small fixed-weight torch image generator (exercises the image -> embedding path)")
 def _tiny(*, batch_size, device, latent_dim, size, world_seed):
     opts = dict(batch_size=batch_size, device=device, latent_dim=latent_dim, size=size, world_seed=world_seed)
