@@ -196,3 +196,15 @@ def test_no_prefect_no_pyplot():
             "assert 'prefect' not in sys.modules; assert 'matplotlib.pyplot' not in sys.modules")
     root = pathlib.Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_mccs_caption_says_where_the_worst_case_is():
+    """The caption once claimed "several standard deviations above the mean" for every run (the demo's is +1.9)."""
+    from modeaudit.tasks.report.audit import _mccs_caption
+    far = _mccs_caption({"mccs": {"mean": 0.2, "std": 0.05, "worst_case": 0.4}})
+    assert "far in the right tail, +4.0 standard deviations" in far and "indicates intra-mode collapse" in far
+    near = _mccs_caption({"mccs": {"mean": 0.2337, "std": 0.0627, "worst_case": 0.3531}})
+    assert "+1.9 standard deviations" in near and "not far enough by itself" in near
+    assert "within the bulk" in _mccs_caption({"mccs": {"mean": 0.2, "std": 0.05, "worst_case": 0.22}})
+    assert "no spread" in _mccs_caption({"mccs": {"mean": 0.2, "std": 0.0, "worst_case": 0.2}})
+    assert "marked in red" in _mccs_caption({})

@@ -513,7 +513,9 @@ def _settings_block(result: Mapping) -> str:
     for title, rows in parts:
         if not rows:
             continue
-        cards.append(f'<div class="card"><h3>{_e(title)}</h3><table class="kv">'
+        # The source's nested tables (options, shards, inputs, cache keys) need the whole row to stay readable.
+        wide = " wide" if title == "Source" else ""
+        cards.append(f'<div class="card{wide}"><h3>{_e(title)}</h3><table class="kv">'
                      + _rows(rows)
                      + "</table></div>")
     return '<div class="grid">' + "".join(cards) + "</div>"
@@ -648,11 +650,15 @@ padding:1px 5px;border-radius:4px;word-break:break-all}
 .verdict.warn{background:var(--warnbg);border-color:#fec84b;color:var(--warn)}
 .verdict.none{background:#eef0f4;border-color:var(--line)}
 .verdict .sub code{background:rgba(255,255,255,.6)}
-.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px;min-width:0}
 .two{display:grid;grid-template-columns:3fr 2fr;gap:14px;align-items:start}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:14px}
 table{border-collapse:collapse;width:100%}
-th,td{text-align:left;vertical-align:top;padding:5px 8px;border-bottom:1px solid var(--line)}
+th,td{text-align:left;vertical-align:top;padding:5px 8px;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
+table.kv{table-layout:fixed}
+.card.wide{grid-column:1/-1}
+.card.wide table.kv th{width:20%}
+table.sub th{white-space:nowrap}
 tr:last-child>th,tr:last-child>td{border-bottom:0}
 table.kv th{font-weight:500;color:var(--muted);width:46%}
 table.tests thead th{color:var(--muted);font-weight:500;font-size:13px}
@@ -677,6 +683,24 @@ table.sub th{font-weight:500;color:var(--muted)}
 .pictures figure img{width:auto;max-width:100%;margin:0 auto}
 @media (max-width:900px){.two{grid-template-columns:1fr}}
 """
+
+
+def _mccs_caption(result: Mapping) -> str:
+    """Where this run's worst case sits in the MCCS histogram, in standard deviations of the population: a
+    worst case several of them into the right tail indicates collapse around it, one inside it does not."""
+    m = result.get("mccs") or {}
+    try:
+        worst, mean, std = float(m["worst_case"]), float(m["mean"]), float(m["std"])
+    except (KeyError, TypeError, ValueError):
+        return "The worst case is marked in red."
+    if not (std > 0 and np.isfinite(worst) and np.isfinite(mean)):
+        return f"The worst case (red) has MCCS {_fmt(worst)}; the population has no spread to compare it with."
+    z = (worst - mean) / std
+    where = ("far in the right tail" if z >= 3 else "in the right tail" if z >= 1.5 else "within the bulk")
+    meaning = ("which indicates intra-mode collapse around it" if z >= 3 else
+               "not far enough by itself to indicate collapse (the tests above decide)")
+    return (f"The worst case (red) is {where}, {z:+.1f} standard deviations from the population mean, "
+            f"{meaning}.")
 
 
 def render_report_html(result: Mapping, *, curves_png_b64: str, mccs_png_b64: str,
@@ -738,9 +762,7 @@ used to pick the worst case.</figcaption></figure></section>
 <section><h2>MCCS distribution</h2>
 <figure><img alt="histogram of MCCS over the anchor set A"
 src="data:image/png;base64,{mccs_png_b64}">
-<figcaption>MCCS of every anchor in A against the disjoint sample set C. The worst case (red)
-far in the right tail, several standard deviations above the mean, indicates intra-mode
-collapse around it.</figcaption></figure></section>
+<figcaption>MCCS of every anchor in A against the disjoint sample set C. {_mccs_caption(result)}</figcaption></figure></section>
 
 <section><h2>Settings</h2>{_settings_block(result)}</section>
 
