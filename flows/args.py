@@ -22,3 +22,16 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"modeaudit: error: {message}; `{self.prog} --help` lists the options\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with "(default: X)" only where it informs: not for flags (a --no-report "default: True" reads as
+    if the flag were on), not for unset (None) defaults, not where the help already states its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
+                                argparse._HelpAction, argparse._VersionAction))
+                or action.default is None or action.default is argparse.SUPPRESS or "default" in text.lower()):
+            return text
+        return super()._get_help_string(action)

@@ -14,7 +14,7 @@ import sys
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-from modeaudit.flows.args import OneLineParser, count as _count  # noqa: E402
+from modeaudit.flows.args import HelpFormatter, OneLineParser, count as _count  # noqa: E402
 from modeaudit import __version__  # noqa: E402
 from modeaudit.flows.metrics_cli import add_metrics_parser, run_metrics  # noqa: E402
 from modeaudit.flows.compare_cli import add_compare_parser, run_compare  # noqa: E402
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("audit", help="audit a generator, or embeddings you already have",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     a.add_argument("--out", required=True, metavar="DIR", help="run directory (store, report.html, result.json)")
     a.add_argument("--overwrite", action="store_true", help="replace a different run already in DIR")
     a.add_argument("--fail-on", choices=["collapse", "warning", "never"], default="never",
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_arguments(a)
 
     c = sub.add_parser("calibrate", help="reshape the latent sampler of an audited generator and audit the result",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     c.add_argument("--run", required=True, metavar="DIR", help="a finished `modeaudit audit --generator` run")
     c.add_argument("--method", default=C("method"), choices=["cluster", "rejection"],
                    help="rejection (seed 001 Alg. 2; default: exact, keeps quality) or cluster (Alg. 1)")

@@ -10,6 +10,8 @@ written atomically. Exit codes as `audit`: 0, 2 (bad input, one line), 3 (--fail
 from __future__ import annotations
 
 import argparse
+
+from modeaudit.flows.args import HelpFormatter
 import html
 import json
 import math
@@ -25,7 +27,7 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     """Add the `compare` subcommand to the CLI's subparsers."""
     from modeaudit.flows.args import count
     c = sub.add_parser("compare", help="is run B more collapsed than run A? (two finished audits, e.g. two "
-                       "checkpoints)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "checkpoints)", formatter_class=HelpFormatter)
     c.add_argument("run_a", metavar="RUN_A", help="a finished audit's directory (the baseline)")
     c.add_argument("run_b", metavar="RUN_B", help="a finished audit's directory (the candidate)")
     c.add_argument("--out", required=True, metavar="DIR", help="directory for compare.json and compare.html")

@@ -11,6 +11,8 @@ streamed pass and the workers read it by path (tasks/metrics/rows.py).
 from __future__ import annotations
 
 import argparse
+
+from modeaudit.flows.args import HelpFormatter
 import json
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ def add_metrics_parser(sub) -> argparse.ArgumentParser:
     from modeaudit.tasks.metrics.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS
     m = sub.add_parser("metrics", help="precision/recall, density/coverage, KID and birthday-paradox support size "
                        "of fake samples against real ones (exact k-NN, streamed)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     m.add_argument("--real", required=True, metavar="PATH", help="real (reference) feature rows: .npy, Zarr array, "
                    "an audit run folder (its store's T embeddings), or a folder of PNG/JPEG images (embedded with "
                    "--descriptor, cached)")

@@ -7,6 +7,8 @@ code 2: the toy parsers report argparse's own errors that way too.
 from __future__ import annotations
 
 import argparse
+
+from modeaudit.flows.args import HelpFormatter
 import json
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ def add_toy_parser(sub) -> None:
     """Add `toy train` and `toy score` under the main parser's subcommands."""
     t = sub.add_parser("toy", help="toy worlds with ground truth: train reference GANs, score generators")
     ts = t.add_subparsers(dest="toy_command", parser_class=OneLineParser)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     tr = ts.add_parser("train", formatter_class=fmt, help="train a reference GAN on a toy world; TorchScript "
                        "checkpoints of the generator every --every steps")
     tr.add_argument("--world", required=True, help="ring8, grid25, ring8-imbalanced or moons")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+
+from modeaudit.flows.args import HelpFormatter
 import json
 import sys
 
@@ -23,7 +25,7 @@ def add_watch_parser(sub) -> None:
     """The `watch` subcommand: the audit's options (flows/cli.add_audit_arguments, without the inputs)."""
     from modeaudit.flows.cli import add_audit_arguments
     w = sub.add_parser("watch", help="audit every new checkpoint (.pt TorchScript, .onnx) of a folder, oldest first",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     w.add_argument("ckpt_dir", metavar="CKPT_DIR", help="folder of checkpoint files (.pt: TorchScript, .onnx; not "
                    "recursive); identity is the file's sha256, so renamed copies are not audited again")
     w.add_argument("--out", required=True, metavar="RUNS_DIR", help="folder of the runs: one run folder per "

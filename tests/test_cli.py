@@ -169,3 +169,16 @@ def test_torchscript_generator_and_descriptor(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(e, net(torch.from_numpy(img)).numpy(), atol=1e-5)
     assert "sha256" in g.fingerprint()
+
+
+@pytest.mark.parametrize("command", ["audit", "calibrate", "metrics", "compare", "watch"])
+def test_help_shows_only_informative_defaults(command, capsys):
+    """argparse's default formatter printed "--no-report ... (default: True)", which reads as if the flag were
+    on, "(default: None)" for unset options and two defaults where the help already named one."""
+    from modeaudit.flows.cli import main
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
+    assert text.count("(default") >= 1
