@@ -198,7 +198,12 @@ def compare_dirs(args) -> dict:
 
 
 def _f(x, nd=4) -> str:
+    """A table cell: a number, or words where compare.json holds null or nan (the page shows no raw JSON)."""
+    if x is None:
+        return "&mdash;"
     if isinstance(x, float):
+        if math.isnan(x):
+            return "n/a (no samples in either run)"
         return f"{x:.{nd}g}"
     return html.escape(str(x))
 
@@ -209,7 +214,7 @@ def render_html(doc: dict) -> str:
     rows = "".join(
         f"<tr><td>{e(b['mode_of'])}{b['rank']}</td><td>{b['s_index']}</td><td>{b['x_a']}</td><td>{b['x_b']}</td>"
         f"<td>{_f(b['ratio_b_over_a'])}</td><td>[{_f(b['ci'][0])}, {_f(b['ci'][1])}]</td><td>{_f(b['p'])}</td>"
-        f"<td>{_f(b['p_adj'])}</td><td>{'yes' if b['reject'] else 'no'}</td><td>{e(str(b['direction']))}</td></tr>"
+        f"<td>{_f(b['p_adj'])}</td><td>{'yes' if b['reject'] else 'no'}</td><td>{_f(b['direction'])}</td></tr>"
         for b in doc["test"]["balls"])
     m, fd = doc["mccs"], doc["fd"]
     colour = {"collapse": "#c0392b", "warning": "#d68910", "ok": "#1e8449"}[doc["verdict"]["level"]]

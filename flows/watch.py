@@ -15,6 +15,7 @@ from prefect.states import Failed
 
 from modeaudit.storage.layout import check_out_dir, run_lock
 from modeaudit.storage.store import StoreError
+from modeaudit.tasks import console
 from modeaudit.tasks import watch as w
 from modeaudit.tasks.config import AuditConfig
 from modeaudit.tasks.registry import ConfigError
@@ -60,7 +61,8 @@ def watch_pass(ckpt_dir: str | Path, runs_dir: str | Path, base: AuditConfig) ->
             continue
         seen.add(ck.sha256)
         attempt = w.attempts_of(history, ck.sha256) + 1
-        log.warning("modeaudit watch: auditing %s (sha256 %s) into %s", ck.path.name, ck.sha256[:12], ck.run_name)
+        # A normal progress line (console.note: stderr in the CLI, an INFO record elsewhere), not a warning.
+        console.note(f"watch: auditing {ck.path.name} (sha256 {ck.sha256[:12]}) into {ck.run_name}")
         try:
             result = audit_checkpoint(ck, base, runs)
             entry = w.ok_entry(ck, attempt, result, runs / ck.run_name)

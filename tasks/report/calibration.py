@@ -60,7 +60,8 @@ def _curves_fig(cal, before, after):
 
 
 def _box_fig(cal, a_before, a_after):
-    fig = style.new_figure(7, 3.9, "MCCS over the anchors A, before and after calibration")
+    # The width of the page's other figures (11 in): drawn narrower, it was scaled up, fonts and all.
+    fig = style.new_figure(11, 3.9, "MCCS over the anchors A, before and after calibration")
     ax = fig.add_subplot()
     style.style_axes(ax, grid="y")
     ax.boxplot([a_before, a_after], showfliers=False)
@@ -138,6 +139,11 @@ def pictures_before_after(run_dir, after_dir, result_before: dict, rel_before: s
             "</p>")
 
 
+def _had_reference(result: dict) -> bool:
+    src = result.get("source") or {}
+    return bool(src.get("reference") or src.get("reference_generator"))
+
+
 def write_calibration_report(out_dir, cal: dict, before: dict, after: dict, mccs_a_before, mccs_a_after, *,
                              run_dir=None, after_dir=None) -> Path:
     """Render the before/after page (atomic write) and return its path.
@@ -158,8 +164,8 @@ def write_calibration_report(out_dir, cal: dict, before: dict, after: dict, mccs
         # Same tests, same reference (flows/calibrate.py): the headlines are comparable.
         head += (f'<p><b>Verdict: {html.escape(str(cal.get("verdict_before")))} &rarr; '
                  f'{html.escape(str(cal.get("verdict_after")))}</b> '
-                 f'<span class="muted">(before &rarr; after; the re-audit ran the audit\'s tests against '
-                 f'its reference)</span></p>')
+                 f'<span class="muted">(before &rarr; after; the re-audit ran the audit\'s tests'
+                 f'{" against its reference" if _had_reference(before) else ""})</span></p>')
     rows = [_row(_LABELS[k], cal[k]) for k in _LABELS if k in cal]
     rows += [_row(f"MCCS over A {k} (mean ± std)", f"{v['mean']:.4f} ± {v['std']:.4f}")
              for k, v in (("before", cal["mccs_population_before"]), ("after", cal["mccs_population_after"]))]
