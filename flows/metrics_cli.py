@@ -169,9 +169,9 @@ def load_rows(path, what: str, distance: str, desc: dict | None = None, cache: b
             x = np.asarray(path)
         except (TypeError, ValueError) as e:
             raise _Bad(f"{what} is neither a path nor an array of feature rows ({e})") from None
-        if x.ndim != 2 or x.shape[0] == 0 or not (np.issubdtype(x.dtype, np.floating)
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0 or not (np.issubdtype(x.dtype, np.floating)
                                                   or np.issubdtype(x.dtype, np.integer)):
-            raise _Bad(f"{what} must be an (n, d) array of numbers with n >= 1, got shape {x.shape} dtype {x.dtype}")
+            raise _Bad(f"{what} must be an (n, d) array of numbers with n, d >= 1, got shape {x.shape} dtype {x.dtype}")
         x = rows_as(x, np.float32)
         _check_rows([(0, x)], f"{what} array {x.shape}", distance)
         return x
@@ -255,16 +255,21 @@ def _positive_int(v, option: str) -> None:
         raise _Bad(f"{option} must be a positive integer, got {v!r}")
 
 
-def _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows) -> None:
+def _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows, kid_seed=0) -> None:
+    # Types too: the Python API passes values argparse never saw (block_rows=2.5 was a TypeError inside numpy).
     _positive_int(k, "--k")
     if distance not in ("euclidean", "angular"):
         raise _Bad(f"--distance must be euclidean or angular, got {distance!r}")
-    if kid_subsets < 1 or kid_subset_size < 2:
+    _positive_int(kid_subsets, "--kid-subsets")
+    _positive_int(kid_subset_size, "--kid-subset-size")
+    if kid_subset_size < 2:
         raise _Bad("--kid-subsets must be >= 1 and --kid-subset-size >= 2")
-    if dup_quantile is not None and not (0.0 < dup_quantile < 1.0):
-        raise _Bad(f"--dup-quantile must lie in (0, 1), got {dup_quantile}")
-    if block_rows < 1:
-        raise _Bad(f"--block-rows must be a positive integer, got {block_rows}")
+    if isinstance(kid_seed, bool) or not isinstance(kid_seed, int) or not 0 <= kid_seed < 2 ** 32:
+        raise _Bad(f"--kid-seed must be a whole number in [0, 2**32) (a numpy RandomState seed), got {kid_seed!r}")
+    if dup_quantile is not None and (isinstance(dup_quantile, bool) or not isinstance(dup_quantile, (int, float))
+                                     or not 0.0 < dup_quantile < 1.0):
+        raise _Bad(f"--dup-quantile must lie in (0, 1), got {dup_quantile!r}")
+    _positive_int(block_rows, "--block-rows")
 
 
 def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dict | None = None, out=None,
@@ -283,10 +288,12 @@ def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dic
     kid_subsets = KID_SUBSETS if kid_subsets is None else kid_subsets
     kid_subset_size = KID_SUBSET_SIZE if kid_subset_size is None else kid_subset_size
     kid_seed = KID_SEED if kid_seed is None else kid_seed
-    _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows)
+    _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows, kid_seed)
     kernel, plan = _execution(kernel, workers, scheduler, group_rows)
     if plan is not None and client is not None:
         raise _Bad("pass a client, or workers/scheduler, not both")
+    if client is not None and not callable(getattr(client, "submit", None)):
+        raise _Bad(f"client must be a distributed.Client, got {type(client).__name__}")
     if out is not None:
         from modeaudit.storage.layout import resolved_dir
         out = resolved_dir(out)

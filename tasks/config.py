@@ -58,8 +58,9 @@ def _one_line(cls, e: ValidationError) -> str:
     key = ".".join(str(x) for x in err["loc"]) or "(config)"
     if err["type"] == "extra_forbidden":
         return (f"{cls.__name__}: unknown key {key!r}; known keys: {', '.join(cls.model_fields)}")
-    got = err.get("input")
-    return f"{cls.__name__}: {key!r}: {err['msg'].rstrip('.')} (got {got!r} of type {type(got).__name__})" + (
+    got = " ".join(repr(err.get("input")).split())      # one line: an array's repr spans many
+    got = got if len(got) <= 80 else got[:77] + "..."
+    return f"{cls.__name__}: {key!r}: {err['msg'].rstrip('.')} (got {got} of type {type(err.get('input')).__name__})" + (
         f" and {len(e.errors()) - 1} more" if len(e.errors()) > 1 else "")
 
 

@@ -433,6 +433,15 @@ def test_python_api_metrics(tmp_path):
     assert not caught, [str(w.message) for w in caught]   # the error alone, no overflow warning before it
     with pytest.raises(modeaudit.ConfigError, match="unknown setting"):
         modeaudit.metrics(real, fake, kid_subset=3)
+    # Values argparse never sees (a TypeError, AttributeError or ZeroDivisionError from deep inside before)
+    for kw, msg in (({"block_rows": 2.5}, "--block-rows must be a positive integer"),
+                    ({"kid_seed": 1.5}, "--kid-seed must be a whole number"),
+                    ({"kid_subsets": 2.0}, "--kid-subsets must be a positive integer"),
+                    ({"client": "x"}, "client must be a distributed.Client")):
+        with pytest.raises(modeaudit.ConfigError, match=msg):
+            modeaudit.metrics(real, fake, out=tmp_path / "bad", **kw)
+    with pytest.raises(modeaudit.ConfigError, match="n, d >= 1"):
+        modeaudit.metrics(np.zeros((30, 0), np.float32), np.zeros((20, 0), np.float32), out=tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 

@@ -97,6 +97,9 @@ def test_api_with_a_callable_equals_the_cli_spec(tmp_path, capsys, prefect_harne
     assert _strip(cli) == _strip(r.data)
     with pytest.raises(ConfigError, match="unknown key 'bogus'"):
         modeaudit.audit(generator="synthetic:planted", out=tmp_path / "x", bogus=1)
+    with pytest.raises(ConfigError) as e:              # an array where a path belongs: still one line
+        modeaudit.audit(embeddings_s=np.zeros((5, 5)), embeddings_t="t.npy", out=tmp_path / "x")
+    assert "\n" not in str(e.value) and "'embeddings_s'" in str(e.value) and len(str(e.value)) < 200
 
 
 def _embeddings(tmp_path):
