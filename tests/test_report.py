@@ -208,3 +208,16 @@ def test_mccs_caption_says_where_the_worst_case_is():
     assert "within the bulk" in _mccs_caption({"mccs": {"mean": 0.2, "std": 0.05, "worst_case": 0.22}})
     assert "no spread" in _mccs_caption({"mccs": {"mean": 0.2, "std": 0.0, "worst_case": 0.2}})
     assert "marked in red" in _mccs_caption({})
+
+
+def test_envelope_section_marks_and_counts_the_radii_above_the_envelope():
+    """On the log axis a few-percent excess was invisible (the demo's ERL rejects at 13 radii, by at most 1.08x)."""
+    from modeaudit.tasks.report.stats import envelope_section
+    radii = [0.1, 0.2, 0.3, 0.4]
+    erl = {"envelope_high": [100.0, 200.0, None, 400.0], "alpha": 0.05, "p_low": 0.01, "p_high": 0.02, "n_ref": 99}
+    result = {"radii": radii, "tests": {"erl": erl},
+              "curves": {"ref_high": [90, 180, 270, 360], "obs": [[50, 216, 900, 400]]}}
+    _, html_text = envelope_section(result)
+    assert "above the envelope at 1 of 4 radii (d = 0.2 to 0.2); at most 1.08x its top" in html_text
+    result["curves"]["obs"] = [[50, 100, 900, 300]]
+    assert "stays inside the envelope at every radius" in envelope_section(result)[1]
