@@ -207,6 +207,8 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
         cfg = finalize_sizes(cfg, cfg.m, cfg.M)
         gen, desc = steps.model_specs(cfg)
         width = steps.trial_embedding(gen, desc, cfg.seed, "generator").shape[1]
+        from modeaudit.tasks.models.shards import models
+        steps.check_shard_memory(cfg, models(gen, desc)[0].latent_dim, width)
         steps.check_audit_width(width, f"--generator {cfg.generator}" + (f" with --descriptor {cfg.descriptor}"
                                                                          if cfg.descriptor else ""))
         steps.check_reference_generator(cfg, desc, width)

@@ -42,6 +42,9 @@ def model_specs(cfg: AuditConfig) -> tuple[dict, dict]:
                                                                       cfg.generator_options, device))
     gen = {"spec": cfg.generator, "options": gen_opts}
     generator = GENERATORS.build(cfg.generator, gen_opts)
+    # Before the trial row: the latents are drawn in blocks of rng.BLOCK_ROWS rows, so even one row of a
+    # latent_dim=1e6 model is GiBs.
+    check_shard_memory(cfg, generator.latent_dim, 0)
     dspec = cfg.descriptor or generator.default_descriptor
     if dspec is None:
         raise InputError(f"generator {cfg.generator!r} makes images: choose a descriptor with --descriptor "
@@ -217,6 +220,30 @@ def embedding_sources(cfg: AuditConfig, s: Source | None = None, t: Source | Non
                          "descriptor")
     check_audit_width(s.dim, "--embeddings-s")
     return s, t
+
+
+# A worker holds one shard's latents and embeddings (float32) at once.
+SHARD_BYTES_MAX = 2 << 30
+
+
+def check_shard_memory(cfg: AuditConfig, latent_dim: int, width: int = 0) -> None:
+    """InputError when one generation shard would not fit a worker: shard rows x (latent_dim + width) x 4 bytes
+    (a -G latent_dim=1e6 at the default 100,000-row shards is 400 GB; it was killed for memory). The latents
+    are drawn in whole blocks of rng.BLOCK_ROWS rows, so that many rows of them are the least any shard holds."""
+    from modeaudit.tasks.models.rng import BLOCK_ROWS
+    rows = min(cfg.shard_rows, max(cfg.m or 0, cfg.M or 0)) or cfg.shard_rows
+    need = max(rows, BLOCK_ROWS) * latent_dim * 4 + rows * width * 4
+    if need <= SHARD_BYTES_MAX:
+        return
+    if BLOCK_ROWS * latent_dim * 4 > SHARD_BYTES_MAX // 2:
+        raise InputError(f"latent_dim={latent_dim:,} is too large: latents are drawn in blocks of {BLOCK_ROWS} rows, "
+                         f"{BLOCK_ROWS * latent_dim * 4 / 2**30:.1f} GiB a block; at most "
+                         f"{SHARD_BYTES_MAX // 2 // (BLOCK_ROWS * 4):,} latent dimensions are supported")
+    fit = max(1, SHARD_BYTES_MAX // ((latent_dim + width) * 4))
+    embeddings = f" and {width}-d embeddings" if width else ""
+    raise InputError(f"a generation shard of {rows:,} rows holds latent_dim={latent_dim:,} latents{embeddings}, "
+                     f"{need / 2**30:.1f} GiB in a worker; pass --shard-rows {fit:,} or less (or a smaller "
+                     "latent_dim)")
 
 
 def check_audit_width(width: int, what: str) -> None:

@@ -132,6 +132,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("-G dim=1e999", _a(*GEN, "-G", "dim=1e999"), "not a valid int"),
     ("-G dim=1", _a(*GEN, "-G", "dim=1"), "at least 2 columns"),
     ("-G world_seed=-1", _a(*GEN, "-G", "world_seed=-1"), "[0, 2**63)"),
+    ("-G latent_dim=1e6", _a(*GEN, "-G", "latent_dim=1e6"), "latent dimensions are supported"),
+    ("-G latent_dim=20000 at the default shard size", _a(*GEN, "-G", "latent_dim=20000"), "--shard-rows"),
     ("-G spread=nan", _a(*GEN, "-G", "spread=nan"), "spread"),
     ("unknown descriptor", _a(*GEN, "--descriptor", "bogus"), "unknown descriptor"),
     ("unknown descriptor option", _a(*GEN, "-D", "bogus=1"), "bogus"),
