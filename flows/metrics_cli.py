@@ -393,7 +393,7 @@ def run_metrics(args) -> int:
                             kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
                             kid_seed=args.kid_seed, dup_quantile=args.dup_quantile, kernel=args.kernel,
                             workers=args.workers, scheduler=args.scheduler, group_rows=args.group_rows)
-    except _Bad as e:
+    except _config_error() as e:      # _Bad, and an InputError from reading the rows (a damaged chunk)
         print(f"modeaudit: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: result[k] for k in ("precision", "recall", "density", "coverage", "kid", "support_size")},

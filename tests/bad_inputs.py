@@ -64,6 +64,12 @@ def make_inputs(tmp: Path) -> dict[str, str]:
     np.savez(f["npz"], s=_unit(400, 8, 1))
     f["csv"] = tmp / "rows.csv"
     np.savetxt(f["csv"], _unit(400, 8, 1), delimiter=",")
+    # A Zarr array with one chunk overwritten after it was written (it no longer decodes).
+    import zarr
+    f["t_damaged_zarr"] = tmp / "t_damaged.zarr"
+    z = zarr.create_array(str(f["t_damaged_zarr"]), shape=(3000, 8), chunks=(1000, 8), dtype="float32")
+    z[:] = _unit(3000, 8, 2)
+    (f["t_damaged_zarr"] / "c" / "1" / "0").write_bytes(b"garbage\n")
     f["dir"] = tmp / "a_folder"
     f["dir"].mkdir()
     f["missing"] = tmp / "no_such_file.npy"
@@ -199,6 +205,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("S with an all-zero row", _a("--embeddings-s", "{zero_row}", "--embeddings-t", "{t}"), "all-zero row"),
     ("T with a NaN", _a("--embeddings-s", "{s}", "--embeddings-t", "{nan}"), "NaN or Inf"),
     ("S and T of different widths", _a("--embeddings-s", "{s}", "--embeddings-t", "{t_w9}"), "width"),
+    ("T: a Zarr array with a damaged chunk", _a("--embeddings-s", "{s}", "--embeddings-t", "{t_damaged_zarr}"),
+     "cannot be read"),
     ("S and T of width 1", _a("--embeddings-s", "{s_w1}", "--embeddings-t", "{t_w1}"), "at least 2 columns"),
     ("S and T the same file", _a("--embeddings-s", "{t}", "--embeddings-t", "{t}"), "same file"),
     ("T of one row", _a("--embeddings-s", "{s}", "--embeddings-t", "{t_one}"), "rows"),
@@ -294,6 +302,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("metrics: missing real file", ["metrics", "--real", "{missing}", "--fake", "{t}", "--out", "{out}"],
      "no_such_file"),
     ("metrics: widths differ", ["metrics", "--real", "{t}", "--fake", "{t_w9}", "--out", "{out}"], "width"),
+    ("metrics: a damaged Zarr chunk", ["metrics", "--real", "{t}", "--fake", "{t_damaged_zarr}", "--out", "{out}"],
+     "cannot be read"),
     ("metrics: NaN rows", ["metrics", "--real", "{t}", "--fake", "{nan}", "--out", "{out}"], "NaN"),
     ("metrics: --k 0", ["metrics", "--real", "{t}", "--fake", "{s}", "--out", "{out}", "--k", "0"], "k"),
     ("metrics: --distance bogus", ["metrics", "--real", "{t}", "--fake", "{s}", "--out", "{out}",

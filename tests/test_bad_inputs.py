@@ -23,7 +23,8 @@ def inputs(tmp_path_factory):
         sys.path.remove(files["module_dir"])
 
 
-FOUND_ON_THE_CLUSTER = ("S with an Inf", "S with an all-zero row", "T with a NaN", "reference with a NaN")
+FOUND_ON_THE_CLUSTER = ("S with an Inf", "S with an all-zero row", "T with a NaN", "reference with a NaN",
+                        "T: a Zarr array with a damaged chunk")
 
 
 def _tree(root: Path) -> dict:

@@ -66,13 +66,25 @@ class Source:
                    dtype=str(emb.dtype), stored_unit=True)
 
     def _raw(self, start: int, stop: int) -> np.ndarray:
-        if self.kind == "store":
-            from modeaudit.storage.store import RunStore
-            return RunStore.open(self.path).read(self.set_name, "emb", start, stop)
-        if self.kind == "npy":
-            return np.load(self.path, mmap_mode="r")[start:stop]
-        import zarr
-        return zarr.open_array(self.path, mode="r")[start:stop]
+        from modeaudit.storage.store import RunStore, StoreError
+        try:
+            if self.kind == "store":
+                return RunStore.open(self.path).read(self.set_name, "emb", start, stop)
+            if self.kind == "npy":
+                return np.load(self.path, mmap_mode="r")[start:stop]
+            import zarr
+            return zarr.open_array(self.path, mode="r")[start:stop]
+        except StoreError:
+            raise
+        except (RuntimeError, ValueError, OSError) as e:
+            # A chunk that no longer decodes, a file cut short since it was opened: one line, not a codec traceback.
+            why = " ".join(str(e).split())[:160]
+            if self.kind == "store":
+                raise StoreError(f"{self.path}: rows {start}-{stop} of its set {self.set_name!r} cannot be read "
+                                 f"({type(e).__name__}: {why}); rerun the audit with the same --out to regenerate "
+                                 "damaged shards") from None
+            raise InputError(f"{self.path}: rows {start}-{stop} cannot be read ({type(e).__name__}: {why}); the "
+                             "file is damaged or was changed while in use: write it again") from None
 
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Unit-normalised rows [start, stop), in self.dtype."""
