@@ -12,8 +12,8 @@ import numpy as np
 from prefect import flow
 from prefect.states import Failed
 
-from modeaudit.storage.layout import (RESULT_JSON, RunLayout, clear_derived, discard_unstarted_run, resolved_dir,
-                                      run_lock)
+from modeaudit.storage.layout import (RESULT_JSON, RunLayout, check_out_dir, clear_derived, discard_unstarted_run,
+                                      resolved_dir, run_lock)
 from modeaudit.storage.store import RunStore, StoreError
 
 from modeaudit.tasks import audit_steps as steps
@@ -294,23 +294,27 @@ def audit_flow(config: AuditConfig) -> dict:
     fields; a wrong type or an unknown key ends the run with a one-line error naming it.
     Prefect's own parameter validation is off so that error is ours, not a traceback.
     """
-    # Whether --out holds no run yet (a new folder, or one without a run: check_out_dir refused any holding
-    # a run's output names), so what a failing run leaves there is all its own. By the resolved path:
-    # "X/new/.." is X.
-    fresh = not RunLayout(resolved_dir(config_out(config))).run_json.exists()
+    # What --out held before this run, by the resolved path ("X/new/.." is X): a failing run that found no run
+    # there takes back only what it wrote (never an entry that was there, never a folder that existed).
+    root = resolved_dir(config_out(config))
+    fresh = not RunLayout(root).run_json.exists()
+    existed = root.is_dir()
+    before = {p.name for p in RunLayout(root).owned_entries()} if existed else set()
     try:
         cfg = AuditConfig.parse(config)
+        # The CLI and the API ran it already; a deployment's run comes here directly.
+        check_out_dir(cfg.out)
         plan = plan_execution(cfg.kernel, cfg.workers, cfg.threads_per_worker, cfg.scheduler,
                               in_process=in_process_models(cfg))
         cfg.kernel = plan.kernel
-        with run_lock(cfg.out):
+        with run_lock(root):
             try:
                 with dask_client(plan) as client:
                     result = run_audit(cfg, client)
             except BaseException:
                 # Under the lock, so no other run's directory can be taken for ours.
                 if fresh:
-                    discard_unstarted_run(cfg.out)
+                    discard_unstarted_run(root, keep=before, remove_dir=not existed)
                 raise
         publish_verdict(result, cfg.out)
         return result

@@ -238,10 +238,11 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
 def _check_same_run(cfg: AuditConfig, identity) -> None:
     """Refuse here, before Prefect and the cluster start, a rerun into a --out that holds a different run (the
     flow's own check, RunStore.create_or_open, stays). identity() -> (fingerprint, layouts) of this run."""
-    if cfg.overwrite or not RunLayout(cfg.out).run_json.is_file():
+    from modeaudit.storage.layout import resolved_dir
+    if cfg.overwrite or not RunLayout(resolved_dir(cfg.out)).run_json.is_file():
         return
     from modeaudit.storage.store import RunStore
-    RunStore.check_same_run(cfg.out, *identity())
+    RunStore.check_same_run(resolved_dir(cfg.out), *identity())
 
 
 def check_calibration_inputs(cfg: CalibrationConfig) -> None:
@@ -249,7 +250,8 @@ def check_calibration_inputs(cfg: CalibrationConfig) -> None:
     from modeaudit.tasks.calibration.steps import load_run
     from modeaudit.tasks.config import validate_calibration
     validate_calibration(cfg)
-    run_result, run_store = load_run(cfg.run)
+    # Shards are verified by the flow (a deployment's run comes there directly): reading T twice is not cheap.
+    run_result, run_store = load_run(cfg.run, verify=False)
     from modeaudit.tasks.calibration.steps import check_fit_sizes
     check_fit_sizes(cfg.method, cfg.clusters, cfg.n_fit, run_store.layout("T").rows)
     if cfg.fid_reference:

@@ -203,7 +203,7 @@ def _f(x, nd=4) -> str:
         return "&mdash;"
     if isinstance(x, float):
         if math.isnan(x):
-            return "n/a (no samples in either run)"
+            return "n/a"
         return f"{x:.{nd}g}"
     return html.escape(str(x))
 

@@ -301,8 +301,12 @@ def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dic
             raise _Bad(f"--out {out} is a file; choose a directory")
     # On a cluster, files stay files: the workers read them (tasks/metrics/rows.py).
     by_path = plan is not None or client is not None
-    real_rows = load_rows(real, "--real", distance, desc, cache, cache_dir, by_path=by_path)
-    fake_rows = load_rows(fake, "--fake", distance, desc, cache, cache_dir, by_path=by_path)
+    from modeaudit.storage.store import StoreError
+    try:
+        real_rows = load_rows(real, "--real", distance, desc, cache, cache_dir, by_path=by_path)
+        fake_rows = load_rows(fake, "--fake", distance, desc, cache, cache_dir, by_path=by_path)
+    except StoreError as e:      # a run folder's damaged store: a ConfigError for the CLI and the API
+        raise _Bad(str(e)) from None
     if real_rows.shape[1] != fake_rows.shape[1]:
         raise _Bad(f"--real rows have width {real_rows.shape[1]} but --fake rows have width {fake_rows.shape[1]}; "
                    "extract both with the same feature extractor")

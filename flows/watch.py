@@ -15,6 +15,7 @@ from prefect.states import Failed
 
 from modeaudit.storage.layout import check_out_dir, run_lock
 from modeaudit.storage.store import StoreError
+from modeaudit.storage.layout import atomic_write_json
 from modeaudit.tasks import console
 from modeaudit.tasks import watch as w
 from modeaudit.tasks.config import AuditConfig
@@ -74,6 +75,9 @@ def watch_pass(ckpt_dir: str | Path, runs_dir: str | Path, base: AuditConfig) ->
         history = w.record(runs, history, entry)
         _index(runs, history)
     if not (runs / w.INDEX_HTML).exists():
+        if not (runs / w.HISTORY_JSON).exists():
+            # An empty history marks the folder as this watch's (check_dirs refuses an index.html without one).
+            atomic_write_json(runs / w.HISTORY_JSON, history)
         _index(runs, history)
     return {"audited": audited, "failed": failed, "skipped": skipped,
             "history": str(runs / w.HISTORY_JSON), "index": str(runs / w.INDEX_HTML)}

@@ -269,27 +269,31 @@ def clear_derived(out: str | os.PathLike) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def discard_unstarted_run(out: str | os.PathLike) -> bool:
+def discard_unstarted_run(out: str | os.PathLike, keep=(), remove_dir: bool = True) -> bool:
     """Remove what a failed run wrote to a directory that held no run, if it recorded no finished shard.
 
     Called when a run that found no run at `out` fails (bad input found on the cluster, a full
     disk before the first shard): nothing in it is worth a resume, a refused run leaves no half
     result behind, and a rerun with corrected inputs is not refused as "a different run". Only
-    the entries a run writes (OWNED, the lock) are removed, then the directory if that leaves it
-    empty: a folder the user made, with files of their own, stays with them. A directory with a
-    recorded shard is kept (a rerun resumes it). Returns whether the directory was removed.
+    the entries a run writes (OWNED, the lock) that were not there before (`keep`: their names)
+    are removed, then the directory if the run made it (`remove_dir`) and that leaves it empty:
+    a folder the user made, and whatever was in it, stays. A directory with a recorded shard is
+    kept (a rerun resumes it). Returns whether the directory was removed.
     """
     import shutil
     root = resolved_dir(out)
     manifest = root / MANIFEST
     if not root.is_dir() or any(p.name != RUN_JSON for p in manifest.rglob("*.json")):
         return False
-    # Only what a run writes (OWNED, the lock); the folder itself only once that leaves it empty.
     for p in [*RunLayout(root).owned_entries(), root / LOCK]:
+        if p.name in keep:
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         elif p.exists() or p.is_symlink():
             p.unlink(missing_ok=True)
+    if not remove_dir:
+        return False
     try:
         root.rmdir()
     except OSError:

@@ -218,32 +218,41 @@ def embedding_sources(cfg: AuditConfig, s: Source | None = None, t: Source | Non
     if s.dim != t.dim:
         raise InputError(f"S rows have width {s.dim} but T rows have width {t.dim}; both must come from the same "
                          "descriptor")
-    check_audit_width(s.dim, "--embeddings-s")
+    check_audit_width(s.dim, "--images-s" if cfg.images_s else "--embeddings-s")
     return s, t
 
 
-# A worker holds one shard's latents and embeddings (float32) at once.
-SHARD_BYTES_MAX = 2 << 30
+def shard_bytes_max() -> int:
+    """What one generation shard (a worker holds its latents and embeddings, float32, at once) may take: a
+    quarter of this machine's memory, at least 2 GiB (workers of a remote cluster: size --shard-rows yourself)."""
+    try:
+        import psutil
+        total = int(psutil.virtual_memory().total)
+    except Exception:  # noqa: BLE001 - no psutil or no /proc: the floor
+        total = 0
+    return max(2 << 30, total // 4)
 
 
 def check_shard_memory(cfg: AuditConfig, latent_dim: int, width: int = 0) -> None:
     """InputError when one generation shard would not fit a worker: shard rows x (latent_dim + width) x 4 bytes
-    (a -G latent_dim=1e6 at the default 100,000-row shards is 400 GB; it was killed for memory). The latents
-    are drawn in whole blocks of rng.BLOCK_ROWS rows, so that many rows of them are the least any shard holds."""
+    above shard_bytes_max() (a -G latent_dim=1e6 at the default 100,000-row shards is 400 GB; it was killed for
+    memory). Latents are drawn in whole blocks of rng.BLOCK_ROWS rows: that many rows is the least a shard holds."""
     from modeaudit.tasks.models.rng import BLOCK_ROWS
+    limit = shard_bytes_max()
     rows = min(cfg.shard_rows, max(cfg.m or 0, cfg.M or 0)) or cfg.shard_rows
     need = max(rows, BLOCK_ROWS) * latent_dim * 4 + rows * width * 4
-    if need <= SHARD_BYTES_MAX:
+    if need <= limit:
         return
-    if BLOCK_ROWS * latent_dim * 4 > SHARD_BYTES_MAX // 2:
-        raise InputError(f"latent_dim={latent_dim:,} is too large: latents are drawn in blocks of {BLOCK_ROWS} rows, "
-                         f"{BLOCK_ROWS * latent_dim * 4 / 2**30:.1f} GiB a block; at most "
-                         f"{SHARD_BYTES_MAX // 2 // (BLOCK_ROWS * 4):,} latent dimensions are supported")
-    fit = max(1, SHARD_BYTES_MAX // ((latent_dim + width) * 4))
+    if BLOCK_ROWS * latent_dim * 4 > limit // 2:
+        raise InputError(f"latent_dim={latent_dim:,} is too large for this machine: latents are drawn in blocks of "
+                         f"{BLOCK_ROWS} rows, {BLOCK_ROWS * latent_dim * 4 / 2**30:.1f} GiB a block, and a shard may "
+                         f"take {limit / 2**30:.1f} GiB (a quarter of its memory): at most "
+                         f"{limit // 2 // (BLOCK_ROWS * 4):,} latent dimensions here")
+    fit = max(1, limit // ((latent_dim + width) * 4))
     embeddings = f" and {width}-d embeddings" if width else ""
     raise InputError(f"a generation shard of {rows:,} rows holds latent_dim={latent_dim:,} latents{embeddings}, "
-                     f"{need / 2**30:.1f} GiB in a worker; pass --shard-rows {fit:,} or less (or a smaller "
-                     "latent_dim)")
+                     f"{need / 2**30:.1f} GiB in a worker (at most {limit / 2**30:.1f} GiB here, a quarter of this "
+                     f"machine's memory); pass --shard-rows {fit:,} or less (or a smaller latent_dim)")
 
 
 def check_audit_width(width: int, what: str) -> None:

@@ -352,13 +352,14 @@ def parse_radii(text: str) -> tuple:
             a, b, s = (float(x) for x in text.split(":"))
             if not (s > 0 and math.isfinite(a) and math.isfinite(b) and math.isfinite(s)):
                 raise ValueError
-            n = int(round((b - a) / s)) + 1
-            if n > MAX_RADII:
-                raise OverflowError(n)
+            q = (b - a) / s
+            if not math.isfinite(q) or q + 1 > MAX_RADII:
+                raise OverflowError(q + 1)
+            n = int(round(q)) + 1
             return tuple(float(x) for x in np.round(a + s * np.arange(n), 10))
         return tuple(float(x) for x in text.split(","))
     except OverflowError as e:
-        raise ConfigError(f"--radii {text!r} makes {e.args[0]} radii; at most {MAX_RADII} (each is a column of every "
+        raise ConfigError(f"--radii {text!r} makes {e.args[0]:.4g} radii; at most {MAX_RADII} (each is a column of every "
                           "curve): use a larger step") from None
     except ValueError:
         raise ConfigError(f"--radii {text!r} is not START:STOP:STEP (e.g. 0.1:0.5:0.01) or a comma list") from None

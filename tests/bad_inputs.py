@@ -138,8 +138,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("-G dim=1e999", _a(*GEN, "-G", "dim=1e999"), "not a valid int"),
     ("-G dim=1", _a(*GEN, "-G", "dim=1"), "at least 2 columns"),
     ("-G world_seed=-1", _a(*GEN, "-G", "world_seed=-1"), "[0, 2**63)"),
-    ("-G latent_dim=1e6", _a(*GEN, "-G", "latent_dim=1e6"), "latent dimensions are supported"),
-    ("-G latent_dim=20000 at the default shard size", _a(*GEN, "-G", "latent_dim=20000"), "--shard-rows"),
+    # Refused for the block size or the shard size, by the machine's memory: both messages name the latent_dim.
+    ("-G latent_dim=1e6", _a(*GEN, "-G", "latent_dim=1e6"), "latent_dim=1,000,000"),
+    ("-G latent_dim=2e5 at the default shard size", _a(*GEN, "-G", "latent_dim=2e5"), "latent_dim=200,000"),
     ("-G spread=nan", _a(*GEN, "-G", "spread=nan"), "spread"),
     ("unknown descriptor", _a(*GEN, "--descriptor", "bogus"), "unknown descriptor"),
     ("unknown descriptor option", _a(*GEN, "-D", "bogus=1"), "bogus"),

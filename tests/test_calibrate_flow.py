@@ -131,10 +131,15 @@ def test_calibrate_refuses_a_damaged_store(audited, tmp_path, capsys):
     shutil.copytree(audited, run, ignore=shutil.ignore_patterns("calibration"))
     chunk = sorted((run / "store.zarr" / "T" / "emb").rglob("c/*/*"))[0]
     chunk.write_bytes(b"garbage\n")
+    earlier = run / "calibration" / "rejection" / "calibration.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text('{"earlier": true}')
     assert main(["calibrate", "--run", str(run)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no longer match the checksums" in err, err
-    assert not (run / "calibration").exists()
+    assert err.strip().splitlines()[-1].startswith("modeaudit: error: ") and "Traceback" not in err, err
+    assert "no longer match the checksums" in err.strip().splitlines()[-1], err
+    assert earlier.read_text() == '{"earlier": true}'
+    assert sorted(p.name for p in earlier.parent.iterdir()) == ["calibration.json"]
 
 
 def test_a_failed_calibration_keeps_the_earlier_one(audited, tmp_path, capsys, monkeypatch, scheduler):

@@ -91,11 +91,13 @@ def test_a_failed_run_removes_only_what_it_wrote(tmp_path, capsys, prefect_harne
     expect_error(args + ["--out", str(x / "new" / "..")], capsys, "NaN or Inf")
     assert {p: p.read_bytes() for p in x.rglob("*") if p.is_file()} == mine
     assert not [p.name for p in x.iterdir() if p.name in ("manifest", "store.zarr", "scans", ".modeaudit.lock")]
-    # A folder the user made for the run: emptied of the failed run's files and removed; then the rerun with
-    # corrected rows is a new run there.
+    # A folder the user made for the run: emptied of the failed run's files, itself kept; then the rerun with
+    # corrected rows is a new run there. A new folder the run made is removed with its contents.
     (tmp_path / "made").mkdir()
     expect_error(args + ["--out", str(tmp_path / "made")], capsys, "NaN or Inf")
-    assert not (tmp_path / "made").exists()
+    assert (tmp_path / "made").is_dir() and not list((tmp_path / "made").iterdir())
+    expect_error(args + ["--out", str(tmp_path / "new")], capsys, "NaN or Inf")
+    assert not (tmp_path / "new").exists()
     np.save(x / "t.npy", unit(400, 8, 2))
     assert main(args + ["--out", str(tmp_path / "made")]) == 0
     assert (tmp_path / "made" / "result.json").is_file()
@@ -119,6 +121,24 @@ def test_a_failed_overwrite_leaves_no_earlier_result_over_its_store(tmp_path, pr
     with pytest.raises(ConfigError, match="NaN"):
         modeaudit.audit(generator=rare_nan, overwrite=True, **kw)
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_a_deployment_run_never_deletes_a_users_outputs(tmp_path, prefect_harness, scheduler):
+    """A deployment calls the flow directly (no CLI preflight): a folder holding the user's own plots/ is
+    refused, and nothing in it is deleted (a failing run took plots/ with it)."""
+    from modeaudit.flows.audit import audit_flow
+    y = tmp_path / "y"
+    (y / "plots").mkdir(parents=True)
+    (y / "plots" / "fig.png").write_bytes(b"mine")
+    (y / "notes.txt").write_text("mine")
+    s, t = unit(400, 8, 1), unit(400, 8, 2)
+    t[3, 2] = np.nan
+    np.save(tmp_path / "s.npy", s)
+    np.save(tmp_path / "t.npy", t)
+    state = audit_flow({"embeddings_s": str(tmp_path / "s.npy"), "embeddings_t": str(tmp_path / "t.npy"),
+                        "out": str(y), "scheduler": scheduler, "tests": "paper", "efficiency": False}, return_state=True)
+    assert state.is_failed() and "is not a modeaudit run" in state.message
+    assert (y / "plots" / "fig.png").read_bytes() == b"mine" and (y / "notes.txt").read_text() == "mine"
 
 
 def test_overwrite_never_touches_a_users_folder(tmp_path, capsys):

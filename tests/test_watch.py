@@ -193,6 +193,15 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys, case):
         assert (runs / ("index.html" if case == "users_index" else "plots/mine.png")).read_text() == "mine"
 
 
+def test_a_pass_with_nothing_to_audit_can_be_run_again(tmp_path, capsys, prefect_harness):
+    """A first pass over an empty folder wrote index.html without history.json; the next was refused as
+    another's files. Now the empty history is written first."""
+    (tmp_path / "ckpt").mkdir()
+    argv = ["watch", str(tmp_path / "ckpt"), "--out", str(tmp_path / "runs"), "--once", *TINY]
+    assert main(argv) == 0 and main(argv) == 0, capsys.readouterr().err
+    assert history(tmp_path / "runs") == [] and (tmp_path / "runs" / "index.html").is_file()
+
+
 def test_scan_order_identity_and_names(tmp_path):
     from modeaudit.tasks import watch as w
     (tmp_path / "b.pt").write_bytes(b"1")

@@ -76,6 +76,10 @@ class Source:
             return zarr.open_array(self.path, mode="r")[start:stop]
         except StoreError:
             raise
+        except (FileNotFoundError, PermissionError) as e:
+            # Not damage: a worker (perhaps on another machine) cannot see or open the path.
+            raise InputError(f"{self.path}: cannot be read here ({e.strerror or e}); every worker must see the "
+                             "file at this path with read access") from None
         except (RuntimeError, ValueError, OSError) as e:
             # A chunk that no longer decodes, a file cut short since it was opened: one line, not a codec traceback.
             why = " ".join(str(e).split())[:160]
