@@ -10,14 +10,14 @@ written atomically. Exit codes as `audit`: 0, 2 (bad input, one line), 3 (--fail
 from __future__ import annotations
 
 import argparse
-
-from modeaudit.flows.args import HelpFormatter
 import html
 import json
 import math
 import sys
 import time
 from pathlib import Path
+
+from modeaudit.flows.args import HelpFormatter
 
 COMPARE_JSON = "compare.json"
 COMPARE_HTML = "compare.html"
@@ -87,8 +87,7 @@ class _Run:
         from modeaudit.storage.store import RunStore, StoreError
         from modeaudit.tasks.join.sources import Source
         from modeaudit.tasks.errors import InputError
-        from modeaudit.tasks.join.sources import (check_scan, merge_scans, open_embeddings, reduction_ranges,
-                                                  scan_block)
+        from modeaudit.tasks.join.sources import check_scan, merge_scans, open_embeddings, reduction_ranges
         if self.kind == "generator":
             try:
                 store = RunStore.open(self.path)
@@ -107,8 +106,7 @@ class _Run:
                 try:
                     src = open_embeddings(f, what)
                     # The files may have changed since the audit: rows compare cannot use are an error here.
-                    check_scan(merge_scans([scan_block(src._raw(lo, hi), lo)
-                                            for lo, hi in reduction_ranges(0, src.rows)]), what)
+                    check_scan(merge_scans(src.scan_blocks(reduction_ranges(0, src.rows))), what)
                 except (InputError, TypeError) as e:
                     raise _Bad(str(e)) from None
                 out.append(src)

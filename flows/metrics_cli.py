@@ -11,11 +11,11 @@ streamed pass and the workers read it by path (tasks/metrics/rows.py).
 from __future__ import annotations
 
 import argparse
-
-from modeaudit.flows.args import HelpFormatter
 import json
 import sys
 from pathlib import Path
+
+from modeaudit.flows.args import HelpFormatter
 
 
 def add_metrics_parser(sub) -> argparse.ArgumentParser:

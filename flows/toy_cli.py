@@ -6,14 +6,11 @@ code 2: the toy parsers report argparse's own errors that way too.
 """
 from __future__ import annotations
 
-import argparse
-
-from modeaudit.flows.args import HelpFormatter
 import json
 import sys
 from pathlib import Path
 
-from modeaudit.flows.args import OneLineParser, count as _count  # noqa: E402
+from modeaudit.flows.args import HelpFormatter, OneLineParser, count as _count  # noqa: E402
 from modeaudit.tasks.registry import ConfigError, parse_kv
 
 

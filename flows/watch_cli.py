@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-
-from modeaudit.flows.args import HelpFormatter
 import json
 import sys
+
+from modeaudit.flows.args import HelpFormatter
 
 # Options of `watch` that are not AuditConfig fields.
 WATCH_ONLY = ("ckpt_dir", "once", "interval")

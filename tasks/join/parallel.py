@@ -15,7 +15,7 @@ import numpy as np
 from modeaudit.tasks import console
 from modeaudit.tasks.join import backend
 from modeaudit.tasks.join.shipping import Shipped, submit_unshipped
-from modeaudit.tasks.join.sources import Source, merge_scans, reduction_ranges, scan_block
+from modeaudit.tasks.join.sources import Source, merge_scans, reduction_ranges
 
 def _group(ranges, n_tasks):
     # Consecutive groups keep each task's reads sequential in the store.
@@ -51,7 +51,7 @@ def _sums_task(anchors, anchor_ids, source: Source, ranges, theta, kernel):
 
 
 def _scan_task(source: Source, ranges):
-    return [scan_block(source._raw(lo, hi), lo) for lo, hi in ranges]
+    return source.scan_blocks(ranges)
 
 
 # What a stage's progress line counts (rows of the set read by each kind of task).

@@ -98,6 +98,11 @@ class Source:
         x = unit_rows(self._raw(start, stop))
         return x if self.dtype == "float32" else x.astype(self.dtype)
 
+    def scan_blocks(self, ranges) -> list[dict]:
+        """scan_block of the raw rows (as stored, before normalising) of each (lo, hi) range: what the
+        validation scans merge (merge_scans) and check (check_scan)."""
+        return [scan_block(self._raw(lo, hi), lo) for lo, hi in ranges]
+
     def blocks(self, start: int = 0, stop: int | None = None, block_rows: int = REDUCE_ROWS):
         """Yield (global_offset, unit rows) over [start, stop), block edges on global multiples of block_rows."""
         stop = self.rows if stop is None else stop
