@@ -207,10 +207,6 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
         cfg = finalize_sizes(cfg, cfg.m, cfg.M)
         gen, desc = steps.model_specs(cfg)
         width = steps.trial_embedding(gen, desc, cfg.seed, "generator").shape[1]
-        from modeaudit.tasks.models.shards import models
-        steps.check_shard_memory(cfg, models(gen, desc)[0].latent_dim, width)
-        steps.check_audit_width(width, f"--generator {cfg.generator}" + (f" with --descriptor {cfg.descriptor}"
-                                                                         if cfg.descriptor else ""))
         steps.check_reference_generator(cfg, desc, width)
         inp = plan_inputs(cfg, desc)    # a reference folder or run: listed, hashed, checked (not embedded)
         if cfg.reference and reference_kind(cfg.reference) == "embeddings":
@@ -239,10 +235,11 @@ def _check_same_run(cfg: AuditConfig, identity) -> None:
     """Refuse here, before Prefect and the cluster start, a rerun into a --out that holds a different run (the
     flow's own check, RunStore.create_or_open, stays). identity() -> (fingerprint, layouts) of this run."""
     from modeaudit.storage.layout import resolved_dir
-    if cfg.overwrite or not RunLayout(resolved_dir(cfg.out)).run_json.is_file():
+    root = resolved_dir(cfg.out)
+    if cfg.overwrite or not RunLayout(root).run_json.is_file():
         return
     from modeaudit.storage.store import RunStore
-    RunStore.check_same_run(resolved_dir(cfg.out), *identity())
+    RunStore.check_same_run(root, *identity())
 
 
 def check_calibration_inputs(cfg: CalibrationConfig) -> None:

@@ -91,12 +91,15 @@ class _Run:
         if self.kind == "generator":
             try:
                 store = RunStore.open(self.path)
-                for name in ("S", "T"):
-                    if name not in store.set_names:
-                        raise _Bad(f"{self.what} {self.path}: its store holds no {name} embeddings")
-                store.verify_sets(("S", "T"), f"{self.what} {self.path}")
             except StoreError as e:
-                raise _Bad(str(e) if str(e).startswith(self.what) else f"{self.what} {self.path}: {e}") from None
+                raise _Bad(f"{self.what} {self.path}: {e}") from None
+            for name in ("S", "T"):
+                if name not in store.set_names:
+                    raise _Bad(f"{self.what} {self.path}: its store holds no {name} embeddings")
+            try:
+                store.verify_sets(("S", "T"), f"{self.what} {self.path}")    # its messages name the run
+            except StoreError as e:
+                raise _Bad(str(e)) from None
             return Source.of_store(store, "S"), Source.of_store(store, "T")
         if self.kind == "embeddings":
             out = []

@@ -255,7 +255,7 @@ def _positive_int(v, option: str) -> None:
         raise _Bad(f"{option} must be a positive integer, got {v!r}")
 
 
-def _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows, kid_seed=0) -> None:
+def _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows, kid_seed) -> None:
     # Types too: the Python API passes values argparse never saw (block_rows=2.5 was a TypeError inside numpy).
     _positive_int(k, "--k")
     if distance not in ("euclidean", "angular"):

@@ -13,9 +13,8 @@ from typing import Any
 from prefect import flow
 from prefect.states import Failed
 
-from modeaudit.storage.layout import check_out_dir, run_lock
+from modeaudit.storage.layout import atomic_write_json, check_out_dir, run_lock
 from modeaudit.storage.store import StoreError
-from modeaudit.storage.layout import atomic_write_json
 from modeaudit.tasks import console
 from modeaudit.tasks import watch as w
 from modeaudit.tasks.config import AuditConfig

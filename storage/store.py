@@ -73,6 +73,11 @@ def _canonical_json(obj: Any) -> str:
         ) from exc
 
 
+def _shard_list(indices: list[int]) -> str:
+    """Shard numbers for a message: the first ten, then "..."."""
+    return ", ".join(map(str, indices[:10])) + (" ..." if len(indices) > 10 else "")
+
+
 def fingerprint_hash(obj: dict) -> str:
     """Return the sha256 hex digest of ``obj`` as canonical JSON (sorted keys, compact).
 
@@ -661,14 +666,16 @@ class RunStore:
         checksums recorded when it was written (reads them all): what a command that reads a finished
         run's embeddings (compare, calibrate) checks first, so a damaged store is an error, not a verdict."""
         for name in set_names:
-            self.shard_checksums(name)     # incomplete shards: its own message
-            damaged = [i for i, _, _ in self.layout(name).shards() if not self.is_complete(name, i, verify=True)]
+            try:
+                self.shard_checksums(name)     # incomplete shards: its own message
+            except StoreError as e:
+                raise StoreError(f"{what}: {e}") from None
+            damaged = [i for i, _, _ in self.missing_shards(name, verify=True)]
             if damaged:
-                shown = ", ".join(map(str, damaged[:10])) + (" ..." if len(damaged) > 10 else "")
                 raise StoreError(
-                    f"{what}: {len(damaged)} shard(s) of set {name!r} ({shown}) no longer match the checksums "
-                    f"recorded when they were written (damaged or changed on disk); rerun `modeaudit audit` with "
-                    f"the same settings and --out {self.root} to regenerate them"
+                    f"{what}: {len(damaged)} shard(s) of set {name!r} ({_shard_list(damaged)}) no longer match the "
+                    "checksums recorded when they were written (damaged or changed on disk); rerun `modeaudit "
+                    f"audit` with the same settings and --out {self.root} to regenerate them"
                 )
 
     def shard_checksums(self, set_name: str) -> list[str]:
@@ -682,9 +689,8 @@ class RunStore:
             else:
                 out.append(entry["combined"])
         if missing:
-            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
             raise StoreError(
-                f"set {set_name!r} has {len(missing)} incomplete shard(s) ({shown}); "
+                f"set {set_name!r} has {len(missing)} incomplete shard(s) ({_shard_list(missing)}); "
                 "rerun the audit with the same --out to finish them"
             )
         return out

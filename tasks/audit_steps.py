@@ -53,7 +53,10 @@ def model_specs(cfg: AuditConfig) -> tuple[dict, dict]:
         dspec, _with_device(DESCRIPTORS, dspec, cfg.descriptor_options, device))}
     # Build both and embed one trial row now: a broken model, a wrong latent_dim or a wrong
     # output shape fails in seconds, before any cluster or shard starts.
-    trial_embedding(gen, desc, cfg.seed, "generator")
+    width = trial_embedding(gen, desc, cfg.seed, "generator").shape[1]
+    check_shard_memory(cfg, generator.latent_dim, width)
+    check_audit_width(width, f"--generator {cfg.generator}" + (f" with --descriptor {cfg.descriptor}"
+                                                               if cfg.descriptor else ""))
     return gen, desc
 
 
