@@ -177,6 +177,7 @@ def _torch_cuda():
         pytest.skip("no CUDA GPU: the tensor-core first pass cannot run here (its CPU twin is tested above)")
 
 
+@pytest.mark.gpu
 def test_cuda_low_precision_first_pass_equals_lowprec():
     """On a GPU the same two-pass design runs in float16 on the tensor cores
     (torch_kernels, half=True): its counts and the numba lowprec counts must agree."""

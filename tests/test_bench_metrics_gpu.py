@@ -1,0 +1,41 @@
+"""The GPU metrics benchmark's harness runs end to end on the CPU (tiny sizes): the CLI it times gives the
+metrics of the data it wrote, and the ratios and projections it prints are well formed."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_metrics_gpu.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("bench_metrics_gpu", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_cpu_run(tmp_path, capsys):
+    from modeaudit.tasks.metrics import compute_metrics
+    mod = _module()
+    res = mod.main(["--device", "cpu", "--quick", "--work", str(tmp_path / "w"), "--json", str(tmp_path / "g.json")])
+    assert json.loads((tmp_path / "g.json").read_text())["kernel"] == "torch-cpu"
+    (row,) = res["sizes"]
+    assert row["n"] == 1500 and row["d"] == 16 and "error" not in row
+    real, fake = mod._data(1500, 16)
+    assert np.allclose(fake.mean(), 0.1, atol=0.02) and not np.array_equal(real, fake - np.float32(0.1))
+    want = compute_metrics(real, fake, k=5)
+    for key in ("precision", "recall", "density", "coverage", "support_size"):
+        assert row["metrics"][key] == want[key], key
+    assert row["gemm_floor"]["scores"] == 3 * 1500 ** 2 and row["gemm_floor"]["seconds"] > 0
+    assert row["ratio_to_gemm"] == pytest.approx((row["wall_s"] - res["fixed_s"]) / row["gemm_floor"]["seconds"])
+    assert "GEMM floor" in capsys.readouterr().out
+
+
+def test_projection_grows_with_the_pairs():
+    mod = _module()
+    assert mod.projected_s({"n": 1000, "wall_s": 12.0}, 2.0, 10_000) == pytest.approx(10.0 * 100 + 2.0)
+    assert mod.projected_s({"n": 1000, "wall_s": 12.0}, 2.0, 1000) == pytest.approx(12.0)
