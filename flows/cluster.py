@@ -58,6 +58,8 @@ def local_cluster(plan: ExecutionPlan, dashboard: bool = False, **kwargs):
     """Start the cluster a plan asks for on this machine (not for "external"); kwargs go to the cluster class.
     `dashboard`: serve Dask's dashboard (bokeh must be importable, see dashboard_available)."""
     kwargs["dashboard_address"] = DASHBOARD_ADDRESS if dashboard else None
+    if plan.note:
+        console.note(plan.note)
     with warnings.catch_warnings():
         if not console.verbose():
             # The scheduler's HTTP server (health, and the dashboard when asked for) moves to a free port

@@ -32,6 +32,8 @@ class ExecutionPlan:
     workers: int
     threads_per_worker: int
     scheduler: str | None = None
+    # Said to the user when the plan's cluster starts: why it is not the one they might expect.
+    note: str | None = None
 
     @property
     def model_device(self) -> str:
@@ -39,20 +41,32 @@ class ExecutionPlan:
         return "cuda" if self.kernel == "torch-cuda" else "cpu"
 
 
+def _have_dask_cuda() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("dask_cuda") is not None
+
+
 def plan_execution(kernel: str, workers: int = 1, threads_per_worker: int | None = None,
                    scheduler: str | None = None, in_process: bool = False) -> ExecutionPlan:
     """The execution plan of a run: the kernel resolved on this machine, the cluster kind, thread budgets."""
     from modeaudit.tasks.config import kernel_for
     kernel = kernel_for(kernel)
+    note = None
     if scheduler:
         kind = "external"
     elif in_process:
         kind = "local-threads"
-    elif kernel == "torch-cuda":
+    elif kernel == "torch-cuda" and _have_dask_cuda():
         kind = "local-cuda"
+    elif kernel == "torch-cuda":
+        # dask-cuda is the optional `gpu` extra: without it a GPU run still runs, its worker
+        # processes sharing the first visible GPU, rather than failing on the import.
+        kind = "local"
+        note = ("dask-cuda is not installed: the Dask workers share the first GPU; "
+                "pip install 'modeaudit[gpu]' for one worker per GPU")
     else:
         kind = "local"
     tpw = threads_per_worker or max(1, usable_cores() // max(1, workers))
-    return ExecutionPlan(kernel, kind, workers, tpw, scheduler)
+    return ExecutionPlan(kernel, kind, workers, tpw, scheduler, note)
 
 

@@ -1,0 +1,38 @@
+"""The execution plan (tasks/plan.py): the cluster kind of a GPU run with and without dask-cuda."""
+import io
+
+import pytest
+
+from modeaudit.tasks import config, console, plan
+
+
+@pytest.fixture
+def on_a_gpu(monkeypatch):
+    """plan_execution as on a GPU machine: "auto" resolves to the CUDA kernel."""
+    monkeypatch.setattr(config, "kernel_for", lambda kernel: "torch-cuda" if kernel == "auto" else kernel)
+
+
+def test_gpu_run_with_dask_cuda_gets_one_worker_per_gpu(on_a_gpu, monkeypatch):
+    monkeypatch.setattr(plan, "_have_dask_cuda", lambda: True)
+    p = plan.plan_execution("auto", workers=2)
+    assert (p.kernel, p.cluster, p.model_device, p.note) == ("torch-cuda", "local-cuda", "cuda", None)
+
+
+def test_gpu_run_without_dask_cuda_runs_on_plain_workers_and_says_why(on_a_gpu, monkeypatch):
+    """dask-cuda is an optional extra: a GPU machine without it must still run, not fail importing it."""
+    monkeypatch.setattr(plan, "_have_dask_cuda", lambda: False)
+    p = plan.plan_execution("auto", workers=2)
+    assert (p.kernel, p.cluster, p.workers, p.model_device) == ("torch-cuda", "local", 2, "cuda")
+    assert "modeaudit[gpu]" in p.note
+    from modeaudit.flows import cluster
+    started = []
+    monkeypatch.setattr(cluster, "_local_cluster", lambda pl, kwargs: started.append(pl.cluster) or "cluster")
+    err = io.StringIO()
+    with console.terminal(stream=err):
+        assert cluster.local_cluster(p) == "cluster"
+    assert started == ["local"] and err.getvalue() == f"modeaudit: {p.note}\n"
+
+
+def test_cpu_and_external_plans_carry_no_note():
+    assert plan.plan_execution("fast").note is None
+    assert plan.plan_execution("fast", scheduler="tcp://127.0.0.1:8786").cluster == "external"
