@@ -21,7 +21,10 @@ def _module():
 def test_quick_cpu_run(tmp_path, capsys):
     from modeaudit.tasks.metrics import compute_metrics
     mod = _module()
-    res = mod.main(["--device", "cpu", "--quick", "--work", str(tmp_path / "w"), "--json", str(tmp_path / "g.json")])
+    # --fixed-s: the tiny run that would time it is one more CLI process like the one timed below.
+    res = mod.main(["--device", "cpu", "--quick", "--fixed-s", "0.5", "--work", str(tmp_path / "w"),
+                    "--json", str(tmp_path / "g.json")])
+    assert res["fixed_s"] == 0.5
     assert json.loads((tmp_path / "g.json").read_text())["kernel"] == "torch-cpu"
     (row,) = res["sizes"]
     assert row["n"] == 1500 and row["d"] == 16 and "error" not in row
