@@ -11,7 +11,7 @@ float32, fixed seeds.
 * modeaudit: manifold_counts (k-NN radii of R and F, then one R x F pass with both
   balls) and the four metrics from its counts, with each --kernel (default auto, as
   `modeaudit metrics`: the bfloat16-GEMM "lowprec" kernel at 512+ columns and 1e8+
-  pairs on a CPU with AMX, else "fast", the float32 one).
+  pairs on a CPU with AMX or AVX512-BF16, else "fast", the float32 one).
 * gemm floor: a bare float32 np.matmul over the same pairs (R R^T, F F^T, R F^T) in
   2048-row slabs, BLAS on all cores: the cost of merely forming the inner products.
 * prdc: prdc.compute_prdc on the same features, only when its estimated peak
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0, help="per method and size, seconds")
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--kernel", default="auto", help="modeaudit's k-NN kernel, as `modeaudit metrics --kernel` "
-                    "(auto: lowprec at 512+ columns and 1e8+ pairs on a CPU with AMX, else fast); a comma-separated "
+                    "(auto: lowprec at 512+ columns and 1e8+ pairs on a CPU with AMX or AVX512-BF16, else fast); a comma-separated "
                     "list runs each")
     ap.add_argument("--worker", nargs=5, metavar=("METHOD", "N", "D", "K", "KERNEL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

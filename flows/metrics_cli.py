@@ -53,7 +53,8 @@ def add_metrics_parser(sub) -> argparse.ArgumentParser:
                    "tcp://10.0.0.5:8786")
     m.add_argument("--kernel", default="auto", choices=METRIC_KERNELS, help="k-NN kernel: fast (numba), lowprec "
                    "(numba with a bfloat16 GEMM in torch), torch-cpu, torch-cuda; auto = torch-cuda on a GPU machine, "
-                   "lowprec for 512+ columns and 1e4+ rows on a CPU with AMX, else fast (all exact, equal results)")
+                   "lowprec for 512+ columns and 1e4+ rows on a CPU with AMX or AVX512-BF16, else fast (all exact, "
+                   "equal results)")
     m.add_argument("--group-rows", type=count, default=None, metavar="N", help="query rows per Dask task; unset: "
                    "about four tasks per worker thread")
     return m

@@ -742,11 +742,11 @@ def test_metric_kernels_are_the_gemm_ones():
             metric_kernel(bad)
 
 
-def test_auto_picks_the_bf16_gemm_only_for_wide_rows_on_a_cpu_with_amx(monkeypatch):
+def test_auto_picks_the_bf16_gemm_only_for_wide_rows_on_a_cpu_with_bf16_matmul(monkeypatch):
     pytest.importorskip("torch")
     from modeaudit.tasks.join import backend
     monkeypatch.setattr(backend, "gpu_available", lambda: False)
-    monkeypatch.setattr(backend, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(backend, "cpu_has_bf16_matmul", lambda: True)
     many = backend.LOWPREC_MIN_PAIRS
     assert backend.metric_kernel("lowprec") == "lowprec"
     assert backend.metric_kernel("auto", 2048, many) == "lowprec"
@@ -754,11 +754,28 @@ def test_auto_picks_the_bf16_gemm_only_for_wide_rows_on_a_cpu_with_amx(monkeypat
     assert backend.metric_kernel("auto", backend.LOWPREC_MIN_DIM - 1, many) == "fast"
     assert backend.metric_kernel("auto", 2048, many - 1) == "fast"
     assert backend.metric_kernel("auto") == "fast"          # size unknown
-    monkeypatch.setattr(backend, "cpu_has_amx_bf16", lambda: False)
+    monkeypatch.setattr(backend, "cpu_has_bf16_matmul", lambda: False)
     assert backend.metric_kernel("auto", 2048, many) == "fast"
     monkeypatch.setattr(backend, "_torch_installed", lambda: False)
     with pytest.raises(ValueError, match="needs torch|which is not installed"):
         backend.metric_kernel("lowprec")
+
+
+@pytest.mark.parametrize("flags, bf16", [("fpu avx512f amx_bf16 amx_tile", True),
+                                         ("fpu avx512f avx512_bf16 avx512_vnni", True),
+                                         ("fpu avx2 fma avx512_vnni", False)])
+def test_bf16_matmul_units_are_read_from_cpuinfo(tmp_path, monkeypatch, flags, bf16):
+    from modeaudit.tasks.join import backend
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
+                                                                         *a, **k))
+    backend.cpu_has_bf16_matmul.cache_clear()
+    try:
+        assert backend.cpu_has_bf16_matmul() == bf16
+    finally:
+        backend.cpu_has_bf16_matmul.cache_clear()
 
 
 @pytest.mark.parametrize("distance", ["euclidean", "angular"])
@@ -802,7 +819,7 @@ def test_a_bf16_matmul_that_does_not_accumulate_in_float32_is_refused(monkeypatc
     assert not K.bf16_probe_passes(bf16_accumulating_mm, 8)
     monkeypatch.setattr(K, "_bf16_probe", lambda: False)
     monkeypatch.setattr(backend, "gpu_available", lambda: False)
-    monkeypatch.setattr(backend, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(backend, "cpu_has_bf16_matmul", lambda: True)
     with pytest.raises(ValueError, match="does not accumulate in float32"):
         backend.metric_kernel("lowprec")
     assert backend.metric_kernel("auto", 2048, backend.LOWPREC_MIN_PAIRS) == "fast"

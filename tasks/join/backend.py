@@ -43,7 +43,7 @@ import numpy as np
 from modeaudit.tasks.join import kernels as join
 from modeaudit.tasks.plan import KERNELS, METRIC_KERNELS
 
-__all__ = ["KERNELS", "METRIC_KERNELS", "gpu_available", "cpu_has_amx_bf16", "resolve_kernel", "range_counts",
+__all__ = ["KERNELS", "METRIC_KERNELS", "gpu_available", "cpu_has_bf16_matmul", "resolve_kernel", "range_counts",
            "mccs_sums", "metric_kernel", "join_size", "knn_distances", "knn_self", "knn_self_pair",
            "ball_counts"]
 
@@ -127,25 +127,32 @@ def mccs_sums(anchors, blocks, theta, *, anchor_ids=None, kernel: str = "fast") 
 # the exact k-NN metrics' kernels (tasks/metrics/knn.py, tasks/metrics/knn_torch.py)
 
 
-# "auto" runs the metrics' GEMM in bfloat16 from this width and this many pairs on, on a CPU with AMX
-# (BENCHMARKS.md, "bfloat16 GEMM for the metrics"): 1.1-1.4x the float32 path at 1e4-2e4 rows of 512 to
-# 2048 columns; slower at 128 columns, where the filters and the wider band's float64 re-checks, not
-# the GEMM, are the cost.
+# "auto" runs the metrics' GEMM in bfloat16 from this width and this many pairs on, on a CPU with a
+# bfloat16 matmul unit (BENCHMARKS.md, "bfloat16 GEMM for the metrics"): 1.1-1.4x the float32 path at
+# 1e4-2e4 rows of 512 to 2048 columns on an AMX Xeon, 1.19x (512), 1.31x (1024) and 1.36x (2048) on an
+# AVX512-BF16 AMD EPYC; slower at 128 columns, where the filters and the wider band's float64
+# re-checks, not the GEMM, are the cost.
 LOWPREC_MIN_DIM = 512
 LOWPREC_MIN_PAIRS = 1e8
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU has AMX-BF16 tiles (Linux /proc/cpuinfo; False where it cannot be read)."""
+def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
+                    return set(line.split())
     except OSError:
         pass
-    return False
+    return set()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware with float32 accumulation: AMX-BF16 tiles or
+    AVX512-BF16 dot products (Linux /proc/cpuinfo; False where it cannot be read). Both read
+    subnormal bfloat16 inputs as zero, which the lowprec kernel's rounding already does."""
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
 
 
 def metric_kernel(kernel: str, dim: int | None = None, pairs: float | None = None) -> str:
@@ -153,7 +160,7 @@ def metric_kernel(kernel: str, dim: int | None = None, pairs: float | None = Non
 
     "auto": "torch-cuda" with a usable GPU; else "lowprec" (numba filters, bfloat16 GEMM in
     torch) for a join of rows of width dim >= LOWPREC_MIN_DIM over at least LOWPREC_MIN_PAIRS
-    pairs, on a CPU with AMX-BF16 where torch is installed; else "fast". Every kernel returns
+    pairs, on a CPU with a bfloat16 matmul unit (AMX-BF16 or AVX512-BF16) where torch is installed; else "fast". Every kernel returns
     the same values. ValueError for a kernel the metrics do not have, and as resolve_kernel
     for the rest.
     """
@@ -168,7 +175,7 @@ def metric_kernel(kernel: str, dim: int | None = None, pairs: float | None = Non
                              "kernel 'lowprec' cannot bound its error; use --kernel fast")
         return kernel
     if (kernel == "auto" and dim is not None and dim >= LOWPREC_MIN_DIM and pairs is not None
-            and pairs >= LOWPREC_MIN_PAIRS and not gpu_available() and cpu_has_amx_bf16() and _torch_installed()
+            and pairs >= LOWPREC_MIN_PAIRS and not gpu_available() and cpu_has_bf16_matmul() and _torch_installed()
             and _bf16_sound()):
         return "lowprec"
     return resolve_kernel(kernel)
