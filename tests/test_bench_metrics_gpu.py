@@ -42,3 +42,23 @@ def test_projection_grows_with_the_pairs():
     mod = _module()
     assert mod.projected_s({"n": 1000, "wall_s": 12.0}, 2.0, 10_000) == pytest.approx(10.0 * 100 + 2.0)
     assert mod.projected_s({"n": 1000, "wall_s": 12.0}, 2.0, 1000) == pytest.approx(12.0)
+
+
+def test_profile_script_runs_on_the_cpu_and_hashes_the_kernels_outputs(capsys):
+    """benchmarks/profile_metrics_gpu.py on the CPU: its joins are the torch kernels, whose outputs (hashed, to
+    compare runs before and after a kernel change) are the numba kernels' bit for bit."""
+    import hashlib
+    from modeaudit.tasks.metrics import knn
+    spec = importlib.util.spec_from_file_location("profile_metrics_gpu", _PATH.parent / "profile_metrics_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--device", "cpu", "--n", "700", "--top", "100"])
+    real = np.random.default_rng(1).standard_normal((700, 128), dtype=np.float32)
+    fake = np.random.default_rng(2).standard_normal((700, 128), dtype=np.float32) + np.float32(0.1)
+    kr, kf = knn.knn_self(real, 5), knn.knn_self(fake, 5)
+    h = hashlib.sha256()
+    for x in (kr, kf, *knn.ball_counts(real, [(0, fake)], kr[:, -1], kf[:, -1]).as_tuple()):
+        h.update(np.ascontiguousarray(x).tobytes())
+    assert res["sha256"] == h.hexdigest()[:16]
+    assert set(res["seconds"]) == {"knn_self_real", "knn_self_fake", "ball_counts"}
+    assert "aten::mm" in res["profiles"]["knn_self"]["by_device"] and "G pairs/s" in capsys.readouterr().out
