@@ -116,9 +116,23 @@ def test_selection_with_contrast_is_quiet_when_T_is_a_reference_draw(planted_fil
     assert not r["reject"] and r["p_contrast"] > 0.1
 
 
-def test_report_names_both_statistics(planted_runs):
+def test_report_names_both_statistics_and_draws_the_contrast(planted_runs, monkeypatch):
+    from modeaudit.tasks.report import stats as report_stats
     from modeaudit.tasks.report.stats import selection_section
-    _, both = planted_runs
+    curve_only, both = planted_runs
+    # the replicates' contrast z is kept (result.json), and the observed split's p is its rank among them
+    null_z = np.asarray(both["contrast_null_z"])
+    assert null_z.shape == (19,) and "contrast_null_z" not in curve_only
+    assert both["p_contrast"] == pytest.approx((1 + np.sum(null_z >= both["contrast_z"])) / 20)
+    figs = []
+    real_img = report_stats._img
+    monkeypatch.setattr(report_stats, "_img", lambda fig, *a: figs.append(fig) or real_img(fig, *a))
     title, body = selection_section({"radii": list(RADII), "tests": {"selection": both}})
+    (fig,) = figs
+    curve_ax, z_ax = fig.axes
+    assert [ln.get_xdata()[0] for ln in z_ax.lines] == [both["contrast_z"]]
+    assert sum(p.get_height() for p in z_ax.patches) == 19
+    selection_section({"radii": list(RADII), "tests": {"selection": curve_only}})
+    assert len(figs[1].axes) == 1          # no contrast, no second panel
     assert "min-p" in body and f"contrast alone {both['p_contrast']:.4g}" in body
     assert f"curve alone {both['p_curve']:.4g}" in body

@@ -71,14 +71,34 @@ def envelope_section(result) -> tuple[str, str] | None:
     return "Global envelope test (ERL)", _img(fig, "global envelope", "erl_envelope") + text
 
 
+def _contrast_panel(ax, null_z, obs_z: float, p: float) -> None:
+    """The contrast statistic: the permutation replicates' z as a histogram, the observed split's as a line."""
+    style_axes(ax, grid="y")
+    z = np.asarray(null_z, np.float64)
+    lo, hi = float(min(z.min(), obs_z)), float(max(z.max(), obs_z))
+    bins = np.linspace(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9), 21)
+    ax.hist(z, bins=bins, color="#c7e9c0", edgecolor="#238b45", lw=0.6, label=f"{z.size} permutations")
+    ax.axvline(obs_z, color="#cb181d", lw=2, label=f"observed (p = {_f(p)})")
+    ax.set_xlabel("contrast z: the top modes'\nexcess in T over the reference")
+    ax.set_ylabel("replicates")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.35)    # headroom: the legend sits above the bars
+    ax.legend(fontsize=8, loc="upper center")
+
+
 def selection_section(result) -> tuple[str, str] | None:
     """The re-selected worst case (as a fraction of T) against the null's worst cases."""
     sel = result["tests"].get("selection")
     if not sel:
         return None
     r = np.asarray(result["radii"])
-    fig = new_figure(7.5, 3.6, "Selection-aware test: the observed worst case against worst cases under the null")
-    ax = fig.add_subplot()
+    null_z = sel.get("contrast_null_z")
+    fig = new_figure(10.0 if null_z else 7.5, 3.6,
+                     "Selection-aware test: the observed worst case against worst cases under the null")
+    if null_z:
+        ax, az = fig.subplots(1, 2, width_ratios=[3, 1.3])
+        _contrast_panel(az, null_z, sel["contrast_z"], sel["p_contrast"])
+    else:
+        ax = fig.add_subplot()
     style_axes(ax)
     hi = np.array([np.nan if v is None else v for v in sel["envelope_high"]], np.float64)
     if "obs_excess" not in sel:

@@ -212,6 +212,7 @@ def selection_test(obs_curve_frac: np.ndarray, null: NullSampler, *, m: int, n_t
             raise ValueError(f"contrast z must hold {replicates} replicates, got {z.size - 1}")
         res.update(min_p_combination(np.vstack([obs[None, :], curves]), z, alpha))
         res["contrast_z"] = float(z[0])
+        res["contrast_null_z"] = z[1:].tolist()
     res.update({"null": null.describe, "null_kind": null.kind, "replicates": replicates, "null_m": m, "null_T": n_t,
                 "null_median": np.median(curves, axis=0).tolist(),
                 "statistic": "standardised excess over the refitted surrogate's prediction" if null.predict else
