@@ -297,7 +297,7 @@ def test_stats_with_fewer_rows_than_dimensions_are_factored_from_their_rows(monk
     assert eighs == [(d, d)] and _rel(mixed, truth) < 1e-9
     with pytest.raises(ValueError, match="NaN or inf"):
         frechet_distance_stats(a, (np.full(d, np.nan), b.cov()))
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(ValueError, match="shape mismatch"):
         frechet_distance_stats(a, (b.mean[:-1], b.cov()))
     # dim rows or more: no rows kept, the covariance form.
     big = StreamingStats(d).update(_features(rng, 60, d)).update(_features(rng, 50, d))

@@ -179,6 +179,12 @@ def load_reference_stats(path) -> tuple[np.ndarray, np.ndarray]:
                              "(pytorch-fid stats files hold 'mu' and 'sigma')")
         mu = np.asarray(f["mu"], dtype=np.float64)
         sigma = np.asarray(f["sigma"], dtype=np.float64)
+    return check_mu_sigma(mu, sigma, name)
+
+
+def check_mu_sigma(mu: np.ndarray, sigma: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A Gaussian's (mu, sigma) as float64, or ValueError naming `name`: mu 1-d, sigma (d, d), all finite."""
+    mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1:
         raise ValueError(f"{name}: 'mu' must be 1-d (dim,), got shape {mu.shape}")
     if sigma.shape != (mu.shape[0], mu.shape[0]):
@@ -332,11 +338,7 @@ def _side(x) -> tuple[np.ndarray, np.ndarray, float]:
             return x.mean, f, float(np.einsum("ij,ij->", f, f))
         mu, sigma = x.mean, x.cov()
     else:
-        mu, sigma = (np.asarray(v, dtype=np.float64) for v in x)
-        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"a (mu, sigma) pair needs shapes (d,) and (d, d), got {mu.shape} and {sigma.shape}")
-        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise ValueError("mu or sigma contains NaN or inf")
+        mu, sigma = check_mu_sigma(*x, "a (mu, sigma) pair")
         sigma = (sigma + sigma.T) / 2
     return mu, _psd_factor(sigma), float(np.trace(sigma))
 
