@@ -11,6 +11,7 @@ workers need this package installed (pip install -e .) and read access to --out.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
@@ -26,7 +27,12 @@ def main(argv=None) -> None:
     from modeaudit.flows.cluster import ExecutionPlan, connect, local_cluster
     kind = "local-cuda" if a.kind == "cuda" else "local"
     plan = ExecutionPlan("torch-cuda" if a.kind == "cuda" else "fast", kind, a.workers, a.threads_per_worker)
-    cluster = local_cluster(plan, scheduler_port=a.port)
+    from modeaudit.tasks.registry import ConfigError
+    try:
+        cluster = local_cluster(plan, scheduler_port=a.port)
+    except ConfigError as e:
+        print(f"modeaudit: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     client = connect(cluster, plan)
     print(cluster.scheduler_address, flush=True)
     try:

@@ -74,7 +74,11 @@ def _local_cluster(plan: ExecutionPlan, kwargs: dict):
     if plan.cluster == "local-threads":
         return LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=False, memory_limit=0, **kwargs)
     if plan.cluster == "local-cuda":
-        from dask_cuda import LocalCUDACluster
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            raise ConfigError("a cluster of one worker per GPU needs dask-cuda, which is not installed: "
+                              "pip install 'modeaudit[gpu]'") from None
         return LocalCUDACluster(threads_per_worker=1, memory_limit=0, **kwargs)
     if plan.cluster != "local":
         raise ValueError(f"no local cluster for plan {plan.cluster!r}")

@@ -36,3 +36,14 @@ def test_gpu_run_without_dask_cuda_runs_on_plain_workers_and_says_why(on_a_gpu, 
 def test_cpu_and_external_plans_carry_no_note():
     assert plan.plan_execution("fast").note is None
     assert plan.plan_execution("fast", scheduler="tcp://127.0.0.1:8786").cluster == "external"
+
+
+def test_deploy_cuda_cluster_without_dask_cuda_is_one_clean_line(monkeypatch, capsys):
+    import sys
+    from modeaudit.deploy import clusters
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)      # as if not installed: its import fails
+    with pytest.raises(SystemExit) as e:
+        clusters.main(["cuda"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modeaudit: error: ") and "modeaudit[gpu]" in err and len(err.splitlines()) == 1
