@@ -205,8 +205,7 @@ def preflight(cfg: AuditConfig) -> AuditConfig:
     if cfg.generator:
         cfg = apply_preset(cfg)
         cfg = finalize_sizes(cfg, cfg.m, cfg.M)
-        gen, desc = steps.model_specs(cfg)
-        width = steps.trial_embedding(gen, desc, cfg.seed, "generator").shape[1]
+        gen, desc, width = steps.model_specs_and_width(cfg)
         steps.check_reference_generator(cfg, desc, width)
         inp = plan_inputs(cfg, desc)    # a reference folder or run: listed, hashed, checked (not embedded)
         if cfg.reference and reference_kind(cfg.reference) == "embeddings":

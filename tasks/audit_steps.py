@@ -35,6 +35,12 @@ def _with_device(registry, spec: str, options: dict, device: str) -> dict:
 
 def model_specs(cfg: AuditConfig) -> tuple[dict, dict]:
     """Validated {spec, options} of the generator and its descriptor (builds them once, here, to fail early)."""
+    gen, desc, _ = model_specs_and_width(cfg)
+    return gen, desc
+
+
+def model_specs_and_width(cfg: AuditConfig) -> tuple[dict, dict, int]:
+    """model_specs, and the width of the embeddings (from the trial row it embeds)."""
     from modeaudit.tasks.models.descriptors import DESCRIPTORS
     from modeaudit.tasks.models.generators import GENERATORS
     device = plan_execution(cfg.kernel).model_device
@@ -57,7 +63,7 @@ def model_specs(cfg: AuditConfig) -> tuple[dict, dict]:
     check_shard_memory(cfg, generator.latent_dim, width)
     check_audit_width(width, f"--generator {cfg.generator}" + (f" with --descriptor {cfg.descriptor}"
                                                                if cfg.descriptor else ""))
-    return gen, desc
+    return gen, desc, width
 
 
 def trial_embedding(gen: dict, desc: dict, seed: int, what: str) -> np.ndarray:
