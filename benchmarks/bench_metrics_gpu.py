@@ -9,7 +9,8 @@ N(0, I) + 0.1 from seed 2, as benchmarks/bench_metrics.py draws them):
 * writes real.npy / fake.npy under --work and runs the CLI in a fresh process,
   `python -m modeaudit.flows.cli metrics --real real.npy --fake fake.npy --k K --out DIR --kernel KERNEL`
   (default kernel auto: torch-cuda on a GPU machine), timing its wall clock, polling the
-  device's used memory (nvidia-smi, every 0.2 s) and reading the process's peak RSS;
+  device's used memory (nvidia-smi, every 0.2 s; the run's share is the peak less what was in
+  use just before it, this harness's own CUDA context) and reading the process's peak RSS;
 * a tiny run first (2000 rows) measures the fixed cost of a run (interpreter, imports,
   numba's compilation or cache load, the CUDA context): "fixed_s", reported beside each size;
 * the GEMM floor: a bare float32 torch.mm over the pairs the metrics form at least once
@@ -42,27 +43,35 @@ def _data(n: int, d: int):
     return real, fake
 
 
+def _device_memory_used() -> int | None:
+    """Device memory in use now (MiB, every process on the busiest GPU) per nvidia-smi; None without it."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=5).stdout
+        return max(int(x) for x in out.split())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
 class _GpuMemoryPoll:
-    """Peak device memory in use (MiB, all processes) from nvidia-smi while a run lasts; None without it."""
+    """Peak device memory in use (MiB, all processes) while a run lasts, and what was in use just before it
+    (this harness's own CUDA context and cache): the run's own share is the difference. None without nvidia-smi."""
 
     def __init__(self, enabled: bool):
-        self.peak = None
+        self.peak = self.baseline = None
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True) if enabled and shutil.which("nvidia-smi") else None
 
     def _loop(self):
         while not self._stop.is_set():
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5).stdout
-                used = max(int(x) for x in out.split())
+            used = _device_memory_used()
+            if used is not None:
                 self.peak = used if self.peak is None else max(self.peak, used)
-            except (OSError, ValueError, subprocess.SubprocessError):
-                pass
             self._stop.wait(0.2)
 
     def __enter__(self):
         if self._t:
+            self.baseline = _device_memory_used()
             self._t.start()
         return self
 
@@ -91,7 +100,8 @@ def run_cli(n: int, d: int, k: int, kernel: str, work: str, timeout: float, gpu:
             return {"n": n, "error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - t}
         wall = time.perf_counter() - t
     res = {"n": n, "d": d, "k": k, "kernel": kernel, "wall_s": wall, "command": " ".join(cmd),
-           "gpu_memory_peak_mib": poll.peak}
+           "gpu_memory_peak_mib": poll.peak, "gpu_memory_baseline_mib": poll.baseline,
+           "gpu_memory_run_mib": None if poll.peak is None or poll.baseline is None else poll.peak - poll.baseline}
     after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     # ru_maxrss of children is the largest child so far: exact for the first and for any larger run.
     res["peak_rss_gib"] = max(before, after) / 2**20
@@ -130,6 +140,9 @@ def gemm_floor(n: int, d: int, device: str, slab: int = 8192, cols: int = 1 << 1
     t = time.perf_counter()
     once()
     s = time.perf_counter() - t
+    del R, F, buf
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()     # else the next size's run would be measured with these cached blocks in use
     return {"seconds": s, "scores": 3 * n * n, "tflops": 2.0 * 3 * n * n * d / s / 1e12,
             "tf32": bool(dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)}
 
@@ -192,7 +205,7 @@ def main(argv=None) -> dict:
             m = r["metrics"]
             print(f"n={n} d={a.dim} k={a.k}: {r['wall_s']:.1f} s wall ({r['wall_s'] - fixed_s:.1f} s past the fixed "
                   f"cost), GEMM floor {r['gemm_floor']['seconds']:.2f} s (x{r['ratio_to_gemm']:.1f}), "
-                  f"device peak {r['gpu_memory_peak_mib']} MiB, host peak {r['peak_rss_gib']:.2f} GiB; "
+                  f"device memory {r['gpu_memory_run_mib']} MiB over the {r['gpu_memory_baseline_mib']} MiB in use before, host peak {r['peak_rss_gib']:.2f} GiB; "
                   f"P={m['precision']:.6f} R={m['recall']:.6f} D={m['density']:.6f} C={m['coverage']:.6f} "
                   f"support {m['support_size']}", flush=True)
         else:

@@ -301,10 +301,7 @@ def audit_flow(config: AuditConfig) -> dict:
     existed = root.is_dir()
     before = {p.name for p in RunLayout(root).owned_entries()} if existed else set()
     try:
-        cfg = AuditConfig.parse(config)
-        if ".." in Path(cfg.out).parts:
-            # Every write goes to the folder "X/new/.." names (X), never through a "new" made on the way.
-            cfg.out = os.fspath(root)
+        cfg = AuditConfig.parse(config)    # "X/new/.." is resolved to X there (AuditConfig._out_without_dotdot)
         # The CLI and the API ran it already; a deployment's run comes here directly.
         check_out_dir(cfg.out)
         plan = plan_execution(cfg.kernel, cfg.workers, cfg.threads_per_worker, cfg.scheduler,

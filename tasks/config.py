@@ -6,6 +6,8 @@ with a message that names the setting and the fix.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -126,6 +128,15 @@ class AuditConfig(_Config):
     cache: bool = True
 
     _radii_tuple = field_validator("radii", mode="before")(_as_tuple)
+
+    @field_validator("out")
+    @classmethod
+    def _out_without_dotdot(cls, v: str) -> str:
+        # "X/new/.." is X (storage/layout.resolved_dir): resolved here, once for the CLI, the API and a
+        # deployment alike, so nothing writes through a "new" made on the way or prints a path that is not there.
+        if "://" not in v and ".." in Path(v).parts:
+            return os.path.realpath(v)
+        return v
 
 
 class CalibrationConfig(_Config):

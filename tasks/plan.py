@@ -41,9 +41,18 @@ class ExecutionPlan:
         return "cuda" if self.kernel == "torch-cuda" else "cpu"
 
 
-def _have_dask_cuda() -> bool:
+def _dask_cuda_problem() -> str | None:
+    """None when dask-cuda imports; else why not (not installed, or its import failing: a missing pynvml,
+    a version clash), for the plan's note."""
     import importlib.util
-    return importlib.util.find_spec("dask_cuda") is not None
+    if importlib.util.find_spec("dask_cuda") is None:
+        return "dask-cuda is not installed"
+    try:
+        import dask_cuda  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure of an optional package's import means: do without it
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return f"dask-cuda is installed but does not import ({type(e).__name__}: {first})"
+    return None
 
 
 def plan_execution(kernel: str, workers: int = 1, threads_per_worker: int | None = None,
@@ -56,13 +65,13 @@ def plan_execution(kernel: str, workers: int = 1, threads_per_worker: int | None
         kind = "external"
     elif in_process:
         kind = "local-threads"
-    elif kernel == "torch-cuda" and _have_dask_cuda():
+    elif kernel == "torch-cuda" and (problem := _dask_cuda_problem()) is None:
         kind = "local-cuda"
     elif kernel == "torch-cuda":
         # dask-cuda is the optional `gpu` extra: without it a GPU run still runs, its worker
         # processes sharing the first visible GPU, rather than failing on the import.
         kind = "local"
-        note = ("dask-cuda is not installed: the Dask workers share the first GPU; "
+        note = (f"{problem}: the Dask workers share the first GPU; "
                 "pip install 'modeaudit[gpu]' for one worker per GPU")
     else:
         kind = "local"

@@ -13,17 +13,17 @@ def on_a_gpu(monkeypatch):
 
 
 def test_gpu_run_with_dask_cuda_gets_one_worker_per_gpu(on_a_gpu, monkeypatch):
-    monkeypatch.setattr(plan, "_have_dask_cuda", lambda: True)
+    monkeypatch.setattr(plan, "_dask_cuda_problem", lambda: None)
     p = plan.plan_execution("auto", workers=2)
     assert (p.kernel, p.cluster, p.model_device, p.note) == ("torch-cuda", "local-cuda", "cuda", None)
 
 
 def test_gpu_run_without_dask_cuda_runs_on_plain_workers_and_says_why(on_a_gpu, monkeypatch):
     """dask-cuda is an optional extra: a GPU machine without it must still run, not fail importing it."""
-    monkeypatch.setattr(plan, "_have_dask_cuda", lambda: False)
+    monkeypatch.setattr(plan, "_dask_cuda_problem", lambda: "dask-cuda is not installed")
     p = plan.plan_execution("auto", workers=2)
     assert (p.kernel, p.cluster, p.workers, p.model_device) == ("torch-cuda", "local", 2, "cuda")
-    assert "modeaudit[gpu]" in p.note
+    assert p.note.startswith("dask-cuda is not installed: ") and "modeaudit[gpu]" in p.note
     from modeaudit.flows import cluster
     started = []
     monkeypatch.setattr(cluster, "_local_cluster", lambda pl, kwargs: started.append(pl.cluster) or "cluster")
@@ -33,9 +33,22 @@ def test_gpu_run_without_dask_cuda_runs_on_plain_workers_and_says_why(on_a_gpu, 
     assert started == ["local"] and err.getvalue() == f"modeaudit: {p.note}\n"
 
 
+def test_dask_cuda_that_does_not_import_is_named_as_such(monkeypatch, tmp_path):
+    """Installed but broken (a missing dependency of its own): the note says so, not "not installed"."""
+    import sys
+    (tmp_path / "dask_cuda").mkdir()
+    (tmp_path / "dask_cuda" / "__init__.py").write_text("import no_such_module_pynvml_stand_in\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "dask_cuda", raising=False)
+    why = plan._dask_cuda_problem()
+    assert why.startswith("dask-cuda is installed but does not import (ModuleNotFoundError: ")
+    assert "no_such_module_pynvml_stand_in" in why
+
+
 def test_cpu_and_external_plans_carry_no_note():
     assert plan.plan_execution("fast").note is None
-    assert plan.plan_execution("fast", scheduler="tcp://127.0.0.1:8786").cluster == "external"
+    ext = plan.plan_execution("fast", scheduler="tcp://127.0.0.1:8786")
+    assert ext.cluster == "external" and ext.note is None
 
 
 def test_deploy_cuda_cluster_without_dask_cuda_is_one_clean_line(monkeypatch, capsys):

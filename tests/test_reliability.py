@@ -1,6 +1,7 @@
 """Nothing lost, nothing silently wrong: refused reruns keep the old run, bad inputs get one line (RELIABILITY.md)."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,13 @@ def test_a_failed_run_removes_only_what_it_wrote(tmp_path, capsys, prefect_harne
     np.save(x / "t.npy", unit(400, 8, 2))
     assert main(args + ["--out", str(tmp_path / "made")]) == 0
     assert (tmp_path / "made" / "result.json").is_file()
+    # The same run named through "made/new/..": resumed there, with a report whose printed path exists.
+    capsys.readouterr()
+    report_args = [a for a in args if a != "--no-report"]
+    assert main(report_args + ["--out", str(tmp_path / "made" / "new" / "..")]) == 0
+    printed = json.loads(capsys.readouterr().out)["report"]
+    assert printed == str(tmp_path / "made" / "report.html") and Path(printed).is_file()
+    assert not (tmp_path / "made" / "new").exists()
 
 
 def test_a_failed_overwrite_leaves_no_earlier_result_over_its_store(tmp_path, prefect_harness):

@@ -12,8 +12,8 @@ Kernels:
   "torch-cuda"  the torch kernels on the current CUDA device
   "auto"        "torch-cuda" when a CUDA GPU is usable, else "fast"
 The exact k-NN metrics (tasks/metrics/) run on "fast" (numba, knn.py), on "lowprec"
-(the same numba filters over a bfloat16 torch.mm, which pays on AMX CPUs: "auto" picks
-it there for wide rows, `metric_kernel`) and on the torch kernels (knn_torch.py), chosen
+(the same numba filters over a bfloat16 torch.mm, which pays on CPUs with AMX-BF16 or
+AVX512-BF16: "auto" picks it there for wide rows, `metric_kernel`) and on the torch kernels (knn_torch.py), chosen
 here too (`metric_kernel`, `knn_distances`, `knn_self`, `ball_counts`); their results are
 equal bit for bit.
 All of them return the same counts (exactly) and the same sums (to float64

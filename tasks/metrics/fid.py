@@ -326,7 +326,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
-def _side(x) -> tuple[np.ndarray, np.ndarray, float]:
+def _side(x, name: str) -> tuple[np.ndarray, np.ndarray, float]:
     """(mean, F, Tr S) with ``F F^T = S``: from the kept rows of a StreamingStats (exact, rank n - 1,
     no eigendecomposition), else from its covariance or a ``(mu, sigma)`` pair (`_psd_factor`)."""
     if isinstance(x, StreamingStats):
@@ -338,7 +338,7 @@ def _side(x) -> tuple[np.ndarray, np.ndarray, float]:
             return x.mean, f, float(np.einsum("ij,ij->", f, f))
         mu, sigma = x.mean, x.cov()
     else:
-        mu, sigma = check_mu_sigma(*x, "a (mu, sigma) pair")
+        mu, sigma = check_mu_sigma(*x, name)
         sigma = (sigma + sigma.T) / 2
     return mu, _psd_factor(sigma), float(np.trace(sigma))
 
@@ -354,7 +354,7 @@ def frechet_distance_stats(a, b) -> float:
     the SVD does not converge, this is ``frechet_distance(a.mean, a.cov(), b.mean, b.cov())``.
     """
     try:
-        (mu1, f1, t1), (mu2, f2, t2) = _side(a), _side(b)
+        (mu1, f1, t1), (mu2, f2, t2) = _side(a, "first (mu, sigma) pair"), _side(b, "second (mu, sigma) pair")
         if mu1.shape != mu2.shape:
             raise ValueError(f"mean vectors must be 1-d of equal length, got {mu1.shape} and {mu2.shape}")
         diff = mu1 - mu2
