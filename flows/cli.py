@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -297,7 +298,7 @@ def main(argv=None) -> int:
     from modeaudit.storage.store import StoreError
     try:
         quiet_terminal(args.verbose)
-        with console.terminal(verbose=args.verbose):
+        with console.terminal(verbose=args.verbose), _no_heartbeats_on_a_temporary_server():
             return _run_command(args, FailedRun, StoreError, cfg)
     except RuntimeError as e:
         if "ephemeral Prefect API server" not in str(e):
@@ -307,6 +308,23 @@ def main(argv=None) -> int:
               "less busy, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a "
               "running Prefect server", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _no_heartbeats_on_a_temporary_server():
+    """Flow-run heartbeats off when no Prefect server is configured (PREFECT_API_URL unset).
+
+    Heartbeats let a server mark a crashed run; the temporary server a CLI run starts ends with the
+    process, so they serve nothing there, and Prefect's engine joins its heartbeat thread at the end of
+    every flow run, which sleeps in 1 s steps: up to a second of each command's wall time. A context
+    (Prefect's temporary_settings), not the process's environment; against a real server they stay on.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 class _DaskBelowError(logging.Filter):
