@@ -312,7 +312,7 @@ def main(argv=None) -> int:
 
 @contextlib.contextmanager
 def _no_heartbeats_on_a_temporary_server():
-    """Flow-run heartbeats off when no Prefect server is configured (PREFECT_API_URL unset).
+    """Flow-run heartbeats off when no Prefect server is configured (PREFECT_API_URL unset): CLI and API runs.
 
     Heartbeats let a server mark a crashed run; the temporary server a CLI run starts ends with the
     process, so they serve nothing there, and Prefect's engine joins its heartbeat thread at the end of
