@@ -122,14 +122,14 @@ def audit(generator=None, *, out: str | os.PathLike, descriptor=None, reference_
     cfg = AuditConfig.parse(fields)
     from prefect.exceptions import FailedRun
 
-    from modeaudit.flows.cli import _no_heartbeats_on_a_temporary_server, preflight
+    from modeaudit.flows.cli import no_heartbeats_on_a_temporary_server, preflight
     from modeaudit.storage.layout import check_out_dir
     from modeaudit.storage.store import StoreError
     try:
         preflight(cfg)
         check_out_dir(cfg.out)
         from modeaudit.flows.audit import audit_flow
-        with _no_heartbeats_on_a_temporary_server():
+        with no_heartbeats_on_a_temporary_server():
             data = audit_flow(cfg)
     except (FailedRun, StoreError) as e:
         _raise_failed(e)
@@ -145,12 +145,12 @@ def calibrate(run: str | os.PathLike, **settings) -> CalibrationResult:
     cfg = CalibrationConfig.parse({"run": str(run), **settings})
     from prefect.exceptions import FailedRun
 
-    from modeaudit.flows.cli import _no_heartbeats_on_a_temporary_server, check_calibration_inputs
+    from modeaudit.flows.cli import no_heartbeats_on_a_temporary_server, check_calibration_inputs
     from modeaudit.storage.store import StoreError
     try:
         check_calibration_inputs(cfg)
         from modeaudit.flows.calibrate import calibrate_flow
-        with _no_heartbeats_on_a_temporary_server():
+        with no_heartbeats_on_a_temporary_server():
             data = calibrate_flow(cfg)
     except (FailedRun, StoreError) as e:
         _raise_failed(e)

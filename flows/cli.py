@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     from modeaudit.storage.store import StoreError
     try:
         quiet_terminal(args.verbose)
-        with console.terminal(verbose=args.verbose), _no_heartbeats_on_a_temporary_server():
+        with console.terminal(verbose=args.verbose), no_heartbeats_on_a_temporary_server():
             return _run_command(args, FailedRun, StoreError, cfg)
     except RuntimeError as e:
         if "ephemeral Prefect API server" not in str(e):
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
 
 
 @contextlib.contextmanager
-def _no_heartbeats_on_a_temporary_server():
+def no_heartbeats_on_a_temporary_server():
     """Flow-run heartbeats off when no Prefect server is configured (PREFECT_API_URL unset): CLI and API runs.
 
     Heartbeats let a server mark a crashed run; the temporary server a CLI run starts ends with the

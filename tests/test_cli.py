@@ -188,13 +188,13 @@ def test_heartbeats_are_off_only_on_the_temporary_server():
     """A CLI run on Prefect's temporary server waited up to a second per flow for the heartbeat thread; against a
     configured server (crash detection of deployed runs) heartbeats stay on."""
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
-    from modeaudit.flows.cli import _no_heartbeats_on_a_temporary_server
+    from modeaudit.flows.cli import no_heartbeats_on_a_temporary_server
     on = get_current_settings().flows.heartbeat_frequency
     assert on is not None                  # Prefect's default: on (180 s)
     with temporary_settings(updates={PREFECT_API_URL: None}):
-        with _no_heartbeats_on_a_temporary_server():
+        with no_heartbeats_on_a_temporary_server():
             assert get_current_settings().flows.heartbeat_frequency is None
         assert get_current_settings().flows.heartbeat_frequency == on
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
-        with _no_heartbeats_on_a_temporary_server():
+        with no_heartbeats_on_a_temporary_server():
             assert get_current_settings().flows.heartbeat_frequency == on
