@@ -6,23 +6,19 @@ that its figures are well formed, not that any speed target is met.
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load
 
 # Found, not imported: collection imports every test module in every pytest worker, and sklearn alone took
 # 1.4 s there; the harness's subprocess imports them when it runs.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("faiss") is None or importlib.util.find_spec("sklearn") is None,
                                 reason="the harness compares against faiss and scikit-learn")
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_join.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_join", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("bench_join")
 
 
 def _ratios(node, path=""):

@@ -1,23 +1,19 @@
 """The low-precision benchmark runs end to end at tiny sizes: its exactness assertions
 (lowprec counts == fast counts, MCCS sums bit-identical, both bounds hold) pass and its
 figures are well formed."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load
 
 pytest.importorskip("torch")
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_lowprec.py"
 
 
 # Slow: it imports torch and times every GEMM variant and both
 # kernels on two data sets; the kernels' exactness is tested by test_join*.py already.
 @pytest.mark.slow
 def test_tiny_run(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_lowprec", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load("bench_lowprec")
     res = mod.main(["--anchors", "40", "--rows", "6000", "--dim", "16", "--block-rows", "2048",
                     "--repeat", "1", "--threads", "1", "--json", str(tmp_path / "l.json")])
     assert json.loads((tmp_path / "l.json").read_text())["rows"] == 6000

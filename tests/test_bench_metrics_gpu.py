@@ -1,21 +1,16 @@
 """The GPU metrics benchmark's harness runs end to end on the CPU (tiny sizes): the CLI it times gives the
 metrics of the data it wrote, and the ratios and projections it prints are well formed."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load
 
 pytest.importorskip("torch")
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_metrics_gpu.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_metrics_gpu", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("bench_metrics_gpu")
 
 
 def test_quick_cpu_run(tmp_path, capsys):
@@ -49,9 +44,7 @@ def test_profile_script_runs_on_the_cpu_and_hashes_the_kernels_outputs(capsys):
     compare runs before and after a kernel change) are the numba kernels' bit for bit."""
     import hashlib
     from modeaudit.tasks.metrics import knn
-    spec = importlib.util.spec_from_file_location("profile_metrics_gpu", _PATH.parent / "profile_metrics_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load("profile_metrics_gpu")
     res = mod.main(["--device", "cpu", "--n", "700", "--top", "100"])
     real = np.random.default_rng(1).standard_normal((700, 128), dtype=np.float32)
     fake = np.random.default_rng(2).standard_normal((700, 128), dtype=np.float32) + np.float32(0.1)

@@ -1,19 +1,16 @@
 """The fault-injection harness (benchmarks/fault_injection.py): its verdicts, and (slow) a real randomised pass."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load
 
 HARNESS = Path(__file__).parents[1] / "benchmarks" / "fault_injection.py"
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("fault_injection", HARNESS)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("fault_injection")
 
 
 def test_the_harness_judges_every_outcome(tmp_path):
