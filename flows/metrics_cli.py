@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import sys
 from pathlib import Path
 
@@ -225,8 +226,8 @@ def _check_rows(blocks, what: str, distance: str) -> None:
 
 
 def _execution(kernel: str, workers, scheduler, group_rows):
-    """The metrics' execution plan (tasks/plan.py), or None to run in this process; _Bad on a bad setting
-    or an unreachable scheduler."""
+    """(kernel, the metrics' execution plan (tasks/plan.py) or None to run in this process, group_rows as an
+    int or None); _Bad on a bad setting or an unreachable scheduler."""
     from modeaudit.tasks.join.backend import metric_kernel
     from modeaudit.tasks.registry import ConfigError
     try:
@@ -234,43 +235,54 @@ def _execution(kernel: str, workers, scheduler, group_rows):
         resolved = metric_kernel(kernel)
     except ValueError as e:
         raise _Bad(f"--kernel: {e}") from None
-    for option, v in (("--workers", workers), ("--group-rows", group_rows)):
-        if v is not None:
-            _positive_int(v, option)
+    workers, group_rows = (None if v is None else _positive_int(v, option)
+                           for option, v in (("--workers", workers), ("--group-rows", group_rows)))
     if workers is not None and scheduler:
         raise _Bad("--workers starts a local cluster and --scheduler uses an existing one; give one of them")
     if workers is None and not scheduler:
-        return kernel, None
+        return kernel, None, group_rows
     from modeaudit.flows.cluster import probe_scheduler
     from modeaudit.tasks.plan import plan_execution
     try:
         if scheduler:
             probe_scheduler(scheduler)
-        return kernel, plan_execution(resolved, workers or 1, scheduler=scheduler or None)
+        return kernel, plan_execution(resolved, workers or 1, scheduler=scheduler or None), group_rows
     except ConfigError as e:
         raise _Bad(str(e)) from None
 
 
-def _positive_int(v, option: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+def _positive_int(v, option: str) -> int:
+    """v as a Python int (numpy integers accepted), or _Bad unless it is a whole number >= 1."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
         raise _Bad(f"{option} must be a positive integer, got {v!r}")
+    return int(v)
 
 
-def _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows, kid_seed) -> None:
-    # Types too: the Python API passes values argparse never saw (block_rows=2.5 was a TypeError inside numpy).
-    _positive_int(k, "--k")
+# KID's subsets are drawn up front (an index array each): more than this is a typo, not a setting
+# (torch-fidelity's default is 100); 10**30 ran the machine out of memory.
+MAX_KID_SUBSETS = 10_000
+
+
+def _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows, kid_seed) -> tuple:
+    """The settings checked (types too: the Python API passes values argparse never saw, block_rows=2.5 was a
+    TypeError inside numpy; numpy integers and floats are accepted) and returned as Python ints and floats."""
+    k = _positive_int(k, "--k")
     if distance not in ("euclidean", "angular"):
         raise _Bad(f"--distance must be euclidean or angular, got {distance!r}")
-    _positive_int(kid_subsets, "--kid-subsets")
-    _positive_int(kid_subset_size, "--kid-subset-size")
+    kid_subsets = _positive_int(kid_subsets, "--kid-subsets")
+    if kid_subsets > MAX_KID_SUBSETS:
+        raise _Bad(f"--kid-subsets {kid_subsets}: at most {MAX_KID_SUBSETS} (torch-fidelity's default is 100)")
+    kid_subset_size = _positive_int(kid_subset_size, "--kid-subset-size")
     if kid_subset_size < 2:
         raise _Bad("--kid-subsets must be >= 1 and --kid-subset-size >= 2")
-    if isinstance(kid_seed, bool) or not isinstance(kid_seed, int) or not 0 <= kid_seed < 2 ** 32:
+    if isinstance(kid_seed, bool) or not isinstance(kid_seed, numbers.Integral) or not 0 <= kid_seed < 2 ** 32:
         raise _Bad(f"--kid-seed must be a whole number in [0, 2**32) (a numpy RandomState seed), got {kid_seed!r}")
-    if dup_quantile is not None and (isinstance(dup_quantile, bool) or not isinstance(dup_quantile, (int, float))
-                                     or not 0.0 < dup_quantile < 1.0):
-        raise _Bad(f"--dup-quantile must lie in (0, 1), got {dup_quantile!r}")
-    _positive_int(block_rows, "--block-rows")
+    if dup_quantile is not None:
+        if isinstance(dup_quantile, bool) or not isinstance(dup_quantile, numbers.Real) or not 0.0 < dup_quantile < 1.0:
+            raise _Bad(f"--dup-quantile must lie in (0, 1), got {dup_quantile!r}")
+        dup_quantile = float(dup_quantile)
+    block_rows = _positive_int(block_rows, "--block-rows")
+    return k, kid_subsets, kid_subset_size, dup_quantile, block_rows, int(kid_seed)
 
 
 def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dict | None = None, out=None,
@@ -289,14 +301,17 @@ def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dic
     kid_subsets = KID_SUBSETS if kid_subsets is None else kid_subsets
     kid_subset_size = KID_SUBSET_SIZE if kid_subset_size is None else kid_subset_size
     kid_seed = KID_SEED if kid_seed is None else kid_seed
-    _check_settings(k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows, kid_seed)
-    kernel, plan = _execution(kernel, workers, scheduler, group_rows)
+    k, kid_subsets, kid_subset_size, dup_quantile, block_rows, kid_seed = _check_settings(
+        k, distance, kid_subsets, kid_subset_size, dup_quantile, block_rows, kid_seed)
+    kernel, plan, group_rows = _execution(kernel, workers, scheduler, group_rows)
     if plan is not None and client is not None:
         raise _Bad("pass a client, or workers/scheduler, not both")
     if client is not None and not callable(getattr(client, "submit", None)):
         raise _Bad(f"client must be a distributed.Client, got {type(client).__name__}")
     if out is not None:
         from modeaudit.storage.layout import resolved_dir
+        if not str(out).strip():
+            raise _Bad("--out is empty; give a directory for metrics.json, e.g. --out runs/metrics1")
         out = resolved_dir(out)
         if out.exists() and not out.is_dir():
             raise _Bad(f"--out {out} is a file; choose a directory")
@@ -315,12 +330,29 @@ def metrics_of(real, fake, *, k: int = 5, distance: str = "euclidean", desc: dic
         if x.shape[0] <= k:
             raise _Bad(f"{what} has {x.shape[0]} rows; --k {k} needs at least {k + 1} (a row is not "
                        "its own neighbour): pass more samples or a smaller --k")
+    made = []        # the folders this call creates for --out, innermost first: taken back if it fails
     if out is not None:
         # Every input checked: only now is anything created.
+        made = [p for p in (out, *out.parents) if not p.exists()]
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _Bad(f"cannot create --out {out} ({e.strerror or e}); choose a writable directory") from None
+    try:
+        return _compute_and_write(real, fake, real_rows, fake_rows, out, k, distance, block_rows, kid_subsets,
+                                  kid_subset_size, kid_seed, dup_quantile, kernel, group_rows, plan, client)
+    except BaseException:
+        for p in made:       # only empty ones: a folder the run made and nothing else wrote to
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _compute_and_write(real, fake, real_rows, fake_rows, out, k, distance, block_rows, kid_subsets, kid_subset_size,
+                       kid_seed, dup_quantile, kernel, group_rows, plan, client) -> dict:
+    """metrics_of's joins and metrics.json, once every input is checked."""
     from modeaudit.tasks.metrics.suite import compute_metrics
     extra = {} if dup_quantile is None else {"dup_quantile": dup_quantile}
 

@@ -252,6 +252,9 @@ def validate_calibration(c: "CalibrationConfig") -> None:
         v = getattr(c, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{flag} {v}: must be a positive whole number")
+    if c.scheduler is None:
+        from modeaudit.tasks.plan import check_local_workers
+        check_local_workers(c.workers)
     if c.method not in ("cluster", "rejection"):
         raise ConfigError(f"method={c.method!r}; choose cluster or rejection")
     from modeaudit.tasks.calibration.steps import _image_range
@@ -293,6 +296,9 @@ def validate_settings(c: AuditConfig) -> None:
         raise ConfigError(f"diversity_rows={c.diversity_rows}; give a whole number >= 0 (0 skips the diversity metrics)")
     if c.workers < 1:
         raise ConfigError(f"workers={c.workers}; give at least 1")
+    if c.scheduler is None:
+        from modeaudit.tasks.plan import check_local_workers
+        check_local_workers(c.workers)
     if c.scheduler is not None:
         check_scheduler_address(c.scheduler)
     from modeaudit.tasks.plan import KERNELS

@@ -109,6 +109,11 @@ def input_descriptor(cfg: AuditConfig) -> dict | None:
 
 def _image_descriptor(desc: dict | None, what: str, path: str):
     if desc is None:
+        images, others = imf.count_images(path)
+        if not images:
+            raise InputError(f"{what} {path} is a folder with no PNG or JPEG images ({others} other file(s); "
+                             "searched recursively) and is neither a Zarr array nor an audit run folder: give a .npy "
+                             "file, a Zarr array, a run folder or a folder of images")
         raise InputError(f"{what} {path} is a folder of images: pass --descriptor SPEC (an image descriptor, e.g. "
                          "torch:tiny-cnn or torchscript:PATH) to embed them")
     descriptor = imf.descriptor_of(desc)

@@ -41,6 +41,21 @@ class ExecutionPlan:
         return "cuda" if self.kernel == "torch-cuda" else "cpu"
 
 
+def max_local_workers() -> int:
+    """The most worker processes a local cluster may start here: 4 per usable core, at least 64. More is a
+    typo (--workers 1e9 started processes until the machine ran out of memory), not a plan."""
+    return max(64, 4 * usable_cores())
+
+
+def check_local_workers(workers: int, option: str = "--workers") -> None:
+    """ConfigError when a local cluster of `workers` processes is more than this machine should start."""
+    from modeaudit.tasks.registry import ConfigError
+    top = max_local_workers()
+    if workers > top:
+        raise ConfigError(f"{option} {workers}: at most {top} local worker processes here ({usable_cores()} cores); "
+                          "for a bigger cluster start one (deploy/clusters.py) and pass --scheduler")
+
+
 def _dask_cuda_problem() -> str | None:
     """None when dask-cuda imports; else why not (not installed, or its import failing: a missing pynvml,
     a version clash), for the plan's note."""
@@ -61,6 +76,8 @@ def plan_execution(kernel: str, workers: int = 1, threads_per_worker: int | None
     from modeaudit.tasks.config import kernel_for
     kernel = kernel_for(kernel)
     note = None
+    if not scheduler:
+        check_local_workers(workers)
     if scheduler:
         kind = "external"
     elif in_process:

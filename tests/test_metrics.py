@@ -1010,3 +1010,40 @@ def test_crowded_balls_equal_float64_brute_force(monkeypatch):
     for g, r in zip(got, want):
         np.testing.assert_array_equal(g, r)
     assert sum(rechecked) > 100                                      # and hundreds of pairs in the band
+
+
+def test_metrics_refusals_found_by_a_fuzz_leave_nothing_behind(tmp_path, capsys):
+    """Values that once ran the machine out of memory (--kid-subsets, --workers 1e23), an empty --out (wrote to the
+    working directory), rows that overflow float32 (left an empty --out): one line, exit 2, no folder made."""
+    from modeaudit.flows.cli import main
+    rng = np.random.default_rng(4)
+    r, f = tmp_path / "r.npy", tmp_path / "f.npy"
+    np.save(r, rng.standard_normal((50, 4)).astype(np.float32))
+    np.save(f, rng.standard_normal((40, 4)).astype(np.float32))
+    big = tmp_path / "big.npy"
+    np.save(big, (rng.standard_normal((50, 4)) * 1e30).astype(np.float32))
+    base = ["metrics", "--real", str(r), "--fake", str(f)]
+    out = tmp_path / "new" / "out"
+    for args, says in ((["--out", str(out), "--kid-subsets", "10" * 12], "--kid-subsets"),
+                       (["--out", str(out), "--workers", "10" * 12], "local worker processes"),
+                       (["--out", ""], "--out is empty"),
+                       (["--out", str(out), "--real", str(big)], "overflow float32")):
+        assert main(base + args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("modeaudit: error: ") and says in err and err.count("\n") == 1, err
+        assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == \
+            ["big.npy", "f.npy", "r.npy"]
+
+
+def test_python_api_takes_numpy_scalars():
+    """k=np.int64(5) was refused ("must be a positive integer, got np.int64(5)"); the values come back as plain
+    Python numbers, so the dict is JSON."""
+    import modeaudit
+    rng = np.random.default_rng(5)
+    r = rng.standard_normal((50, 4)).astype(np.float32)
+    f = rng.standard_normal((40, 4)).astype(np.float32)
+    a = modeaudit.metrics(r, f, k=np.int64(5), dup_quantile=np.float32(0.25), block_rows=np.int64(7),
+                          kid_seed=np.uint32(3), kid_subsets=np.int32(10), kid_subset_size=np.int64(20))
+    b = modeaudit.metrics(r, f, k=5, dup_quantile=float(np.float32(0.25)), block_rows=7, kid_seed=3, kid_subsets=10,
+                          kid_subset_size=20)
+    assert a == b and json.loads(json.dumps(a)) == a and type(a["k"]) is int

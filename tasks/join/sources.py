@@ -119,7 +119,12 @@ def open_embeddings(path: str | Path, what: str) -> Source:
         try:
             arr = np.load(p, mmap_mode="r")
         except Exception as e:  # a corrupt or pickled file
-            raise InputError(f"{what} {path}: cannot read as .npy ({e}); save it with numpy.save") from None
+            # numpy's own text for both suggests allow_pickle=True: unsafe advice, and wrong for a file that is
+            # not a .npy at all.
+            why = ("not an array of numbers (a pickle, or not a .npy file at all)" if "allow_pickle" in str(e)
+                   else str(e))
+            raise InputError(f"{what} {path}: cannot read as .npy ({why}); save the features with numpy.save") \
+                from None
         kind = "npy"
     elif p.is_dir():
         import zarr

@@ -136,6 +136,12 @@ def _first_line(e: BaseException) -> str:
 _MEMO: dict[str, tuple[tuple, ImageListing]] = {}
 
 
+def count_images(folder: str | os.PathLike) -> tuple[int, int]:
+    """(images, other files) in a folder by the module's rules, without reading any image."""
+    rels, ignored = _walk(Path(folder).expanduser().resolve())
+    return len(rels), ignored
+
+
 def list_images(folder: str | os.PathLike, what: str) -> ImageListing:
     """Every image of a folder (see the module's rules), hashed and header-checked; one-line errors."""
     root = Path(folder).expanduser()
