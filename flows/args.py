@@ -5,7 +5,12 @@ import argparse
 
 
 def count(text: str) -> int:
-    """Whole numbers that may be written 1e5."""
+    """Whole numbers that may be written 1e5 (a plain integer is read exactly, not through a float)."""
+    t = text.strip()
+    if t.lstrip("+").isdigit():
+        return int(t)
+    if t.startswith("-") and t[1:].isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; give a whole number >= 0")
     try:
         v = float(text)
     except ValueError:

@@ -198,3 +198,13 @@ def test_heartbeats_are_off_only_on_the_temporary_server():
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         with no_heartbeats_on_a_temporary_server():
             assert get_current_settings().flows.heartbeat_frequency == on
+
+
+def test_count_reads_integers_exactly():
+    """--workers 1000000000000000000000000 was echoed back as 999999999999999983222784 (read through a float)."""
+    import argparse
+    from modeaudit.flows.args import count
+    assert count("1" + "0" * 24) == 10 ** 24 and count("1e5") == 100_000 and count(" +7 ") == 7
+    for bad in ("-3", "1.5", "abc", "-1e2", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            count(bad)
