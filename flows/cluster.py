@@ -58,8 +58,6 @@ def local_cluster(plan: ExecutionPlan, dashboard: bool = False, **kwargs):
     """Start the cluster a plan asks for on this machine (not for "external"); kwargs go to the cluster class.
     `dashboard`: serve Dask's dashboard (bokeh must be importable, see dashboard_available)."""
     kwargs["dashboard_address"] = DASHBOARD_ADDRESS if dashboard else None
-    if plan.note:
-        console.note(plan.note)
     with warnings.catch_warnings():
         if not console.verbose():
             # The scheduler's HTTP server (health, and the dashboard when asked for) moves to a free port
@@ -150,6 +148,8 @@ def _start_local(plan: ExecutionPlan, attempts: int = 2):
     for i in range(attempts):
         try:
             cluster = local_cluster(plan, dashboard=dashboard)
+            if plan.note:        # once the cluster is up: a worker that failed to start does not say it twice
+                console.note(plan.note)
             if dashboard:
                 console.note(f"Dask dashboard: {cluster.dashboard_link}")
             elif console.wants_dashboard():
