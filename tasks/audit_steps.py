@@ -15,7 +15,7 @@ from modeaudit.tasks import console
 from modeaudit.tasks.join import parallel
 from modeaudit.storage.layout import RunLayout
 from modeaudit.tasks.config import AuditConfig
-from modeaudit.tasks.plan import plan_execution
+from modeaudit.tasks.plan import model_device
 from modeaudit.tasks.errors import InputError
 from modeaudit.tasks.stats.paper import paper_test, population_mccs
 from modeaudit.tasks.join.kernels import mccs_from_sums
@@ -43,7 +43,7 @@ def model_specs_and_width(cfg: AuditConfig) -> tuple[dict, dict, int]:
     """model_specs, and the width of the embeddings (from the trial row it embeds)."""
     from modeaudit.tasks.models.descriptors import DESCRIPTORS
     from modeaudit.tasks.models.generators import GENERATORS
-    device = plan_execution(cfg.kernel).model_device
+    device = model_device(cfg.kernel)
     gen_opts = GENERATORS.resolve_options(cfg.generator, _with_device(GENERATORS, cfg.generator,
                                                                       cfg.generator_options, device))
     gen = {"spec": cfg.generator, "options": gen_opts}

@@ -135,7 +135,8 @@ class AuditConfig(_Config):
         # "X/new/.." is X (storage/layout.resolved_dir): resolved here, once for the CLI, the API and a
         # deployment alike, so nothing writes through a "new" made on the way or prints a path that is not there.
         if "://" not in v and ".." in Path(v).parts:
-            return os.path.realpath(v)
+            from modeaudit.storage.layout import resolved_dir
+            return os.fspath(resolved_dir(v))
         return v
 
 

@@ -100,8 +100,8 @@ def input_descriptor(cfg: AuditConfig) -> dict | None:
         return None
     from modeaudit.tasks.audit_steps import _with_device
     from modeaudit.tasks.models.descriptors import DESCRIPTORS
-    from modeaudit.tasks.plan import plan_execution
-    device = plan_execution(cfg.kernel).model_device
+    from modeaudit.tasks.plan import model_device
+    device = model_device(cfg.kernel)
     return {"spec": cfg.descriptor,
             "options": DESCRIPTORS.resolve_options(cfg.descriptor, _with_device(DESCRIPTORS, cfg.descriptor,
                                                                                 cfg.descriptor_options, device))}

@@ -38,7 +38,18 @@ class ExecutionPlan:
     @property
     def model_device(self) -> str:
         """The default torch device of the models (a -G/-D device option overrides it)."""
-        return "cuda" if self.kernel == "torch-cuda" else "cpu"
+        return _device_of(self.kernel)
+
+
+def _device_of(kernel: str) -> str:
+    return "cuda" if kernel == "torch-cuda" else "cpu"
+
+
+def model_device(kernel: str) -> str:
+    """The default torch device of the models for a requested --kernel ("auto" resolved here), as the run's plan
+    has it, without planning its cluster (which, on a GPU machine, imports dask-cuda to choose its kind)."""
+    from modeaudit.tasks.config import kernel_for
+    return _device_of(kernel_for(kernel))
 
 
 def max_local_workers() -> int:
@@ -76,8 +87,6 @@ def plan_execution(kernel: str, workers: int = 1, threads_per_worker: int | None
     from modeaudit.tasks.config import kernel_for
     kernel = kernel_for(kernel)
     note = None
-    if not scheduler:
-        check_local_workers(workers)
     if scheduler:
         kind = "external"
     elif in_process:
@@ -92,6 +101,8 @@ def plan_execution(kernel: str, workers: int = 1, threads_per_worker: int | None
                 "pip install 'modeaudit[gpu]' for one worker per GPU")
     else:
         kind = "local"
+    if kind != "external":
+        check_local_workers(workers)
     tpw = threads_per_worker or max(1, usable_cores() // max(1, workers))
     return ExecutionPlan(kernel, kind, workers, tpw, scheduler, note)
 

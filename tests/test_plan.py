@@ -66,3 +66,9 @@ def test_deploy_cuda_cluster_without_dask_cuda_is_one_clean_line(monkeypatch, ca
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("modeaudit: error: ") and "modeaudit[gpu]" in err and len(err.splitlines()) == 1
+
+
+def test_model_device_needs_no_cluster_plan(on_a_gpu, monkeypatch):
+    """The models' device is the plan's, decided without choosing the cluster (no dask-cuda import in preflight)."""
+    monkeypatch.setattr(plan, "_dask_cuda_problem", lambda: pytest.fail("model_device planned a cluster"))
+    assert plan.model_device("auto") == "cuda" and plan.model_device("fast") == "cpu"
