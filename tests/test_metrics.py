@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from modeaudit.tasks.join.threads import thread_budget
 from modeaudit.tasks.metrics import compute_metrics
 from modeaudit.tasks.metrics.birthday import birthday_batch, duplicate_threshold, near_duplicate_pairs
 from modeaudit.tasks.metrics.kid import kid
@@ -796,12 +797,66 @@ def test_bf16_gemm_kernels_equal_float64_brute_force(distance, data, monkeypatch
             np.testing.assert_array_equal(g, r)
     for tile in (None, 100):
         np.testing.assert_array_equal(knn_self(a, k, distance=distance, tile=tile, scores="bf16"), ra)
+    # Diagonal tiles cut into pieces (split_diagonal), by one to three tile threads (each with its own lists,
+    # merged before the exact re-checks).
+    monkeypatch.setattr(K, "_BF16_MIN_DIAG", 16)
+    for threads in (1, 2, 3):
+        with thread_budget(threads):
+            np.testing.assert_array_equal(knn_self(a, k, distance=distance, tile=100, scores="bf16"), ra)
+    # float32 tile threads (single-threaded BLAS, as on a Dask worker) merge their lists the same way
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=1, user_api="blas"), thread_budget(3):
+        assert K._Gemm("float32", a, a).workers(10) == 3
+        np.testing.assert_array_equal(knn_self(a, k, distance=distance, tile=60), ra)
     tau = float(np.quantile(ra[:, 0], 0.3))
     ids = np.arange(0, len(a), 3)
     want = ball_counts_reference(a[ids], a, tau, None, distance, a_ids=ids).as_tuple()
     got = ball_counts(a[ids], _blocks(a, 120), tau, None, distance=distance, a_ids=ids, scores="bf16").as_tuple()
     for g, r in zip(got, want):
         np.testing.assert_array_equal(g, r)
+
+
+@pytest.mark.parametrize("n, tile, min_rows", [(1000, 300, 40), (37, 37, 5), (4000, 4096, 2048), (9, 4, 1)])
+def test_split_diagonal_forms_every_pair_of_the_upper_triangle_once(n, tile, min_rows):
+    from modeaudit.tasks.metrics.knn import self_spans, split_diagonal
+    spans = split_diagonal(self_spans(n, tile), min_rows)
+    seen = np.zeros((n, n), np.int64)
+    formed = 0
+    for r0, r1, c0, c1 in spans:
+        assert r0 <= c0 and r1 - r0 >= 1 and c1 - c0 >= 1
+        block = np.zeros((r1 - r0, c1 - c0), np.int64)
+        i, j = np.indices(block.shape)
+        # what _knn_sym_tile reads: on a diagonal piece (r0 == c0) only j > i
+        keep = (j > i) if r0 == c0 else np.ones_like(block, bool)
+        seen[r0:r1, c0:c1] += keep
+        formed += block.size
+    assert np.array_equal(seen, np.triu(np.ones((n, n), np.int64), 1))
+    # the scores formed and never read: at most half of what the unsplit diagonal tiles waste
+    unsplit = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in self_spans(n, tile))
+    pairs = n * (n - 1) // 2
+    if len(spans) > len(self_spans(n, tile)):
+        assert formed - pairs <= (unsplit - pairs) * 0.5 + n
+
+
+def test_one_openmp_thread_limits_only_the_calling_thread():
+    torch = pytest.importorskip("torch")
+    from concurrent.futures import ThreadPoolExecutor
+    from modeaudit.tasks.join.threads import _openmp_controller, one_openmp_thread
+    if _openmp_controller() is None:
+        pytest.skip("this torch uses no OpenMP runtime threadpoolctl can see")
+    before = torch.get_num_threads()
+
+    def inside():
+        with one_openmp_thread():
+            a = torch.ones((64, 64), dtype=torch.bfloat16)
+            torch.mm(a, a)
+            return torch.get_num_threads()
+
+    with ThreadPoolExecutor(1) as ex:
+        assert ex.submit(inside).result() == 1
+    assert torch.get_num_threads() == before   # this thread's count, and the process's, unchanged
+    with ThreadPoolExecutor(1) as ex:
+        assert ex.submit(torch.get_num_threads).result() == before   # a new thread starts with the default
 
 
 def test_a_bf16_matmul_that_does_not_accumulate_in_float32_is_refused(monkeypatch):

@@ -61,3 +61,48 @@ def blas_threads() -> int:
         return usable_cores()
     n = [lib.num_threads for lib in _controller.select(user_api="blas").lib_controllers]
     return max(n) if n else 1
+
+
+@contextlib.contextmanager
+def one_openmp_thread():
+    """Within this block, OpenMP parallel regions started from this thread run on one thread (torch's CPU
+    GEMMs, when several of our tile threads each run their own).
+
+    Thread-local, so no other thread's GEMMs change: OpenMP keeps the thread count of new parallel
+    regions per thread (the nthreads-var ICV), and omp_set_num_threads sets the calling thread's.
+    torch sets a thread's own count once, at its first parallel call, which would undo ours: that
+    call happens first. Without torch, or where torch does not use a loaded OpenMP runtime, this
+    does nothing (the GEMMs then share the cores, measured no slower in total, only less evenly).
+    """
+    ctl = _openmp_controller()
+    if ctl is None:
+        yield
+        return
+    import torch
+    torch.get_num_threads()   # torch's per-thread initialisation, which would overwrite the limit
+    limiter = ctl.limit(limits=1)
+    try:
+        yield
+    finally:
+        limiter.restore_original_limits()
+
+
+_openmp_lock = threading.Lock()
+_openmp_ctl = None
+
+
+def _openmp_controller():
+    """threadpoolctl's controller of the OpenMP runtimes loaded once torch is (None: no torch, none loaded)."""
+    global _openmp_ctl
+    with _openmp_lock:
+        if _openmp_ctl is None:
+            _openmp_ctl = False
+            try:
+                import torch  # noqa: F401  (its OpenMP runtime must be loaded before the scan)
+                from threadpoolctl import ThreadpoolController
+                ctl = ThreadpoolController().select(user_api="openmp")
+                _openmp_ctl = ctl if ctl.lib_controllers else False
+            except Exception:   # no torch or threadpoolctl, or a library it cannot read
+                _openmp_ctl = False
+        return _openmp_ctl or None
+

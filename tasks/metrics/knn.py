@@ -73,7 +73,7 @@ from modeaudit.tasks.join.kernels import (
     arccos_over_pi,
     _check_ids, _check_matrix, _exact_dist, _gemm_eps, _iter_blocks, _max_norm, _n_workers,
 )
-from modeaudit.tasks.join.threads import compute_threads
+from modeaudit.tasks.join.threads import compute_threads, one_openmp_thread
 
 __all__ = [
     "DISTANCES",
@@ -754,6 +754,10 @@ _BF16_QUERY_TILE = 2048
 _BF16_POINT_TILE = 8192
 _BF16_SELF_TILE = 4096
 _BF16_EXTRA_CAP = 96
+# Rows of the smallest piece a bfloat16 diagonal tile is cut into (split_diagonal): AMX's GEMM
+# ran 1024 x 4096 x 2048 at half the rate of 4096 x 4096 x 2048; AVX512-BF16's rate holds to
+# 1000 x 2000 (AMD EPYC, 2026-12-04). A 4096-row tile becomes 2048 x 4096 and 2048 x 2048.
+_BF16_MIN_DIAG = 2048
 # Float64 re-checks per pair above which a ball-count join goes back to the float32 GEMM: one
 # re-check at d columns costs ~d ns, about 100x what the bfloat16 GEMM saves on a pair.
 _BF16_MAX_RECHECK = 0.005
@@ -885,8 +889,7 @@ class _Gemm:
     Each tile returns its own bound (bf16_score_eps with the tile's largest |score|, the
     pairs of a row with itself set to 0 first: they are never used and would set it to
     |a|^2), so exactly the same pairs are decided by their exact float64 distances, more
-    of them (the band is 10-30x float32's). torch runs the GEMM on its own threads, so one
-    tile thread calls it. A set with values beyond bfloat16's safe range keeps float32.
+    of them (the band is 10-30x float32's). A set with values beyond bfloat16's safe range keeps float32.
 
     q_ids / offset: the queries' global row ids in the point set (-1: none) and the
     global id of the first point row, to find the self pairs.
@@ -913,8 +916,9 @@ class _Gemm:
         return (_BF16_QUERY_TILE, _BF16_POINT_TILE) if self.bf16 else (query_tile, point_tile)
 
     def workers(self, n_tiles: int) -> int:
-        """Tile threads: BLAS's single-threaded GEMMs in parallel, or one thread for torch's."""
-        return 1 if self.bf16 else max(1, min(_n_workers(), n_tiles))
+        """Tile threads: BLAS's single-threaded GEMMs in parallel, or for torch's GEMMs one per core of
+        this call's budget (each worker filters its tile while the other's GEMM runs)."""
+        return max(1, min(compute_threads() if self.bf16 else _n_workers(), n_tiles))
 
     def __call__(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> float | None:
         """Scores of query rows r0..r1-1 x point rows c0..c1-1 into out (float32, (r1 - r0, c1 - c0));
@@ -933,29 +937,6 @@ class _Gemm:
         torch.from_numpy(out).copy_(s)   # bfloat16 -> float32 is exact
         return bf16_score_eps(self.q32.shape[1], self.qb.stats, self.bb.stats, out_max=max(-float(lo), float(hi)))
 
-    def stream(self, spans, shape):
-        """Yield ((r0, r1, c0, c1), scores, eps) for each span in order, scores a view of one of two
-        float32 buffers of `shape`. The next span's GEMM runs on a helper thread while the caller
-        filters the current one (torch and the numba filters release the GIL): the filters run on
-        one core, and in turn the GEMM's threads would leave the other idle. A yielded buffer is
-        reused once the caller asks for the span after next."""
-        bufs = [np.empty(shape, dtype=np.float32) for _ in range(2)]
-
-        def run(i):
-            r0, r1, c0, c1 = spans[i]
-            out = bufs[i % 2][:r1 - r0, :c1 - c0]
-            return out, self(r0, r1, c0, c1, out)
-
-        if not spans:
-            return
-        with ThreadPoolExecutor(1) as ex:
-            fut = ex.submit(run, 0)
-            for i, span in enumerate(spans):
-                out, eps = fut.result()
-                if i + 1 < len(spans):
-                    fut = ex.submit(run, i + 1)
-                yield span, out, eps
-
 
 def _run_tiles(nq: int, nb: int, gemm: _Gemm, kernel, col_parts):
     """Call kernel(sims, r0, c0, parts, eps) over query tiles x point tiles of one block
@@ -968,16 +949,17 @@ def _run_tiles(nq: int, nb: int, gemm: _Gemm, kernel, col_parts):
     """
     qt, pt = gemm.tiles(_QUERY_TILE, _POINT_TILE)
     tiles = list(range(0, nq, qt))
-    if gemm.bf16:
-        spans = [(r0, min(nq, r0 + qt), c0, min(nb, c0 + pt)) for r0 in tiles for c0 in range(0, nb, pt)]
-        for (r0, _, c0, _), sims, eps in gemm.stream(spans, (min(nq, qt), min(nb, pt))):
-            kernel(sims, r0, c0, col_parts, eps)
-        return
-    n = gemm.workers(len(tiles))   # tile threads only where BLAS is single-threaded
+    n = gemm.workers(len(tiles))
     todo = iter(tiles)
     lock = threading.Lock()
 
     def work(parts):
+        if gemm.bf16 and n > 1:
+            with one_openmp_thread():
+                return work_tiles(parts)
+        return work_tiles(parts)
+
+    def work_tiles(parts):
         buf = np.empty((min(nq, qt), min(nb, pt)), dtype=np.float32)
         while True:
             with lock:
@@ -1022,6 +1004,7 @@ def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query
     top_d = np.full((n, k), np.inf)
     dkey = np.full(n, np.inf)
     tol_max = 0.0
+    tol_lock = threading.Lock()
     for offset, block in _iter_blocks(blocks):
         b32, sq_b = Q.rows(block)
         if b32.shape[0] == 0 or n == 0:
@@ -1032,9 +1015,11 @@ def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query
 
         def kernel(sims, r0, c0, _parts, eps, b32=b32, sq_b=sq_b, tol=tol, offset=offset, margin=margin):
             nonlocal tol_max
-            # The lists carry keys of earlier tiles and blocks: the bound must cover them too.
-            tol_max = max(tol_max, tol if eps is None else 2.0 * eps + margin)
-            _knn_rows(sims, r0, c0, offset + c0, Q.ids, Q.sq, sq_b, tol_max, angular, Q.x, b32,
+            # The lists carry keys of earlier tiles and blocks: the bound must cover them too. Under a lock,
+            # and read once: another worker's tile must not lower it between the update and the call.
+            with tol_lock:
+                tol_max = t = max(tol_max, tol if eps is None else 2.0 * eps + margin)
+            _knn_rows(sims, r0, c0, offset + c0, Q.ids, Q.sq, sq_b, t, angular, Q.x, b32,
                       top_key, top_d, dkey)
 
         _run_tiles(n, b32.shape[0], gemm, kernel, [])
@@ -1129,59 +1114,121 @@ def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, s
     spans = make_spans(int(tile))
     tol = Q.tol(X, Q.sq)   # float32's bound; a bfloat16 tile returns its own
     margin = Q.key_tol(0.0, Q.sq)
+    if gemm.bf16:
+        # Cut the diagonal tiles: their lower halves are formed and thrown away (a sixth of the
+        # GEMM of a self-join in 5 x 5 tiles).
+        spans = split_diagonal(spans, _BF16_MIN_DIAG)
     n_workers = gemm.workers(len(spans))
     todo = iter(spans)
     lock = threading.Lock()
     # Candidate buffer per row: with bfloat16's wider bound more pairs pass while the lists
     # fill; a full buffer is evaluated early, when the bound is still loose.
     cap = 3 * k + 8 + (_BF16_EXTRA_CAP if gemm.bf16 else 0)
-    states = [(np.full((n, k), np.inf), np.full((n, k), np.inf), np.full(n, np.inf), np.full(n, np.inf),
-               np.empty((n, cap)), np.empty((n, cap), np.int64), np.zeros(n, np.int64))
-              for _ in range(n_workers)]
+    states = [_sym_state(n, k, cap) for _ in range(n_workers)]
+    bounds = [tol] * n_workers
     shape = (min(n, tile), min(n, tile))
 
-    def work_bf16(state):
-        top_key, top_d, dkey, lim, bkey, bidx, bn = state
-        # Each tile's bound, the largest so far: the lists carry keys of earlier tiles.
-        t_run = 0.0
-        for (r0, _, c0, _), sims, eps in gemm.stream(spans, shape):
-            t_run = max(t_run, 2.0 * eps + margin)
-            _sym_phase_a(sims, r0, c0, r0 == c0, Q.sq, t_run, top_key, dkey, lim)
-            _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, t_run, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn,
-                          False)
-        # Rows settle independently (each its own lists): on every core, ~1 s of float64 re-checks at 2e4 x 2048-d.
-        cuts = np.linspace(0, n, compute_threads() + 1).astype(np.int64)
-        with ThreadPoolExecutor(len(cuts) - 1) as ex:
-            for f in [ex.submit(_settle_rows, int(lo), int(hi), t_run, angular, X, top_key, top_d, dkey, bkey, bidx,
-                                bn) for lo, hi in zip(cuts[:-1], cuts[1:])]:
-                f.result()
+    def work(w):
+        if gemm.bf16 and n_workers > 1:
+            with one_openmp_thread():
+                return work_tiles(w)
+        return work_tiles(w)
 
-    def work(state):
-        top_key, top_d, dkey, lim, bkey, bidx, bn = state
+    def work_tiles(w):
+        top_key, top_d, dkey, lim, bkey, bidx, bn = states[w]
         buf = np.empty(shape, dtype=np.float32)
+        # The largest bound of this worker's tiles so far: its lists carry keys of all of them.
+        t_run = tol
         while True:
             with lock:
                 t = next(todo, None)
             if t is None:
-                _settle_rows(0, n, tol, angular, X, top_key, top_d, dkey, bkey, bidx, bn)
-                return
+                break
             r0, r1, c0, c1 = t
             sims = buf[:r1 - r0, :c1 - c0]
-            gemm(r0, r1, c0, c1, sims)
-            _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn,
-                          True)
+            eps = gemm(r0, r1, c0, c1, sims)
+            if eps is None:
+                _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, tol, angular, X, top_key, top_d, dkey, lim, bkey, bidx,
+                              bn, True)
+                continue
+            t_run = max(t_run, 2.0 * eps + margin)
+            _sym_phase_a(sims, r0, c0, r0 == c0, Q.sq, t_run, top_key, dkey, lim)
+            _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, t_run, angular, X, top_key, top_d, dkey, lim, bkey, bidx, bn,
+                          False)
+        bounds[w] = t_run
 
-    if gemm.bf16:
-        work_bf16(states[0])   # one tile thread: torch's own threads run the GEMM
-    elif n_workers == 1:
-        work(states[0])
-    else:
-        with ThreadPoolExecutor(n_workers) as ex:
-            for f in [ex.submit(work, st) for st in states]:
-                f.result()
     if n_workers == 1:
-        return states[0][1]
-    return merge_knn([st[1] for st in states], k)
+        work(0)
+    else:
+        # Each worker forms its own tiles' GEMMs and filters them into its own lists, so one's
+        # filtering overlaps another's GEMM (torch's GEMMs from two threads together run at one's rate).
+        with ThreadPoolExecutor(n_workers) as ex:
+            for f in [ex.submit(work, w) for w in range(n_workers)]:
+                f.result()
+    t_all = max(bounds)
+    state = states[0] if n_workers == 1 else _merged_state(states, k, angular)
+    # The exact re-checks wait until the workers' lists are merged: each worker alone would evaluate its own
+    # k nearest and its own band (twice the float64 distances with two workers). Rows settle independently.
+    cuts = np.linspace(0, n, compute_threads() + 1).astype(np.int64)
+    if len(cuts) <= 2:
+        _settle_rows(0, n, t_all, angular, X, *state[:3], *state[4:])
+    else:
+        with ThreadPoolExecutor(len(cuts) - 1) as ex:
+            for f in [ex.submit(_settle_rows, int(lo), int(hi), t_all, angular, X, *state[:3], *state[4:])
+                      for lo, hi in zip(cuts[:-1], cuts[1:])]:
+                f.result()
+    return state[1]
+
+
+def _sym_state(n: int, k: int, cap: int):
+    """One worker's k-NN state for n rows: (top_key, top_d, dkey, lim, bkey, bidx, bn), see _knn_sym_tile."""
+    return (np.full((n, k), np.inf), np.full((n, k), np.inf), np.full(n, np.inf), np.full(n, np.inf),
+            np.empty((n, cap)), np.empty((n, cap), np.int64), np.zeros(n, np.int64))
+
+
+def _merged_state(states, k: int, angular: bool):
+    """The workers' states folded into one whose buffers hold all their candidates (their pairs are disjoint:
+    each tile went to one worker), so the union of their lists is a list of distinct pairs."""
+    n = states[0][0].shape[0]
+    out = _sym_state(n, k, sum(st[4].shape[1] for st in states))
+    for st in states:
+        _merge_rows(out[0], out[1], out[2], out[4], out[5], out[6], st[0], st[1], st[4], st[5], st[6], angular)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _merge_rows(top_key, top_d, dkey, bkey, bidx, bn, s_key, s_d, s_bkey, s_bidx, s_bn, angular):
+    """Fold another worker's k smallest keys, k smallest exact distances and buffered candidates into these."""
+    k = top_key.shape[1]
+    for q in range(top_key.shape[0]):
+        for v in s_key[q]:
+            if v < top_key[q, k - 1]:
+                _insert(top_key[q], v)
+        for v in s_d[q]:
+            if v < top_d[q, k - 1]:
+                _insert(top_d[q], v)
+        if top_d[q, k - 1] < np.inf:
+            dkey[q] = _key_of(top_d[q, k - 1], angular)
+        m = bn[q]
+        for c in range(s_bn[q]):
+            bkey[q, m] = s_bkey[q, c]
+            bidx[q, m] = s_bidx[q, c]
+            m += 1
+        bn[q] = m
+
+
+def split_diagonal(spans, min_rows: int) -> list[tuple[int, int, int, int]]:
+    """Self-join spans with each diagonal tile (r0 == c0) cut into a full-width top half and a diagonal bottom
+    half, the bottom cut again while it has more than min_rows rows: of a t x t diagonal tile, whose lower
+    half is never read, t^2 / 2 scores are formed in vain; after one cut t^2 / 4, after two 3 t^2 / 16."""
+    out = []
+    for r0, r1, c0, c1 in spans:
+        while r0 == c0 and r1 - r0 > min_rows:
+            h = (r1 - r0) // 2
+            out.append((r0, r0 + h, c0, c1))
+            r0 = c0 = r0 + h
+        out.append((r0, r1, c0, c1))
+    return out
 
 
 def merge_knn(parts, k: int) -> np.ndarray:
