@@ -1,0 +1,45 @@
+"""benchmarks/profile_metrics.py runs (tiny sizes) and stays in step with the kernels it takes apart.
+
+Benchmarks are not tests: this checks the harness, not any speed.
+"""
+import re
+
+import pytest
+from benchmark_scripts import load
+
+from modeaudit.tasks.metrics import knn
+
+
+def test_the_profiles_no_ops_name_the_kernels_that_exist():
+    # A renamed kernel would leave the "GEMMs and tiling alone" line timing the filters too, silently.
+    mod = load("profile_metrics")
+    for name in mod.NOOPS:
+        assert callable(getattr(knn, name)), name
+
+
+@pytest.mark.parametrize("scores, wall", [("float32", False), ("bf16", True)])
+def test_profile_prints_the_joins_the_gemms_alone_and_the_bare_gemm(scores, wall, capsys):
+    if scores == "bf16":
+        pytest.importorskip("torch")
+    mod = load("profile_metrics")
+    before = {name: getattr(knn, name) for name in mod.NOOPS}
+    argv = ["--n", "700", "--d", "40", "--repeats", "1", "--scores", scores] + (["--wall"] if wall else [])
+    assert mod.main(argv) == 0
+    out = capsys.readouterr().out
+    assert {name: getattr(knn, name) for name in mod.NOOPS} == before   # the kernels are put back
+    first = re.search(r"total (\d+\.\d+); results sha256 ([0-9a-f]{16})", out)
+    alone = re.search(r"tiling alone\): .*total (\d+\.\d+)", out)
+    assert first and alone and float(first.group(1)) > 0 and float(alone.group(1)) >= 0
+    assert ("bare " + scores + " GEMM") in out if wall else "bare" not in out
+    # the joins' results are those of a plain call
+    import hashlib
+
+    import numpy as np
+    real = np.random.default_rng(1).standard_normal((700, 40), dtype=np.float32)
+    fake = np.random.default_rng(2).standard_normal((700, 40), dtype=np.float32) + np.float32(0.1)
+    r, f = knn.knn_self(real, 5), knn.knn_self(fake, 5)
+    c = knn.ball_counts(real, [(0, fake)], r[:, -1], f[:, -1])
+    h = hashlib.sha256()
+    for a in (r, f, *c.as_tuple()):
+        h.update(np.ascontiguousarray(a).tobytes())
+    assert first.group(2) == h.hexdigest()[:16]
