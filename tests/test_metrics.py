@@ -806,7 +806,7 @@ def test_bf16_gemm_kernels_equal_float64_brute_force(distance, data, monkeypatch
     # float32 tile threads (single-threaded BLAS, as on a Dask worker) merge their lists the same way
     from threadpoolctl import threadpool_limits
     with threadpool_limits(limits=1, user_api="blas"), thread_budget(3):
-        assert K._Gemm("float32", a, a).workers(10) == 3
+        assert K._Gemm("float32", a, a).workers(10) == (3, None)
         np.testing.assert_array_equal(knn_self(a, k, distance=distance, tile=60), ra)
     tau = float(np.quantile(ra[:, 0], 0.3))
     ids = np.arange(0, len(a), 3)
@@ -838,25 +838,45 @@ def test_split_diagonal_forms_every_pair_of_the_upper_triangle_once(n, tile, min
         assert formed - pairs <= (unsplit - pairs) * 0.5 + n
 
 
-def test_one_openmp_thread_limits_only_the_calling_thread():
+def test_openmp_threads_limits_only_the_calling_thread():
     torch = pytest.importorskip("torch")
     from concurrent.futures import ThreadPoolExecutor
-    from modeaudit.tasks.join.threads import _openmp_controller, one_openmp_thread
+    from modeaudit.tasks.join.threads import _openmp_controller, openmp_threads
     if _openmp_controller() is None:
         pytest.skip("this torch uses no OpenMP runtime threadpoolctl can see")
     before = torch.get_num_threads()
 
-    def inside():
-        with one_openmp_thread():
+    def inside(n):
+        with openmp_threads(n):
             a = torch.ones((64, 64), dtype=torch.bfloat16)
             torch.mm(a, a)
             return torch.get_num_threads()
 
     with ThreadPoolExecutor(1) as ex:
-        assert ex.submit(inside).result() == 1
+        assert ex.submit(inside, 1).result() == 1
+        assert ex.submit(inside, 10 ** 6).result() == before   # never more than the thread would use
     assert torch.get_num_threads() == before   # this thread's count, and the process's, unchanged
     with ThreadPoolExecutor(1) as ex:
         assert ex.submit(torch.get_num_threads).result() == before   # a new thread starts with the default
+
+
+def test_bf16_tile_threads_are_one_per_core_while_their_memory_fits(monkeypatch):
+    pytest.importorskip("torch")
+    from modeaudit.tasks.metrics import knn as K
+    g = K._Gemm("bf16", np.ones((8, 4), np.float32), np.ones((8, 4), np.float32))
+    assert g.bf16
+    gib = 1 << 30
+    with thread_budget(3):
+        assert g.workers(100, 1000) == (3, 1)
+        assert g.workers(2, 1000) == (2, 1)                 # no more threads than tiles
+        assert g.workers(100, gib // 2 + 1) == (2, 1)       # two still, to overlap filters with GEMMs
+    with thread_budget(8):
+        assert g.workers(100, 300 << 20) == (3, 2)          # 3 x 300 MiB fit in 1 GiB: two OpenMP threads each
+        assert g.workers(100, 4 * gib) == (2, 4)
+    with thread_budget(1):
+        assert g.workers(100, 1000) == (1, 1)               # the budget holds for torch's GEMM too
+    f = K._Gemm("float32", np.ones((8, 4), np.float32), np.ones((8, 4), np.float32))
+    assert f.workers(100, 4 * gib)[1] is None
 
 
 def test_a_bf16_matmul_that_does_not_accumulate_in_float32_is_refused(monkeypatch):

@@ -64,9 +64,10 @@ def blas_threads() -> int:
 
 
 @contextlib.contextmanager
-def one_openmp_thread():
-    """Within this block, OpenMP parallel regions started from this thread run on one thread (torch's CPU
-    GEMMs, when several of our tile threads each run their own).
+def openmp_threads(n: int):
+    """Within this block, OpenMP parallel regions started from this thread (torch's CPU GEMMs) run on at
+    most n threads (never more than this thread would use anyway): for several tile threads each running
+    their own GEMMs, or one kernel call kept to its thread budget.
 
     Thread-local, so no other thread's GEMMs change: OpenMP keeps the thread count of new parallel
     regions per thread (the nthreads-var ICV), and omp_set_num_threads sets the calling thread's.
@@ -79,8 +80,8 @@ def one_openmp_thread():
         yield
         return
     import torch
-    torch.get_num_threads()   # torch's per-thread initialisation, which would overwrite the limit
-    limiter = ctl.limit(limits=1)
+    now = torch.get_num_threads()   # also torch's per-thread initialisation, which would overwrite the limit
+    limiter = ctl.limit(limits=max(1, min(int(n), now)))
     try:
         yield
     finally:

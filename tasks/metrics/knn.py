@@ -57,7 +57,9 @@ engine.py runs them in process or as Dask tasks over groups of query rows.
 Streaming protocol (faiss contrib/exhaustive_search.py's): `blocks` is an iterable
 of (offset, block) with block a (b, d) array whose global row indices start at
 `offset` (a bare array is one block at offset 0). The query rows are held in
-memory; memory beyond them is O(queries x k + tile).
+memory; memory beyond them is O(queries x k + tile) per tile thread (a self-join's
+per-row candidate buffers included), the bfloat16 GEMM's threads together kept under
+_BF16_WORKERS_BYTES (fewer threads, each with more OpenMP threads, beyond it).
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ from modeaudit.tasks.join.kernels import (
     arccos_over_pi,
     _check_ids, _check_matrix, _exact_dist, _gemm_eps, _iter_blocks, _max_norm, _n_workers,
 )
-from modeaudit.tasks.join.threads import compute_threads, one_openmp_thread
+from modeaudit.tasks.join.threads import compute_threads, openmp_threads
 
 __all__ = [
     "DISTANCES",
@@ -758,6 +760,10 @@ _BF16_EXTRA_CAP = 96
 # ran 1024 x 4096 x 2048 at half the rate of 4096 x 4096 x 2048; AVX512-BF16's rate holds to
 # 1000 x 2000 (AMD EPYC, 2026-12-04). A 4096-row tile becomes 2048 x 4096 and 2048 x 2048.
 _BF16_MIN_DIAG = 2048
+# Memory the bfloat16 tile threads may hold together (their k-NN states, score tiles and torch's outputs):
+# more threads than fit get several OpenMP threads each instead (at least two tile threads where the
+# budget has two cores: one filters while the other's GEMM runs).
+_BF16_WORKERS_BYTES = 1 << 30
 # Float64 re-checks per pair above which a ball-count join goes back to the float32 GEMM: one
 # re-check at d columns costs ~d ns, about 100x what the bfloat16 GEMM saves on a pair.
 _BF16_MAX_RECHECK = 0.005
@@ -915,10 +921,20 @@ class _Gemm:
         """The (query, point) tile sizes to use."""
         return (_BF16_QUERY_TILE, _BF16_POINT_TILE) if self.bf16 else (query_tile, point_tile)
 
-    def workers(self, n_tiles: int) -> int:
-        """Tile threads: BLAS's single-threaded GEMMs in parallel, or for torch's GEMMs one per core of
-        this call's budget (each worker filters its tile while the other's GEMM runs)."""
-        return max(1, min(compute_threads() if self.bf16 else _n_workers(), n_tiles))
+    def workers(self, n_tiles: int, worker_bytes: int = 0) -> tuple[int, int | None]:
+        """(tile threads, OpenMP threads for each one's torch GEMMs, None for float32).
+
+        float32: BLAS's single-threaded GEMMs in parallel where BLAS has one thread (else one tile
+        thread; this library never changes BLAS's thread count). bfloat16: one tile thread per core
+        of this call's budget, each running its own GEMMs on one OpenMP thread and filtering them, so
+        one filters while another's GEMM runs; fewer, with as many OpenMP threads each as the budget
+        allows, where worker_bytes (each thread's state and tiles) would pass _BF16_WORKERS_BYTES."""
+        if not self.bf16:
+            return max(1, min(_n_workers(), n_tiles)), None
+        budget = compute_threads()
+        fit = max(2, _BF16_WORKERS_BYTES // max(1, int(worker_bytes)))
+        n = max(1, min(budget, n_tiles, fit))
+        return n, max(1, budget // n)
 
     def __call__(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> float | None:
         """Scores of query rows r0..r1-1 x point rows c0..c1-1 into out (float32, (r1 - r0, c1 - c0));
@@ -949,15 +965,16 @@ def _run_tiles(nq: int, nb: int, gemm: _Gemm, kernel, col_parts):
     """
     qt, pt = gemm.tiles(_QUERY_TILE, _POINT_TILE)
     tiles = list(range(0, nq, qt))
-    n = gemm.workers(len(tiles))
+    # Each tile thread: its float32 score buffer, torch's bfloat16 output, its copies of the block-row arrays.
+    n, omp = gemm.workers(len(tiles), min(nq, qt) * min(nb, pt) * 6 + nb * 8 * len(col_parts))
     todo = iter(tiles)
     lock = threading.Lock()
 
     def work(parts):
-        if gemm.bf16 and n > 1:
-            with one_openmp_thread():
-                return work_tiles(parts)
-        return work_tiles(parts)
+        if omp is None:
+            return work_tiles(parts)
+        with openmp_threads(omp):
+            return work_tiles(parts)
 
     def work_tiles(parts):
         buf = np.empty((min(nq, qt), min(nb, pt)), dtype=np.float32)
@@ -1118,21 +1135,22 @@ def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, s
         # Cut the diagonal tiles: their lower halves are formed and thrown away (a sixth of the
         # GEMM of a self-join in 5 x 5 tiles).
         spans = split_diagonal(spans, _BF16_MIN_DIAG)
-    n_workers = gemm.workers(len(spans))
-    todo = iter(spans)
-    lock = threading.Lock()
     # Candidate buffer per row: with bfloat16's wider bound more pairs pass while the lists
     # fill; a full buffer is evaluated early, when the bound is still loose.
     cap = 3 * k + 8 + (_BF16_EXTRA_CAP if gemm.bf16 else 0)
+    shape = (min(n, tile), min(n, tile))
+    # Each tile thread: its k-NN state (_sym_state), its float32 score tile, torch's bfloat16 output.
+    n_workers, omp = gemm.workers(len(spans), n * (16 * k + 16 * cap + 32) + shape[0] * shape[1] * 6)
+    todo = iter(spans)
+    lock = threading.Lock()
     states = [_sym_state(n, k, cap) for _ in range(n_workers)]
     bounds = [tol] * n_workers
-    shape = (min(n, tile), min(n, tile))
 
     def work(w):
-        if gemm.bf16 and n_workers > 1:
-            with one_openmp_thread():
-                return work_tiles(w)
-        return work_tiles(w)
+        if omp is None:
+            return work_tiles(w)
+        with openmp_threads(omp):
+            return work_tiles(w)
 
     def work_tiles(w):
         top_key, top_d, dkey, lim, bkey, bidx, bn = states[w]
@@ -1166,18 +1184,25 @@ def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, s
             for f in [ex.submit(work, w) for w in range(n_workers)]:
                 f.result()
     t_all = max(bounds)
-    state = states[0] if n_workers == 1 else _merged_state(states, k, angular)
-    # The exact re-checks wait until the workers' lists are merged: each worker alone would evaluate its own
-    # k nearest and its own band (twice the float64 distances with two workers). Rows settle independently.
+    # The exact re-checks wait until the workers' lists are merged (into the first one's): each worker alone
+    # would evaluate its own k nearest and its own band, twice the float64 distances with two workers. Every
+    # worker's buffer then settles against the merged lists, in place. Rows settle independently.
+    top_key, top_d, dkey = states[0][:3]
+    for st in states[1:]:
+        _merge_lists(top_key, top_d, dkey, st[0], st[1], angular)
+
+    def settle(lo, hi):
+        for st in states:
+            _settle_rows(lo, hi, t_all, angular, X, top_key, top_d, dkey, st[4], st[5], st[6])
+
     cuts = np.linspace(0, n, compute_threads() + 1).astype(np.int64)
     if len(cuts) <= 2:
-        _settle_rows(0, n, t_all, angular, X, *state[:3], *state[4:])
+        settle(0, n)
     else:
         with ThreadPoolExecutor(len(cuts) - 1) as ex:
-            for f in [ex.submit(_settle_rows, int(lo), int(hi), t_all, angular, X, *state[:3], *state[4:])
-                      for lo, hi in zip(cuts[:-1], cuts[1:])]:
+            for f in [ex.submit(settle, int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:])]:
                 f.result()
-    return state[1]
+    return top_d
 
 
 def _sym_state(n: int, k: int, cap: int):
@@ -1186,19 +1211,10 @@ def _sym_state(n: int, k: int, cap: int):
             np.empty((n, cap)), np.empty((n, cap), np.int64), np.zeros(n, np.int64))
 
 
-def _merged_state(states, k: int, angular: bool):
-    """The workers' states folded into one whose buffers hold all their candidates (their pairs are disjoint:
-    each tile went to one worker), so the union of their lists is a list of distinct pairs."""
-    n = states[0][0].shape[0]
-    out = _sym_state(n, k, sum(st[4].shape[1] for st in states))
-    for st in states:
-        _merge_rows(out[0], out[1], out[2], out[4], out[5], out[6], st[0], st[1], st[4], st[5], st[6], angular)
-    return out
-
-
 @njit(cache=True, nogil=True)
-def _merge_rows(top_key, top_d, dkey, bkey, bidx, bn, s_key, s_d, s_bkey, s_bidx, s_bn, angular):
-    """Fold another worker's k smallest keys, k smallest exact distances and buffered candidates into these."""
+def _merge_lists(top_key, top_d, dkey, s_key, s_d, angular):
+    """Fold another worker's k smallest keys and k smallest exact distances into these lists (their pairs are
+    distinct: each tile went to one worker, each pair of a tile to a row's list once)."""
     k = top_key.shape[1]
     for q in range(top_key.shape[0]):
         for v in s_key[q]:
@@ -1209,12 +1225,6 @@ def _merge_rows(top_key, top_d, dkey, bkey, bidx, bn, s_key, s_d, s_bkey, s_bidx
                 _insert(top_d[q], v)
         if top_d[q, k - 1] < np.inf:
             dkey[q] = _key_of(top_d[q, k - 1], angular)
-        m = bn[q]
-        for c in range(s_bn[q]):
-            bkey[q, m] = s_bkey[q, c]
-            bidx[q, m] = s_bidx[q, c]
-            m += 1
-        bn[q] = m
 
 
 def split_diagonal(spans, min_rows: int) -> list[tuple[int, int, int, int]]:
@@ -1222,6 +1232,7 @@ def split_diagonal(spans, min_rows: int) -> list[tuple[int, int, int, int]]:
     half, the bottom cut again while it has more than min_rows rows: of a t x t diagonal tile, whose lower
     half is never read, t^2 / 2 scores are formed in vain; after one cut t^2 / 4, after two 3 t^2 / 16."""
     out = []
+    min_rows = max(1, int(min_rows))
     for r0, r1, c0, c1 in spans:
         while r0 == c0 and r1 - r0 > min_rows:
             h = (r1 - r0) // 2
