@@ -14,6 +14,9 @@ float32, fixed seeds.
   pairs on a CPU with AMX or AVX512-BF16, else "fast", the float32 one).
 * gemm floor: a bare float32 np.matmul over the same pairs (R R^T, F F^T, R F^T) in
   2048-row slabs, BLAS on all cores: the cost of merely forming the inner products.
+* bf16 gemm floor (at 512+ columns, where the bfloat16 kernel "lowprec" may run, when torch
+  is installed): a bare bfloat16 torch.mm over the ~2 n^2 inner products lowprec forms (the
+  self-joins' upper triangles by slabs, and R F^T), every core; printed beside a lowprec run.
 * prdc: prdc.compute_prdc on the same features, only when its estimated peak
   (three n^2 float32 distance matrices plus np.argpartition's n^2 int64 indices
   and the n^2 temporaries of its comparisons: 1.38 GiB measured at n = 1e4, ~ 15 n^2 bytes) fits --prdc-max-gb.
@@ -27,6 +30,7 @@ the GEMM floor run --repeats times, interleaved, and the best of each is reporte
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -90,6 +94,13 @@ def _worker(method: str, n: int, d: int, k: int, kernel: str = "auto") -> dict:
                 at = a[i:i + slab]
                 np.matmul(at, bt, out=buf[:at.shape[0]])
         out["seconds"] = time.perf_counter() - t
+    elif method == "gemm_bf16":
+        here = os.path.dirname(os.path.abspath(__file__))
+        if here not in sys.path:
+            sys.path.insert(0, here)
+        from profile_metrics import bare_gemm
+        bare_gemm(real[:256], fake[:256], "bf16")   # torch's import and first GEMM, not timed
+        out["seconds"] = bare_gemm(real, fake, "bf16")
     elif method == "prdc":
         import contextlib
         import io
@@ -153,6 +164,8 @@ def main(argv=None) -> int:
             runs = {f"modeaudit:{kn}": [] for kn in kernels}
             if not args.no_gemm:
                 runs["gemm"] = []
+                if d >= 512 and importlib.util.find_spec("torch") is not None:
+                    runs["gemm_bf16"] = []
             for _ in range(args.repeats):
                 for method in runs:
                     name, _, kn = method.partition(":")
@@ -166,8 +179,9 @@ def main(argv=None) -> int:
             # "modeaudit_by_kernel".
             res["modeaudit"] = best[f"modeaudit:{kernels[0]}"]
             res["modeaudit_by_kernel"] = {kn: best[f"modeaudit:{kn}"] for kn in kernels}
-            if "gemm" in best:
-                res["gemm"] = best["gemm"]
+            for floor in ("gemm", "gemm_bf16"):
+                if floor in best:
+                    res[floor] = best[floor]
             est = 16 * n * n / 2**30
             if args.no_prdc:
                 res["prdc"] = {"skipped": "not run (--no-prdc)"}
@@ -176,7 +190,7 @@ def main(argv=None) -> int:
             else:
                 res["prdc"] = _run("prdc", n, d, args.k, args.timeout)
             res["load_after"] = os.getloadavg()[0]
-            gemm, ref = res.get("gemm", {}), res["prdc"]
+            gemm, gemm16, ref = res.get("gemm", {}), res.get("gemm_bf16", {}), res["prdc"]
             for kn, ours in res["modeaudit_by_kernel"].items():
                 line = (f"[{cpu}; load {res['load_before']:.1f}->{res['load_after']:.1f}] n={n} d={d} k={args.k}, "
                         f"best of {args.repeats}: modeaudit --kernel {kn} ({ours.get('kernel', '?')}) ")
@@ -187,6 +201,11 @@ def main(argv=None) -> int:
                     if "seconds" in ours:
                         ours["ratio_to_gemm"] = ours["seconds"] / gemm["seconds"]
                         line += f" (x{ours['ratio_to_gemm']:.2f})"
+                if "seconds" in gemm16 and ours.get("kernel") == "lowprec":
+                    line += f", bf16 gemm floor {gemm16['seconds']:.2f} s"
+                    if "seconds" in ours:
+                        ours["ratio_to_bf16_gemm"] = ours["seconds"] / gemm16["seconds"]
+                        line += f" (x{ours['ratio_to_bf16_gemm']:.2f})"
                 if "seconds" in ref:
                     line += f", prdc {ref['seconds']:.2f} s ({ref['peak_rss_gib']:.2f} GiB)"
                     if "seconds" in ours:
@@ -200,7 +219,7 @@ def main(argv=None) -> int:
                 if "seconds" in ours:
                     line += "; P={precision:.4f} R={recall:.4f} D={density:.4f} C={coverage:.4f}".format(**ours)
                 print(line, flush=True)
-            for key in ("ratio_to_gemm", "speedup_vs_prdc", "max_abs_diff_vs_prdc"):
+            for key in ("ratio_to_gemm", "ratio_to_bf16_gemm", "speedup_vs_prdc", "max_abs_diff_vs_prdc"):
                 if key in res["modeaudit"]:
                     res[key] = res["modeaudit"][key]
             rows.append(res)

@@ -43,3 +43,35 @@ def test_profile_prints_the_joins_the_gemms_alone_and_the_bare_gemm(scores, wall
     for a in (r, f, *c.as_tuple()):
         h.update(np.ascontiguousarray(a).tobytes())
     assert first.group(2) == h.hexdigest()[:16]
+
+
+def test_bench_metrics_prints_the_bf16_gemm_floor_beside_a_lowprec_run(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torch")
+    import json
+    bench = load("bench_metrics")
+    got = bench._worker("gemm_bf16", 300, 512, 5)   # the method itself, in this process
+    assert got["seconds"] > 0
+    # The table's assembly, with each method's figures made up (its subprocesses are not the point here).
+    made_up = {"gemm": 4.0, "gemm_bf16": 2.0}
+    calls = []
+
+    def fake_run(method, n, d, k, timeout, kernel="auto"):
+        calls.append((method, d, kernel))
+        if method == "modeaudit":
+            kn = "lowprec" if kernel == "lowprec" else "fast"
+            return {"kernel": kn, "seconds": 3.0, "peak_rss_gib": 0.1, "process_cpu_seconds": 5.0,
+                    "precision": 0.5, "recall": 0.5, "density": 1.0, "coverage": 0.9}
+        return {"seconds": made_up[method], "peak_rss_gib": 0.1, "process_cpu_seconds": 1.0}
+
+    monkeypatch.setattr(bench, "_run", fake_run)
+    out = tmp_path / "m.json"
+    assert bench.main(["--sizes", "300", "--dims", "64,512", "--repeats", "1", "--no-prdc", "--kernel",
+                       "lowprec,fast", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert "gemm_bf16" not in rows[0] and rows[1]["gemm_bf16"]["seconds"] == 2.0   # only at 512+ columns
+    assert ("gemm_bf16", 64, "auto") not in calls
+    by = rows[1]["modeaudit_by_kernel"]
+    assert by["lowprec"]["ratio_to_bf16_gemm"] == 1.5 and "ratio_to_bf16_gemm" not in by["fast"]
+    printed = capsys.readouterr().out.splitlines()
+    assert any("bf16 gemm floor 2.00 s (x1.50)" in line and "--kernel lowprec" in line for line in printed)
+    assert not any("bf16 gemm floor" in line and "--kernel fast" in line for line in printed)
