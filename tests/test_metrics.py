@@ -863,7 +863,8 @@ def test_openmp_threads_limits_only_the_calling_thread():
 def test_bf16_tile_threads_are_one_per_core_while_their_memory_fits(monkeypatch):
     pytest.importorskip("torch")
     from modeaudit.tasks.metrics import knn as K
-    g = K._Gemm("bf16", np.ones((8, 4), np.float32), np.ones((8, 4), np.float32))
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    g = K._Gemm("bf16", x, x)
     assert g.bf16
     gib = 1 << 30
     with thread_budget(3):
@@ -1132,3 +1133,21 @@ def test_python_api_takes_numpy_scalars():
     b = modeaudit.metrics(r, f, k=5, dup_quantile=float(np.float32(0.25)), block_rows=7, kid_seed=3, kid_subsets=10,
                           kid_subset_size=20)
     assert a == b and json.loads(json.dumps(a)) == a and type(a["k"]) is int
+
+
+def test_bf16_keeps_float32_for_sets_far_from_the_origin_for_their_spread():
+    """bfloat16's score error grows with |x|^2, the distances with the spread: rows N(3, I) (offset ratio 9)
+    made the bfloat16 self-joins 8x slower than float32's; such a set keeps the float32 GEMM, same results."""
+    pytest.importorskip("torch")
+    from modeaudit.tasks.metrics import knn as K
+    rng = np.random.default_rng(3)
+    near = rng.standard_normal((400, 64)).astype(np.float32)
+    far = (rng.standard_normal((400, 64)) + 3.0).astype(np.float32)
+    assert K.offset_ratio(near) < 0.1 and 8.0 < K.offset_ratio(far) < 10.0
+    assert K.offset_ratio(np.zeros((5, 3), np.float32)) == 0.0
+    assert K.offset_ratio(np.ones((5, 3), np.float32)) == math.inf
+    assert K._Gemm("bf16", near, near).bf16 and not K._Gemm("bf16", far, far).bf16
+    assert not K._Gemm("bf16", near, far).bf16   # a pair of sets: float32 if either is far
+    for x in (near, far):
+        ref = knn_distances_reference(x, 4)
+        np.testing.assert_array_equal(knn_self(x, 4, scores="bf16", tile=128), ref)

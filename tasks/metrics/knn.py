@@ -764,6 +764,13 @@ _BF16_MIN_DIAG = 2048
 # more threads than fit get several OpenMP threads each instead (at least two tile threads where the
 # budget has two cores: one filters while the other's GEMM runs).
 _BF16_WORKERS_BYTES = 1 << 30
+# bfloat16's score error grows with |x|^2 and the distances with the set's spread, so rows far from the
+# origin for their spread crowd the band: sets with |mean|^2 / mean |x - mean|^2 (offset_ratio) above this
+# keep the float32 GEMM. Measured (AMD EPYC, 2e4 x 512 and 1e4 x 2048, rows N(o, I)): at o = 1 (ratio 1) the
+# bfloat16 kernel still won (1.31 against 1.41 s; 4.62 against 5.06 s), at o = 1.5 it lost 1.3x, at o = 2
+# 1.9x (ratio 4), at o = 3 5.5x (ratio 9; its self-joins, which have no band sample, 8x): the limit sits
+# between the last win and the first loss. Non-negative features (ReLU outputs: mean about their spread) sit near 1.
+_BF16_MAX_OFFSET = 1.25
 # Float64 re-checks per pair above which a ball-count join goes back to the float32 GEMM: one
 # re-check at d columns costs ~d ns, about 100x what the bfloat16 GEMM saves on a pair.
 _BF16_MAX_RECHECK = 0.005
@@ -819,11 +826,14 @@ def _bf16_round(x, u, out, one):
 def _bf16_rows(x32: np.ndarray):
     """x32 rounded to bfloat16 (zeros and subnormals flushed: what AMX reads) as a torch tensor sharing
     one uint16 buffer, and the measured rounding (lowprec.RowStats); None when a value exceeds
-    lowprec.BF16_MAX_ABS (the caller keeps float32 for that set)."""
+    lowprec.BF16_MAX_ABS, or when the rows sit far from the origin for their spread (`offset_ratio`
+    above _BF16_MAX_OFFSET): the caller keeps float32 for that set."""
     import torch
     from modeaudit.tasks.join.lowprec import BF16_MAX_ABS, RowStats
     x32 = np.ascontiguousarray(x32, dtype=np.float32)
     if x32.size and float(np.abs(x32).max()) > BF16_MAX_ABS:
+        return None
+    if offset_ratio(x32) > _BF16_MAX_OFFSET:
         return None
     bits = np.empty(x32.shape, dtype=np.uint16)
     n2, q2, r2 = _bf16_round(x32, x32.view(np.uint32), bits, np.zeros(1, np.uint32))
@@ -832,6 +842,20 @@ def _bf16_rows(x32: np.ndarray):
     up = 1.0 + 1e-12
     stats = RowStats(math.sqrt(n2) * up, math.sqrt(q2) * up, math.sqrt(r2) * up)
     return _Bf16Rows(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16), stats)
+
+
+def offset_ratio(x32: np.ndarray, sample: int = 4096) -> float:
+    """|mean|^2 / mean |x - mean|^2 of the rows (of an even sample of at most `sample` rows): how far the set
+    sits from the origin for its spread. 0 for an empty or constant-free centred set, inf for a set with no
+    spread at all."""
+    n = x32.shape[0]
+    if n == 0:
+        return 0.0
+    rows = np.asarray(x32[::max(1, n // sample)], dtype=np.float64)
+    mu = rows.mean(axis=0)
+    spread = float(((rows - mu) ** 2).sum(axis=1).mean())
+    far = float(mu @ mu)
+    return far / spread if spread > 0 else (math.inf if far > 0 else 0.0)
 
 
 def bf16_score_eps(dim: int, a, b, out_max: float | None = None) -> float:
