@@ -300,7 +300,7 @@ def validate_settings(c: AuditConfig) -> None:
     if c.scheduler is None:
         from modeaudit.tasks.plan import check_local_workers
         check_local_workers(c.workers)
-    if c.scheduler is not None:
+    else:
         check_scheduler_address(c.scheduler)
     from modeaudit.tasks.plan import KERNELS
     if c.kernel not in KERNELS:

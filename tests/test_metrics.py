@@ -878,6 +878,8 @@ def test_bf16_tile_threads_are_one_per_core_while_their_memory_fits(monkeypatch)
         assert g.workers(100, 1000) == (1, 1)               # the budget holds for torch's GEMM too
     f = K._Gemm("float32", np.ones((8, 4), np.float32), np.ones((8, 4), np.float32))
     assert f.workers(100, 4 * gib)[1] is None
+    # the self-join's per-thread bytes are those its state holds
+    assert sum(a.nbytes for a in K._sym_state(37, 5, 23)) == K._sym_state_bytes(37, 5, 23)
 
 
 def test_a_bf16_matmul_that_does_not_accumulate_in_float32_is_refused(monkeypatch):
@@ -1151,3 +1153,20 @@ def test_bf16_keeps_float32_for_sets_far_from_the_origin_for_their_spread():
     for x in (near, far):
         ref = knn_distances_reference(x, 4)
         np.testing.assert_array_equal(knn_self(x, 4, scores="bf16", tile=128), ref)
+
+
+def test_run_in_threads_returns_in_order_and_raises_after_every_call():
+    import threading
+    from modeaudit.tasks.join.threads import run_in_threads
+    seen = []
+    assert run_in_threads(lambda x: x * x, range(5)) == [0, 1, 4, 9, 16]
+    assert run_in_threads(lambda x: threading.get_ident(), range(3), 1) == [threading.get_ident()] * 3   # inline
+    assert run_in_threads(lambda x: x, []) == []
+
+    def fail_on_two(x):
+        if x == 2:
+            raise ValueError("two")
+        seen.append(x)
+    with pytest.raises(ValueError, match="two"):
+        run_in_threads(fail_on_two, range(4), 2)
+    assert sorted(seen) == [0, 1, 3]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 
 def usable_cores() -> int:
@@ -63,11 +64,23 @@ def blas_threads() -> int:
     return max(n) if n else 1
 
 
+def run_in_threads(fn, items, threads: int | None = None) -> list:
+    """[fn(x) for x in items] on up to `threads` threads (None: one per item), in order; one after the other
+    on this thread when that is one. The first exception is raised once every call has ended."""
+    items = list(items)
+    n = min(len(items), threads or len(items))
+    if n <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(n) as ex:
+        futures = [ex.submit(fn, x) for x in items]
+        return [f.result() for f in futures]
+
+
 @contextlib.contextmanager
-def openmp_threads(n: int):
+def openmp_threads(n: int | None):
     """Within this block, OpenMP parallel regions started from this thread (torch's CPU GEMMs) run on at
     most n threads (never more than this thread would use anyway): for several tile threads each running
-    their own GEMMs, or one kernel call kept to its thread budget.
+    their own GEMMs, or one kernel call kept to its thread budget. None: no limit (a no-op).
 
     Thread-local, so no other thread's GEMMs change: OpenMP keeps the thread count of new parallel
     regions per thread (the nthreads-var ICV), and omp_set_num_threads sets the calling thread's.
@@ -75,7 +88,7 @@ def openmp_threads(n: int):
     call happens first. Without torch, or where torch does not use a loaded OpenMP runtime, this
     does nothing (the GEMMs then share the cores, measured no slower in total, only less evenly).
     """
-    ctl = _openmp_controller()
+    ctl = None if n is None else _openmp_controller()
     if ctl is None:
         yield
         return

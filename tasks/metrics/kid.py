@@ -221,15 +221,10 @@ def _per_subset_values(real, fake, in_file, picks, m: int, degree, gamma, coef0)
             x, y = (_subset(v, ids, used.get(j)) for j, (v, ids) in enumerate(((real, ir), (fake, jf))))
             vals[s] = mmd2_unbiased(x, y, degree, gamma, coef0)
 
-        n_threads = min(_compute_threads(), len(batch)) if _parallel_ok() else 1
-        if n_threads > 1:
-            # Each subset's value is computed alone, with the same shapes and a one-thread BLAS, whichever
-            # thread takes it: the same bits as one after the other.
-            with ThreadPoolExecutor(n_threads) as ex:
-                list(ex.map(one, range(b0, b0 + len(batch))))
-        else:
-            for s in range(b0, b0 + len(batch)):
-                one(s)
+        from modeaudit.tasks.join.threads import run_in_threads
+        # Each subset's value is computed alone, with the same shapes and a one-thread BLAS, whichever
+        # thread takes it: the same bits as one after the other.
+        run_in_threads(one, range(b0, b0 + len(batch)), _compute_threads() if _parallel_ok() else 1)
     return vals
 
 

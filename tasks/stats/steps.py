@@ -7,7 +7,6 @@ No Prefect here (tasks/stages.py wraps these). Every test returns a dict with at
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -15,7 +14,7 @@ from modeaudit.tasks import console
 from modeaudit.tasks.join import backend
 from modeaudit.tasks.join import parallel
 from modeaudit.tasks.join.shipping import Shipped, submit_unshipped
-from modeaudit.tasks.join.threads import blas_threads, compute_threads, thread_budget
+from modeaudit.tasks.join.threads import blas_threads, compute_threads, run_in_threads, thread_budget
 from modeaudit.tasks.stats.envelope import erl_test
 from modeaudit.tasks.join.kernels import mccs_from_sums, arccos_over_pi
 from modeaudit.tasks.stats.modes import distinct_modes
@@ -66,8 +65,7 @@ def _replicates_task(factory, indices, m, n_t, d0, radii, kernel):
     if n <= 1:
         return part(indices)
     bounds = np.linspace(0, len(indices), n + 1).astype(int)
-    with ThreadPoolExecutor(n) as ex:
-        return np.concatenate(list(ex.map(part, [indices[a:b] for a, b in zip(bounds[:-1], bounds[1:])])))
+    return np.concatenate(run_in_threads(part, [indices[a:b] for a, b in zip(bounds[:-1], bounds[1:])]))
 
 
 def _observed_task(factory, S_sel, T, n_t, d0, radii, replicates, alpha, kernel, curves):
