@@ -903,11 +903,12 @@ def test_a_bf16_matmul_that_does_not_accumulate_in_float32_is_refused(monkeypatc
     assert backend.metric_kernel("auto", 2048, backend.LOWPREC_MIN_PAIRS) == "fast"
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_bf16_ball_counts_go_back_to_float32_when_the_band_is_crowded(monkeypatch, threads):
+@pytest.mark.parametrize("threads,probe", [(1, True), (2, True), (1, False), (2, False)])
+def test_bf16_ball_counts_go_back_to_float32_when_the_band_is_crowded(monkeypatch, threads, probe):
     """Fake rows spread wider than the real ones put the fake balls' radii in the bulk of the distances:
-    ~4% of pairs fall in bfloat16's band (float32's: ~0.1%), so the join returns to float32 for its
-    remaining tiles, with the same exact counts."""
+    ~4% of pairs fall in bfloat16's band (float32's: ~0.1%), so the join returns to float32, with the same
+    exact counts: before any tile, by the sample of each block taken first (_crowded_band), or, where that
+    sample missed it (probe=False here), for its remaining tiles by each tile's own sample."""
     pytest.importorskip("torch")
     from modeaudit.tasks.metrics import knn as K
     rng = np.random.default_rng(27)
@@ -918,10 +919,18 @@ def test_bf16_ball_counts_go_back_to_float32_when_the_band_is_crowded(monkeypatc
     want = ball_counts_reference(real, fake, rr, rf).as_tuple()
     monkeypatch.setattr(K, "_BF16_QUERY_TILE", 256)
     monkeypatch.setattr(K, "_BF16_POINT_TILE", 512)
-    switched, rechecked = [], []
-    real_switch, real_rows = K._Gemm.use_float32, K._ball_rows
+    switched, rechecked, bf16_tiles = [], [], []
+    real_switch, real_rows, real_call = K._Gemm.use_float32, K._ball_rows, K._Gemm.__call__
     monkeypatch.setattr(K._Gemm, "use_float32", lambda self: (switched.append(len(rechecked)), real_switch(self)))
     monkeypatch.setattr(K, "_ball_rows", lambda *a: (rechecked.append(a[7]), real_rows(*a))[1])
+
+    def call(self, *a):
+        eps = real_call(self, *a)
+        bf16_tiles.append(eps is not None)
+        return eps
+    monkeypatch.setattr(K._Gemm, "__call__", call)
+    if not probe:
+        monkeypatch.setattr(K, "_crowded_band", lambda *a: False)
     with thread_budget(threads):
         got = ball_counts(real, _blocks(fake, 700), rr, rf, scores="bf16").as_tuple()
     for g, r in zip(got, want):
@@ -931,7 +940,10 @@ def test_bf16_ball_counts_go_back_to_float32_when_the_band_is_crowded(monkeypatc
                    for b in (fake[:700], fake[700:])]
     wide = [t for t in rechecked if t > max(float32_tol) * (1 + 1e-12)]   # the tolerance: _ball_rows' 8th argument
     assert len(rechecked) > 4
-    if threads == 1:
+    if probe:
+        # Both blocks switched before their first tile: no bfloat16 tile was formed, none re-checked in its band.
+        assert len(switched) == 2 and not any(bf16_tiles) and not wide
+    elif threads == 1:
         # The sampled band count switched each block (each its own GEMM, starting in bfloat16) before its first
         # tile was re-checked with bfloat16's wide band: every tile was re-checked with a float32 tolerance.
         assert switched[0] == 0 and not wide
@@ -957,15 +969,19 @@ def test_bf16_score_bound_holds_on_hard_rows():
     a[60:70] = rng.standard_normal((10, d)) * 1e-39  # subnormal float32
     a = a.astype(np.float32)
     b = np.concatenate([a[:120], (rng.standard_normal((200, d)) * 3).astype(np.float32)])
-    exact = a.astype(np.float64) @ b.astype(np.float64).T
-    for q_ids, offset in ((None, 0), (np.arange(300), 0)):
-        g = _Gemm("bf16", a, b, q_ids=q_ids, offset=offset)
+    for q_ids, angular in ((None, False), (np.arange(300), False), (None, True)):
+        g = _Gemm("bf16", a, b, q_ids=q_ids, angular=angular)
         assert g.bf16
+        # Euclidean scores are of both sets less the queries' center (float32 values); angular ones of the rows.
+        c = g.qb.center
+        assert (c == 0).all() if angular else (c.astype(np.float32) == c).all() and (c != 0).any()
+        assert np.array_equal(g.bb.center, c)
+        exact = (a.astype(np.float64) - c) @ (b.astype(np.float64) - c).T
         out = np.empty((300, 320), np.float32)
         eps = g(0, 300, 0, 320, out)
         err = np.abs(out - exact)
-        if q_ids is not None:   # the self pairs are zeroed, not bounded
-            err[np.arange(120), np.arange(120)] = 0
+        if q_ids is not None:   # the self pairs (query i, point i: the ids say so) are zeroed, not bounded
+            err[np.arange(300), np.arange(300)] = 0
         assert err.max() <= eps, (err.max(), eps)
         assert err.max() > 1e-3 * eps   # the bound is not vacuous
     # Values bfloat16 cannot hold safely: that set keeps the float32 GEMM.
@@ -1137,22 +1153,51 @@ def test_python_api_takes_numpy_scalars():
     assert a == b and json.loads(json.dumps(a)) == a and type(a["k"]) is int
 
 
-def test_bf16_keeps_float32_for_sets_far_from_the_origin_for_their_spread():
+def test_bf16_shifts_sets_far_from_the_origin_and_keeps_float32_for_a_far_pair(monkeypatch):
     """bfloat16's score error grows with |x|^2, the distances with the spread: rows N(3, I) (offset ratio 9)
-    made the bfloat16 self-joins 8x slower than float32's; such a set keeps the float32 GEMM, same results."""
+    made the bfloat16 self-joins 8x slower than float32's. Euclidean joins now score both sets less the queries'
+    mean (distances do not change), so such a set's bound is that of rows at the origin, and its results are
+    the reference's; a point set far from the queries' mean, or an angular set far from the origin, keeps the
+    float32 GEMM."""
     pytest.importorskip("torch")
     from modeaudit.tasks.metrics import knn as K
     rng = np.random.default_rng(3)
     near = rng.standard_normal((400, 64)).astype(np.float32)
     far = (rng.standard_normal((400, 64)) + 3.0).astype(np.float32)
     assert K.offset_ratio(near) < 0.1 and 8.0 < K.offset_ratio(far) < 10.0
+    assert K.offset_ratio(far, K.bf16_center(far)) < 1e-6
     assert K.offset_ratio(np.zeros((5, 3), np.float32)) == 0.0
     assert K.offset_ratio(np.ones((5, 3), np.float32)) == math.inf
-    assert K._Gemm("bf16", near, near).bf16 and not K._Gemm("bf16", far, far).bf16
-    assert not K._Gemm("bf16", near, far).bf16   # a pair of sets: float32 if either is far
+    out = np.empty((400, 400), np.float32)
+    eps = {}
+    for name, x in (("near", near), ("far", far)):
+        g = K._Gemm("bf16", x, x)
+        assert g.bf16
+        eps[name] = g(0, 400, 0, 400, out)
+        np.testing.assert_allclose(g.qb.sq, ((x.astype(np.float64) - g.qb.center) ** 2).sum(1), rtol=1e-12)
+    # Unshifted, the far rows' bound would be ~ (1 + 9) x the near rows'; shifted it is about the same.
+    assert eps["far"] < 1.5 * eps["near"]
+    assert not K._Gemm("bf16", near, far).bf16   # the points sit far from the queries' center
+    assert K._Gemm("bf16", far, far[::-1].copy()).bf16
+    unit = far / np.linalg.norm(far, axis=1, keepdims=True)
+    assert not K._Gemm("bf16", unit, unit, angular=True).bf16   # angular keys -2 <a, b> are not shift-free
     for x in (near, far):
         ref = knn_distances_reference(x, 4)
         np.testing.assert_array_equal(knn_self(x, 4, scores="bf16", tile=128), ref)
+        np.testing.assert_array_equal(K.knn_distances(x, [(0, x[:150]), (150, x[150:])], 4, query_ids=np.arange(400),
+                                                      scores="bf16"), ref)
+    # Sets of 1500 rows: with 400 the 4-NN balls are so wide that 0.7% of the pairs sit in bfloat16's band.
+    far = (rng.standard_normal((1500, 64)) + 3.0).astype(np.float32)
+    fake = (rng.standard_normal((1500, 64)) + 3.05).astype(np.float32)
+    ra, rb = knn_distances_reference(far, 4)[:, -1], knn_distances_reference(fake, 4)[:, -1]
+    want = ball_counts_reference(far, fake, ra, rb).as_tuple()
+    bounds, real_call = [], K._Gemm.__call__
+    monkeypatch.setattr(K._Gemm, "__call__", lambda self, *a: (lambda e: (bounds.append(e), e)[1])(real_call(self, *a)))
+    got = K.ball_counts(far, [(0, fake[:700]), (700, fake[700:])], ra, rb, scores="bf16").as_tuple()
+    for w, g_ in zip(want, got):
+        np.testing.assert_array_equal(g_, w)
+    # The band is not crowded (the shifted rows' bound, balls of ordinary size): both blocks kept bfloat16.
+    assert len(bounds) == 2 and None not in bounds
 
 
 def test_run_in_threads_returns_in_order_and_raises_after_every_call():

@@ -723,15 +723,19 @@ class _Queries:
                              "rescale the features (the k-NN metrics do not change under a common scale factor)")
         return self.key_tol((eps_of or _gemm_eps)(self.x.shape[1], self.norm, norm_b), sq_b)
 
-    def key_tol(self, eps: float, sq_b) -> float:
-        """The key tolerance for a score error bound eps against points with squared norms sq_b."""
+    def key_tol(self, eps: float, sq_b, sq_a=None) -> float:
+        """The key tolerance for a score error bound eps against points with squared norms sq_b (and queries with
+        sq_a: None, their own; the bfloat16 kernel's keys use the norms of rows shifted by a common point)."""
         if self.angular:
             # 2 eps for key = -2 s; the absolute 1e-11 keeps arccos/cos rounding
             # (~1e-16) from ever deciding a pair the float32 test called sure.
             return 2.0 * eps + 1e-11
         # 2 eps from the score; the float64 norms, the key's own rounding, the
-        # exact sum's rounding and sqrt's are each < (d + 8) u64 (|a|^2 + |b|^2).
-        big = (float(self.sq.max()) if self.sq.size else 0.0) + (float(sq_b.max()) if sq_b.size else 0.0)
+        # exact sum's rounding and sqrt's are each < (d + 8) u64 (|a|^2 + |b|^2), with the norms of
+        # whichever rows the keys use (distances do not depend on the origin); so is the float64
+        # rounding of rows shifted by a point (2.01 u64 |a|^2 in a norm, see _bf16_round).
+        sq_a = self.sq if sq_a is None else sq_a
+        big = (float(sq_a.max()) if sq_a.size else 0.0) + (float(sq_b.max()) if sq_b.size else 0.0)
         return 2.0 * eps + 16.0 * (self.x.shape[1] + 8) * _U64 * big + 1e-300
 
 
@@ -781,21 +785,28 @@ _BF16_TINY = 2.0 ** -126
 
 
 class _Bf16Rows:
-    """Rows rounded to bfloat16 (a torch tensor on the CPU) and their RowStats."""
+    """Rows less a common point, rounded to bfloat16 (a torch tensor on the CPU): their RowStats, the float64
+    squared norms (of the shifted rows) that the keys of their scores use, and the point (see _bf16_rows)."""
 
-    __slots__ = ("t", "stats")
+    __slots__ = ("t", "stats", "sq", "center")
 
-    def __init__(self, t, stats):
+    def __init__(self, t, stats, sq, center):
         self.t = t
         self.stats = stats
+        self.sq = sq
+        self.center = center
 
 
 @njit(cache=True, nogil=True)
-def _bf16_round(x, u, out, one):
-    """Round float32 rows x (u: the same memory as uint32) to bfloat16 bits in out (uint16), to nearest
-    even, flushing zeros and subnormals to +0 (AMX reads subnormal inputs as zero); returns the
-    largest float64 squared norms of x, of its rounding x^ and of x - x^ (one: a 1-element uint32
-    scratch array, read back as float32)."""
+def _bf16_round(x, c, out, sq, one):
+    """Round the float32 rows x less the point c (float64; zeros: none) to bfloat16 bits in out (uint16), to
+    nearest even via float32, flushing zeros and subnormals to +0 (AMX reads subnormal inputs as zero); sq[i]
+    gets the float64 |x_i - c|^2. Returns the largest float64 squared norms of y = x - c, of its rounding y^
+    and of y - y^ (one: a 1-element uint32 scratch array, read as float32).
+
+    y is formed in float64: exact unless a component and c's differ in exponent by 29 or more, and then
+    within 2^-53 |y| (bf16_rows_stats widens the residual by it). y - y^ is exact (Sterbenz: y^ is y
+    rounded to 8 significant bits, within a factor 2 of y, or 0)."""
     f = one.view(np.float32)
     n2 = 0.0
     q2 = 0.0
@@ -803,50 +814,77 @@ def _bf16_round(x, u, out, one):
     for i in range(x.shape[0]):
         a = 0.0
         b = 0.0
-        c = 0.0
+        e = 0.0
         for k in range(x.shape[1]):
-            v = u[i, k]
+            y = np.float64(x[i, k]) - c[k]
+            f[0] = np.float32(y)
+            v = one[0]
             r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
             if (r & np.uint32(0x7F800000)) == 0:
                 r = np.uint32(0)
             one[0] = r
-            xv = np.float64(x[i, k])
             qv = np.float64(f[0])
-            a += xv * xv
+            a += y * y
             b += qv * qv
-            c += (xv - qv) * (xv - qv)   # exact difference: both are float32 values 2^-8 apart at most
+            e += (y - qv) * (y - qv)
             out[i, k] = np.uint16(r >> np.uint32(16))
+        sq[i] = a
         n2 = max(n2, a)
         q2 = max(q2, b)
-        r2 = max(r2, c)
+        r2 = max(r2, e)
     return n2, q2, r2
 
 
-def _bf16_rows(x32: np.ndarray):
-    """x32 rounded to bfloat16 (zeros and subnormals flushed: what AMX reads) as a torch tensor sharing
-    one uint16 buffer, and the measured rounding (lowprec.RowStats); None when a value exceeds
-    lowprec.BF16_MAX_ABS, or when the rows sit far from the origin for their spread (`offset_ratio`
-    above _BF16_MAX_OFFSET): the caller keeps float32 for that set."""
+def bf16_center(x32: np.ndarray, sample: int = 4096) -> np.ndarray:
+    """The point the bfloat16 kernel subtracts from both sets of a euclidean join: the mean of an even sample of
+    at most `sample` rows of x32 (the queries, or the set of a self-join), rounded to float32 (so that x - c is
+    exact in float64 for rows of ordinary range), as float64.
+
+    Why: bfloat16's score error grows with |x|^2 and the distances with the spread, so rows far from the
+    origin for their spread (non-negative CNN features, CLIP's cone) crowd the band of re-checked pairs.
+    Distances do not change under a common shift; the keys use the shifted rows' norms."""
+    n = x32.shape[0]
+    if n == 0:
+        return np.zeros(x32.shape[1])
+    rows = x32[::max(1, n // sample)]
+    return rows.mean(axis=0, dtype=np.float64).astype(np.float32).astype(np.float64)
+
+
+def _bf16_rows(x32: np.ndarray, angular: bool = False, center: np.ndarray | None = None):
+    """x32 rounded to bfloat16 (zeros and subnormals flushed: what AMX reads) as a torch tensor sharing one
+    uint16 buffer, with the measured rounding (lowprec.RowStats) and the squared norms its keys use; None when
+    a value exceeds lowprec.BF16_MAX_ABS, or when the rows sit far from the point subtracted for their spread
+    (`offset_ratio` above _BF16_MAX_OFFSET): the caller keeps float32 for that set.
+
+    euclidean: the rows less `center` (None: bf16_center of x32; pass the queries' center for the other set of a
+    join), sq = |x - center|^2. angular: the rows as given (keys are -2 <a, b>, which a shift changes), sq = 0."""
     import torch
     from modeaudit.tasks.join.lowprec import BF16_MAX_ABS, RowStats
     x32 = np.ascontiguousarray(x32, dtype=np.float32)
     if x32.size and float(np.abs(x32).max()) > BF16_MAX_ABS:
         return None
-    if offset_ratio(x32) > _BF16_MAX_OFFSET:
+    if angular:
+        center = np.zeros(x32.shape[1])
+    elif center is None:
+        center = bf16_center(x32)
+    if offset_ratio(x32, center) > _BF16_MAX_OFFSET:
         return None
     bits = np.empty(x32.shape, dtype=np.uint16)
-    n2, q2, r2 = _bf16_round(x32, x32.view(np.uint32), bits, np.zeros(1, np.uint32))
+    sq = np.empty(x32.shape[0])
+    n2, q2, r2 = _bf16_round(x32, center, bits, sq, np.zeros(1, np.uint32))
+    if angular:
+        sq[:] = 0.0
     # float64 sums of squares and sqrt err by a few ulps: 1e-12 relative makes the maxima upper bounds
-    # (as lowprec.row_stats).
+    # (as lowprec.row_stats). The residual also covers y's own float64 rounding (2^-53 |y|, see _bf16_round).
     up = 1.0 + 1e-12
-    stats = RowStats(math.sqrt(n2) * up, math.sqrt(q2) * up, math.sqrt(r2) * up)
-    return _Bf16Rows(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16), stats)
+    stats = RowStats(math.sqrt(n2) * up, math.sqrt(q2) * up, (math.sqrt(r2) + 2.0 ** -52 * math.sqrt(n2)) * up)
+    return _Bf16Rows(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16), stats, sq, center)
 
 
-def offset_ratio(x32: np.ndarray, sample: int = 4096) -> float:
-    """|mean|^2 / mean |x - mean|^2 of the rows (of an even sample of at most `sample` rows): how far the set
-    sits from the origin for its spread. 0 for an empty set or one whose mean is 0; inf, or a huge ratio, for rows
-    that are all the same (and not 0).
+def offset_ratio(x32: np.ndarray, center: np.ndarray | None = None, sample: int = 4096) -> float:
+    """|mean - center|^2 / mean |x - mean|^2 of the rows (of an even sample of at most `sample` rows): how far the
+    set sits from `center` (None: the origin) for its spread. 0 for an empty set or one whose mean is the center;
+    inf, or a huge ratio, for rows that are all the same (and not the center).
 
     The spread as mean |x|^2 - |mean|^2, float64 sums over the float32 rows: no float64 copy of the sample
     (at 2e4 x 2048 that copy and its temporaries, 64 MB each, took 0.4 s on first touch in every run).
@@ -856,8 +894,9 @@ def offset_ratio(x32: np.ndarray, sample: int = 4096) -> float:
         return 0.0
     rows = x32[::max(1, n // sample)]
     mu = rows.mean(axis=0, dtype=np.float64)
-    far = float(mu @ mu)
-    spread = float(np.einsum("ij,ij->", rows, rows, dtype=np.float64)) / rows.shape[0] - far
+    spread = float(np.einsum("ij,ij->", rows, rows, dtype=np.float64)) / rows.shape[0] - float(mu @ mu)
+    off = mu if center is None else mu - center
+    far = float(off @ off)
     return far / spread if spread > 0 else (math.inf if far > 0 else 0.0)
 
 
@@ -924,25 +963,49 @@ class _Gemm:
     |a|^2), so exactly the same pairs are decided by their exact float64 distances, more
     of them (the band is 10-30x float32's). A set with values beyond bfloat16's safe range keeps float32.
 
+    Euclidean bfloat16 scores are of both sets less one point (the queries' bf16_center), so the
+    tiles' keys use those shifted rows' norms: `sq` gives the pair of norm arrays for a tile.
+
     q_ids / offset: the queries' global row ids in the point set (-1: none) and the
     global id of the first point row, to find the self pairs.
     """
 
-    def __init__(self, scores: str, q32: np.ndarray, b32: np.ndarray, q_bf=None, q_ids=None, offset: int = 0):
+    def __init__(self, scores: str, q32: np.ndarray, b32: np.ndarray, q_bf=None, q_ids=None, offset: int = 0,
+                 angular: bool = False):
         self.q32, self.b32 = q32, b32
         self.qb = self.bb = None
         if _check_scores(scores):
-            self.qb = q_bf if q_bf is not None else _bf16_rows(q32)
-            self.bb = (self.qb if b32 is q32 else _bf16_rows(b32)) if self.qb is not None else None
+            self.qb = q_bf if q_bf is not None else _bf16_rows(q32, angular)
+            if self.qb is not None:
+                self.bb = self.qb if b32 is q32 else _bf16_rows(b32, angular, self.qb.center)
             if self.bb is None:
                 self.qb = None
         self.bf16 = self.qb is not None
         self.q_ids = q_ids
         self.offset = int(offset)
 
+    def probe(self, rows: np.ndarray, c0: int, c1: int) -> tuple[np.ndarray, float]:
+        """bfloat16 scores of query rows `rows` (indices) x point rows c0..c1-1, as float32, and their bound (the
+        self pairs not zeroed: a caller samples the band with them, never decides a pair)."""
+        import torch
+        s = torch.mm(self.qb.t[torch.from_numpy(rows)], self.bb.t[c0:c1].T)
+        lo, hi = torch.aminmax(s) if s.numel() else (torch.zeros(()), torch.zeros(()))
+        return s.float().numpy(), bf16_score_eps(self.q32.shape[1], self.qb.stats, self.bb.stats,
+                                                 out_max=max(-float(lo), float(hi)))
+
     def use_float32(self) -> None:
         """Form the remaining tiles' scores in float32 (returning None: the block's float32 bound holds)."""
         self.bf16 = False
+
+    def sq(self, eps, sq_q: np.ndarray, sq_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The squared norms the keys of a tile use: the shifted rows' for a bfloat16 tile (eps not None),
+        else the float32 rows' own (sq_q, sq_b)."""
+        return (self.qb.sq, self.bb.sq) if eps is not None else (sq_q, sq_b)
+
+    def margin(self, Q, sq_b: np.ndarray) -> float:
+        """Q.key_tol(0, ...) over both kinds of norms the block's tiles may use (its keys' float64 terms)."""
+        m = Q.key_tol(0.0, sq_b)
+        return max(m, Q.key_tol(0.0, self.bb.sq, self.qb.sq)) if self.qb is not None else m
 
     def tiles(self, query_tile: int, point_tile: int):
         """The (query, point) tile sizes to use."""
@@ -1033,7 +1096,7 @@ def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query
     k = _check_k(k)
     Q = _Queries(queries, angular, query_ids)
     n = Q.x.shape[0]
-    q_bf = _bf16_rows(Q.x) if _check_scores(scores) and n else None
+    q_bf = _bf16_rows(Q.x, angular) if _check_scores(scores) and n else None
     top_key = np.full((n, k), np.inf)
     top_d = np.full((n, k), np.inf)
     dkey = np.full(n, np.inf)
@@ -1043,17 +1106,19 @@ def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query
         b32, sq_b = Q.rows(block)
         if b32.shape[0] == 0 or n == 0:
             continue
-        gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset)
+        gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset, angular)
         tol = Q.tol(b32, sq_b)   # float32's bound; a bfloat16 tile returns its own
-        margin = Q.key_tol(0.0, sq_b)
+        margin = gemm.margin(Q, sq_b)
 
-        def kernel(sims, r0, c0, _parts, eps, b32=b32, sq_b=sq_b, tol=tol, offset=offset, margin=margin):
+        def kernel(sims, r0, c0, _parts, eps, b32=b32, sq_b=sq_b, tol=tol, offset=offset, margin=margin, gemm=gemm):
             nonlocal tol_max
             # The lists carry keys of earlier tiles and blocks: the bound must cover them too. Under a lock,
             # and read once: another worker's tile must not lower it between the update and the call.
+            # (Keys of float32 and of shifted bfloat16 scores both approximate the squared distance.)
             with tol_lock:
                 tol_max = t = max(tol_max, tol if eps is None else 2.0 * eps + margin)
-            _knn_rows(sims, r0, c0, offset + c0, Q.ids, Q.sq, sq_b, t, angular, Q.x, b32,
+            sq_q, sq_p = gemm.sq(eps, Q.sq, sq_b)
+            _knn_rows(sims, r0, c0, offset + c0, Q.ids, sq_q, sq_p, t, angular, Q.x, b32,
                       top_key, top_d, dkey)
 
         _run_tiles(n, b32.shape[0], gemm, kernel, [])
@@ -1140,14 +1205,16 @@ def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, s
     """
     X = Q.x
     n = X.shape[0]
-    gemm = _Gemm(scores if n else "float32", X, X, q_ids=np.arange(n))
+    gemm = _Gemm(scores if n else "float32", X, X, q_ids=np.arange(n), angular=angular)
     if tile is None:
         tile = _BF16_SELF_TILE if gemm.bf16 else _SELF_TILE
     if tile < 1:
         raise ValueError(f"tile must be a positive integer, got {tile}")
     spans = make_spans(int(tile))
     tol = Q.tol(X, Q.sq)   # float32's bound; a bfloat16 tile returns its own
-    margin = Q.key_tol(0.0, Q.sq)
+    margin = gemm.margin(Q, Q.sq)
+    # Every tile's keys: the shifted rows' norms when the scores are bfloat16 (see _Gemm).
+    sq = gemm.qb.sq if gemm.bf16 else Q.sq
     if gemm.bf16:
         # Cut the diagonal tiles: their lower halves are formed and thrown away (a sixth of the
         # GEMM of a self-join in 5 x 5 tiles).
@@ -1177,12 +1244,12 @@ def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, s
                 sims = buf[:r1 - r0, :c1 - c0]
                 eps = gemm(r0, r1, c0, c1, sims)
                 if eps is None:
-                    _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, tol, angular, X, top_key, top_d, dkey, lim, bkey,
+                    _knn_sym_tile(sims, r0, c0, r0 == c0, sq, tol, angular, X, top_key, top_d, dkey, lim, bkey,
                                   bidx, bn, True)
                     continue
                 t_run = max(t_run, 2.0 * eps + margin)
-                _sym_phase_a(sims, r0, c0, r0 == c0, Q.sq, t_run, top_key, dkey, lim)
-                _knn_sym_tile(sims, r0, c0, r0 == c0, Q.sq, t_run, angular, X, top_key, top_d, dkey, lim, bkey,
+                _sym_phase_a(sims, r0, c0, r0 == c0, sq, t_run, top_key, dkey, lim)
+                _knn_sym_tile(sims, r0, c0, r0 == c0, sq, t_run, angular, X, top_key, top_d, dkey, lim, bkey,
                               bidx, bn, False)
         return t_run
 
@@ -1278,6 +1345,26 @@ def _ball_keys(r: np.ndarray | None, n: int, angular: bool):
     return keys, r
 
 
+# Query rows of the band sample taken before a bfloat16 ball-count join (_crowded_band): ~0.02 s of GEMM at
+# 2048 columns against 8192 points, against 0.4 s for the first tile whose own sample used to decide.
+_BF16_PROBE_ROWS = 128
+
+
+def _crowded_band(gemm: _Gemm, Q: _Queries, key_a: np.ndarray, key_b: np.ndarray, margin: float) -> bool:
+    """Whether a sample of the queries (_BF16_PROBE_ROWS, evenly spaced) against the block's first
+    _BF16_POINT_TILE rows puts more than _BF16_MAX_RECHECK of its pairs in a ball's bfloat16 band: then the
+    whole block is better scored in float32, with float32's tiles, than bfloat16's first tile formed and
+    thrown away on every thread (measured: 1e4 x 2048 rows, 2.6 s float32 against 3.6 s that way). Pairs of a
+    row with itself are counted, not skipped: a sample, never a decision."""
+    nq, nb = gemm.q32.shape[0], gemm.b32.shape[0]
+    rows = np.unique(np.linspace(0, nq - 1, min(nq, _BF16_PROBE_ROWS)).astype(np.int64))
+    c1 = min(nb, _BF16_POINT_TILE)
+    sims, eps = gemm.probe(rows, 0, c1)
+    n = _ball_band(sims, 0, 0, np.ascontiguousarray(gemm.qb.sq[rows]), gemm.bb.sq, 2.0 * eps + margin,
+                   np.ascontiguousarray(key_a[rows]), key_b, 1)
+    return n > _BF16_MAX_RECHECK * sims.size
+
+
 def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "euclidean", a_ids=None,
                 scores: str = "float32") -> BallCounts:
     """Strict ball counts between query rows `a` and the streamed set B, in one pass over their pairs.
@@ -1292,7 +1379,7 @@ def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "eucli
     angular = _check_distance(distance)
     Q = _Queries(a, angular, a_ids)
     n = Q.x.shape[0]
-    q_bf = _bf16_rows(Q.x) if _check_scores(scores) and n else None
+    q_bf = _bf16_rows(Q.x, angular) if _check_scores(scores) and n else None
     key_a, rad_a = ball_side(radii_a, n, "radii_a", angular)
     cnt_a = np.zeros(n, np.int64)
     in_b = np.zeros(n, np.int64)
@@ -1307,13 +1394,15 @@ def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "eucli
         cnt_b_parts.append((offset, cnt_b))
         if nb == 0 or n == 0:
             continue
-        gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset)
+        gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset, angular)
         tol = Q.tol(b32, sq_b)   # float32's bound; a bfloat16 tile returns its own
-        margin = Q.key_tol(0.0, sq_b)
+        margin = gemm.margin(Q, sq_b)
         rel = sieve_rel(b32.shape[1])
+        if gemm.bf16 and _crowded_band(gemm, Q, key_a, key_b, margin):
+            gemm.use_float32()
 
         def kernel(sims, r0, c0, parts, eps, b32=b32, sq_b=sq_b, tol=tol, offset=offset, key_b=key_b, rad_b=rad_b,
-                   margin=margin, rel=rel):
+                   margin=margin, rel=rel, gemm=gemm):
             # cnt_a/in_b are per query: one writer per query tile, no copies needed.
             t = tol if eps is None else 2.0 * eps + margin
             if eps is not None and gemm.bf16:
@@ -1324,13 +1413,15 @@ def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "eucli
                 # formed again in float32 (and the remaining tiles' too). The counts do not change.
                 stride = 32
                 sampled = -(-sims.shape[0] // stride) * sims.shape[1]
-                if _ball_band(sims, r0, c0, Q.sq, sq_b, t, key_a, key_b, stride) > _BF16_MAX_RECHECK * sampled:
+                sq_q, sq_p = gemm.sq(eps, Q.sq, sq_b)
+                if _ball_band(sims, r0, c0, sq_q, sq_p, t, key_a, key_b, stride) > _BF16_MAX_RECHECK * sampled:
                     gemm.use_float32()
             if eps is not None and not gemm.bf16:
                 # Switched here, or on an earlier tile while this one's bfloat16 scores were being formed.
                 gemm(r0, r0 + sims.shape[0], c0, c0 + sims.shape[1], sims)
                 t, eps = tol, None
-            n_exact = _ball_rows(sims, r0, c0, offset + c0, Q.ids, Q.sq, sq_b, t, angular, Q.x, b32,
+            sq_q, sq_p = gemm.sq(eps, Q.sq, sq_b)
+            n_exact = _ball_rows(sims, r0, c0, offset + c0, Q.ids, sq_q, sq_p, t, angular, Q.x, b32,
                                  key_a, rad_a, key_b, rad_b, cnt_a, parts[0], parts[1], in_b, rel)
             if eps is not None and n_exact > _BF16_MAX_RECHECK * sims.size:
                 # The sample missed a crowded band: the remaining tiles go to float32.
