@@ -5,8 +5,13 @@ and against the float32 GEMM floor of the same pairs, in one run.
         [--json out.json]
 
 Each (method, rows, dim) runs in its own subprocess, so peak memory (ru_maxrss) is
-that method's alone. Both sets have `rows` rows: real ~ N(0, I), fake ~ N(0.1, I),
-float32, fixed seeds.
+that method's alone. Both sets have `rows` rows, float32, fixed seeds, from --world:
+  gaussian (default): real ~ N(0, I), fake ~ N(0.1, I);
+  pooled-relu: every component the mean of 4 ReLU(N(0, 1)) draws (fake: ReLU(N(0.01, 1))), non-negative
+    rows whose mean is ~1.4x their spread (|mean|^2 / mean |x - mean|^2 ~ 1.9), as a CNN's pooled
+    ReLU features (Inception's pool3) sit far from the origin (at 5e3 x 2048: P 0.31, R 0.57; a shift
+    of 0.1, like the gaussian world's, gives P ~0 and R ~0.98, 0.05 P 0.04);
+  offset: real ~ N(1.5, I), fake ~ N(1.6, I): the gaussian world moved off the origin (ratio 2.25).
 
 * modeaudit: manifold_counts (k-NN radii of R and F, then one R x F pass with both
   balls) and the four metrics from its counts, with each --kernel (default auto, as
@@ -53,17 +58,36 @@ def cpu_model() -> str:
     return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
-def _data(n: int, d: int):
-    import numpy as np
-    real = np.random.default_rng(1).standard_normal((n, d), dtype=np.float32)
-    fake = np.random.default_rng(2).standard_normal((n, d), dtype=np.float32)
-    fake += np.float32(0.1)
-    return real, fake
+WORLDS = ("gaussian", "pooled-relu", "offset")
 
 
-def _worker(method: str, n: int, d: int, k: int, kernel: str = "auto") -> dict:
+def _data(n: int, d: int, world: str = "gaussian"):
+    """(real, fake) float32 rows of one world (see the module docstring)."""
     import numpy as np
-    real, fake = _data(n, d)
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {', '.join(WORLDS)}; got {world!r}")
+    sets = []
+    for seed, shift in ((1, 0.0), (2, 0.1)):
+        g = np.random.default_rng(seed)
+        if world == "pooled-relu":
+            shift /= 10
+            x = np.zeros((n, d), np.float32)
+            for _ in range(4):
+                z = g.standard_normal((n, d), dtype=np.float32)
+                z += np.float32(shift)
+                np.maximum(z, 0, out=z)
+                x += z
+            x /= np.float32(4)
+        else:
+            x = g.standard_normal((n, d), dtype=np.float32)
+            x += np.float32(shift + (1.5 if world == "offset" else 0.0))
+        sets.append(x)
+    return tuple(sets)
+
+
+def _worker(method: str, n: int, d: int, k: int, kernel: str = "auto", world: str = "gaussian") -> dict:
+    import numpy as np
+    real, fake = _data(n, d, world)
     out = {}
     if method == "modeaudit":
         # A worker process of its own: one BLAS thread and one tile thread per core, as `modeaudit metrics` runs.
@@ -120,8 +144,8 @@ def _worker(method: str, n: int, d: int, k: int, kernel: str = "auto") -> dict:
     return out
 
 
-def _run(method: str, n: int, d: int, k: int, timeout: float, kernel: str = "auto") -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, str(n), str(d), str(k), kernel]
+def _run(method: str, n: int, d: int, k: int, timeout: float, kernel: str = "auto", world: str = "gaussian") -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, str(n), str(d), str(k), kernel, world]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -147,17 +171,18 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", default="auto", help="modeaudit's k-NN kernel, as `modeaudit metrics --kernel` "
                     "(auto: lowprec at 512+ columns and 1e8+ pairs on a CPU with AMX or AVX512-BF16, else fast); a comma-separated "
                     "list runs each")
-    ap.add_argument("--worker", nargs=5, metavar=("METHOD", "N", "D", "K", "KERNEL"), help=argparse.SUPPRESS)
+    ap.add_argument("--world", default="gaussian", choices=WORLDS, help="the rows (see the module docstring)")
+    ap.add_argument("--worker", nargs=6, metavar=("METHOD", "N", "D", "K", "KERNEL", "WORLD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        method, n, d, k, kernel = args.worker
-        print(json.dumps(_worker(method, int(n), int(d), int(k), kernel)))
+        method, n, d, k, kernel, world = args.worker
+        print(json.dumps(_worker(method, int(n), int(d), int(k), kernel, world)))
         return 0
     cpu = cpu_model()
     rows = []
     for d in (int(float(x)) for x in args.dims.split(",")):
         for n in (int(float(x)) for x in args.sizes.split(",")):
-            res = {"n": n, "d": d, "k": args.k, "cpu": cpu, "load_before": os.getloadavg()[0]}
+            res = {"n": n, "d": d, "k": args.k, "world": args.world, "cpu": cpu, "load_before": os.getloadavg()[0]}
             # Interleaved repeats, best of each: on a shared machine the load moves
             # between runs, and the minimum is the least disturbed one.
             kernels = [x.strip() for x in args.kernel.split(",") if x.strip()]
@@ -169,7 +194,7 @@ def main(argv=None) -> int:
             for _ in range(args.repeats):
                 for method in runs:
                     name, _, kn = method.partition(":")
-                    runs[method].append(_run(name, n, d, args.k, args.timeout, kn or "auto"))
+                    runs[method].append(_run(name, n, d, args.k, args.timeout, kn or "auto", args.world))
             best = {}
             for method, rs in runs.items():
                 ok = [r for r in rs if "seconds" in r]
@@ -188,11 +213,12 @@ def main(argv=None) -> int:
             elif est > args.prdc_max_gb:
                 res["prdc"] = {"skipped": f"estimated peak {est:.1f} GiB > --prdc-max-gb {args.prdc_max_gb}"}
             else:
-                res["prdc"] = _run("prdc", n, d, args.k, args.timeout)
+                res["prdc"] = _run("prdc", n, d, args.k, args.timeout, "auto", args.world)
             res["load_after"] = os.getloadavg()[0]
             gemm, gemm16, ref = res.get("gemm", {}), res.get("gemm_bf16", {}), res["prdc"]
             for kn, ours in res["modeaudit_by_kernel"].items():
-                line = (f"[{cpu}; load {res['load_before']:.1f}->{res['load_after']:.1f}] n={n} d={d} k={args.k}, "
+                line = (f"[{cpu}; load {res['load_before']:.1f}->{res['load_after']:.1f}] {args.world} n={n} d={d} "
+                        f"k={args.k}, "
                         f"best of {args.repeats}: modeaudit --kernel {kn} ({ours.get('kernel', '?')}) ")
                 line += (f"{ours['seconds']:.2f} s ({ours['peak_rss_gib']:.2f} GiB, process CPU "
                          f"{ours['process_cpu_seconds']:.1f} s)" if "seconds" in ours else ours.get("error", "?"))

@@ -55,8 +55,9 @@ def test_bench_metrics_prints_the_bf16_gemm_floor_beside_a_lowprec_run(tmp_path,
     made_up = {"gemm": 4.0, "gemm_bf16": 2.0}
     calls = []
 
-    def fake_run(method, n, d, k, timeout, kernel="auto"):
+    def fake_run(method, n, d, k, timeout, kernel="auto", world="gaussian"):
         calls.append((method, d, kernel))
+        assert world == "gaussian"
         if method == "modeaudit":
             kn = "lowprec" if kernel == "lowprec" else "fast"
             return {"kernel": kn, "seconds": 3.0, "peak_rss_gib": 0.1, "process_cpu_seconds": 5.0,
@@ -75,3 +76,18 @@ def test_bench_metrics_prints_the_bf16_gemm_floor_beside_a_lowprec_run(tmp_path,
     printed = capsys.readouterr().out.splitlines()
     assert any("bf16 gemm floor 2.00 s (x1.50)" in line and "--kernel lowprec" in line for line in printed)
     assert not any("bf16 gemm floor" in line and "--kernel fast" in line for line in printed)
+
+
+def test_bench_metrics_worlds_are_what_its_docstring_says():
+    import numpy as np
+    bench = load("bench_metrics")
+    real, fake = bench._data(3000, 64)
+    assert abs(float(real.mean())) < 0.02 and abs(float(fake.mean()) - 0.1) < 0.02
+    real, fake = bench._data(3000, 64, "pooled-relu")
+    assert real.dtype == np.float32 and real.min() >= 0 and fake.min() >= 0
+    assert 1.6 < knn.offset_ratio(real) < 2.2 and fake.mean() > real.mean()   # mean ~1.4x the spread
+    real, fake = bench._data(3000, 64, "offset")
+    assert 2.0 < knn.offset_ratio(real) < 2.5 and abs(float(fake.mean() - real.mean()) - 0.1) < 0.02
+    with pytest.raises(ValueError, match="world must be one of"):
+        bench._data(10, 4, "uniform")
+    assert bench._worker("gemm", 300, 16, 5, "auto", "offset")["seconds"] > 0

@@ -1215,3 +1215,34 @@ def test_run_in_threads_returns_in_order_and_raises_after_every_call():
     with pytest.raises(ValueError, match="two"):
         run_in_threads(fail_on_two, range(4), 2)
     assert sorted(seen) == [0, 1, 3]
+
+
+@pytest.mark.parametrize("world", ["N(1000, 1)", "grid + 100", "tiny + 1e-18"])
+def test_bf16_shifted_joins_equal_float64_brute_force_far_from_the_origin(world):
+    """The shift by the queries' mean is formed in float64 and the keys use the shifted rows' norms: rows a
+    thousand spreads from the origin (offset ratio ~1e6), integer rows with ties far from it, and rows 1e-18
+    from the origin with spread 1e-20 (a shift the float32 mean does not make exact) give the reference's
+    radii and counts, in bfloat16."""
+    pytest.importorskip("torch")
+    from modeaudit.tasks.metrics import knn as K
+    rng = np.random.default_rng(31)
+    n, d = 600, 48
+    if world == "N(1000, 1)":
+        a = (rng.standard_normal((n, d)) + 1000).astype(np.float32)
+        b = (rng.standard_normal((n, d)) + 1000.05).astype(np.float32)
+    elif world == "grid + 100":
+        a = rng.integers(0, 3, (n, d)).astype(np.float32) + 100
+        b = rng.integers(0, 3, (n, d)).astype(np.float32) + 100
+    else:
+        a = (rng.standard_normal((n, d)) * 1e-20 + 1e-18).astype(np.float32)
+        b = (a[::-1] * np.float32(1.01)).astype(np.float32)
+    assert K._Gemm("bf16", a, b).bf16 and K.offset_ratio(a) > 10   # the old guard sent these to float32
+    ra, rb = knn_distances_reference(a, 5), knn_distances_reference(b, 5)
+    np.testing.assert_array_equal(knn_self(a, 5, scores="bf16", tile=256), ra)
+    np.testing.assert_array_equal(K.knn_distances(a, [(0, a[:250]), (250, a[250:])], 5, query_ids=np.arange(n),
+                                                  scores="bf16"), ra)
+    want = ball_counts_reference(a, b, ra[:, -1], rb[:, -1]).as_tuple()
+    got = K.ball_counts(a, [(0, b[:300]), (300, b[300:])], ra[:, -1], rb[:, -1], scores="bf16").as_tuple()
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+    assert sum(int(w.sum()) for w in want) > n

@@ -767,12 +767,14 @@ _BF16_MIN_DIAG = 2048
 # more threads than fit get several OpenMP threads each instead (at least two tile threads where the
 # budget has two cores: one filters while the other's GEMM runs).
 _BF16_WORKERS_BYTES = 1 << 30
-# bfloat16's score error grows with |x|^2 and the distances with the set's spread, so rows far from the
-# origin for their spread crowd the band: sets with |mean|^2 / mean |x - mean|^2 (offset_ratio) above this
-# keep the float32 GEMM. Measured (AMD EPYC, 2e4 x 512 and 1e4 x 2048, rows N(o, I)): at o = 1 (ratio 1) the
-# bfloat16 kernel still won (1.31 against 1.41 s; 4.62 against 5.06 s), at o = 1.5 it lost 1.3x, at o = 2
-# 1.9x (ratio 4), at o = 3 5.5x (ratio 9; its self-joins, which have no band sample, 8x): the limit sits
-# between the last win and the first loss. Non-negative features (ReLU outputs: mean about their spread) sit near 1.
+# bfloat16's score error grows with |x - c|^2 (c: the point subtracted, see bf16_center) and the distances
+# with the spread, so rows far from c for their spread crowd the band: sets with |mean - c|^2 / mean
+# |x - mean|^2 (offset_ratio) above this keep the float32 GEMM. Euclidean joins subtract the queries' mean, so
+# this is a point set far from the queries, or an angular set (c = 0) far from the origin. Measured unshifted
+# (AMD EPYC, 2e4 x 512 and 1e4 x 2048, rows N(o, I)): at o = 1 (ratio 1) the bfloat16 kernel still won
+# (1.31 against 1.41 s; 4.62 against 5.06 s), at o = 1.5 it lost 1.3x, at o = 2 1.9x (ratio 4), at o = 3
+# 5.5x (ratio 9; its self-joins, which have no band sample, 8x): the limit sits between the last win and the
+# first loss.
 _BF16_MAX_OFFSET = 1.25
 # Float64 re-checks per pair above which a ball-count join goes back to the float32 GEMM: one
 # re-check at d columns costs ~d ns, about 100x what the bfloat16 GEMM saves on a pair.
