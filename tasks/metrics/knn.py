@@ -807,7 +807,7 @@ def _bf16_round(x, c, out, sq, one):
     and of y - y^ (one: a 1-element uint32 scratch array, read as float32).
 
     y is formed in float64: exact unless a component and c's differ in exponent by 29 or more, and then
-    within 2^-53 |y| (bf16_rows_stats widens the residual by it). y - y^ is exact (Sterbenz: y^ is y
+    within 2^-53 |y| (_bf16_rows widens the residual by it). y - y^ is exact (Sterbenz: y^ is y
     rounded to 8 significant bits, within a factor 2 of y, or 0)."""
     f = one.view(np.float32)
     n2 = 0.0
