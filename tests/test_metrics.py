@@ -1217,13 +1217,16 @@ def test_run_in_threads_returns_in_order_and_raises_after_every_call():
     assert sorted(seen) == [0, 1, 3]
 
 
-@pytest.mark.parametrize("world", ["N(1000, 1)", "grid + 100", "tiny + 1e-18"])
-def test_bf16_shifted_joins_equal_float64_brute_force_far_from_the_origin(world):
+@pytest.mark.parametrize("scores", ["bf16", "float32"])
+@pytest.mark.parametrize("world", ["N(1000, 1)", "grid + 100", "tiny + 1e-18", "a column at 1e4"])
+def test_shifted_joins_equal_float64_brute_force_far_from_the_origin(world, scores):
     """The shift by the queries' mean is formed in float64 and the keys use the shifted rows' norms: rows a
-    thousand spreads from the origin (offset ratio ~1e6), integer rows with ties far from it, and rows 1e-18
-    from the origin with spread 1e-20 (a shift the float32 mean does not make exact) give the reference's
-    radii and counts, in bfloat16."""
-    pytest.importorskip("torch")
+    thousand spreads from the origin (offset ratio ~1e6), integer rows with ties far from it, rows 1e-18
+    from the origin with spread 1e-20 (a shift the float32 mean does not make exact), and rows with one
+    constant column at 1e4 give the reference's radii and counts, with bfloat16 scores and with float32 ones
+    (shifted past an offset ratio of 100)."""
+    if scores == "bf16":
+        pytest.importorskip("torch")
     from modeaudit.tasks.metrics import knn as K
     rng = np.random.default_rng(31)
     n, d = 600, 48
@@ -1233,16 +1236,25 @@ def test_bf16_shifted_joins_equal_float64_brute_force_far_from_the_origin(world)
     elif world == "grid + 100":
         a = rng.integers(0, 3, (n, d)).astype(np.float32) + 100
         b = rng.integers(0, 3, (n, d)).astype(np.float32) + 100
-    else:
+    elif world == "tiny + 1e-18":
         a = (rng.standard_normal((n, d)) * 1e-20 + 1e-18).astype(np.float32)
         b = (a[::-1] * np.float32(1.01)).astype(np.float32)
-    assert K._Gemm("bf16", a, b).bf16 and K.offset_ratio(a) > 10   # the old guard sent these to float32
+    else:
+        a = rng.standard_normal((n, d)).astype(np.float32)
+        b = (rng.standard_normal((n, d)) + 0.05).astype(np.float32)
+        a[:, 7] = b[:, 7] = 1e4
+    if scores == "bf16":
+        assert K._Gemm("bf16", a, b).bf16   # the old guard (offset from the origin) sent these to float32
+    else:
+        g = K._Gemm("float32", a, b)
+        assert g.qs is not None and g.qs.norm < 0.02 * K._max_norm(a)   # shifted: its bound is that of the spread
+    assert K.offset_ratio(a) > 100
     ra, rb = knn_distances_reference(a, 5), knn_distances_reference(b, 5)
-    np.testing.assert_array_equal(knn_self(a, 5, scores="bf16", tile=256), ra)
+    np.testing.assert_array_equal(knn_self(a, 5, scores=scores, tile=256), ra)
     np.testing.assert_array_equal(K.knn_distances(a, [(0, a[:250]), (250, a[250:])], 5, query_ids=np.arange(n),
-                                                  scores="bf16"), ra)
+                                                  scores=scores), ra)
     want = ball_counts_reference(a, b, ra[:, -1], rb[:, -1]).as_tuple()
-    got = K.ball_counts(a, [(0, b[:300]), (300, b[300:])], ra[:, -1], rb[:, -1], scores="bf16").as_tuple()
+    got = K.ball_counts(a, [(0, b[:300]), (300, b[300:])], ra[:, -1], rb[:, -1], scores=scores).as_tuple()
     for w, g in zip(want, got):
         np.testing.assert_array_equal(g, w)
     assert sum(int(w.sum()) for w in want) > n

@@ -776,6 +776,10 @@ _BF16_WORKERS_BYTES = 1 << 30
 # 5.5x (ratio 9; its self-joins, which have no band sample, 8x): the limit sits between the last win and the
 # first loss.
 _BF16_MAX_OFFSET = 1.25
+# The float32 GEMM's error grows with |x|^2 too, but from 2^-24, not 2^-8: rows N(o, I), 4000 x 128, the
+# three joins took 0.17 s at o = 0 and o = 10 (offset ratio 100), 1.5 s at o = 100 (1e4), 7.2 s at o = 1000
+# (AMD EPYC). Past this ratio (from the origin) a euclidean join scores float32 rows less the queries' mean.
+_F32_SHIFT_OFFSET = 100.0
 # Float64 re-checks per pair above which a ball-count join goes back to the float32 GEMM: one
 # re-check at d columns costs ~d ns, about 100x what the bfloat16 GEMM saves on a pair.
 _BF16_MAX_RECHECK = 0.005
@@ -835,6 +839,33 @@ def _bf16_round(x, c, out, sq, one):
         q2 = max(q2, b)
         r2 = max(r2, e)
     return n2, q2, r2
+
+
+@njit(cache=True, nogil=True)
+def _shift_rows(x, c, out, sq):
+    """out = float32(x - c) (the difference in float64), sq[i] = float64 |x_i - c|^2; returns max sq."""
+    m = 0.0
+    for i in range(x.shape[0]):
+        a = 0.0
+        for k in range(x.shape[1]):
+            y = np.float64(x[i, k]) - c[k]
+            out[i, k] = np.float32(y)
+            a += y * y
+        sq[i] = a
+        m = max(m, a)
+    return m
+
+
+class _Shifted:
+    """float32 rows less a point (formed in float64, then rounded), the float64 squared norms of the
+    shifted rows (x - c, before rounding) that the keys use, and the largest such norm (an upper bound)."""
+
+    __slots__ = ("x", "sq", "norm")
+
+    def __init__(self, x32: np.ndarray, c: np.ndarray):
+        self.x = np.empty(x32.shape, np.float32)
+        self.sq = np.empty(x32.shape[0])
+        self.norm = math.sqrt(_shift_rows(x32, c, self.x, self.sq)) * (1.0 + 1e-12)
 
 
 def bf16_center(x32: np.ndarray, sample: int = 4096) -> np.ndarray:
@@ -975,6 +1006,13 @@ class _Gemm:
     def __init__(self, scores: str, q32: np.ndarray, b32: np.ndarray, q_bf=None, q_ids=None, offset: int = 0,
                  angular: bool = False):
         self.q32, self.b32 = q32, b32
+        # float32 scores: of the rows, or, for a euclidean join whose queries sit very far from the origin
+        # for their spread (offset_ratio above _F32_SHIFT_OFFSET), of both sets less the queries' mean.
+        self.qs = self.bs = None
+        if not angular and q32.shape[0] and b32.shape[0] and offset_ratio(q32) > _F32_SHIFT_OFFSET:
+            c = bf16_center(q32)
+            self.qs = _Shifted(q32, c)
+            self.bs = self.qs if b32 is q32 else _Shifted(b32, c)
         self.qb = self.bb = None
         if _check_scores(scores):
             self.qb = q_bf if q_bf is not None else _bf16_rows(q32, angular)
@@ -1000,9 +1038,20 @@ class _Gemm:
         self.bf16 = False
 
     def sq(self, eps, sq_q: np.ndarray, sq_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The squared norms the keys of a tile use: the shifted rows' for a bfloat16 tile (eps not None),
-        else the float32 rows' own (sq_q, sq_b)."""
-        return (self.qb.sq, self.bb.sq) if eps is not None else (sq_q, sq_b)
+        """The squared norms the keys of a tile use: the shifted rows' for a bfloat16 tile (eps not None) or a
+        shifted float32 one, else the float32 rows' own (sq_q, sq_b)."""
+        if eps is not None:
+            return self.qb.sq, self.bb.sq
+        return (self.qs.sq, self.bs.sq) if self.qs is not None else (sq_q, sq_b)
+
+    def f32_tol(self, Q, sq_b: np.ndarray) -> float:
+        """The key tolerance of this block's float32 tiles (Q.tol's; of the shifted rows where they are shifted:
+        _gemm_eps covers the rounding of the float64 differences to float32 as it covers any input's, and
+        key_tol the float64 norms)."""
+        tol = Q.tol(self.b32, sq_b)   # also refuses rows whose float32 inner products would overflow
+        if self.qs is None:
+            return tol
+        return Q.key_tol(_gemm_eps(self.q32.shape[1], self.qs.norm, self.bs.norm), self.bs.sq, self.qs.sq)
 
     def margin(self, Q, sq_b: np.ndarray) -> float:
         """Q.key_tol(0, ...) over both kinds of norms the block's tiles may use (its keys' float64 terms)."""
@@ -1032,7 +1081,10 @@ class _Gemm:
         """Scores of query rows r0..r1-1 x point rows c0..c1-1 into out (float32, (r1 - r0, c1 - c0));
         returns the tile's score error bound, or None where the block-wide float32 one holds."""
         if not self.bf16:
-            np.matmul(self.q32[r0:r1], self.b32[c0:c1].T, out=out)
+            if self.qs is not None:
+                np.matmul(self.qs.x[r0:r1], self.bs.x[c0:c1].T, out=out)
+            else:
+                np.matmul(self.q32[r0:r1], self.b32[c0:c1].T, out=out)
             return None
         import torch
         s = torch.mm(self.qb.t[r0:r1], self.bb.t[c0:c1].T)
@@ -1109,7 +1161,7 @@ def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query
         if b32.shape[0] == 0 or n == 0:
             continue
         gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset, angular)
-        tol = Q.tol(b32, sq_b)   # float32's bound; a bfloat16 tile returns its own
+        tol = gemm.f32_tol(Q, sq_b)   # float32's bound; a bfloat16 tile returns its own
         margin = gemm.margin(Q, sq_b)
 
         def kernel(sims, r0, c0, _parts, eps, b32=b32, sq_b=sq_b, tol=tol, offset=offset, margin=margin, gemm=gemm):
@@ -1213,10 +1265,10 @@ def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, s
     if tile < 1:
         raise ValueError(f"tile must be a positive integer, got {tile}")
     spans = make_spans(int(tile))
-    tol = Q.tol(X, Q.sq)   # float32's bound; a bfloat16 tile returns its own
+    tol = gemm.f32_tol(Q, Q.sq)   # float32's bound; a bfloat16 tile returns its own
     margin = gemm.margin(Q, Q.sq)
-    # Every tile's keys: the shifted rows' norms when the scores are bfloat16 (see _Gemm).
-    sq = gemm.qb.sq if gemm.bf16 else Q.sq
+    # Every tile's keys: the shifted rows' norms where the scores are of shifted rows (see _Gemm).
+    sq = gemm.sq(0.0 if gemm.bf16 else None, Q.sq, Q.sq)[0]
     if gemm.bf16:
         # Cut the diagonal tiles: their lower halves are formed and thrown away (a sixth of the
         # GEMM of a self-join in 5 x 5 tiles).
@@ -1397,7 +1449,7 @@ def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "eucli
         if nb == 0 or n == 0:
             continue
         gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset, angular)
-        tol = Q.tol(b32, sq_b)   # float32's bound; a bfloat16 tile returns its own
+        tol = gemm.f32_tol(Q, sq_b)   # float32's bound; a bfloat16 tile returns its own
         margin = gemm.margin(Q, sq_b)
         rel = sieve_rel(b32.shape[1])
         if gemm.bf16 and _crowded_band(gemm, Q, key_a, key_b, margin):
