@@ -921,7 +921,8 @@ def test_bf16_ball_counts_go_back_to_float32_when_the_band_is_crowded(monkeypatc
     monkeypatch.setattr(K, "_BF16_POINT_TILE", 512)
     switched, rechecked, bf16_tiles = [], [], []
     real_switch, real_rows, real_call = K._Gemm.use_float32, K._ball_rows, K._Gemm.__call__
-    monkeypatch.setattr(K._Gemm, "use_float32", lambda self: (switched.append(len(rechecked)), real_switch(self)))
+    monkeypatch.setattr(K._Gemm, "use_float32",
+                        lambda self, **kw: (switched.append(len(rechecked)), real_switch(self, **kw)))
     monkeypatch.setattr(K, "_ball_rows", lambda *a: (rechecked.append(a[7]), real_rows(*a))[1])
 
     def call(self, *a):
@@ -1258,3 +1259,29 @@ def test_shifted_joins_equal_float64_brute_force_far_from_the_origin(world, scor
     for w, g in zip(want, got):
         np.testing.assert_array_equal(g, w)
     assert sum(int(w.sum()) for w in want) > n
+
+
+def test_float32_shift_is_kept_only_where_it_shrinks_the_norms_and_cannot_overflow():
+    """Queries at 1e30 with spread 1e24 against points near the origin: shifted by the queries' mean the points
+    would have norms ~1e30 and the shifted inner products ~1e55 overflow float32 (found in review: +-inf scores
+    read as surely inside / outside, wrong ball counts), so the rows are used as given and the counts are the
+    reference's. A bfloat16 join builds no float32 copies unless a block goes to float32 before its tiles."""
+    from modeaudit.tasks.metrics import knn as K
+    rng = np.random.default_rng(0)
+    a = (1e30 + rng.standard_normal((200, 8)) * 1e24).astype(np.float32)
+    b = rng.standard_normal((200, 8)).astype(np.float32)
+    assert K.offset_ratio(a) > 1e6 and K._Gemm("float32", a, b).qs is None
+    r = np.median(np.sort(K.pair_distances_reference(a, b), axis=1)[:, 2])
+    for w, g in zip(ball_counts_reference(a, b, r, None).as_tuple(), K.ball_counts(a, b, r, None).as_tuple()):
+        np.testing.assert_array_equal(g, w)
+    # At 1e15 with spread 1e9 the set with itself is shifted (norms 1e15 -> 1e9); against points near the origin
+    # the shift would not shrink the largest |a| |b| (1e9 x 1e15 against 1e15 x 3), so it is not kept.
+    a = (1e15 + rng.standard_normal((200, 8)) * 1e9).astype(np.float32)
+    assert K._Gemm("float32", a, a).qs is not None and K._Gemm("float32", a, b).qs is None
+    np.testing.assert_array_equal(knn_self(a, 3), knn_distances_reference(a, 3))
+    pytest.importorskip("torch")
+    far = (rng.standard_normal((300, 32)) + 1000).astype(np.float32)
+    g = K._Gemm("bf16", far, far[::-1].copy())
+    assert g.bf16 and g.qs is None
+    g.use_float32(before_tiles=True)
+    assert not g.bf16 and g.qs is not None

@@ -1006,13 +1006,8 @@ class _Gemm:
     def __init__(self, scores: str, q32: np.ndarray, b32: np.ndarray, q_bf=None, q_ids=None, offset: int = 0,
                  angular: bool = False):
         self.q32, self.b32 = q32, b32
-        # float32 scores: of the rows, or, for a euclidean join whose queries sit very far from the origin
-        # for their spread (offset_ratio above _F32_SHIFT_OFFSET), of both sets less the queries' mean.
+        self.angular = angular
         self.qs = self.bs = None
-        if not angular and q32.shape[0] and b32.shape[0] and offset_ratio(q32) > _F32_SHIFT_OFFSET:
-            c = bf16_center(q32)
-            self.qs = _Shifted(q32, c)
-            self.bs = self.qs if b32 is q32 else _Shifted(b32, c)
         self.qb = self.bb = None
         if _check_scores(scores):
             self.qb = q_bf if q_bf is not None else _bf16_rows(q32, angular)
@@ -1023,6 +1018,23 @@ class _Gemm:
         self.bf16 = self.qb is not None
         self.q_ids = q_ids
         self.offset = int(offset)
+        if not self.bf16:
+            self._shift_float32()
+
+    def _shift_float32(self) -> None:
+        """float32 scores are of the rows, or, for a euclidean join whose queries sit very far from the origin
+        for their spread (offset_ratio above _F32_SHIFT_OFFSET), of both sets less the queries' mean: kept
+        only where that shrinks the largest |a| |b| (a point set far from that mean may not) and cannot
+        overflow float32's inner products (Q.tol refuses that for the rows as given, not for shifted ones).
+        Built before the first float32 tile's bound (f32_tol), never while tiles run."""
+        q32, b32 = self.q32, self.b32
+        if self.angular or not q32.shape[0] or not b32.shape[0] or offset_ratio(q32) <= _F32_SHIFT_OFFSET:
+            return
+        c = bf16_center(q32)
+        qs = _Shifted(q32, c)
+        bs = qs if b32 is q32 else _Shifted(b32, c)
+        if qs.norm * bs.norm < min(1e36, _max_norm(q32) * (_max_norm(b32) if b32 is not q32 else _max_norm(q32))):
+            self.qs, self.bs = qs, bs
 
     def probe(self, rows: np.ndarray, c0: int, c1: int) -> tuple[np.ndarray, float]:
         """bfloat16 scores of query rows `rows` (indices) x point rows c0..c1-1, as float32, and their bound (the
@@ -1033,9 +1045,13 @@ class _Gemm:
         return s.float().numpy(), bf16_score_eps(self.q32.shape[1], self.qb.stats, self.bb.stats,
                                                  out_max=max(-float(lo), float(hi)))
 
-    def use_float32(self) -> None:
-        """Form the remaining tiles' scores in float32 (returning None: the block's float32 bound holds)."""
+    def use_float32(self, before_tiles: bool = False) -> None:
+        """Form the remaining tiles' scores in float32 (returning None: the block's float32 bound holds).
+        before_tiles: no tile has run and f32_tol is still to be taken, so the float32 rows may be shifted too
+        (_shift_float32); a switch while tiles run keeps the float32 rows the block's bound was taken for."""
         self.bf16 = False
+        if before_tiles:
+            self._shift_float32()
 
     def sq(self, eps, sq_q: np.ndarray, sq_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The squared norms the keys of a tile use: the shifted rows' for a bfloat16 tile (eps not None) or a
@@ -1449,11 +1465,11 @@ def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "eucli
         if nb == 0 or n == 0:
             continue
         gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset, angular)
-        tol = gemm.f32_tol(Q, sq_b)   # float32's bound; a bfloat16 tile returns its own
         margin = gemm.margin(Q, sq_b)
         rel = sieve_rel(b32.shape[1])
         if gemm.bf16 and _crowded_band(gemm, Q, key_a, key_b, margin):
-            gemm.use_float32()
+            gemm.use_float32(before_tiles=True)
+        tol = gemm.f32_tol(Q, sq_b)   # float32's bound; a bfloat16 tile returns its own
 
         def kernel(sims, r0, c0, parts, eps, b32=b32, sq_b=sq_b, tol=tol, offset=offset, key_b=key_b, rad_b=rad_b,
                    margin=margin, rel=rel, gemm=gemm):
