@@ -973,9 +973,9 @@ def test_bf16_score_bound_holds_on_hard_rows():
     for q_ids, angular in ((None, False), (np.arange(300), False), (None, True)):
         g = _Gemm("bf16", a, b, q_ids=q_ids, angular=angular)
         assert g.bf16
-        # Euclidean scores are of both sets less the queries' center (float32 values); angular ones of the rows.
+        # Scores are of both sets less the queries' center (float32 values), for either distance.
         c = g.qb.center
-        assert (c == 0).all() if angular else (c.astype(np.float32) == c).all() and (c != 0).any()
+        assert (c.astype(np.float32) == c).all() and (c != 0).any()
         assert np.array_equal(g.bb.center, c)
         exact = (a.astype(np.float64) - c) @ (b.astype(np.float64) - c).T
         out = np.empty((300, 320), np.float32)
@@ -1158,8 +1158,7 @@ def test_bf16_shifts_sets_far_from_the_origin_and_keeps_float32_for_a_far_pair(m
     """bfloat16's score error grows with |x|^2, the distances with the spread: rows N(3, I) (offset ratio 9)
     made the bfloat16 self-joins 8x slower than float32's. Euclidean joins now score both sets less the queries'
     mean (distances do not change), so such a set's bound is that of rows at the origin, and its results are
-    the reference's; a point set far from the queries' mean, or an angular set far from the origin, keeps the
-    float32 GEMM."""
+    the reference's; a point set far from the queries' mean keeps the float32 GEMM."""
     pytest.importorskip("torch")
     from modeaudit.tasks.metrics import knn as K
     rng = np.random.default_rng(3)
@@ -1180,8 +1179,6 @@ def test_bf16_shifts_sets_far_from_the_origin_and_keeps_float32_for_a_far_pair(m
     assert eps["far"] < 1.5 * eps["near"]
     assert not K._Gemm("bf16", near, far).bf16   # the points sit far from the queries' center
     assert K._Gemm("bf16", far, far[::-1].copy()).bf16
-    unit = far / np.linalg.norm(far, axis=1, keepdims=True)
-    assert not K._Gemm("bf16", unit, unit, angular=True).bf16   # angular keys -2 <a, b> are not shift-free
     for x in (near, far):
         ref = knn_distances_reference(x, 4)
         np.testing.assert_array_equal(knn_self(x, 4, scores="bf16", tile=128), ref)
@@ -1285,3 +1282,34 @@ def test_float32_shift_is_kept_only_where_it_shrinks_the_norms_and_cannot_overfl
     assert g.bf16 and g.qs is None
     g.use_float32(before_tiles=True)
     assert not g.bf16 and g.qs is not None
+
+
+def test_bf16_angular_joins_shift_a_cone_of_unit_rows_and_equal_float64_brute_force():
+    """Unit rows in a cone (|mean|^2 ~0.8: normalised CNN or CLIP features) sat far from the origin for their
+    spread and kept float32; the angular keys -2 <a, b> are (|a - c|^2 - |a|^2) + (|b - c|^2 - |b|^2)
+    - 2 <a - c, b - c>, so they are scored shifted like euclidean ones, with the norms' float64 error added
+    to the tolerance, and the radii and counts are the reference's."""
+    pytest.importorskip("torch")
+    from modeaudit.tasks.metrics import knn as K
+    rng = np.random.default_rng(41)
+
+    def cone(n, shift):
+        x = rng.standard_normal((n, 64)) * 0.25 + shift
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    a, b = cone(700, 0.5), cone(650, 0.52)
+    assert K.offset_ratio(a) > 3 and K.offset_ratio(a, K.bf16_center(a)) < 1e-3
+    g = K._Gemm("bf16", a, b, angular=True)
+    assert g.bf16 and g.qb.sq_err > 0
+    np.testing.assert_allclose(g.qb.sq, ((a.astype(np.float64) - g.qb.center) ** 2).sum(1)
+                               - (a.astype(np.float64) ** 2).sum(1), atol=1e-12)
+    ra, rb = knn_distances_reference(a, 5, "angular"), knn_distances_reference(b, 5, "angular")
+    np.testing.assert_array_equal(knn_self(a, 5, distance="angular", scores="bf16", tile=256), ra)
+    np.testing.assert_array_equal(K.knn_distances(a, [(0, a[:300]), (300, a[300:])], 5, distance="angular",
+                                                  query_ids=np.arange(700), scores="bf16"), ra)
+    want = ball_counts_reference(a, b, ra[:, -1], rb[:, -1], "angular").as_tuple()
+    got = K.ball_counts(a, [(0, b[:330]), (330, b[330:])], ra[:, -1], rb[:, -1], distance="angular",
+                        scores="bf16").as_tuple()
+    for w, g_ in zip(want, got):
+        np.testing.assert_array_equal(g_, w)
+    assert sum(int(w.sum()) for w in want) > 700

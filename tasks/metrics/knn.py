@@ -769,8 +769,8 @@ _BF16_MIN_DIAG = 2048
 _BF16_WORKERS_BYTES = 1 << 30
 # bfloat16's score error grows with |x - c|^2 (c: the point subtracted, see bf16_center) and the distances
 # with the spread, so rows far from c for their spread crowd the band: sets with |mean - c|^2 / mean
-# |x - mean|^2 (offset_ratio) above this keep the float32 GEMM. Euclidean joins subtract the queries' mean, so
-# this is a point set far from the queries, or an angular set (c = 0) far from the origin. Measured unshifted
+# |x - mean|^2 (offset_ratio) above this keep the float32 GEMM. Joins subtract the queries' mean, so this is
+# a point set far from the queries. Measured unshifted
 # (AMD EPYC, 2e4 x 512 and 1e4 x 2048, rows N(o, I)): at o = 1 (ratio 1) the bfloat16 kernel still won
 # (1.31 against 1.41 s; 4.62 against 5.06 s), at o = 1.5 it lost 1.3x, at o = 2 1.9x (ratio 4), at o = 3
 # 5.5x (ratio 9; its self-joins, which have no band sample, 8x): the limit sits between the last win and the
@@ -794,13 +794,14 @@ class _Bf16Rows:
     """Rows less a common point, rounded to bfloat16 (a torch tensor on the CPU): their RowStats, the float64
     squared norms (of the shifted rows) that the keys of their scores use, and the point (see _bf16_rows)."""
 
-    __slots__ = ("t", "stats", "sq", "center")
+    __slots__ = ("t", "stats", "sq", "center", "sq_err")
 
-    def __init__(self, t, stats, sq, center):
+    def __init__(self, t, stats, sq, center, sq_err=0.0):
         self.t = t
         self.stats = stats
         self.sq = sq
         self.center = center
+        self.sq_err = sq_err
 
 
 @njit(cache=True, nogil=True)
@@ -869,7 +870,7 @@ class _Shifted:
 
 
 def bf16_center(x32: np.ndarray, sample: int = 4096) -> np.ndarray:
-    """The point the bfloat16 kernel subtracts from both sets of a euclidean join: the mean of an even sample of
+    """The point the bfloat16 kernel subtracts from both sets of a join: the mean of an even sample of
     at most `sample` rows of x32 (the queries, or the set of a self-join), rounded to float32 (so that x - c is
     exact in float64 for rows of ordinary range), as float64.
 
@@ -889,29 +890,33 @@ def _bf16_rows(x32: np.ndarray, angular: bool = False, center: np.ndarray | None
     a value exceeds lowprec.BF16_MAX_ABS, or when the rows sit far from the point subtracted for their spread
     (`offset_ratio` above _BF16_MAX_OFFSET): the caller keeps float32 for that set.
 
-    euclidean: the rows less `center` (None: bf16_center of x32; pass the queries' center for the other set of a
-    join), sq = |x - center|^2. angular: the rows as given (keys are -2 <a, b>, which a shift changes), sq = 0."""
+    Both distances score the rows less `center` (None: bf16_center of x32; pass the queries' center for the other
+    set of a join). euclidean keys |a - c|^2 + |b - c|^2 - 2 <a - c, b - c>: sq = |x - c|^2. angular keys
+    -2 <a, b> = (|a - c|^2 - |a|^2) + (|b - c|^2 - |b|^2) - 2 <a - c, b - c>: sq = |x - c|^2 - |x|^2, whose
+    float64 error (a few (d + 8) u64 (|x - c|^2 + |x|^2), with y's own rounding) is `sq_err`, added to the
+    keys' tolerance (_Gemm.margin); euclidean's lies inside key_tol's float64 term (sq_err 0)."""
     import torch
     from modeaudit.tasks.join.lowprec import BF16_MAX_ABS, RowStats
     x32 = np.ascontiguousarray(x32, dtype=np.float32)
     if x32.size and float(np.abs(x32).max()) > BF16_MAX_ABS:
         return None
-    if angular:
-        center = np.zeros(x32.shape[1])
-    elif center is None:
+    if center is None:
         center = bf16_center(x32)
     if offset_ratio(x32, center) > _BF16_MAX_OFFSET:
         return None
     bits = np.empty(x32.shape, dtype=np.uint16)
     sq = np.empty(x32.shape[0])
     n2, q2, r2 = _bf16_round(x32, center, bits, sq, np.zeros(1, np.uint32))
+    sq_err = 0.0
     if angular:
-        sq[:] = 0.0
+        xx = _sq_norms(x32)
+        sq_err = 2.0 * (x32.shape[1] + 8) * _U64 * float((sq + xx).max()) if sq.size else 0.0
+        sq -= xx
     # float64 sums of squares and sqrt err by a few ulps: 1e-12 relative makes the maxima upper bounds
     # (as lowprec.row_stats). The residual also covers y's own float64 rounding (2^-53 |y|, see _bf16_round).
     up = 1.0 + 1e-12
     stats = RowStats(math.sqrt(n2) * up, math.sqrt(q2) * up, (math.sqrt(r2) + 2.0 ** -52 * math.sqrt(n2)) * up)
-    return _Bf16Rows(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16), stats, sq, center)
+    return _Bf16Rows(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16), stats, sq, center, sq_err)
 
 
 def offset_ratio(x32: np.ndarray, center: np.ndarray | None = None, sample: int = 4096) -> float:
@@ -996,8 +1001,9 @@ class _Gemm:
     |a|^2), so exactly the same pairs are decided by their exact float64 distances, more
     of them (the band is 10-30x float32's). A set with values beyond bfloat16's safe range keeps float32.
 
-    Euclidean bfloat16 scores are of both sets less one point (the queries' bf16_center), so the
-    tiles' keys use those shifted rows' norms: `sq` gives the pair of norm arrays for a tile.
+    bfloat16 scores are of both sets less one point (the queries' bf16_center), so the tiles' keys
+    use the shifted rows' norms (see _bf16_rows, for either distance): `sq` gives the pair of norm
+    arrays for a tile.
 
     q_ids / offset: the queries' global row ids in the point set (-1: none) and the
     global id of the first point row, to find the self pairs.
@@ -1072,7 +1078,9 @@ class _Gemm:
     def margin(self, Q, sq_b: np.ndarray) -> float:
         """Q.key_tol(0, ...) over both kinds of norms the block's tiles may use (its keys' float64 terms)."""
         m = Q.key_tol(0.0, sq_b)
-        return max(m, Q.key_tol(0.0, self.bb.sq, self.qb.sq)) if self.qb is not None else m
+        if self.qb is None:
+            return m
+        return max(m, Q.key_tol(0.0, self.bb.sq, self.qb.sq) + self.qb.sq_err + self.bb.sq_err)
 
     def tiles(self, query_tile: int, point_tile: int):
         """The (query, point) tile sizes to use."""
