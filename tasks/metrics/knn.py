@@ -30,8 +30,9 @@ The fast path works like `tasks/join/kernels.py`: a float32 GEMM gives every sco
 s = <a, b>, whose error is bounded by `_gemm_eps` (the join kernels' bound). The
 score becomes a key that orders pairs like the distance does:
 key = |a|^2 + |b|^2 - 2 s (euclidean, squared norms in float64) or key = -2 s
-(angular), with a known error bound `tol`. Only keys within `tol` of a decision are
-re-evaluated in float64 from the rows:
+(angular), with a known error bound `tol`. (The bfloat16 GEMM scores rows less a common
+point c, and its keys carry per-row terms for it, for either distance: see _bf16_rows.)
+Only keys within `tol` of a decision are re-evaluated in float64 from the rows:
 
 * k-NN (`knn_distances`, streamed queries x blocks): per row, a running sorted
   list of the k smallest keys seen (phase A) and of the k smallest exact distances
@@ -692,7 +693,8 @@ class _Queries:
     def __init__(self, x, angular: bool, ids):
         self.x = _rows32(x, "queries")
         self.angular = angular
-        # Angular keys are -2 s: zero norms make the euclidean key formula give them.
+        # Angular keys of float32 scores are -2 s: zero norms make the euclidean key formula give them
+        # (shifted bfloat16 scores carry their own per-row terms, _Bf16Rows.sq).
         self.sq = np.zeros(self.x.shape[0]) if angular else _sq_norms(self.x)
         self.norm = _max_norm(self.x)
         self.ids = _check_ids(ids, self.x.shape[0])
@@ -728,7 +730,8 @@ class _Queries:
         sq_a: None, their own; the bfloat16 kernel's keys use the norms of rows shifted by a common point)."""
         if self.angular:
             # 2 eps for key = -2 s; the absolute 1e-11 keeps arccos/cos rounding
-            # (~1e-16) from ever deciding a pair the float32 test called sure.
+            # (~1e-16) from ever deciding a pair the float32 test called sure. Shifted bfloat16
+            # keys add their per-row terms' float64 error (_Bf16Rows.sq_err, _Gemm.margin).
             return 2.0 * eps + 1e-11
         # 2 eps from the score; the float64 norms, the key's own rounding, the
         # exact sum's rounding and sqrt's are each < (d + 8) u64 (|a|^2 + |b|^2), with the norms of
