@@ -67,10 +67,9 @@ def _data(n: int, d: int, world: str = "gaussian"):
     if world not in WORLDS:
         raise ValueError(f"world must be one of {', '.join(WORLDS)}; got {world!r}")
     sets = []
-    for seed, shift in ((1, 0.0), (2, 0.1)):
+    for seed, shift in ((1, 0.0), (2, 0.01 if world == "pooled-relu" else 0.1)):
         g = np.random.default_rng(seed)
         if world == "pooled-relu":
-            shift /= 10
             x = np.zeros((n, d), np.float32)
             for _ in range(4):
                 z = g.standard_normal((n, d), dtype=np.float32)

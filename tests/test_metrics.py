@@ -1198,6 +1198,14 @@ def test_bf16_shifts_sets_far_from_the_origin_and_keeps_float32_for_a_far_pair(m
     assert len(bounds) == 2 and None not in bounds
 
 
+def test_shared_items_hands_each_item_to_exactly_one_thread():
+    from modeaudit.tasks.join.threads import run_in_threads, shared_items
+    draw = shared_items(range(2000))
+    got = run_in_threads(lambda _: list(draw()), range(4), 4)
+    assert sorted(x for part in got for x in part) == list(range(2000))
+    assert list(draw()) == []
+
+
 def test_run_in_threads_returns_in_order_and_raises_after_every_call():
     import threading
     from modeaudit.tasks.join.threads import run_in_threads

@@ -55,14 +55,12 @@ from __future__ import annotations
 
 import math
 import operator
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit
 
 from modeaudit.tasks.join import lowprec as lowprec_mod
-from modeaudit.tasks.join.threads import blas_threads, compute_threads
+from modeaudit.tasks.join.threads import blas_threads, compute_threads, run_in_threads, shared_items
 
 __all__ = [
     "DEFAULT_RADII",
@@ -562,17 +560,11 @@ class _FastJoin:
         na, nb = a32.shape[0], b32.shape[0]
         tiles = [(r0, c0) for c0 in range(0, nb, _ROW_TILE) for r0 in range(0, na, _ANCHOR_TILE)]
         n = min(self.workers, len(tiles))
-        todo = iter(tiles)
-        lock = threading.Lock()
+        todo = shared_items(tiles)
 
         def work(acc_w):
             buf = np.empty((min(na, _ANCHOR_TILE), min(nb, _ROW_TILE)), dtype=np.float32)
-            while True:
-                with lock:
-                    tile = next(todo, None)
-                if tile is None:
-                    return
-                r0, c0 = tile
+            for r0, c0 in todo():
                 at = a32[r0:r0 + _ANCHOR_TILE]
                 bt = b32[c0:c0 + _ROW_TILE]
                 sims = buf[:at.shape[0], :bt.shape[0]]
@@ -583,9 +575,7 @@ class _FastJoin:
             work(acc)
             return
         parts = [np.zeros_like(acc) for _ in range(n)]
-        with ThreadPoolExecutor(n) as ex:
-            for f in [ex.submit(work, p) for p in parts]:
-                f.result()
+        run_in_threads(work, parts)
         for p in parts:
             acc += p
 

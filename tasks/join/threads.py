@@ -76,6 +76,23 @@ def run_in_threads(fn, items, threads: int | None = None) -> list:
         return [f.result() for f in futures]
 
 
+def shared_items(items):
+    """A function returning an iterator over `items` that several threads may draw from at once, each item going
+    to exactly one of them (the worker loops' work queue: a thread busy with something else takes fewer)."""
+    it = iter(items)
+    lock = threading.Lock()
+    end = object()
+
+    def draw():
+        while True:
+            with lock:
+                x = next(it, end)
+            if x is end:
+                return
+            yield x
+    return draw
+
+
 @contextlib.contextmanager
 def openmp_threads(n: int | None):
     """Within this block, OpenMP parallel regions started from this thread (torch's CPU GEMMs) run on at

@@ -75,7 +75,7 @@ from modeaudit.tasks.join.kernels import (
     arccos_over_pi,
     _check_ids, _check_matrix, _exact_dist, _gemm_eps, _iter_blocks, _max_norm, _n_workers,
 )
-from modeaudit.tasks.join.threads import compute_threads, openmp_threads, run_in_threads
+from modeaudit.tasks.join.threads import compute_threads, openmp_threads, run_in_threads, shared_items
 
 __all__ = [
     "DISTANCES",
@@ -1050,9 +1050,13 @@ class _Gemm:
         self pairs not zeroed: a caller samples the band with them, never decides a pair)."""
         import torch
         s = torch.mm(self.qb.t[torch.from_numpy(rows)], self.bb.t[c0:c1].T)
+        return s.float().numpy(), self._eps(s)
+
+    def _eps(self, s) -> float:
+        """The bound of bfloat16 scores s (a torch tensor) of these two sets: bf16_score_eps with their largest |s|."""
+        import torch
         lo, hi = torch.aminmax(s) if s.numel() else (torch.zeros(()), torch.zeros(()))
-        return s.float().numpy(), bf16_score_eps(self.q32.shape[1], self.qb.stats, self.bb.stats,
-                                                 out_max=max(-float(lo), float(hi)))
+        return bf16_score_eps(self.q32.shape[1], self.qb.stats, self.bb.stats, out_max=max(-float(lo), float(hi)))
 
     def use_float32(self, before_tiles: bool = False) -> None:
         """Form the remaining tiles' scores in float32 (returning None: the block's float32 bound holds).
@@ -1120,9 +1124,8 @@ class _Gemm:
             rows = np.nonzero((local >= 0) & (local < c1 - c0))[0]
             if rows.size:
                 s[torch.from_numpy(rows), torch.from_numpy(local[rows])] = 0
-        lo, hi = torch.aminmax(s) if s.numel() else (torch.zeros(()), torch.zeros(()))
         torch.from_numpy(out).copy_(s)   # bfloat16 -> float32 is exact
-        return bf16_score_eps(self.q32.shape[1], self.qb.stats, self.bb.stats, out_max=max(-float(lo), float(hi)))
+        return self._eps(s)
 
 
 def _run_tiles(nq: int, nb: int, gemm: _Gemm, kernel, col_parts):
@@ -1138,17 +1141,12 @@ def _run_tiles(nq: int, nb: int, gemm: _Gemm, kernel, col_parts):
     tiles = list(range(0, nq, qt))
     # Each tile thread: its float32 score buffer, torch's bfloat16 output, its copies of the block-row arrays.
     n, omp = gemm.workers(len(tiles), min(nq, qt) * min(nb, pt) * 6 + nb * 8 * len(col_parts))
-    todo = iter(tiles)
-    lock = threading.Lock()
+    todo = shared_items(tiles)
 
     def work(parts):
         buf = np.empty((min(nq, qt), min(nb, pt)), dtype=np.float32)
         with openmp_threads(omp):
-            while True:
-                with lock:
-                    r0 = next(todo, None)
-                if r0 is None:
-                    return
+            for r0 in todo():
                 r1 = min(nq, r0 + qt)
                 for c0 in range(0, nb, pt):
                     c1 = min(nb, c0 + pt)
@@ -1306,8 +1304,7 @@ def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, s
     shape = (min(n, tile), min(n, tile))
     # Each tile thread: its k-NN state, its float32 score tile, torch's bfloat16 output.
     n_workers, omp = gemm.workers(len(spans), _sym_state_bytes(n, k, cap) + shape[0] * shape[1] * 6)
-    todo = iter(spans)
-    lock = threading.Lock()
+    todo = shared_items(spans)
     states = [_sym_state(n, k, cap) for _ in range(n_workers)]
 
     def work(w):
@@ -1316,12 +1313,7 @@ def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, s
         # The largest bound of this worker's tiles so far: its lists carry keys of all of them.
         t_run = tol
         with openmp_threads(omp):
-            while True:
-                with lock:
-                    t = next(todo, None)
-                if t is None:
-                    break
-                r0, r1, c0, c1 = t
+            for r0, r1, c0, c1 in todo():
                 sims = buf[:r1 - r0, :c1 - c0]
                 eps = gemm(r0, r1, c0, c1, sims)
                 if eps is None:
