@@ -1071,8 +1071,8 @@ def test_torch_cuda_kernels_equal_float64_brute_force(distance):
 
 
 def test_any_order_sieve_decides_as_the_fixed_order_sum():
-    """knn._inside decides `distance < r` with an any-order (vectorised) squared distance first, and with the
-    fixed-order sum only within sieve_rel of r^2. At r equal to a pair's own fixed-order distance (a point on
+    """knn._inside (ball counts) and knn._below (k-NN lists) decide `distance < r` with an any-order (vectorised)
+    squared distance first, and with the fixed-order sum only within sieve_rel of r^2. At r equal to a pair's own fixed-order distance (a point on
     the sphere: outside) and one float step either side, every decision must be the fixed-order one, on rows
     whose terms span many magnitudes (so the two sums round differently)."""
     from modeaudit.tasks.metrics import knn as K
@@ -1092,6 +1092,9 @@ def test_any_order_sieve_decides_as_the_fixed_order_sum():
             for r in (dist, np.nextafter(dist, np.inf), np.nextafter(dist, 0.0)):
                 got, _, _ = K._inside(a, i, b, j, False, r, rel, -1.0, -1.0)
                 assert got == (dist < r), (i, j, r)
+                # The k-NN lists' re-check: the exact distance wherever it is below the list's k-th (r).
+                below = K._below(a, i, b, j, False, r)
+                assert (below < r) == (dist < r) and (below == dist or below == np.inf), (i, j, r)
     # The rows exercise the margin: the sums do round differently (with rel = 0, the sieve alone would
     # put some of these pairs on the wrong side of a sphere through them).
     assert differ > 100
@@ -1321,3 +1324,29 @@ def test_bf16_angular_joins_shift_a_cone_of_unit_rows_and_equal_float64_brute_fo
     for w, g_ in zip(want, got):
         np.testing.assert_array_equal(g_, w)
     assert sum(int(w.sum()) for w in want) > 700
+
+
+def test_bf16_rounding_in_pieces_is_the_same_on_any_thread_count():
+    """_bf16_rows rounds its rows in pieces on the call's threads, checking bfloat16's safe range on the way:
+    bits, norms and bounds must not depend on the thread count or the piece size, and a value beyond the range
+    in the last piece still refuses the set (the caller keeps float32)."""
+    torch = pytest.importorskip("torch")
+    from modeaudit.tasks.join.lowprec import BF16_MAX_ABS
+    from modeaudit.tasks.metrics import knn as K
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((5000, 70)) * np.exp(rng.uniform(-3, 3, (5000, 1)))).astype(np.float32)
+    runs = []
+    for threads, piece in ((1, 10 ** 6), (2, K._ROUND_ROWS), (3, 777)):
+        with thread_budget(threads), pytest.MonkeyPatch.context() as m:
+            m.setattr(K, "_ROUND_ROWS", piece)
+            r = K._bf16_rows(x)
+        runs.append((r.t.view(torch.int16).numpy().copy(), r.sq.copy(), (r.stats.norm, r.stats.norm_q, r.stats.resid)))
+    for bits, sq, stats in runs[1:]:
+        np.testing.assert_array_equal(bits, runs[0][0])
+        np.testing.assert_array_equal(sq, runs[0][1])
+        assert stats == runs[0][2]
+    big = x.copy()
+    big[-1, -1] = np.float32(BF16_MAX_ABS * 2)
+    with thread_budget(2), pytest.MonkeyPatch.context() as m:
+        m.setattr(K, "_ROUND_ROWS", 777)
+        assert K._bf16_rows(big, center=np.zeros(70)) is None
