@@ -1122,7 +1122,9 @@ def test_crowded_balls_equal_float64_brute_force(monkeypatch):
 
 def test_metrics_refusals_found_by_a_fuzz_leave_nothing_behind(tmp_path, capsys):
     """Values that once ran the machine out of memory (--kid-subsets, --workers 1e23), an empty --out (wrote to the
-    working directory), rows that overflow float32 (left an empty --out): one line, exit 2, no folder made."""
+    working directory): one line, exit 2, no folder made. Rows that overflow float32's inner products (they left an
+    empty --out; since, their scores are float64: test_rows_whose_float32_products_overflow_get_float64_scores)
+    give a metrics.json."""
     from modeaudit.flows.cli import main
     rng = np.random.default_rng(4)
     r, f = tmp_path / "r.npy", tmp_path / "f.npy"
@@ -1134,13 +1136,15 @@ def test_metrics_refusals_found_by_a_fuzz_leave_nothing_behind(tmp_path, capsys)
     out = tmp_path / "new" / "out"
     for args, says in ((["--out", str(out), "--kid-subsets", "10" * 12], "--kid-subsets"),
                        (["--out", str(out), "--workers", "10" * 12], "local worker processes"),
-                       (["--out", ""], "--out is empty"),
-                       (["--out", str(out), "--real", str(big)], "overflow float32")):
+                       (["--out", ""], "--out is empty")):
         assert main(base + args) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("modeaudit: error: ") and says in err and err.count("\n") == 1, err
         assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == \
             ["big.npy", "f.npy", "r.npy"]
+    assert main(base + ["--out", str(out), "--real", str(big)]) == 0
+    got = json.loads((out / "metrics.json").read_text())
+    assert all(np.isfinite(got[key]) for key in ("precision", "recall", "density", "coverage", "kid"))
 
 
 def test_python_api_takes_numpy_scalars():
@@ -1350,3 +1354,46 @@ def test_bf16_rounding_in_pieces_is_the_same_on_any_thread_count():
     with thread_budget(2), pytest.MonkeyPatch.context() as m:
         m.setattr(K, "_ROUND_ROWS", 777)
         assert K._bf16_rows(big, center=np.zeros(70)) is None
+
+
+@pytest.mark.parametrize("scores", ["float32", "bf16", "torch-cpu"])
+def test_rows_whose_float32_products_overflow_get_float64_scores(scores):
+    """Any finite float32 rows are served: norms past 1e18 would overflow float32's inner products (to inf, read
+    as "inside every ball"), so such joins form their scores in float64 (the bfloat16 kernel too, the torch
+    kernels with a float64 torch.mm); blocks of ordinary rows in the same stream keep float32. Radii and counts
+    equal the float64 brute force, and the metrics do not change under a power-of-two scale."""
+    if scores == "torch-cpu":
+        pytest.importorskip("torch")
+        from modeaudit.tasks.metrics import knn_torch as T
+        self_join = lambda x: T.knn_self_torch(x, 5, device="cpu")                              # noqa: E731
+        cross = lambda a, blocks: T.knn_distances_torch(a, blocks, 5, device="cpu")               # noqa: E731
+        balls = lambda a, blocks, ra, rb: T.ball_counts_torch(a, blocks, ra, rb, device="cpu")    # noqa: E731
+    else:
+        if scores == "bf16":
+            pytest.importorskip("torch")
+        self_join = lambda x: knn_self(x, 5, scores=scores, tile=128)                            # noqa: E731
+        cross = lambda a, blocks: knn_distances(a, blocks, 5, scores=scores)                     # noqa: E731
+        balls = lambda a, blocks, ra, rb: ball_counts(a, blocks, ra, rb, scores=scores)           # noqa: E731
+    rng = np.random.default_rng(41)
+    a = (rng.standard_normal((300, 40)) * 1e20).astype(np.float32)
+    b = np.concatenate([rng.standard_normal((100, 40)) * 1e20, rng.standard_normal((150, 40))]).astype(np.float32)
+    b[:20] = a[:20]                       # distance 0 pairs across the sets
+    b[100:110] = b[120]                   # duplicates among the ordinary rows
+    blocks = [(0, b[:100]), (100, b[100:])]
+    ra, rb = knn_distances_reference(a, 5), knn_distances_reference(b, 5)
+    np.testing.assert_array_equal(self_join(a), ra)
+    np.testing.assert_array_equal(self_join(b), rb)
+    np.testing.assert_array_equal(cross(a, blocks), np.sort(pair_distances_reference(a, b), axis=1)[:, :5])
+    ref = ball_counts_reference(a, b, ra[:, -1], rb[:, -1]).as_tuple()
+    for g, r in zip(balls(a, blocks, ra[:, -1], rb[:, -1]).as_tuple(), ref):
+        np.testing.assert_array_equal(g, r)
+    assert ref[0].sum() > 1000 and ref[2].sum() > 10
+    with np.errstate(over="ignore"):
+        assert np.isinf(a[0] @ a[0])      # float32 would have overflowed
+    if scores == "float32":
+        # Scaled by 2^-70 (exact, no underflow here) the rows are ordinary: the same memberships.
+        s = np.float32(2.0 ** -70)
+        rs = knn_distances_reference(a * s, 5)
+        np.testing.assert_array_equal(rs, ra * 2.0 ** -70)
+        for g, r in zip(ball_counts(a * s, b * s, rs[:, -1], rb[:, -1] * 2.0 ** -70).as_tuple(), ref):
+            np.testing.assert_array_equal(g, r)

@@ -21,6 +21,7 @@ size instead of an error (the subset size used is returned).
 """
 from __future__ import annotations
 
+import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -173,8 +174,19 @@ def kid(real, fake, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET
         vals = _whole_matrix_values(real, fake, in_file, picks, m, np.sqrt(g), float(coef0), int(degree))
     else:
         vals = _per_subset_values(real, fake, in_file, picks, m, degree, gamma, coef0)
-    return {"kid": float(vals.mean()), "kid_std": float(vals.std()), "kid_subsets": int(subsets),
+    return {"kid": float(vals.mean()), "kid_std": _std(vals), "kid_subsets": int(subsets),
             "kid_subset_size": m}
+
+
+def _std(vals: np.ndarray) -> float:
+    """Population std of the subset values; of the values over their largest |value| (times it) where the squares
+    overflow (features near float32's limit give MMD^2 ~1e226): finite wherever the values are."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        sd = float(vals.std())
+    if math.isfinite(sd) or not np.all(np.isfinite(vals)):
+        return sd
+    top = float(np.abs(vals).max())
+    return top * float((vals / top).std())
 
 
 def _whole_matrix_values(real, fake, in_file, picks, m: int, scale: float, c: float, d: int) -> np.ndarray:

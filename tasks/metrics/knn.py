@@ -737,19 +737,21 @@ class _Queries:
         b, sq = self.rows(block)
         return b, sq, self.tol(b, sq, eps_of)
 
-    def tol(self, b, sq_b, eps_of=None) -> float:
-        """Bound on |key(float32 GEMM) - key(exact float64)|, plus margins for the distance map.
+    def overflows(self, norm_b: float) -> bool:
+        """Whether float32 inner products of the queries with rows of largest norm norm_b could overflow (to inf,
+        which the keys would read as "surely inside every ball"): such pairs' scores are formed in float64."""
+        return self.norm * norm_b > _F32_MAX_PRODUCT
 
-        eps_of(dim, norm_a, norm_b): the bound on a GEMM score's error; default the numba
+    def tol(self, b, sq_b, eps_of=None) -> float:
+        """Bound on |key(GEMM) - key(exact float64)|, plus margins for the distance map: of the float32 GEMM, or of
+        the float64 one where float32 would overflow (`overflows`).
+
+        eps_of(dim, norm_a, norm_b): the bound on a float32 GEMM score's error; default the numba
         kernels' `_gemm_eps` (the torch kernels pass theirs, which knows TF32 and friends).
         """
         norm_b = self.max_norm(b, sq_b)
-        if self.norm * norm_b > 1e36:
-            # float32 inner products would overflow to inf, which the keys would
-            # read as "surely inside every ball".
-            raise ValueError(f"rows with norms up to {max(self.norm, norm_b):.3g} overflow float32 inner products; "
-                             "rescale the features (the k-NN metrics do not change under a common scale factor)")
-        return self.key_tol((eps_of or _gemm_eps)(self.x.shape[1], self.norm, norm_b), sq_b)
+        eps = _gemm_eps64 if self.overflows(norm_b) else (eps_of or _gemm_eps)
+        return self.key_tol(eps(self.x.shape[1], self.norm, norm_b), sq_b)
 
     def key_tol(self, eps: float, sq_b, sq_a=None) -> float:
         """The key tolerance for a score error bound eps against points with squared norms sq_b (and queries with
@@ -813,6 +815,16 @@ _F32_SHIFT_OFFSET = 100.0
 # re-check at d columns costs ~d ns, about 100x what the bfloat16 GEMM saves on a pair.
 _BF16_MAX_RECHECK = 0.005
 _U32 = 2.0 ** -24
+# float32 inner products of rows with |a| |b| past this could overflow (float32's largest value is 3.4e38; the
+# margin covers the sums' rounding): such joins form their scores in float64 (float32 rows are exact in float64),
+# so every finite float32 input is served.
+_F32_MAX_PRODUCT = 1e36
+
+
+def _gemm_eps64(dim: int, norm_a: float, norm_b: float) -> float:
+    """Bound on |float64 GEMM score - <a, b>| for float32 rows (exact in float64) of norms up to norm_a, norm_b: as
+    _gemm_eps with float64's unit roundoff ((dim + 2) u |a| |b|, doubled), BLAS's or torch's, any order."""
+    return 2.0 * (dim + 2) * _U64 * norm_a * norm_b + 1e-300
 # bfloat16's unit roundoff (8 significant bits, round to nearest even).
 _U_BF16 = 2.0 ** -8
 # bfloat16's smallest normal number: AMX reads subnormal inputs as zero.
@@ -1055,17 +1067,24 @@ class _Gemm:
     use the shifted rows' norms (see _bf16_rows, for either distance): `sq` gives the pair of norm
     arrays for a tile.
 
+    "float64" (f64=True, whatever `scores` says): rows whose float32 inner products could overflow
+    (_Queries.overflows: norms past 1e18) get np.matmul of the rows widened to float64, a tile at a time,
+    with _gemm_eps64's bound, into float64 score tiles (`dtype`), which the same numba filters read.
+
     q_ids / offset: the queries' global row ids in the point set (-1: none) and the
     global id of the first point row, to find the self pairs.
     """
 
     def __init__(self, scores: str, q32: np.ndarray, b32: np.ndarray, q_bf=None, q_ids=None, offset: int = 0,
-                 angular: bool = False):
+                 angular: bool = False, f64: bool = False):
         self.q32, self.b32 = q32, b32
         self.angular = angular
         self.qs = self.bs = None
         self.qb = self.bb = None
-        if _check_scores(scores):
+        # Rows whose float32 inner products could overflow (_Queries.overflows): float64 scores, whatever `scores`.
+        self.f64 = bool(f64)
+        self.dtype = np.float64 if self.f64 else np.float32
+        if _check_scores(scores) and not self.f64:
             self.qb = q_bf if q_bf is not None else _bf16_rows(q32, angular)
             if self.qb is not None:
                 self.bb = self.qb if b32 is q32 else _bf16_rows(b32, angular, self.qb.center)
@@ -1074,14 +1093,14 @@ class _Gemm:
         self.bf16 = self.qb is not None
         self.q_ids = q_ids
         self.offset = int(offset)
-        if not self.bf16:
+        if not self.bf16 and not self.f64:
             self._shift_float32()
 
     def _shift_float32(self) -> None:
         """float32 scores are of the rows, or, for a euclidean join whose queries sit very far from the origin
         for their spread (offset_ratio above _F32_SHIFT_OFFSET), of both sets less the queries' mean: kept
         only where that shrinks the largest |a| |b| (a point set far from that mean may not) and cannot
-        overflow float32's inner products (Q.tol refuses that for the rows as given, not for shifted ones).
+        overflow float32's inner products (rows that do as given get float64 scores, never a shift).
         Built before the first float32 tile's bound (f32_tol), never while tiles run."""
         q32, b32 = self.q32, self.b32
         if self.angular or not q32.shape[0] or not b32.shape[0] or offset_ratio(q32) <= _F32_SHIFT_OFFSET:
@@ -1158,6 +1177,10 @@ class _Gemm:
     def __call__(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> float | None:
         """Scores of query rows r0..r1-1 x point rows c0..c1-1 into out (float32, (r1 - r0, c1 - c0));
         returns the tile's score error bound, or None where the block-wide float32 one holds."""
+        if self.f64:
+            # Widened a tile at a time: no float64 copy of the sets (dgemm's O(rows x cols x d) dwarfs it).
+            np.matmul(self.q32[r0:r1].astype(np.float64), self.b32[c0:c1].astype(np.float64).T, out=out)
+            return None
         if not self.bf16:
             if self.qs is not None:
                 np.matmul(self.qs.x[r0:r1], self.bs.x[c0:c1].T, out=out)
@@ -1191,7 +1214,7 @@ def _run_tiles(nq: int, nb: int, gemm: _Gemm, kernel, col_parts):
     todo = shared_items(tiles)
 
     def work(parts):
-        buf = np.empty((min(nq, qt), min(nb, pt)), dtype=np.float32)
+        buf = np.empty((min(nq, qt), min(nb, pt)), dtype=gemm.dtype)
         with openmp_threads(omp):
             for r0 in todo():
                 r1 = min(nq, r0 + qt)
@@ -1232,7 +1255,8 @@ def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query
         b32, sq_b = Q.rows(block)
         if b32.shape[0] == 0 or n == 0:
             continue
-        gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset, angular)
+        gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset, angular,
+                     f64=Q.overflows(Q.max_norm(b32, sq_b)))
         tol = gemm.f32_tol(Q, sq_b)   # float32's bound; a bfloat16 tile returns its own
         margin = gemm.margin(Q, sq_b)
 
@@ -1331,7 +1355,7 @@ def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, s
     """
     X = Q.x
     n = X.shape[0]
-    gemm = _Gemm(scores if n else "float32", X, X, q_ids=np.arange(n), angular=angular)
+    gemm = _Gemm(scores if n else "float32", X, X, q_ids=np.arange(n), angular=angular, f64=Q.overflows(Q.norm))
     if tile is None:
         tile = _BF16_SELF_TILE if gemm.bf16 else _SELF_TILE
     if tile < 1:
@@ -1356,7 +1380,7 @@ def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, s
 
     def work(w):
         top_key, top_d, dkey, lim, bkey, bidx, bn = states[w]
-        buf = np.empty(shape, dtype=np.float32)
+        buf = np.empty(shape, dtype=gemm.dtype)
         # The largest bound of this worker's tiles so far: its lists carry keys of all of them.
         t_run = tol
         with openmp_threads(omp):
@@ -1514,7 +1538,8 @@ def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "eucli
         cnt_b_parts.append((offset, cnt_b))
         if nb == 0 or n == 0:
             continue
-        gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset, angular)
+        gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset, angular,
+                     f64=Q.overflows(Q.max_norm(b32, sq_b)))
         margin = gemm.margin(Q, sq_b)
         rel = sieve_rel(b32.shape[1])
         if gemm.bf16 and _crowded_band(gemm, Q, key_a, key_b, margin):

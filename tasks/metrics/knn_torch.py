@@ -9,6 +9,8 @@ the float32 scores are computed and filtered changes.
   "fp32", with the input rounding TF32 / bfloat16 "fast float32" modes may apply,
   read from torch's settings by `_fp32_input_unit`); the key tolerance around it is
   knn.py's (`_Queries.tol`), so the same pairs are provably decided by their scores.
+  Rows whose float32 inner products could overflow (norms past 1e18) get a float64
+  `torch.mm` and knn._gemm_eps64's bound instead (`_mm`), as in knn.py.
 * Filtering on the device: keys (float64 on the device, from the float32 scores and
   float64 squared norms) are reduced there; only the pairs within the tolerance of a
   decision leave the score tile: for k-NN, per query the running k smallest keys
@@ -66,6 +68,13 @@ def _torch_eps(dev: torch.device):
     """eps_of(dim, norm_a, norm_b) for knn._Queries.tol: the torch join's float32 GEMM bound on this device."""
     in_unit = jt._fp32_input_unit(dev)
     return lambda dim, na, nb: jt._eps(dim, na, nb, mode="fp32", in_unit=in_unit)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, f64: bool) -> torch.Tensor:
+    """Scores a b^T of float32 rows: float32, or float64 where float32 could overflow (knn._Queries.overflows)."""
+    if f64:
+        return torch.mm(a.to(torch.float64), b.to(torch.float64).T)
+    return torch.mm(a, b.T)
 
 
 def _exact(qx: torch.Tensor, ai: torch.Tensor, bx: torch.Tensor, bj: torch.Tensor, angular: bool) -> torch.Tensor:
@@ -133,16 +142,19 @@ class _Setup:
         self.query_tile = int(query_tile or _QUERY_TILE)
         if self.tile < 1 or self.query_tile < 1:
             raise ValueError("tile and query_tile must be positive integers")
+        self.f64 = False
 
     def blocks(self, blocks):
-        """Yield (offset, rows on the device, squared norms on the device, tol, host rows)."""
+        """Yield (offset, rows on the device, squared norms on the device, tol, host rows); `keys` forms the
+        yielded block's scores in float64 where float32 could overflow (tol is then float64's)."""
         for offset, block in _iter_blocks(blocks):
             b32, sq_b, tol = self.Q.block(block, self.eps_of)
+            self.f64 = self.Q.overflows(self.Q.max_norm(b32, sq_b))
             yield offset, _tensor(b32, self.dev), _tensor(sq_b, self.dev), tol, sq_b
 
     def keys(self, bt, bsq, r0, r1, g0):
         """float64 keys of queries r0..r1-1 x block rows bt (global first row g0); the self pair is +inf."""
-        s = torch.mm(self.qx[r0:r1], bt.T)
+        s = _mm(self.qx[r0:r1], bt, self.f64)
         key = self.qsq[r0:r1, None] + bsq[None, :] - 2.0 * s.to(torch.float64)
         local = self.Q.ids[r0:r1] - g0
         rows = np.nonzero((local >= 0) & (local < bt.shape[0]))[0]
@@ -232,6 +244,7 @@ class _SymSetup:
         self.x = _tensor(self.Q.x, self.dev)
         self.sq = _tensor(self.Q.sq, self.dev)
         self.tol = self.Q.tol(self.Q.x, self.Q.sq, _torch_eps(self.dev)) if self.n else 0.0
+        self.f64 = self.Q.overflows(self.Q.norm)
         self.tile = int(tile or _SELF_TILE["cuda" if self.dev.type == "cuda" else "cpu"])
         if self.tile < 1:
             raise ValueError("tile must be a positive integer")
@@ -253,7 +266,7 @@ def _knn_sym_torch(S: _SymSetup, k: int, spans) -> np.ndarray:
         top_d = torch.full((n, k), math.inf, **f64)
         dkey = torch.full((n,), math.inf, **f64)
         for r0, r1, c0, c1 in spans:
-            s = torch.mm(S.x[r0:r1], S.x[c0:c1].T)
+            s = _mm(S.x[r0:r1], S.x[c0:c1], S.f64)
             key = S.sq[r0:r1, None] + S.sq[None, c0:c1] - 2.0 * s.to(torch.float64)
             del s
             if r0 == c0:
