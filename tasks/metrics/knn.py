@@ -819,16 +819,16 @@ _U32 = 2.0 ** -24
 # margin covers the sums' rounding): such joins form their scores in float64 (float32 rows are exact in float64),
 # so every finite float32 input is served.
 _F32_MAX_PRODUCT = 1e36
+# bfloat16's unit roundoff (8 significant bits, round to nearest even).
+_U_BF16 = 2.0 ** -8
+# bfloat16's smallest normal number: AMX reads subnormal inputs as zero.
+_BF16_TINY = 2.0 ** -126
 
 
 def _gemm_eps64(dim: int, norm_a: float, norm_b: float) -> float:
     """Bound on |float64 GEMM score - <a, b>| for float32 rows (exact in float64) of norms up to norm_a, norm_b: as
     _gemm_eps with float64's unit roundoff ((dim + 2) u |a| |b|, doubled), BLAS's or torch's, any order."""
     return 2.0 * (dim + 2) * _U64 * norm_a * norm_b + 1e-300
-# bfloat16's unit roundoff (8 significant bits, round to nearest even).
-_U_BF16 = 2.0 ** -8
-# bfloat16's smallest normal number: AMX reads subnormal inputs as zero.
-_BF16_TINY = 2.0 ** -126
 
 
 class _Bf16Rows:
@@ -1175,8 +1175,8 @@ class _Gemm:
         return n, max(1, budget // n)
 
     def __call__(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> float | None:
-        """Scores of query rows r0..r1-1 x point rows c0..c1-1 into out (float32, (r1 - r0, c1 - c0));
-        returns the tile's score error bound, or None where the block-wide float32 one holds."""
+        """Scores of query rows r0..r1-1 x point rows c0..c1-1 into out (`dtype`, (r1 - r0, c1 - c0));
+        returns the tile's score error bound, or None where the block-wide one (f32_tol) holds."""
         if self.f64:
             # Widened a tile at a time: no float64 copy of the sets (dgemm's O(rows x cols x d) dwarfs it).
             np.matmul(self.q32[r0:r1].astype(np.float64), self.b32[c0:c1].astype(np.float64).T, out=out)
