@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modeaudit.tasks.join.sources import _F32_SAFE, Source, reduction_ranges, row_norms
+from modeaudit.tasks.join.sources import _F32_SAFE, Source, keep_unit, reduction_ranges, row_norms
 
 __all__ = ["FeatureFile", "FileRowsAt", "ON_DISK", "unit_rows", "rows_of", "rows_at", "take_rows", "shape_of"]
 
@@ -35,7 +35,9 @@ def unit_rows(x) -> np.ndarray:
 
     The norm is `row_norms`' sequential float64 sum (numba: no SIMD reassociation that
     could change with a row's alignment in memory), so rows [lo:hi) of the whole set's
-    result equal the result of rows [lo:hi) read alone. ValueError on an all-zero row.
+    result equal the result of rows [lo:hi) read alone. ValueError on an all-zero row. Rows already
+    unit to float32's precision are kept bit for bit (sources.keep_unit), so normalising twice is
+    normalising once.
     """
     x = np.array(x, dtype=np.float32)
     if x.ndim != 2:
@@ -45,6 +47,7 @@ def unit_rows(x) -> np.ndarray:
     if zero.size:
         raise ValueError(f"row {int(zero[0])} is all zeros: it has no direction for the angular distance; remove "
                          "it or use euclidean")
+    norms = keep_unit(norms)
     # sources.unit_rows' rule (float32 inside _F32_SAFE, float64 outside), decided per row, not per block.
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
         safe = (norms > _F32_SAFE[0]) & (norms < _F32_SAFE[1])
