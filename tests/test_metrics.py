@@ -1202,7 +1202,7 @@ def test_bf16_shifts_sets_far_from_the_origin_and_keeps_float32_for_a_far_pair(m
     for w, g_ in zip(want, got):
         np.testing.assert_array_equal(g_, w)
     # The band is not crowded (the shifted rows' bound, balls of ordinary size): both blocks kept bfloat16.
-    assert len(bounds) == 2 and None not in bounds
+    assert len(bounds) == 2 * -(-1500 // K._BF16_QUERY_TILE) and None not in bounds   # every tile of both
 
 
 def test_shared_items_hands_each_item_to_exactly_one_thread():

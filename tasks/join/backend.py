@@ -148,6 +148,13 @@ def _cpu_flags() -> set:
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (Linux /proc/cpuinfo; False where it cannot be read): the bfloat16
+    k-NN kernel's tile sizes depend on it (metrics.knn)."""
+    return "amx_bf16" in _cpu_flags()
+
+
+@functools.lru_cache(maxsize=1)
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware with float32 accumulation: AMX-BF16 tiles or
     AVX512-BF16 dot products (Linux /proc/cpuinfo; False where it cannot be read). Both read

@@ -71,6 +71,7 @@ import threading
 import numpy as np
 from numba import njit
 
+from modeaudit.tasks.join.backend import cpu_has_amx_bf16
 from modeaudit.tasks.join.kernels import (
     arccos_over_pi,
     _check_ids, _check_matrix, _exact_dist, _gemm_eps, _iter_blocks, _max_norm, _n_workers,
@@ -784,11 +785,13 @@ def _check_scores(scores: str) -> bool:
     return scores == "bf16"
 
 
-# Tiles of the bfloat16 GEMM: torch's AMX kernels reach their speed only on big
-# products (measured: 1024 x 4096 x 2048 ran at half the rate of 4096 x 4096 x 2048).
-_BF16_QUERY_TILE = 2048
-_BF16_POINT_TILE = 8192
-_BF16_SELF_TILE = 4096
+# Tiles of the bfloat16 GEMM (query x point rows of a join; square tiles of a self-join): torch's AMX kernels
+# reach their speed only on big products (measured: 1024 x 4096 x 2048 ran at half the rate of 4096 x 4096 x
+# 2048). Without AMX (AVX512-BF16 dot products) the rate holds on small products, and tiles whose scores stay in
+# the cache while they are filtered ran faster: 2e4 x 2048 rows, AMD EPYC, 2 cores, three interleaved rounds, a
+# self-join 2.84-2.87 s in 1024-row tiles against 2.98-3.05 s in 4096-row ones (2048: 2.91-2.94 s), the ball
+# counts 4.47-4.48 s in 1024 x 4096 tiles against 4.58-4.77 s in 2048 x 8192 ones. Only speed depends on them.
+_BF16_QUERY_TILE, _BF16_POINT_TILE, _BF16_SELF_TILE = (2048, 8192, 4096) if cpu_has_amx_bf16() else (1024, 4096, 1024)
 _BF16_EXTRA_CAP = 96
 # Rows of the smallest piece a bfloat16 diagonal tile is cut into (split_diagonal): AMX's GEMM
 # ran 1024 x 4096 x 2048 at half the rate of 4096 x 4096 x 2048; AVX512-BF16's rate holds to
@@ -1287,7 +1290,7 @@ def knn_self(x, k: int, *, distance: str = "euclidean", tile: int | None = None,
     (every pair is offered to exactly one of them) that are merged at the end: the
     k smallest of their union are the exact k smallest, on any number of threads.
     scores: the GEMM's precision ("float32", or "bf16": see _Gemm); tile: rows per
-    square tile (None: 1024, or 4096 for "bf16"). The result is the same.
+    square tile (None: 1024, or _BF16_SELF_TILE for "bf16": 4096 with AMX, else 1024). The result is the same.
     """
     angular = _check_distance(distance)
     k = _check_k(k)
@@ -1351,7 +1354,7 @@ def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, s
     make_spans(tile) -> (r0, r1, c0, c1) tiles, none below the diagonal; each tile's pairs update
     the lists of its rows and of its columns (a diagonal tile's lower half is skipped), so a
     pair is formed once. Rows with fewer than k pairs keep inf. tile: rows per square tile
-    (None: 1024, or 4096 when the GEMM is bfloat16).
+    (None: 1024, or _BF16_SELF_TILE when the GEMM is bfloat16).
     """
     X = Q.x
     n = X.shape[0]
