@@ -2,6 +2,7 @@
 the prdc package, an independent KID implementation, and through the CLI."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -1416,6 +1417,13 @@ def test_unit_rows_are_used_as_given_and_normalising_is_idempotent(tmp_path, cap
                 u = unit(x)
                 np.testing.assert_array_equal(unit(u), u)
                 assert np.abs(row_norms(u) - 1.0).max() <= UNIT_KEEP / 2   # the margin the rule relies on
+    # float64 rows just inside the rule are kept as their float32 casts only where a second pass keeps those too
+    # (the test is on the cast row's norm: on the float64 one, 446 of 1000 such rows moved in a second pass).
+    x = rng.standard_normal((1000, 7))
+    x = x / np.linalg.norm(x, axis=1, keepdims=True) * (1 + 0.99 * UNIT_KEEP)
+    u = source_unit(x)
+    np.testing.assert_array_equal(source_unit(u), u)
+    assert 0 < np.all(u == x.astype(np.float32), axis=1).sum() < 1000   # some kept, some divided
     # Rows normalised elsewhere (numpy, float32) are kept bit for bit, and they would have moved.
     def numpy_unit(x):
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
@@ -1438,3 +1446,22 @@ def test_unit_rows_are_used_as_given_and_normalising_is_idempotent(tmp_path, cap
     assert got["recall"] == (dist < rf[None, :]).any(axis=1).mean()
     assert got["density"] == in_real.sum() / (k * len(fake))
     assert got["coverage"] == in_real.any(axis=1).mean()
+
+
+def test_float64_rows_beyond_float32_are_refused_by_every_kernel():
+    """The metrics are defined on float32 rows: a float64 value past float32's range (1e39) would become inf, which
+    the float64-score path (for norms past 1e18) would take silently (inf radii, no memberships; found in review).
+    Every kernel and the references refuse such rows with one message; 3e38 is served."""
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((30, 6))
+    a[3, 2] = 1e39
+    calls = [lambda: knn_self(a, 3), lambda: knn_distances(a, a, 3, query_ids=np.arange(30)),
+             lambda: ball_counts(a, a, 10.0, 10.0, a_ids=np.arange(30)), lambda: knn_distances_reference(a, 3)]
+    if importlib.util.find_spec("torch") is not None:
+        from modeaudit.tasks.metrics import knn_torch as T
+        calls.append(lambda: T.knn_self_torch(a, 3, device="cpu"))
+    for call in calls:
+        with pytest.raises(ValueError, match="beyond float32's range"):
+            call()
+    a[3, 2] = 3e38
+    np.testing.assert_array_equal(knn_self(a, 3), knn_distances_reference(a, 3))

@@ -197,21 +197,29 @@ _F32_SAFE = (1e-18, 1e18)
 # A row whose norm is this close to 1 is unit to float32's precision and is used as given: dividing it by its
 # float32-rounded norm would move it by a rounding, so normalising was not idempotent (a fuzz found 16% of
 # float32-normalised 7-d rows changed by a second pass; nearly parallel unit rows then changed their metrics).
-# Our own normalisation leaves every norm within 2^-23 (1 + tiny) of 1 (the norm's rounding and each
-# quotient's), inside this, so normalising twice is normalising once.
+# Our own normalisation leaves every norm within ~1.1 x 2^-23 of 1 (the norm's rounding and each quotient's; a
+# float64 row's cast adds a third), inside this, so normalising twice is normalising once.
 UNIT_KEEP = 2.0 ** -22
 
 
-def keep_unit(norms: np.ndarray) -> np.ndarray:
+def keep_unit(norms: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
     """The divisors that normalise rows of these float64 norms: the norm, or exactly 1 for a row already unit
-    to float32's precision (|norm - 1| <= UNIT_KEEP: the row is kept bit for bit)."""
-    return np.where(np.abs(norms - 1.0) <= UNIT_KEEP, 1.0, norms)
+    to float32's precision (the row is kept, as float32). The test is |norm - 1| <= UNIT_KEEP on the norm of the
+    float32 row a second pass would see: `norms` for float32 rows; for rows x of another dtype, the norms of
+    their float32 casts, taken for the rows near 1 (a cast moves a norm by 2^-24 of it at most)."""
+    test = norms
+    if x is not None and np.asarray(x).dtype != np.float32:
+        near = np.flatnonzero(np.abs(norms - 1.0) <= 4.0 * UNIT_KEEP)
+        if near.size:
+            test = norms.copy()
+            test[near] = row_norms(np.asarray(x)[near].astype(np.float32))
+    return np.where(np.abs(test - 1.0) <= UNIT_KEEP, 1.0, norms)
 
 
 def unit_rows(x: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
     """float32 unit rows of x (norms from row_norms; rows of norm 0 or non-finite come out non-finite); rows
     already unit to float32's precision are kept as given (keep_unit), so this is idempotent."""
-    norms = keep_unit(row_norms(x) if norms is None else norms)
+    norms = keep_unit(row_norms(x) if norms is None else norms, x)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if len(norms) and (norms.min() > _F32_SAFE[0]) and (norms.max() < _F32_SAFE[1]):
             out = np.array(x, dtype=np.float32)   # a copy: memory-mapped user files are read-only

@@ -125,9 +125,17 @@ def _check_k(k, n_points: int | None = None) -> int:
 
 
 def _rows32(x, name: str) -> np.ndarray:
-    """The rows as C-contiguous float32: the metrics are defined on float32 rows."""
+    """The rows as C-contiguous float32: the metrics are defined on float32 rows. ValueError for rows that are
+    not finite, as given or once rounded to float32 (float64 values past 3.4e38, as the references say)."""
     x = _check_matrix(x, name)
-    return np.ascontiguousarray(x, dtype=np.float32)
+    if x.dtype == np.float32:
+        return np.ascontiguousarray(x)
+    with np.errstate(over="ignore"):
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if x32.size and not np.all(np.isfinite(x32)):
+        raise ValueError(f"{name} has values beyond float32's range (|x| > 3.4e38), on which the metrics are "
+                         "defined; rescale the features")
+    return x32
 
 
 def _sq_norms(x32: np.ndarray) -> np.ndarray:
