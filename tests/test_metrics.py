@@ -1465,3 +1465,24 @@ def test_float64_rows_beyond_float32_are_refused_by_every_kernel():
             call()
     a[3, 2] = 3e38
     np.testing.assert_array_equal(knn_self(a, 3), knn_distances_reference(a, 3))
+
+
+def test_a_row_far_above_the_median_norm_is_noted():
+    """One row at 1e4x the median norm made a 1e4 x 128 self-join 50x slower (the band follows the largest norms):
+    the user is told which row, in one note; ordinary rows (Gaussian, 2x spread of norms) get none."""
+    import io
+    from modeaudit.tasks import console
+    rng = np.random.default_rng(12)
+    real = rng.standard_normal((200, 8)).astype(np.float32)
+    fake = rng.standard_normal((150, 8)).astype(np.float32)
+    for rows, says in ((real, None), (np.concatenate([real[:40], real[40:41] * 1e4, real[41:]]), "real row 40")):
+        out = io.StringIO()
+        with console.terminal(stream=out):
+            got = compute_metrics(rows, fake, 5, kid_subsets=2)
+        lines = out.getvalue().splitlines()
+        notes = [line for line in lines if "median row" in line]
+        if says is None:
+            assert notes == []
+        else:
+            assert len(notes) == 1 and says in notes[0] and notes[0].startswith("modeaudit: note: ")
+        assert got["precision"] == compute_metrics(rows, fake, 5, kid_subsets=2)["precision"]
