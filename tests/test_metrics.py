@@ -1486,3 +1486,20 @@ def test_a_row_far_above_the_median_norm_is_noted():
         else:
             assert len(notes) == 1 and says in notes[0] and notes[0].startswith("modeaudit: note: ")
         assert got["precision"] == compute_metrics(rows, fake, 5, kid_subsets=2)["precision"]
+
+
+def test_bf16_self_join_bound_is_its_tiles_not_float32s(monkeypatch):
+    """A bfloat16 self-join forms no float32 tile, so float32's bound (of the unshifted rows: ~1e3 for rows
+    N(1e3, 1) at 64 columns, against squared distances ~130) must not set the band its lists settle with; it did,
+    and re-checked every pair (1e4 x 512: 10.4 s a self-join against 0.41 s). Same radii as the brute force."""
+    pytest.importorskip("torch")
+    from modeaudit.tasks.metrics import knn as K
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal((600, 64)) + 1e3).astype(np.float32)
+    seen, real_settle = [], K._settle_rows
+    monkeypatch.setattr(K, "_settle_rows", lambda lo, hi, tol, *a: (seen.append(tol), real_settle(lo, hi, tol, *a))[1])
+    np.testing.assert_array_equal(K.knn_self(x, 5, scores="bf16", tile=128), knn_distances_reference(x, 5))
+    q = K._Queries(x, False, None)
+    assert K._Gemm("bf16", q.x, q.x).bf16 and seen
+    # The tiles' own bound (shifted rows, ~1) against the unshifted rows' float32 one (~1e3).
+    assert max(seen) < 10.0 and q.tol(q.x, q.sq) > 100.0
