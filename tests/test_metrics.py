@@ -938,7 +938,7 @@ def test_bf16_ball_counts_go_back_to_float32_when_the_band_is_crowded(monkeypatc
     for g, r in zip(got, want):
         np.testing.assert_array_equal(g, r)
     assert switched and want[2].sum() > 10 * len(rf)   # switched; the fake balls hold many real rows each
-    float32_tol = [K._Queries(real, False, None).tol(b, (b.astype(np.float64) ** 2).sum(1))
+    float32_tol = [K._Queries(real, False, None).tol(K._max_norm(b), (b.astype(np.float64) ** 2).sum(1))
                    for b in (fake[:700], fake[700:])]
     wide = [t for t in rechecked if t > max(float32_tol) * (1 + 1e-12)]   # the tolerance: _ball_rows' 8th argument
     assert len(rechecked) > 4
@@ -1502,4 +1502,4 @@ def test_bf16_self_join_bound_is_its_tiles_not_float32s(monkeypatch):
     q = K._Queries(x, False, None)
     assert K._Gemm("bf16", q.x, q.x).bf16 and seen
     # The tiles' own bound (shifted rows, ~1) against the unshifted rows' float32 one (~1e3).
-    assert max(seen) < 10.0 and q.tol(q.x, q.sq) > 100.0
+    assert max(seen) < 10.0 and q.tol(q.norm, q.sq) > 100.0

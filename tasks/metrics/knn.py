@@ -742,23 +742,25 @@ class _Queries:
         return b, (np.zeros(b.shape[0]) if self.angular else _sq_norms(b))
 
     def block(self, block, eps_of=None):
-        """(float32 rows, squared norms or zeros, key tolerance) of one streamed block."""
+        """(float32 rows, squared norms or zeros, key tolerance, whether their scores are float64) of one streamed
+        block: its largest norm decides both (`overflows`, `tol`)."""
         b, sq = self.rows(block)
-        return b, sq, self.tol(b, sq, eps_of)
+        norm_b = self.max_norm(b, sq)
+        return b, sq, self.tol(norm_b, sq, eps_of), self.overflows(norm_b)
 
     def overflows(self, norm_b: float) -> bool:
         """Whether float32 inner products of the queries with rows of largest norm norm_b could overflow (to inf,
         which the keys would read as "surely inside every ball"): such pairs' scores are formed in float64."""
         return self.norm * norm_b > _F32_MAX_PRODUCT
 
-    def tol(self, b, sq_b, eps_of=None) -> float:
-        """Bound on |key(GEMM) - key(exact float64)|, plus margins for the distance map: of the float32 GEMM, or of
-        the float64 one where float32 would overflow (`overflows`).
+    def tol(self, norm_b: float, sq_b, eps_of=None) -> float:
+        """Bound on |key(GEMM) - key(exact float64)| against rows of largest norm norm_b (`max_norm`) and squared
+        norms (or zeros) sq_b, plus margins for the distance map: of the float32 GEMM, or of the float64 one
+        where float32 would overflow (`overflows`).
 
         eps_of(dim, norm_a, norm_b): the bound on a float32 GEMM score's error; default the numba
         kernels' `_gemm_eps` (the torch kernels pass theirs, which knows TF32 and friends).
         """
-        norm_b = self.max_norm(b, sq_b)
         eps = _gemm_eps64 if self.overflows(norm_b) else (eps_of or _gemm_eps)
         return self.key_tol(eps(self.x.shape[1], self.norm, norm_b), sq_b)
 
@@ -1119,7 +1121,9 @@ class _Gemm:
         c = bf16_center(q32)
         qs = _Shifted(q32, c)
         bs = qs if b32 is q32 else _Shifted(b32, c)
-        if qs.norm * bs.norm < min(1e36, _max_norm(q32) * (_max_norm(b32) if b32 is not q32 else _max_norm(q32))):
+        nq = _max_norm(q32)
+        nb = nq if b32 is q32 else _max_norm(b32)
+        if qs.norm * bs.norm < min(_F32_MAX_PRODUCT, nq * nb):
             self.qs, self.bs = qs, bs
 
     def probe(self, rows: np.ndarray, c0: int, c1: int) -> tuple[np.ndarray, float]:
@@ -1150,11 +1154,11 @@ class _Gemm:
             return self.qb.sq, self.bb.sq
         return (self.qs.sq, self.bs.sq) if self.qs is not None else (sq_q, sq_b)
 
-    def f32_tol(self, Q, sq_b: np.ndarray) -> float:
-        """The key tolerance of this block's float32 tiles (Q.tol's; of the shifted rows where they are shifted:
-        _gemm_eps covers the rounding of the float64 differences to float32 as it covers any input's, and
-        key_tol the float64 norms)."""
-        tol = Q.tol(self.b32, sq_b)   # also refuses rows whose float32 inner products would overflow
+    def f32_tol(self, Q, sq_b: np.ndarray, norm_b: float) -> float:
+        """The key tolerance of this block's float32 (or float64) tiles, for points of squared norms sq_b and
+        largest norm norm_b (Q.tol's; of the shifted rows where they are shifted: _gemm_eps covers the rounding
+        of the float64 differences to float32 as it covers any input's, and key_tol the float64 norms)."""
+        tol = Q.tol(norm_b, sq_b)
         if self.qs is None:
             return tol
         return Q.key_tol(_gemm_eps(self.q32.shape[1], self.qs.norm, self.bs.norm), self.bs.sq, self.qs.sq)
@@ -1266,9 +1270,10 @@ def knn_distances(queries, blocks, k: int, *, distance: str = "euclidean", query
         b32, sq_b = Q.rows(block)
         if b32.shape[0] == 0 or n == 0:
             continue
+        norm_b = Q.max_norm(b32, sq_b)
         gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset, angular,
-                     f64=Q.overflows(Q.max_norm(b32, sq_b)))
-        tol = gemm.f32_tol(Q, sq_b)   # float32's bound; a bfloat16 tile returns its own
+                     f64=Q.overflows(norm_b))
+        tol = gemm.f32_tol(Q, sq_b, norm_b)   # float32's bound; a bfloat16 tile returns its own
         margin = gemm.margin(Q, sq_b)
 
         def kernel(sims, r0, c0, _parts, eps, b32=b32, sq_b=sq_b, tol=tol, offset=offset, margin=margin, gemm=gemm):
@@ -1372,7 +1377,7 @@ def _knn_sym(Q: _Queries, k: int, make_spans, tile: int | None, angular: bool, s
     if tile < 1:
         raise ValueError(f"tile must be a positive integer, got {tile}")
     spans = make_spans(int(tile))
-    tol = gemm.f32_tol(Q, Q.sq)   # float32's bound; a bfloat16 tile returns its own
+    tol = gemm.f32_tol(Q, Q.sq, Q.norm)   # float32's bound; a bfloat16 tile returns its own
     margin = gemm.margin(Q, Q.sq)
     # Every tile's keys: the shifted rows' norms where the scores are of shifted rows (see _Gemm).
     sq = gemm.sq(0.0 if gemm.bf16 else None, Q.sq, Q.sq)[0]
@@ -1552,13 +1557,14 @@ def ball_counts(a, blocks, radii_a=None, radii_b=None, *, distance: str = "eucli
         cnt_b_parts.append((offset, cnt_b))
         if nb == 0 or n == 0:
             continue
+        norm_b = Q.max_norm(b32, sq_b)
         gemm = _Gemm(scores if q_bf is not None else "float32", Q.x, b32, q_bf, Q.ids, offset, angular,
-                     f64=Q.overflows(Q.max_norm(b32, sq_b)))
+                     f64=Q.overflows(norm_b))
         margin = gemm.margin(Q, sq_b)
         rel = sieve_rel(b32.shape[1])
         if gemm.bf16 and _crowded_band(gemm, Q, key_a, key_b, margin):
             gemm.use_float32(before_tiles=True)
-        tol = gemm.f32_tol(Q, sq_b)   # float32's bound; a bfloat16 tile returns its own
+        tol = gemm.f32_tol(Q, sq_b, norm_b)   # float32's bound; a bfloat16 tile returns its own
 
         def kernel(sims, r0, c0, parts, eps, b32=b32, sq_b=sq_b, tol=tol, offset=offset, key_b=key_b, rad_b=rad_b,
                    margin=margin, rel=rel, gemm=gemm):

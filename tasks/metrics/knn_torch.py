@@ -148,8 +148,7 @@ class _Setup:
         """Yield (offset, rows on the device, squared norms on the device, tol, host rows); `keys` forms the
         yielded block's scores in float64 where float32 could overflow (tol is then float64's)."""
         for offset, block in _iter_blocks(blocks):
-            b32, sq_b, tol = self.Q.block(block, self.eps_of)
-            self.f64 = self.Q.overflows(self.Q.max_norm(b32, sq_b))
+            b32, sq_b, tol, self.f64 = self.Q.block(block, self.eps_of)
             yield offset, _tensor(b32, self.dev), _tensor(sq_b, self.dev), tol, sq_b
 
     def keys(self, bt, bsq, r0, r1, g0):
@@ -243,7 +242,7 @@ class _SymSetup:
         self.n = self.Q.x.shape[0]
         self.x = _tensor(self.Q.x, self.dev)
         self.sq = _tensor(self.Q.sq, self.dev)
-        self.tol = self.Q.tol(self.Q.x, self.Q.sq, _torch_eps(self.dev)) if self.n else 0.0
+        self.tol = self.Q.tol(self.Q.norm, self.Q.sq, _torch_eps(self.dev)) if self.n else 0.0
         self.f64 = self.Q.overflows(self.Q.norm)
         self.tile = int(tile or _SELF_TILE["cuda" if self.dev.type == "cuda" else "cpu"])
         if self.tile < 1:

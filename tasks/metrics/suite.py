@@ -13,7 +13,7 @@ import numpy as np
 from modeaudit.tasks.metrics.birthday import DUP_QUANTILE, birthday_support
 from modeaudit.tasks.metrics.density_coverage import density_coverage_from_counts
 from modeaudit.tasks.metrics.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, kid
-from modeaudit.tasks.metrics.knn import _check_distance
+from modeaudit.tasks.metrics.knn import _check_distance, _sq_norms
 from modeaudit.tasks.metrics.manifold import check_sets, manifold_counts
 from modeaudit.tasks.metrics.precision_recall import precision_recall_from_counts
 from modeaudit.tasks.metrics.rows import FeatureFile, shape_of, unit_rows
@@ -33,7 +33,7 @@ def _note_outlier_norms(name: str, x) -> None:
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[0] < 2:
         return
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    norms = np.sqrt(_sq_norms(x))
     med = float(np.median(norms))
     top = int(np.argmax(norms))
     if norms[top] >= OUTLIER_NORM_RATIO * med:
